@@ -1,0 +1,3 @@
+"""robustdistill: adversarial robustness distillation (ABSLD, B-MTARD and their baselines)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,7 @@
+"""`python -m robustdistill ...` (what `torchrun -m robustdistill train ...` runs)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,114 @@
+"""L-infinity attacks used in training and evaluation: PGD (and FGSM as its one-step case).
+
+Conventions of torchattacks/AutoAttack: an attack is built once around a model that takes
+images in [0, 1] and returns logits, then called on `(x, y)`:
+
+    attack = PGD(model, eps=8/255, alpha=2/255, steps=20)
+    x_adv = attack(x, y)
+
+The model is put in eval mode for the attack (BatchNorm statistics never move) and restored to
+its previous mode afterwards. Gradients are taken with respect to the input only
+(`torch.autograd.grad`), so no parameter's `.grad` is touched. Every iterate is projected onto
+the eps-ball around x and onto [0, 1].
+
+Losses (summed over the batch, so a sample's step does not depend on the batch size):
+- `ce`: cross-entropy with the label `y`;
+- `kl`: KL(target || softmax(model(x'))) to a given target distribution (RSLAD/ABSLD, TRADES);
+- `cw`: the Carlini-Wagner margin, max wrong logit minus true logit.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Loss = Literal["ce", "kl", "cw"]
+Start = Literal["uniform", "gaussian", "none"]
+
+
+def cw_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample max_{j != y} z_j - z_y (positive means misclassified)."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(dim=1)
+    return other - true
+
+
+def attack_loss(logits: torch.Tensor, loss: Loss, y: Optional[torch.Tensor], target: Optional[torch.Tensor]):
+    if loss == "ce":
+        return F.cross_entropy(logits, y, reduction="sum")
+    if loss == "kl":
+        return F.kl_div(F.log_softmax(logits, dim=1), target, reduction="sum")
+    if loss == "cw":
+        return cw_margin(logits, y).sum()
+    raise ValueError(f"unknown attack loss '{loss}'; use ce, kl or cw")
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+
+
+class PGD:
+    """Projected gradient ascent on `loss` inside the L-inf ball of radius `eps`.
+
+    start: `uniform` (U(-eps, eps), Madry et al.), `gaussian` (x + sigma*N(0,1), the seed methods
+    and TRADES, sigma=0.001) or `none`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float,
+        alpha: float,
+        steps: int,
+        loss: Loss = "ce",
+        start: Start = "uniform",
+        sigma: float = 0.001,
+        generator: Optional[torch.Generator] = None,
+    ):
+        if eps < 0 or alpha <= 0 or steps < 1:
+            raise ValueError(f"PGD needs eps >= 0, alpha > 0, steps >= 1 (got {eps}, {alpha}, {steps})")
+        self.model, self.eps, self.alpha, self.steps = model, eps, alpha, steps
+        self.loss, self.start, self.sigma, self.generator = loss, start, sigma, generator
+
+    def _init(self, x: torch.Tensor) -> torch.Tensor:
+        if self.start == "uniform":
+            noise = torch.rand(x.shape, device=x.device, generator=self.generator, dtype=x.dtype)
+            return project(x + (2 * noise - 1) * self.eps, x, self.eps)
+        if self.start == "gaussian":
+            noise = torch.randn(x.shape, device=x.device, generator=self.generator, dtype=x.dtype)
+            return project(x + self.sigma * noise, x, self.eps)
+        return x.clone()
+
+    def __call__(
+        self, x: torch.Tensor, y: Optional[torch.Tensor] = None, target: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        if self.loss == "kl" and target is None:
+            raise ValueError("the kl attack loss needs a target distribution")
+        if self.loss != "kl" and y is None:
+            raise ValueError(f"the {self.loss} attack loss needs labels y")
+        x = x.detach()
+        if target is not None:
+            target = target.detach()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            x_adv = self._init(x)
+            with torch.enable_grad():
+                for _ in range(self.steps):
+                    x_adv.requires_grad_(True)
+                    loss = attack_loss(self.model(x_adv), self.loss, y, target)
+                    (grad,) = torch.autograd.grad(loss, x_adv)
+                    x_adv = project(x_adv.detach() + self.alpha * grad.sign(), x, self.eps)
+        finally:
+            self.model.train(was_training)
+        return x_adv.detach()
+
+
+class FGSM(PGD):
+    """One signed-gradient step of size eps from x (Goodfellow et al.)."""
+
+    def __init__(self, model: nn.Module, eps: float, loss: Loss = "ce"):
+        super().__init__(model, eps=eps, alpha=max(eps, 1e-12), steps=1, loss=loss, start="none")

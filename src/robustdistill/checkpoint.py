@@ -1,0 +1,134 @@
+"""Checkpoint I/O: safetensors model files that carry their architecture, atomic writes,
+and loading of foreign state dicts with `torch.load(weights_only=True)` only.
+
+A model file written here is `<name>.safetensors` whose header metadata holds the `ModelSpec`
+(and any extra facts, e.g. the dataset) as JSON, so `load_model(path)` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from .errors import CheckpointError
+from .models import Classifier, ModelSpec, create_model
+
+META_KEY = "robustdistill"
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call `write(tmp_path)` then rename over `path`: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_torch(obj: Any, path: str | Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_torch(path: str | Path) -> Any:
+    """`torch.load` restricted to tensors and plain containers (weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for unsafe/corrupt files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"cannot load {path} with weights_only=True (unsafe or corrupt file): {first}"
+        ) from None
+
+
+def save_model(path: str | Path, model: torch.nn.Module, spec: ModelSpec, **meta: Any) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    header = {META_KEY: json.dumps({"spec": spec.to_dict(), **meta})}
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=header))
+
+
+def read_model_meta(path: str | Path) -> Optional[dict[str, Any]]:
+    """The metadata this tool stored in a safetensors file, or None for a foreign file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+    return json.loads(header[META_KEY]) if META_KEY in header else None
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model", "net"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    prefix = "module."  # saved from DataParallel / DDP
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in obj.items()}
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+    return _unwrap_state_dict(load_torch(path), path)
+
+
+def load_into(model: Classifier, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Load `state` into `model` (keys with or without the `net.` prefix); errors list mismatches."""
+    if not any(k.startswith("net.") for k in state):
+        state = {f"net.{k}": v for k, v in state.items()}
+        state.update({k: v for k, v in model.state_dict().items() if k.startswith("normalize.")})
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append(f"wrong shapes: {'; '.join(wrong[:3])}")
+        if missing:
+            parts.append(f"missing keys: {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"unexpected keys: {', '.join(unexpected[:3])}")
+        raise CheckpointError(f"{path} does not fit the model ({' | '.join(parts)})")
+    model.load_state_dict(state)
+
+
+def load_model(path: str | Path, spec: Optional[ModelSpec] = None) -> tuple[Classifier, dict[str, Any]]:
+    """Rebuild and load a model. A file of this tool needs no `spec`; a foreign one does."""
+    path = Path(path)
+    meta: dict[str, Any] = {}
+    if path.suffix == ".safetensors" and path.is_file():
+        meta = read_model_meta(path) or {}
+    if spec is None:
+        if "spec" not in meta:
+            raise CheckpointError(
+                f"{path} does not say which architecture it holds; give the model (name and kwargs) "
+                "in the config (e.g. teachers.robust.model.name=wrn34_10)"
+            )
+        spec = ModelSpec(**meta["spec"])
+    model = create_model(spec)
+    load_into(model, read_state_dict(path), path)
+    return model, meta

@@ -1,0 +1,185 @@
+"""Command line: thin wrappers that parse arguments, build a config and call the library.
+
+    robustdistill demo                                   the tour on the embedded digits
+    robustdistill train CONFIG [key=value ...]           one run into runs/<name>/
+    robustdistill train CONFIG --print-config            show the resolved config, train nothing
+    robustdistill eval RUN_OR_CHECKPOINT [--attacks clean,pgd20] [--subset N]
+    robustdistill list [models|methods|datasets|attacks]
+
+A mistake in the input (bad key, unknown name, missing file, existing run folder) is reported
+as one line `error: ...` with exit code 2, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .config import parse_float, load_config
+from .errors import UserError
+
+log = logging.getLogger("robustdistill")
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+def _cmd_train(args) -> int:
+    if args.resume:
+        run_dir = Path(args.config)
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"--resume takes a run folder with a config.yaml; {run_dir} has none")
+        cfg = load_config(run_dir / "config.yaml", args.overrides)
+        cfg.out_dir, cfg.name = str(run_dir.parent), run_dir.name
+    else:
+        cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    from .train import train
+
+    run_dir = train(cfg, force=args.force, resume=args.resume)
+    from .report import attack_table, read_report
+
+    print(f"run folder: {run_dir}")
+    print(attack_table(read_report(run_dir / "report.json")))
+    return 0
+
+
+def _eval_out_dir(target: Path, out: Optional[str]) -> Path:
+    if out is not None:
+        path = Path(out)
+        if path.exists() and any(path.iterdir()):
+            raise UserError(f"{path} already exists; choose another --out")
+        return path
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = target / f"eval-{stamp}" if target.is_dir() else target.parent / f"{target.stem}-eval-{stamp}"
+    path, k = base, 1
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
+
+
+def _cmd_eval(args) -> int:
+    from .evaluate import evaluate_path
+    from .report import attack_table, to_markdown, write_report
+
+    target = Path(args.target)
+    out_dir = _eval_out_dir(target, args.out)
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()] if args.attacks else None
+    report = evaluate_path(
+        args.target,
+        which=args.checkpoint,
+        split=args.split,
+        attacks=attacks,
+        eps=parse_float(args.eps, "--eps") if args.eps is not None else None,
+        step_size=parse_float(args.step_size, "--step-size") if args.step_size is not None else None,
+        steps=args.steps,
+        subset=args.subset,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        data=args.data,
+        data_root=args.data_root,
+        model=args.model,
+        device=args.device,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_report(out_dir, report, title=f"Evaluation of {target}")
+    print(to_markdown(report, title=f"Evaluation of {target}") if args.verbose else attack_table(report))
+    if "w_robust" in report:
+        w = report["w_robust"]
+        print(f"W-Robust Acc {100 * w['value']:.2f} %  ({w['definition']})")
+    print(f"report: {out_dir / 'report.json'}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    table = run_demo(args.out, force=args.force, epochs=args.epochs)
+    print(table)
+    print(f"\nruns and reports: {args.out}/")
+    return 0
+
+
+def _cmd_list(args) -> int:
+    from .data import DATASETS
+    from .evaluate import ATTACKS
+    from .methods import METHODS
+    from .models import MODELS
+
+    registries = {"models": MODELS, "methods": METHODS, "datasets": DATASETS, "attacks": ATTACKS}
+    for kind in [args.kind] if args.kind else registries:
+        print(f"{kind}: {', '.join(registries[kind].names())}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="robustdistill", description="Adversarial robustness distillation.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="more detail in logs and tables")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one run from a YAML config")
+    p.add_argument("config", help="YAML config file (or, with --resume, a run folder)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=5 attack.eps=8/255")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--force", action="store_true", help="replace an existing run folder of the same name")
+    p.add_argument("--resume", action="store_true", help="continue the run folder given instead of a config")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run folder or a checkpoint file")
+    p.add_argument("target", help="run folder or checkpoint (.safetensors, or .pt/.pth state dict)")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of a run folder")
+    p.add_argument("--split", choices=["test", "val", "train"], default="test")
+    p.add_argument("--attacks", help="comma-separated attack names (default: the run's eval.attacks)")
+    p.add_argument("--eps", help="L-inf budget, e.g. 8/255 (default: the run's)")
+    p.add_argument("--step-size", help="PGD step (default eps/4)")
+    p.add_argument("--steps", type=int, help="PGD steps (default 20)")
+    p.add_argument("--subset", type=int, help="evaluate on the first N images only")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", help="dataset name (for checkpoints that do not record it)")
+    p.add_argument("--data-root", help="dataset folder (overrides the recorded one)")
+    p.add_argument("--model", help="architecture name (for foreign state dicts)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="report folder (default: a new eval-<time> folder beside the checkpoint)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("demo", help="teachers, students and a comparison on the embedded digits")
+    p.add_argument("--out", default="runs/demo", help="folder for the demo runs")
+    p.add_argument("--force", action="store_true", help="replace an earlier demo in --out")
+    p.add_argument("--epochs", type=int, help="epochs per run (default: the recipes', 30)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("list", help="list registered models, methods, datasets, attacks")
+    p.add_argument("kind", nargs="?", choices=["models", "methods", "datasets", "attacks"])
+    p.set_defaults(func=_cmd_list)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; checkpoints written so far are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""Typed configuration: dataclasses loaded from YAML, `key=value` overrides, validation.
+
+A config file is a YAML mapping whose sections mirror the dataclasses below. Dotted overrides
+from the command line (`train.epochs=5 method.beta=3 attack.eps=8/255`) are applied to the
+raw mapping before it is typed, so an override is checked exactly like a key in the file.
+Floats may be written as fractions (`8/255`), the way this field writes its budgets.
+
+Defaults are the CIFAR-10 settings shared by the seed methods (spec/methods.md); the digits
+recipes under `configs/digits/` override what the small embedded dataset needs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+AttackStart = Literal["auto", "uniform", "gaussian", "none"]
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar10"
+    root: Optional[str] = None  # folder holding the dataset files (not needed for digits)
+    image_size: Optional[int] = None  # resize images to this side (digits: 8 -> e.g. 32)
+    val_fraction: float = 0.02  # share of the training pool held out, stratified, for model selection
+    test_fraction: float = 0.2  # only for datasets without an official test split (digits)
+    split_seed: int = 0  # the train/val(/test) split is a pure function of this seed
+    train_subset: Optional[int] = None  # use only the first N (shuffled) training images
+    crop_padding: int = 4  # random crop with this zero padding; 0 disables
+    flip: bool = True  # random horizontal flip
+
+    def validate(self) -> None:
+        from .data import DATASETS
+
+        DATASETS.get(self.name)
+        _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+        _check(0.0 < self.test_fraction < 1.0, "data.test_fraction", "must be in (0, 1)")
+        _check(self.crop_padding >= 0, "data.crop_padding", "must be >= 0")
+        _check(self.image_size is None or self.image_size > 0, "data.image_size", "must be > 0")
+        _check(self.train_subset is None or self.train_subset > 0, "data.train_subset", "must be > 0")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"
+    normalize: bool = False  # put the dataset's mean/std normalisation inside the model
+    kwargs: dict[str, Any] = field(default_factory=dict)  # architecture options, e.g. {width: 32}
+
+    def validate(self, key: str = "model") -> None:
+        from .models import check_model_kwargs
+
+        check_model_kwargs(self.name, self.kwargs, key)
+
+
+@dataclass
+class AttackConfig:
+    """The inner maximisation used during training (L-infinity PGD)."""
+
+    eps: float = 8 / 255
+    step_size: float = 2 / 255
+    steps: int = 10
+    start: AttackStart = "auto"  # auto: the method's own choice (seed methods: x + 0.001 N(0,1))
+
+    def validate(self) -> None:
+        _check(self.eps >= 0, "attack.eps", "must be >= 0")
+        _check(self.step_size > 0, "attack.step_size", "must be > 0")
+        _check(self.steps >= 1, "attack.steps", "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 300
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    milestones: list[int] = field(default_factory=lambda: [215, 260, 285])
+    lr_gamma: float = 0.1
+    eval_every: int = 1  # epochs between validation evaluations (model selection)
+    eval_subset: Optional[int] = None  # evaluate selection on the first N validation images
+    select_metric: Optional[str] = None  # None: the method's own selection metric
+    select_on: Literal["val", "test"] = "val"  # "test" reproduces reference code; never default
+    log_every: int = 20  # steps between metrics.jsonl step records
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = False  # bf16 autocast on CUDA
+    channels_last: bool = False
+
+    def validate(self) -> None:
+        from .evaluate import SELECTION_METRICS
+
+        _check(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(self.milestones == sorted(self.milestones), "train.milestones", "must be increasing")
+        _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(
+            self.select_metric is None or self.select_metric in SELECTION_METRICS,
+            "train.select_metric",
+            f"must be one of {', '.join(SELECTION_METRICS)}",
+        )
+
+
+@dataclass
+class EvalConfig:
+    """The evaluation run at the end of training and by `robustdistill eval`."""
+
+    attacks: list[str] = field(default_factory=lambda: ["clean", "pgd20"])
+    eps: Optional[float] = None  # None: the training attack's eps
+    step_size: Optional[float] = None  # None: eps / 4 (2/255 at 8/255)
+    pgd_steps: int = 20
+    cw_steps: int = 30
+    batch_size: int = 256
+    subset: Optional[int] = None  # evaluate on the first N test images
+    seed: int = 0
+
+    def validate(self) -> None:
+        from .evaluate import ATTACKS
+
+        for name in self.attacks:
+            ATTACKS.get(name)
+        _check(self.pgd_steps >= 1, "eval.pgd_steps", "must be >= 1")
+        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _check(self.eps is None or self.eps >= 0, "eval.eps", "must be >= 0")
+
+
+@dataclass
+class TeacherConfig:
+    """A teacher: a run folder of this tool, or a checkpoint file.
+
+    A safetensors file written by this tool carries its architecture; a plain state dict
+    (`.pt`/`.pth`, read with weights_only=True) or a foreign safetensors file needs `model`.
+    """
+
+    path: str = ""
+    checkpoint: Literal["best", "last"] = "best"  # which checkpoint of a run folder
+    model: Optional[ModelConfig] = None
+
+    def validate(self, key: str) -> None:
+        _check(bool(self.path), f"{key}.path", "is required")
+        if self.model is not None:
+            self.model.validate(f"{key}.model")
+
+
+@dataclass
+class MethodOptions:
+    """Base of every method's options; each method registers a subclass with its own fields."""
+
+    name: str = "natural"
+
+
+@dataclass
+class Config:
+    name: Optional[str] = None  # run folder name; default: the config file's stem
+    seed: int = 0
+    out_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    method: MethodOptions = field(default_factory=MethodOptions)
+    teachers: dict[str, TeacherConfig] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        self.data.validate()
+        self.model.validate()
+        self.attack.validate()
+        self.train.validate()
+        self.eval.validate()
+        for role, teacher in self.teachers.items():
+            teacher.validate(f"teachers.{role}")
+        validate = getattr(self.method, "validate", None)
+        if validate is not None:
+            validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# typing a raw mapping
+
+
+def parse_float(value: Any, key: str) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if "/" in text:
+                num, den = text.split("/", 1)
+                return float(num) / float(den)
+            return float(text)
+        except (ValueError, ZeroDivisionError):
+            pass
+    raise ConfigError(f"{key} must be a number (or a fraction like 8/255), got {value!r}")
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, key)
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(str(a) for a in args)
+            raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return {str(k): _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        return parse_float(value, key)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {key}")
+
+
+def build(cls: type, data: Any, key: str = "") -> Any:
+    """Type `data` (a mapping) as dataclass `cls`; errors name the dotted key and allowed keys."""
+    where = key or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    prefix = f"{key}." if key else ""
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"unknown key '{prefix}{k}'; allowed keys: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp = hints[name]
+        if name == "method" and cls is Config:
+            kwargs[name] = _build_method(data[name])
+        else:
+            kwargs[name] = _convert(tp, data[name], prefix + name)
+    return cls(**kwargs)
+
+
+def _build_method(data: Any) -> MethodOptions:
+    from .methods import METHODS
+
+    if isinstance(data, str):  # `method=trades` on the command line
+        data = {"name": data}
+    if not isinstance(data, dict):
+        raise ConfigError(f"method must be a mapping with a 'name', got {data!r}")
+    name = data.get("name", MethodOptions.name)
+    options_cls = METHODS.get(name).Options
+    return build(options_cls, data, "method")
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def parse_overrides(items: list[str]) -> list[tuple[list[str], Any]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. train.epochs=5)")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override '{item}' has an empty key part")
+        try:
+            value = yaml.safe_load(text) if text != "" else None
+        except yaml.YAMLError:
+            value = text
+        out.append((parts, value))
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for parts, value in parse_overrides(overrides):
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif isinstance(child, str) and part == "method":  # method: trades -> {name: trades}
+                child = node[part] = {"name": child}
+            if not isinstance(child, dict):
+                raise ConfigError(f"cannot set '{'.'.join(parts)}': '{'.'.join(parts[: i + 1])}' is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"malformed YAML in {path}{where}: {getattr(exc, 'problem', exc)}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a YAML mapping at the top level")
+    return raw
+
+
+def from_dict(raw: dict[str, Any], overrides: list[str] = ()) -> Config:
+    raw = apply_overrides(copy.deepcopy(raw), list(overrides))
+    config = build(Config, raw)
+    config.validate()
+    return config
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config (or the defaults when `path` is None), apply overrides, validate."""
+    raw = read_yaml(path) if path is not None else {}
+    config = from_dict(raw, overrides)
+    if config.name is None and path is not None:
+        config.name = Path(path).stem
+    return config

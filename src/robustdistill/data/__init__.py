@@ -1,0 +1,136 @@
+"""Datasets: a registry of readers, a deterministic train/val/test split, device-resident tensors.
+
+Every reader returns whole splits as tensors (uint8 0..255 or float in [0, 1], NCHW). The data is
+moved once to the training device and batches are cut and augmented there (see `loader.py`): no
+DataLoader workers, no per-sample Python. The validation split is held out of the training pool,
+stratified, as a pure function of `data.split_seed`, so model selection never sees the test set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..registry import Registry
+
+DATASETS: Registry[Callable] = Registry("dataset")
+
+
+@dataclass
+class Split:
+    x: torch.Tensor  # N,C,H,W: uint8 in 0..255, or float in [0, 1]
+    y: torch.Tensor  # N, int64
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def images(self, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Float images in [0, 1] (all, or those at `index`)."""
+        x = self.x if index is None else self.x[index]
+        return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+    def take(self, index) -> "Split":
+        return Split(self.x[index], self.y[index])
+
+    def to(self, device) -> "Split":
+        return Split(self.x.to(device), self.y.to(device))
+
+
+@dataclass
+class Source:
+    """What a reader returns: the training pool, the official test split if there is one."""
+
+    train: Split
+    test: Optional[Split]
+    class_names: list[str]
+
+
+@dataclass
+class Dataset:
+    name: str
+    class_names: list[str]
+    train: Split
+    val: Split
+    test: Split
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def channels(self) -> int:
+        return int(self.train.x.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.x.shape[-1])
+
+    def split(self, name: str) -> Split:
+        return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+    def to(self, device) -> "Dataset":
+        return Dataset(
+            self.name,
+            self.class_names,
+            self.train.to(device),
+            self.val.to(device),
+            self.test.to(device),
+            self.mean,
+            self.std,
+        )
+
+
+def stratified_split(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (keep, held_out) with `fraction` of every class held out; deterministic in `seed`."""
+    rng = np.random.default_rng(seed)
+    labels = y.numpy()
+    keep, held = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        n_held = int(round(fraction * len(idx)))
+        held.append(idx[:n_held])
+        keep.append(idx[n_held:])
+    keep_idx = np.sort(np.concatenate(keep))
+    held_idx = np.sort(np.concatenate(held))
+    return torch.from_numpy(keep_idx), torch.from_numpy(held_idx)
+
+
+def _resize(split: Split, size: int) -> Split:
+    if split.x.shape[-1] == size and split.x.shape[-2] == size:
+        return split
+    x = F.interpolate(split.images(), size=(size, size), mode="bilinear", align_corners=False)
+    return Split(x.clamp_(0.0, 1.0), split.y)
+
+
+def load_dataset(cfg, device: torch.device | str = "cpu") -> Dataset:
+    """Read dataset `cfg.name` (a `DataConfig`), split it, and put it on `device`."""
+    source: Source = DATASETS.get(cfg.name)(cfg)
+    pool, test = source.train, source.test
+    if test is None:
+        keep, held = stratified_split(pool.y, cfg.test_fraction, cfg.split_seed)
+        pool, test = pool.take(keep), pool.take(held)
+    keep, held = stratified_split(pool.y, cfg.val_fraction, cfg.split_seed + 1)
+    train, val = pool.take(keep), pool.take(held)
+    if cfg.train_subset is not None and cfg.train_subset < len(train):
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.split_seed))
+        train = train.take(order[: cfg.train_subset].sort().values)
+    if cfg.image_size is not None:
+        train, val, test = (_resize(s, cfg.image_size) for s in (train, val, test))
+    images = train.images()
+    mean = images.mean(dim=(0, 2, 3)).tolist()
+    std = images.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+    dataset = Dataset(cfg.name, source.class_names, train, val, test, mean, std)
+    return dataset.to(device)
+
+
+from . import sources  # noqa: E402,F401  (registers the readers)
+from .loader import Augment, BatchLoader  # noqa: E402
+
+__all__ = ["DATASETS", "Augment", "BatchLoader", "Dataset", "Source", "Split", "load_dataset"]

@@ -1,0 +1,101 @@
+"""Batches cut from device-resident tensors, augmented as whole batches (airbench-style).
+
+Random crop with zero padding and horizontal flip are done on the batch tensor with one gather
+per axis and one `where`, so augmentation costs a few kernel launches per batch on any device.
+Shuffling is a pure function of (seed, epoch): a resumed run sees the same order, and every DDP
+rank draws the same permutation and takes its own interleaved shard of it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import Split
+
+
+@dataclass
+class Augment:
+    padding: int = 4
+    flip: bool = True
+
+    def __call__(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        n, _, h, w = x.shape
+        if self.padding > 0:
+            p = self.padding
+            padded = F.pad(x, (p, p, p, p))
+            dy = torch.randint(0, 2 * p + 1, (n,), device=x.device, generator=generator)
+            dx = torch.randint(0, 2 * p + 1, (n,), device=x.device, generator=generator)
+            rows = (dy[:, None] + torch.arange(h, device=x.device)).view(n, 1, h, 1)
+            cols = (dx[:, None] + torch.arange(w, device=x.device)).view(n, 1, 1, w)
+            c = x.shape[1]
+            x = padded.gather(2, rows.expand(n, c, h, padded.shape[3]))
+            x = x.gather(3, cols.expand(n, c, h, w))
+        if self.flip:
+            mask = torch.rand(n, device=x.device, generator=generator) < 0.5
+            x = torch.where(mask.view(n, 1, 1, 1), x.flip(3), x)
+        return x
+
+
+class BatchLoader:
+    """Iterate over (images in [0,1], labels) batches of a `Split` that lives on the device.
+
+    `batch_size` is the global batch; with `world_size` ranks each yields batch_size/world_size.
+    Training loaders (`shuffle=True`) drop the last incomplete global batch so that every rank
+    does the same number of steps; evaluation loaders keep every sample exactly once.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        augment: Optional[Augment] = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.split = split
+        self.shuffle = shuffle
+        self.augment = augment
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.local_batch = max(1, batch_size // world_size)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> torch.Tensor:
+        n = len(self.split)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(n, generator=g)
+            usable = (n // (self.local_batch * self.world_size)) * self.local_batch * self.world_size
+            order = order[: max(usable, 0)]
+        else:
+            order = torch.arange(n)
+        return order[self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        n = len(self._indices())
+        return n // self.local_batch if self.shuffle else math.ceil(n / self.local_batch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        index = self._indices().to(self.split.y.device)
+        generator = None
+        if self.augment is not None:
+            generator = torch.Generator(device=self.split.y.device)
+            generator.manual_seed(self.seed * 100_003 + self.epoch + 7919 * (self.rank + 1))
+        for start in range(0, len(index), self.local_batch):
+            batch = index[start : start + self.local_batch]
+            x = self.split.images(batch)
+            if self.augment is not None:
+                x = self.augment(x, generator)
+            yield x, self.split.y[batch]

@@ -1,0 +1,161 @@
+"""Readers for the datasets of the papers, each in its standard on-disk format.
+
+Nothing is downloaded: `data.root` points at a folder that holds the files, and a missing file
+raises a `DataError` that names the path and the layout expected there.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from . import DATASETS, Source, Split
+
+
+def _root(cfg, layout: str) -> Path:
+    if not cfg.root:
+        raise DataError(f"dataset '{cfg.name}' needs data.root: a local folder holding {layout}")
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.root {root} does not exist; it should hold {layout}")
+    return root
+
+
+def _need(path: Path, layout: str) -> Path:
+    if not path.exists():
+        raise DataError(f"missing {path}; expected {layout}")
+    return path
+
+
+@DATASETS.register("digits")
+def digits(cfg) -> Source:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, values 0..16 scaled to [0,1])."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    return Source(Split(x, y), None, [str(c) for c in range(10)])
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: a data file cannot run code."""
+
+    _allowed = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._allowed:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset file")
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        try:
+            raw = _ArrayUnpickler(f, encoding="bytes").load()
+        except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+            raise DataError(f"{path} is not a readable CIFAR pickle: {exc}") from None
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+
+
+def _cifar_split(batches: list[dict], label_key: str) -> Split:
+    data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
+    labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+    x = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+    return Split(x, torch.from_numpy(labels))
+
+
+def _names(raw: list) -> list[str]:
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in raw]
+
+
+@DATASETS.register("cifar10")
+def cifar10(cfg) -> Source:
+    layout = "cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta} (the python version)"
+    folder = _need(_root(cfg, layout) / "cifar-10-batches-py", layout)
+    train = [_unpickle(_need(folder / f"data_batch_{i}", layout)) for i in range(1, 6)]
+    test = [_unpickle(_need(folder / "test_batch", layout))]
+    meta = folder / "batches.meta"
+    names = _names(_unpickle(meta)["label_names"]) if meta.exists() else [str(i) for i in range(10)]
+    return Source(_cifar_split(train, "labels"), _cifar_split(test, "labels"), names)
+
+
+@DATASETS.register("cifar100")
+def cifar100(cfg) -> Source:
+    layout = "cifar-100-python/{train, test, meta} (the python version)"
+    folder = _need(_root(cfg, layout) / "cifar-100-python", layout)
+    train = _unpickle(_need(folder / "train", layout))
+    test = _unpickle(_need(folder / "test", layout))
+    meta = folder / "meta"
+    names = _names(_unpickle(meta)["fine_label_names"]) if meta.exists() else [str(i) for i in range(100)]
+    return Source(_cifar_split([train], "fine_labels"), _cifar_split([test], "fine_labels"), names)
+
+
+def _svhn_split(path: Path) -> Split:
+    from scipy.io import loadmat
+
+    mat = loadmat(path)
+    x = torch.from_numpy(np.ascontiguousarray(mat["X"].transpose(3, 2, 0, 1)).astype(np.uint8))
+    y = torch.from_numpy(mat["y"].reshape(-1).astype(np.int64) % 10)  # the files label digit 0 as 10
+    return Split(x, y)
+
+
+@DATASETS.register("svhn")
+def svhn(cfg) -> Source:
+    layout = "train_32x32.mat and test_32x32.mat (the cropped-digits format)"
+    root = _root(cfg, layout)
+    train = _svhn_split(_need(root / "train_32x32.mat", layout))
+    test = _svhn_split(_need(root / "test_32x32.mat", layout))
+    return Source(train, test, [str(c) for c in range(10)])
+
+
+def _read_images(paths: list[Path]) -> torch.Tensor:
+    from PIL import Image
+
+    arrays = []
+    for p in paths:
+        with Image.open(p) as im:
+            arrays.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+    return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())
+
+
+@DATASETS.register("tinyimagenet")
+def tinyimagenet(cfg) -> Source:
+    """Tiny-ImageNet-200; its labelled `val` folder serves as the test split (the test set has no labels)."""
+    layout = (
+        "tiny-imagenet-200/{wnids.txt, words.txt, train/<wnid>/images/*.JPEG, "
+        "val/images/*.JPEG, val/val_annotations.txt}"
+    )
+    folder = _need(_root(cfg, layout) / "tiny-imagenet-200", layout)
+    wnids = _need(folder / "wnids.txt", layout).read_text().split()
+    index = {w: i for i, w in enumerate(wnids)}
+    train_paths, train_labels = [], []
+    for w in wnids:
+        images = sorted(_need(folder / "train" / w / "images", layout).glob("*.JPEG"))
+        train_paths += images
+        train_labels += [index[w]] * len(images)
+    val_paths, val_labels = [], []
+    for line in _need(folder / "val" / "val_annotations.txt", layout).read_text().splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 2:
+            val_paths.append(_need(folder / "val" / "images" / parts[0], layout))
+            val_labels.append(index[parts[1]])
+    words = {}
+    if (folder / "words.txt").exists():
+        for line in (folder / "words.txt").read_text().splitlines():
+            wnid, _, text = line.partition("\t")
+            words[wnid] = text.split(",")[0].strip()
+    names = [words.get(w, w) for w in wnids]
+    train = Split(_read_images(train_paths), torch.tensor(train_labels, dtype=torch.int64))
+    test = Split(_read_images(val_paths), torch.tensor(val_labels, dtype=torch.int64))
+    return Source(train, test, names)

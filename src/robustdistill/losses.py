@@ -1,0 +1,42 @@
+"""Distillation losses and their reductions.
+
+`kl_div(q, logits)` is KL(q || softmax(logits)) with q a target distribution. Reductions:
+
+- `elementwise_mean` (default of the seed methods and RSLAD): the mean over all B x C terms of
+  q * (log(q + 1e-5) - log p), i.e. the per-sample KL averaged over the batch *and divided by C*,
+  with the 1e-5 inside the log as in the published code. Published numbers used this;
+- `batchmean`: the exact per-sample KL summed over classes and averaged over the batch;
+- `sum`: the exact KL summed over the batch (what an attack maximises).
+
+Reduction conventions changed published numbers in earlier ARD work, so it is an explicit option.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Reduction = Literal["elementwise_mean", "batchmean", "sum"]
+REDUCTIONS = ("elementwise_mean", "batchmean", "sum")
+
+
+def kl_div(q: torch.Tensor, logits: torch.Tensor, reduction: Reduction = "elementwise_mean") -> torch.Tensor:
+    log_p = F.log_softmax(logits.float(), dim=1)
+    q = q.float()
+    if reduction == "elementwise_mean":
+        return (q * (torch.log(q + 1e-5) - log_p)).mean()
+    terms = torch.xlogy(q, q) - q * log_p
+    if reduction == "batchmean":
+        return terms.sum() / q.shape[0]
+    if reduction == "sum":
+        return terms.sum()
+    raise ValueError(f"unknown KL reduction '{reduction}'; use one of {', '.join(REDUCTIONS)}")
+
+
+def soft_targets(logits: torch.Tensor, temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """softmax(z / tau); `temperature` is a scalar or a per-sample column (B,) / (B, 1)."""
+    if isinstance(temperature, torch.Tensor) and temperature.dim() == 1:
+        temperature = temperature[:, None]
+    return F.softmax(logits.float() / temperature, dim=1)

@@ -1,0 +1,103 @@
+"""Training methods: one small object per method, with its loss and its adaptive state.
+
+The training loop only ever calls, per batch, `loss, stats = method.loss(x, y)`, then the hooks
+`on_step_end(progress)` and, per epoch, `on_epoch_end(progress)`; it saves `state_dict()` with
+every checkpoint and logs `log_state()` to metrics.jsonl. A method never touches the loop and
+the loop never knows which method runs.
+
+A new method is a subclass registered by name, with an `Options` dataclass for its config keys:
+
+    @METHODS.register("my_method")
+    class MyMethod(Method):
+        @dataclass
+        class Options(MethodOptions):
+            name: str = "my_method"
+            beta: float = 1.0
+        teachers = ("robust",)          # roles it needs under `teachers:` in the config
+        selection_metric = "robust"      # how the best checkpoint is chosen on validation data
+        def loss(self, x, y): ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import nn
+
+from ..attacks import PGD, Loss, Start
+from ..config import AttackConfig, MethodOptions
+from ..registry import Registry
+
+METHODS: Registry[type["Method"]] = Registry("method")
+
+
+@dataclass
+class Progress:
+    """Where the loop is; `lr_decays` counts the lr milestones passed so far (the current epoch's
+    decay included), so rates that decay with the lr can be derived from it."""
+
+    epoch: int = 0
+    step: int = 0
+    lr_decays: int = 0
+
+
+@dataclass
+class Context:
+    """What a method may use. `student` is what to call for the training forward pass (possibly
+    DDP-wrapped); `student_module` is the bare model, which attacks use."""
+
+    student: nn.Module
+    student_module: nn.Module
+    num_classes: int
+    attack: AttackConfig
+    teachers: dict[str, nn.Module] = field(default_factory=dict)
+    world_size: int = 1
+
+
+class Method:
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    teachers: ClassVar[tuple[str, ...]] = ()
+    selection_metric: ClassVar[str] = "robust"
+    default_start: ClassVar[Start] = "gaussian"
+    adversarial: ClassVar[bool] = True  # does per-epoch validation need a robust accuracy
+
+    def __init__(self, options: MethodOptions, ctx: Context):
+        self.options = options
+        self.ctx = ctx
+        self.student = ctx.student
+
+    def attack(self, loss: Loss, start: Optional[Start] = None) -> PGD:
+        """The training-time inner maximisation on the bare student, from the config's settings."""
+        a = self.ctx.attack
+        chosen = a.start if a.start != "auto" else (start or self.default_start)
+        return PGD(self.ctx.student_module, a.eps, a.step_size, a.steps, loss=loss, start=chosen)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        raise NotImplementedError
+
+    def on_step_end(self, progress: Progress) -> None:
+        pass
+
+    def on_epoch_end(self, progress: Progress) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def log_state(self) -> dict[str, Any]:
+        """Adaptive state worth a line in metrics.jsonl (temperatures, weights, ...)."""
+        return {}
+
+
+def create_method(options: MethodOptions, ctx: Context) -> Method:
+    return METHODS.get(options.name)(options, ctx)
+
+
+from . import natural, pgd_at, rslad, trades  # noqa: E402,F401  (register the methods)
+
+__all__ = ["METHODS", "Context", "Method", "Progress", "create_method"]

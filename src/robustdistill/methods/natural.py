@@ -1,0 +1,22 @@
+"""Natural (clean) training with cross-entropy: how clean teachers are trained."""
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+
+from ..config import MethodOptions
+from . import METHODS, Method
+
+
+@METHODS.register("natural")
+class Natural(Method):
+    @dataclass
+    class Options(MethodOptions):
+        name: str = "natural"
+
+    selection_metric = "clean"
+    adversarial = False
+
+    def loss(self, x, y):
+        logits = self.student(x)
+        return F.cross_entropy(logits, y), {}

@@ -1,0 +1,86 @@
+"""Model registry (timm-style): `create_model(name, num_classes, in_channels, **kwargs)`.
+
+Every model takes images in [0, 1] (NCHW) and returns logits; the optional mean/std
+normalisation lives inside the model (`Classifier.normalize`), as attack code expects.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..registry import Registry
+
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+
+
+class Normalize(nn.Module):
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Classifier(nn.Module):
+    """A network behind an optional input normalisation; the unit every checkpoint stores."""
+
+    def __init__(self, net: nn.Module, mean: Optional[list[float]] = None, std: Optional[list[float]] = None):
+        super().__init__()
+        self.normalize = Normalize(mean, std) if mean is not None else nn.Identity()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a model; stored in every checkpoint this tool writes."""
+
+    name: str
+    num_classes: int
+    in_channels: int = 3
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_model_kwargs(name: str, kwargs: dict[str, Any], key: str = "model") -> None:
+    """Raise a ConfigError naming the option if `kwargs` does not fit model `name`."""
+    builder = MODELS.get(name)
+    params = inspect.signature(builder).parameters
+    allowed = [p for p in params if p not in ("num_classes", "in_channels")]
+    for k in kwargs:
+        if k not in allowed:
+            raise ConfigError(
+                f"{key}.kwargs.{k} is not an option of model '{name}'; allowed: {', '.join(allowed) or 'none'}"
+            )
+
+
+def create_model(spec: ModelSpec) -> Classifier:
+    check_model_kwargs(spec.name, spec.kwargs)
+    try:
+        net = MODELS.get(spec.name)(num_classes=spec.num_classes, in_channels=spec.in_channels, **spec.kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"model '{spec.name}' with {spec.kwargs}: {exc}") from None
+    return Classifier(net, spec.mean, spec.std)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    return MODELS.names(pattern)
+
+
+from . import mobilenet, resnet, small_cnn, wide_resnet  # noqa: E402,F401  (register the models)
+
+__all__ = ["MODELS", "Classifier", "ModelSpec", "Normalize", "create_model", "list_models"]

@@ -1,0 +1,133 @@
+"""CIFAR-style ResNets: ResNet-18 and PreAct ResNet-18 (3x3 stem, no max-pool, four stages),
+and the thin ResNet-56 of He et al. (three stages of 16/32/64 channels, parameter-free
+"option A" shortcuts), which B-MTARD uses as its clean teacher.
+
+Global average pooling is adaptive, so the same networks also run on small inputs (digits).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import MODELS
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class PreActBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class ResNet(nn.Module):
+    def __init__(self, block, num_blocks, num_classes, in_channels, width=64, preact=False):
+        super().__init__()
+        self.preact = preact
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        cin, stages = width, []
+        for i, n in enumerate(num_blocks):
+            cout = width * 2**i
+            blocks = []
+            for j in range(n):
+                blocks.append(block(cin, cout, (1 if i == 0 else 2) if j == 0 else 1))
+                cin = cout
+            stages.append(nn.Sequential(*blocks))
+        self.layers = nn.Sequential(*stages)
+        self.bn1 = nn.BatchNorm2d(cin if preact else width)  # before the head (PreAct) or after the stem
+        self.linear = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        out = self.conv1(x)
+        if not self.preact:
+            out = F.relu(self.bn1(out))
+        out = self.layers(out)
+        if self.preact:
+            out = F.relu(self.bn1(out))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+@MODELS.register("resnet18")
+def resnet18(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> nn.Module:
+    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, in_channels, width)
+
+
+@MODELS.register("preact_resnet18")
+def preact_resnet18(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> nn.Module:
+    return ResNet(PreActBlock, [2, 2, 2, 2], num_classes, in_channels, width, preact=True)
+
+
+class _ThinBlock(nn.Module):
+    """He et al.'s CIFAR block; the shortcut subsamples and zero-pads channels (option A)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.stride, self.pad = stride, cout - cin
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x[:, :, :: self.stride, :: self.stride]
+        if self.pad:
+            shortcut = F.pad(shortcut, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return F.relu(out + shortcut)
+
+
+class ThinResNet(nn.Module):
+    def __init__(self, depth: int, num_classes: int, in_channels: int, width: int = 16):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"thin ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        blocks, cin = [], width
+        for i in range(3):
+            cout = width * 2**i
+            for j in range(n):
+                blocks.append(_ThinBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
+                cin = cout
+        self.layers = nn.Sequential(*blocks)
+        self.linear = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        out = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+@MODELS.register("resnet56")
+def resnet56(num_classes: int = 10, in_channels: int = 3, depth: int = 56, width: int = 16) -> nn.Module:
+    return ThinResNet(depth, num_classes, in_channels, width)

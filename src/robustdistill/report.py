@@ -1,0 +1,127 @@
+"""Reports: `report.json` (machine-readable) and `report.md` / terminal tables (for people).
+
+report.json schema (version 1):
+    schema_version: 1
+    created: ISO-8601 UTC time
+    versions: {robustdistill, torch, python, numpy}
+    model: ModelSpec of the evaluated model;  checkpoint: path
+    data: {name, split, num_samples, class_names}
+    seed: int
+    settings: {common: {...}, <attack>: {eps, step_size, steps, start, loss}}
+    attacks: {<attack>: {accuracy, class_accuracy[C], worst_class_accuracy,
+                         best_class_accuracy, nsd}}
+    w_robust: {value, definition}          (when clean and pgd20 both ran)
+Accuracies are fractions in [0, 1]; class_accuracy[c] is null for a class absent from the split.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from pathlib import Path
+from typing import Any, Optional
+
+from .checkpoint import atomic_write
+
+SCHEMA_VERSION = 1
+
+
+def build_report(summary: dict[str, Any], spec, checkpoint, dataset, split: str, n: int, seed: int) -> dict[str, Any]:
+    """The report.json document (schema above) from an `evaluate` summary."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": now(),
+        "versions": versions(),
+        "model": spec.to_dict(),
+        "checkpoint": str(checkpoint),
+        "data": {"name": dataset.name, "split": split, "num_samples": n, "class_names": dataset.class_names},
+        "seed": seed,
+        **summary,
+    }
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import torch
+
+    from . import __version__
+
+    return {"robustdistill": __version__, "torch": torch.__version__, "numpy": numpy.__version__, "python": platform.python_version()}
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _nsd(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
+def attack_table(report: dict[str, Any]) -> str:
+    """One row per attack: accuracy, worst and best class, NSD (percentages)."""
+    rows = [
+        [name, _pct(m["accuracy"]), _pct(m["worst_class_accuracy"]), _pct(m["best_class_accuracy"]), _nsd(m["nsd"])]
+        for name, m in report["attacks"].items()
+    ]
+    return markdown_table(["attack", "acc %", "worst class %", "best class %", "NSD"], rows)
+
+
+def class_table(report: dict[str, Any]) -> str:
+    names = report.get("data", {}).get("class_names") or []
+    attacks = list(report["attacks"])
+    count = len(next(iter(report["attacks"].values()))["class_accuracy"]) if attacks else 0
+    names = names if len(names) == count else [str(i) for i in range(count)]
+    rows = [[names[c]] + [_pct(report["attacks"][a]["class_accuracy"][c]) for a in attacks] for c in range(count)]
+    return markdown_table(["class"] + [f"{a} %" for a in attacks], rows)
+
+
+def comparison_table(named_reports: list[tuple[str, dict[str, Any]]], robust: str = "pgd20") -> str:
+    """One row per run: clean, robust, worst-class robust, NSD (of the robust attack), W-Robust."""
+    rows = []
+    for name, rep in named_reports:
+        attacks = rep["attacks"]
+        clean, adv = attacks.get("clean", {}), attacks.get(robust, {})
+        w = rep.get("w_robust", {}).get("value")
+        rows.append([name, _pct(clean.get("accuracy")), _pct(adv.get("accuracy")), _pct(adv.get("worst_class_accuracy")), _nsd(adv.get("nsd")), _pct(w)])
+    header = ["run", "clean %", f"{robust} %", f"worst-class {robust} %", f"NSD ({robust})", "W-Robust %"]
+    return markdown_table(header, rows)
+
+
+def to_markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
+    data = report.get("data", {})
+    parts = [
+        f"# {title}",
+        "",
+        f"- model: `{report.get('model', {}).get('name', '?')}` from `{report.get('checkpoint', '?')}`",
+        f"- data: {data.get('name', '?')} / {data.get('split', '?')} ({data.get('num_samples', '?')} images), seed {report.get('seed')}",
+        f"- eps: {report['settings']['common']['eps']:.6g}, created {report.get('created')}",
+        "",
+        attack_table(report),
+        "",
+    ]
+    if "w_robust" in report:
+        w = report["w_robust"]
+        parts += [f"W-Robust Acc: {_pct(w['value'])} % (definition: {w['definition']})", ""]
+    parts += ["## Class-wise accuracy", "", class_table(report), ""]
+    return "\n".join(parts)
+
+
+def write_report(folder: str | Path, report: dict[str, Any], title: str = "Evaluation") -> None:
+    folder = Path(folder)
+    atomic_write(folder / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    atomic_write(folder / "report.md", lambda tmp: Path(tmp).write_text(to_markdown(report, title)))
+
+
+def read_report(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,258 @@
+"""The training loop: one loop for every method.
+
+    robustdistill train configs/digits/rslad.yaml train.epochs=5 seed=1          # CPU or one GPU
+    torchrun --standalone --nproc_per_node=4 -m robustdistill train configs/cifar10/rslad_resnet18.yaml
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+        -m robustdistill train configs/cifar10/rslad_resnet18.yaml                 # two nodes
+
+Per batch: `loss, stats = method.loss(x, y)`, backward, SGD step, `method.on_step_end`. Per epoch:
+`method.on_epoch_end`, a validation evaluation that picks the best checkpoint by the method's
+selection metric, and atomic checkpoints (`last`, `best`, and the full state for `--resume`).
+The learning rate is a pure function of the epoch (multi-step), so resuming needs no scheduler.
+Under DDP the global batch is split over the ranks and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from .checkpoint import load_model, load_torch, save_model, save_torch
+from .config import Config, TeacherConfig
+from .data import Augment, BatchLoader, Dataset, load_dataset
+from .distributed import DistInfo, barrier, init_distributed, resolve_device
+from .errors import CheckpointError, ConfigError, TrainingError
+from .evaluate import EvalSettings, evaluate, needed_attacks, selection_score
+from .methods import METHODS, Context, Progress, create_method
+from .models import Classifier, ModelSpec, create_model
+from .report import build_report, write_report
+from .runs import CHECKPOINTS, MetricsLog, check_run_dir, create_run_dir, model_checkpoint
+
+log = logging.getLogger("robustdistill")
+
+
+def lr_decays(epoch: int, milestones: list[int]) -> int:
+    """How many milestones the (0-based) epoch has reached: lr = base * gamma ** lr_decays."""
+    return sum(epoch >= m for m in milestones)
+
+
+def model_spec(model_cfg, dataset: Dataset) -> ModelSpec:
+    normalize = model_cfg.normalize
+    return ModelSpec(
+        model_cfg.name,
+        dataset.num_classes,
+        dataset.channels,
+        dict(model_cfg.kwargs),
+        dataset.mean if normalize else None,
+        dataset.std if normalize else None,
+    )
+
+
+def load_teacher(role: str, tcfg: TeacherConfig, dataset: Dataset, device: torch.device) -> Classifier:
+    """A teacher from a run folder or a checkpoint file, frozen, in eval mode, on `device`."""
+    path = model_checkpoint(tcfg.path, tcfg.checkpoint)
+    spec = model_spec(tcfg.model, dataset) if tcfg.model is not None else None
+    model, _ = load_model(path, spec)
+    model = model.to(device).eval().requires_grad_(False)
+    probe = dataset.val if len(dataset.val) else dataset.train
+    try:
+        with torch.no_grad():
+            out = model(probe.images(torch.arange(1, device=probe.y.device)))
+    except RuntimeError as exc:
+        raise CheckpointError(f"teacher '{role}' ({path}) does not accept {dataset.name} images: {str(exc).splitlines()[0]}") from None
+    if out.shape[-1] != dataset.num_classes:
+        raise CheckpointError(
+            f"teacher '{role}' ({path}) has {out.shape[-1]} outputs but {dataset.name} has {dataset.num_classes} classes"
+        )
+    return model
+
+
+def _preflight(cfg: Config, run_dir: Path, force: bool, resume: bool) -> None:
+    """Every check that can fail on user input, before anything is read or written."""
+    method_cls = METHODS.get(cfg.method.name)
+    for role in method_cls.teachers:
+        if role not in cfg.teachers:
+            raise ConfigError(
+                f"method '{cfg.method.name}' needs a '{role}' teacher: set teachers.{role}.path "
+                "to a run folder of this tool or a checkpoint file"
+            )
+    for role, tcfg in cfg.teachers.items():
+        try:
+            model_checkpoint(tcfg.path, tcfg.checkpoint)
+        except CheckpointError as exc:
+            raise CheckpointError(f"teacher '{role}' (teachers.{role}.path): {exc}") from None
+    if cfg.train.select_on == "val" and cfg.data.val_fraction <= 0:
+        raise ConfigError("train.select_on=val needs data.val_fraction > 0 (a validation split)")
+    check_run_dir(run_dir, force, resume)
+
+
+def _autocast(cfg: Config, device: torch.device):
+    if cfg.train.amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
+    """Train `cfg` into `cfg.out_dir/cfg.name`; returns the run folder."""
+    run_dir = Path(cfg.out_dir) / (cfg.name or "run")
+    _preflight(cfg, run_dir, force, resume)
+    dist_info = init_distributed(cfg.train.device)
+    device = resolve_device(cfg.train.device, dist_info)
+    if dist_info.is_main:
+        create_run_dir(run_dir, force, resume)
+        if not resume:
+            (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    barrier()
+    torch.manual_seed(cfg.seed * 1000 + dist_info.rank)
+
+    dataset = load_dataset(cfg.data, device)
+    teachers = {role: load_teacher(role, t, dataset, device) for role, t in cfg.teachers.items()}
+    spec = model_spec(cfg.model, dataset)
+    student = create_model(spec).to(device)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    student = student.to(memory_format=memory_format)
+    forward: nn.Module = student
+    if dist_info.world_size > 1:
+        forward = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    ctx = Context(forward, student, dataset.num_classes, cfg.attack, teachers, dist_info.world_size)
+    method = create_method(cfg.method, ctx)
+    optimizer = torch.optim.SGD(
+        student.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
+    )
+    progress = Progress()
+    start_epoch, best_score, best_epoch = 0, -math.inf, None
+    if resume:
+        state = load_torch(run_dir / CHECKPOINTS / "train_state.pt")
+        student.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        method.load_state_dict(state["method"])
+        start_epoch, best_score, best_epoch = state["epoch"] + 1, state["best_score"], state["best_epoch"]
+        progress.step = state["step"]
+        torch.set_rng_state(state["rng"][dist_info.rank % len(state["rng"])])
+        log.info("resuming %s after epoch %d", run_dir, state["epoch"] + 1)
+
+    loader = BatchLoader(
+        dataset.train,
+        cfg.train.batch_size,
+        shuffle=True,
+        augment=Augment(cfg.data.crop_padding, cfg.data.flip),
+        seed=cfg.seed,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+    )
+    if len(loader) == 0:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the training split ({len(dataset.train)} images)")
+    metrics = MetricsLog(run_dir / "metrics.jsonl" if dist_info.is_main else None)
+    select_metric = cfg.train.select_metric or method.selection_metric
+    select_split = dataset.split(cfg.train.select_on)
+    if cfg.train.eval_subset is not None:
+        select_split = select_split.take(slice(0, cfg.train.eval_subset))
+    settings = EvalSettings.from_config(cfg.eval, cfg.attack)
+    show = dist_info.is_main
+    meta = {"data": cfg.to_dict()["data"], "eps": cfg.attack.eps, "method": cfg.method.name, "run": str(run_dir)}
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        progress.epoch = epoch
+        progress.lr_decays = lr_decays(epoch, cfg.train.milestones)
+        lr = cfg.train.lr * cfg.train.lr_gamma**progress.lr_decays
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loader.set_epoch(epoch)
+        student.train()
+        loss_sum = torch.zeros((), device=device)
+        started = time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, disable=None if show else True)
+        for x, y in bar:
+            x = x.contiguous(memory_format=memory_format)
+            with _autocast(cfg, device):
+                loss, stats = method.loss(x, y)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {progress.step + 1}; "
+                    f"the last good checkpoint is in {run_dir / CHECKPOINTS} (try a lower train.lr)"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            progress.step += 1
+            method.on_step_end(progress)
+            loss_sum += loss.detach()
+            if progress.step % cfg.train.log_every == 0:
+                metrics.write(type="step", epoch=epoch + 1, step=progress.step, lr=lr, loss=loss, **stats, **method.log_state())
+        method.on_epoch_end(progress)
+        seconds = time.perf_counter() - started
+        record: dict[str, Any] = {
+            "type": "epoch",
+            "epoch": epoch + 1,
+            "step": progress.step,
+            "lr": lr,
+            "loss": (loss_sum / len(loader)).item(),
+            "seconds": seconds,
+            "images_per_s": len(loader) * loader.local_batch * dist_info.world_size / seconds,
+        }
+        record.update(method.log_state())
+        last_epoch = epoch + 1 == cfg.train.epochs
+        if (epoch + 1) % cfg.train.eval_every == 0 or last_epoch:
+            summary = evaluate(student, select_split, needed_attacks(select_metric), settings, dataset.num_classes,
+                               dist_info.rank, dist_info.world_size)
+            score = selection_score(summary, select_metric)
+            record[f"{cfg.train.select_on}_{select_metric}"] = score
+            for name, result in summary["attacks"].items():
+                record[f"{cfg.train.select_on}_{name}_acc"] = result["accuracy"]
+                record[f"{cfg.train.select_on}_{name}_worst_class_acc"] = result["worst_class_accuracy"]
+            if score > best_score:
+                best_score, best_epoch = score, epoch + 1
+                if dist_info.is_main:
+                    save_model(run_dir / CHECKPOINTS / "best.safetensors", student, spec, epoch=epoch + 1, **meta)
+        if dist_info.is_main:
+            metrics.write(**record)
+            save_model(run_dir / CHECKPOINTS / "last.safetensors", student, spec, epoch=epoch + 1, **meta)
+            save_torch(
+                {
+                    "model": student.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "method": method.state_dict(),
+                    "epoch": epoch,
+                    "step": progress.step,
+                    "best_score": best_score,
+                    "best_epoch": best_epoch,
+                    "rng": [torch.get_rng_state()],
+                },
+                run_dir / CHECKPOINTS / "train_state.pt",
+            )
+            log.info(
+                "epoch %d/%d  loss %.4f  %s %.4f  (%.1fs)",
+                epoch + 1, cfg.train.epochs, record["loss"], select_metric,
+                record.get(f"{cfg.train.select_on}_{select_metric}", float("nan")), seconds,
+            )
+        barrier()
+
+    final_report(cfg, run_dir, dataset, dist_info, selection={
+        "metric": select_metric, "split": cfg.train.select_on, "best_epoch": best_epoch, "best_score": best_score,
+    })
+    return run_dir
+
+
+def final_report(cfg: Config, run_dir: Path, dataset: Dataset, dist_info: DistInfo, selection: dict[str, Any]) -> Optional[dict]:
+    """Evaluate the best checkpoint on the test split with `cfg.eval`; write report.json/.md."""
+    ckpt = run_dir / CHECKPOINTS / "best.safetensors"
+    model, _ = load_model(ckpt)
+    model = model.to(dataset.test.y.device)
+    test = dataset.test if cfg.eval.subset is None else dataset.test.take(slice(0, cfg.eval.subset))
+    settings = EvalSettings.from_config(cfg.eval, cfg.attack)
+    summary = evaluate(model, test, cfg.eval.attacks, settings, dataset.num_classes, dist_info.rank,
+                       dist_info.world_size, progress=dist_info.is_main)
+    report = build_report(summary, model_spec(cfg.model, dataset), ckpt, dataset, "test", len(test), cfg.eval.seed)
+    report["selection"] = selection
+    if dist_info.is_main:
+        write_report(run_dir, report, title=f"{run_dir.name}: {cfg.method.name} on {dataset.name}")
+    return report
