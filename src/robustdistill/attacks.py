@@ -68,8 +68,8 @@ class PGD:
         sigma: float = 0.001,
         generator: Optional[torch.Generator] = None,
     ):
-        if eps < 0 or alpha <= 0 or steps < 1:
-            raise ValueError(f"PGD needs eps >= 0, alpha > 0, steps >= 1 (got {eps}, {alpha}, {steps})")
+        if eps < 0 or alpha < 0 or steps < 1:
+            raise ValueError(f"PGD needs eps >= 0, alpha >= 0, steps >= 1 (got {eps}, {alpha}, {steps})")
         self.model, self.eps, self.alpha, self.steps = model, eps, alpha, steps
         self.loss, self.start, self.sigma, self.generator = loss, start, sigma, generator
 
@@ -111,4 +111,4 @@ class FGSM(PGD):
     """One signed-gradient step of size eps from x (Goodfellow et al.)."""
 
     def __init__(self, model: nn.Module, eps: float, loss: Loss = "ce"):
-        super().__init__(model, eps=eps, alpha=max(eps, 1e-12), steps=1, loss=loss, start="none")
+        super().__init__(model, eps=eps, alpha=eps, steps=1, loss=loss, start="none")

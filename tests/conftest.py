@@ -1,0 +1,43 @@
+import copy
+
+import pytest
+import torch
+
+from robustdistill.config import from_dict
+from robustdistill.data import load_dataset
+from robustdistill.demo import recipe
+
+torch.set_num_threads(2)
+
+
+def digits_config(tmp_path, which="natural", **overrides):
+    """A digits recipe shrunk for tests; `overrides` are dotted keys (`train__epochs` -> train.epochs)."""
+    raw = copy.deepcopy(recipe(which))
+    raw["out_dir"] = str(tmp_path / "runs")
+    extra = [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()]
+    return from_dict(raw, extra)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    cfg = from_dict(recipe("natural")).data
+    return load_dataset(cfg)
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory):
+    """A natural and a TRADES small CNN on digits, trained briefly once per test session."""
+    from robustdistill.train import train
+
+    tmp = tmp_path_factory.mktemp("trained")
+    natural = train(digits_config(tmp, "natural", train__epochs=8, train__milestones="[6]"))
+    trades = train(digits_config(tmp, "trades", train__epochs=6, train__milestones="[]"))
+    return {"natural": natural, "trades": trades}
+
+
+@pytest.fixture()
+def natural_model(trained_runs):
+    from robustdistill.checkpoint import load_model
+
+    model, _ = load_model(trained_runs["natural"] / "checkpoints" / "best.safetensors")
+    return model.eval()

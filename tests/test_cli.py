@@ -1,0 +1,71 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from robustdistill.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_print_config_shows_the_resolved_config(capsys):
+    assert main(["train", str(ROOT / "configs/digits/rslad.yaml"), "train.epochs=5", "seed=1", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "epochs: 5" in out and "seed: 1" in out and "name: rslad" in out
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["train", "configs/digits/rslad.yaml", "method.name=nope"], "unknown method 'nope'"),
+        (["train", "configs/digits/rslad.yaml", "data.name=mnist"], "unknown dataset 'mnist'"),
+        (["train", "configs/digits/rslad.yaml", "model.name=vgg"], "unknown model 'vgg'"),
+        (["train", "configs/digits/rslad.yaml", "teachers.robust.path=/no/such/run"], "/no/such/run"),
+        (["train", "missing.yaml"], "config file not found"),
+        (["eval", "/no/such/run"], "no run folder or checkpoint file"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path, monkeypatch, capsys, args, fragment):
+    monkeypatch.chdir(ROOT)
+    args = [a if not a.startswith("configs/") else str(ROOT / a) for a in args]
+    assert main(args + ([f"out_dir={tmp_path}/runs"] if args[0] == "train" else [])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and fragment in err and "\n" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_malformed_yaml_exit_code_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {epochs: 3\n")
+    assert main(["train", str(bad)]) == 2
+    assert "malformed YAML" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_train_then_eval_end_to_end(tmp_path):
+    """The console script as a user runs it: teacher, student, evaluation, refusal to overwrite."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    run = lambda *a: subprocess.run(["robustdistill", *a], cwd=tmp_path, env=env, capture_output=True, text=True)  # noqa: E731
+    cfg = ROOT / "configs" / "digits"
+    r = run("train", str(cfg / "trades.yaml"), "train.epochs=2", "train.milestones=[]", "attack.steps=3")
+    assert r.returncode == 0, r.stderr
+    r = run("train", str(cfg / "rslad.yaml"), "train.epochs=2", "attack.steps=3")
+    assert r.returncode == 0, r.stderr
+    assert "pgd20" in r.stdout and (tmp_path / "runs/rslad/report.json").is_file()
+    r = run("eval", "runs/rslad", "--attacks", "clean,fgsm,pgd20", "--subset", "100")
+    assert r.returncode == 0, r.stderr
+    report_path = Path(r.stdout.strip().splitlines()[-1].split("report: ")[1])
+    report = json.loads((tmp_path / report_path).read_text())
+    assert report["data"]["num_samples"] == 100 and list(report["attacks"]) == ["clean", "fgsm", "pgd20"]
+    assert "W-Robust Acc" in r.stdout
+    r = run("eval", "runs/rslad/checkpoints/best.safetensors", "--subset", "50")  # the file alone suffices
+    assert r.returncode == 0, r.stderr
+    r = run("train", str(cfg / "rslad.yaml"), "train.epochs=2")
+    assert r.returncode == 2 and "already exists" in r.stderr
+    r = run("list", "methods")
+    assert "rslad" in r.stdout and "trades" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "robustdistill", "list", "models"], capture_output=True, text=True)
+    assert "wrn34_10" in r.stdout

@@ -1,0 +1,103 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from robustdistill.config import Config, load_config, parse_float
+from robustdistill.demo import RECIPES, recipe
+from robustdistill.errors import ConfigError, UserError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_are_the_papers_cifar10_settings():
+    cfg = load_config(None)
+    assert cfg.train.epochs == 300 and cfg.train.batch_size == 128
+    assert cfg.train.milestones == [215, 260, 285]
+    assert cfg.attack.eps == pytest.approx(8 / 255) and cfg.attack.step_size == pytest.approx(2 / 255)
+    assert cfg.train.weight_decay == 2e-4 and cfg.train.select_on == "val"
+
+
+def test_overrides_are_typed_and_fractions_parse(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method: {name: trades}\n")
+    cfg = load_config(path, ["train.epochs=5", "seed=1", "attack.eps=8/255", "method.beta=3", "train.milestones=[2,4]"])
+    assert cfg.train.epochs == 5 and cfg.seed == 1
+    assert cfg.attack.eps == pytest.approx(8 / 255)
+    assert cfg.method.beta == 3.0 and cfg.train.milestones == [2, 4]
+    assert cfg.name == "c"  # run name defaults to the file stem
+
+
+def test_method_can_be_switched_by_override():
+    cfg = load_config(None, ["method=trades"])
+    assert cfg.method.name == "trades" and cfg.method.beta == 6.0
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        (["train.epohcs=5"], "unknown key 'train.epohcs'; allowed keys: epochs"),
+        (["method.bet=3"], "unknown key 'method.bet'"),
+        (["train.epochs=five"], "train.epochs must be an integer"),
+        (["train.epochs=0"], "train.epochs must be >= 1"),
+        (["train.select_on=test2"], "train.select_on must be one of val, test"),
+        (["data.name=imagenet"], "unknown dataset 'imagenet'; available: cifar10, cifar100, digits"),
+        (["model.name=vgg"], "unknown model 'vgg'"),
+        (["method.name=foo"], "unknown method 'foo'; available:"),
+        (["model.kwargs.depth=10"], "model.kwargs.depth is not an option of model 'resnet18'"),
+        (["attack.eps=abc"], "attack.eps must be a number"),
+        (["train.amp=maybe"], "train.amp must be true or false"),
+        (["eval.attacks=[clean,pgd99]"], "unknown attack 'pgd99'"),
+        (["train"], "must look like key=value"),
+    ],
+)
+def test_bad_config_names_the_key_and_allowed_values(override, fragment):
+    with pytest.raises(UserError) as info:
+        load_config(None, override)
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_malformed_yaml_says_where(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epochs: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"malformed YAML in .*bad.yaml \(line"):
+        load_config(path)
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)
+
+
+def test_parse_float():
+    assert parse_float("8/255", "k") == pytest.approx(8 / 255)
+    assert parse_float(3, "k") == 3.0
+    for bad in ["1/0", "x", True, None]:
+        with pytest.raises(ConfigError):
+            parse_float(bad, "k")
+
+
+def test_resolved_config_round_trips_through_yaml():
+    cfg = load_config(None, ["method=rslad", "teachers.robust.path=somewhere", "train.epochs=7"])
+    again = load_config(None, [])
+    raw = yaml.safe_load(cfg.to_yaml())
+    from robustdistill.config import from_dict
+
+    again = from_dict(raw)
+    assert again == cfg and isinstance(again, Config)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_shipped_config_is_valid(path):
+    load_config(path)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_digits_config_files_equal_the_demo_recipes(name):
+    """configs/digits/<name>.yaml is what the demo trains, so the two cannot drift apart."""
+    from robustdistill.config import from_dict
+
+    assert load_config(CONFIGS / "digits" / f"{name}.yaml") == from_dict(recipe(name))

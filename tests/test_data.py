@@ -1,0 +1,172 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from robustdistill.config import DataConfig
+from robustdistill.data import Augment, BatchLoader, Split, load_dataset
+from robustdistill.errors import DataError
+
+
+def test_digits_split_is_deterministic_stratified_and_disjoint():
+    cfg = DataConfig(name="digits", val_fraction=0.2, test_fraction=0.2)
+    a, b = load_dataset(cfg), load_dataset(cfg)
+    assert torch.equal(a.train.x, b.train.x) and torch.equal(a.test.y, b.test.y)
+    assert len(a.train) + len(a.val) + len(a.test) == 1797
+    assert a.train.x.shape[1:] == (1, 8, 8) and a.num_classes == 10
+    assert 0.0 <= a.train.x.min() and a.train.x.max() <= 1.0
+    for split in (a.val, a.test):  # every class present in proportion (stratified)
+        counts = torch.bincount(split.y, minlength=10).float()
+        assert counts.min() >= 0.8 * counts.mean()
+    rows = lambda s: {tuple(r.tolist()) + (int(l),) for r, l in zip(s.x.flatten(1), s.y)}  # noqa: E731
+    assert not rows(a.test) & rows(a.val)  # the digits set has a few exact duplicates across classes only
+    other = load_dataset(DataConfig(name="digits", val_fraction=0.2, split_seed=1))
+    assert not torch.equal(other.test.y, a.test.y)
+
+
+def test_digits_upsampling_and_subset():
+    ds = load_dataset(DataConfig(name="digits", image_size=16, train_subset=100))
+    assert ds.train.x.shape == (100, 1, 16, 16) and ds.test.x.shape[-1] == 16
+    assert 0.0 <= float(ds.train.x.min()) and float(ds.train.x.max()) <= 1.0
+
+
+def test_augment_crop_matches_a_per_sample_reference():
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 5, 5)
+    g = torch.Generator().manual_seed(3)
+    out = Augment(padding=2, flip=False)(x, g)
+    g = torch.Generator().manual_seed(3)
+    dy = torch.randint(0, 5, (6,), generator=g)
+    dx = torch.randint(0, 5, (6,), generator=g)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(6):
+        assert torch.equal(out[i], padded[i, :, dy[i] : dy[i] + 5, dx[i] : dx[i] + 5])
+
+
+def test_augment_flip_flips_about_half():
+    x = torch.arange(2000 * 4, dtype=torch.float32).view(2000, 1, 1, 4)
+    out = Augment(padding=0, flip=True)(x, torch.Generator().manual_seed(0))
+    flipped = (out == x.flip(3)).all(dim=3).flatten()
+    kept = (out == x).all(dim=3).flatten()
+    assert torch.all(flipped | kept) and 0.45 < flipped.float().mean() < 0.55
+
+
+def test_loader_shards_cover_every_sample_once():
+    split = Split(torch.rand(10, 1, 2, 2), torch.arange(10))
+    seen = []
+    for rank in range(3):
+        for _, y in BatchLoader(split, batch_size=3, rank=rank, world_size=3):
+            seen += y.tolist()
+    assert sorted(seen) == list(range(10))
+
+
+def test_training_loader_is_a_function_of_seed_and_epoch():
+    split = Split(torch.rand(50, 1, 2, 2), torch.arange(50))
+    order = lambda epoch: torch.cat([y for _, y in _epoch(split, epoch)])  # noqa: E731
+    assert torch.equal(order(0), order(0)) and not torch.equal(order(0), order(1))
+    assert len(order(0)) == 48  # the incomplete last batch is dropped in training
+    ranks = [torch.cat([y for _, y in _epoch(split, 0, r, 2)]) for r in range(2)]
+    assert not set(ranks[0].tolist()) & set(ranks[1].tolist())
+
+
+def _epoch(split, epoch, rank=0, world=1):
+    loader = BatchLoader(split, 16, shuffle=True, seed=1, rank=rank, world_size=world)
+    loader.set_epoch(epoch)
+    return list(loader)
+
+
+# --- readers of the standard formats, on tiny fake folders -------------------------------------
+
+
+def _write_pickle(path, obj):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+
+
+def _fake_cifar10(root, n=4):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(1, 6):
+        _write_pickle(folder / f"data_batch_{i}", {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": [j % 10 for j in range(n)]})
+    _write_pickle(folder / "test_batch", {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(range(n))})
+    _write_pickle(folder / "batches.meta", {b"label_names": [f"c{i}".encode() for i in range(10)]})
+    return folder
+
+
+def test_cifar10_reader(tmp_path):
+    folder = _fake_cifar10(tmp_path, n=20)
+    raw = pickle.load(open(folder / "test_batch", "rb"))
+    ds = load_dataset(DataConfig(name="cifar10", root=str(tmp_path), val_fraction=0.1))
+    assert len(ds.train) + len(ds.val) == 100 and len(ds.test) == 20
+    assert ds.class_names[3] == "c3" and ds.train.x.dtype == torch.uint8
+    expected = torch.from_numpy(raw[b"data"][0].reshape(3, 32, 32)).float() / 255
+    assert torch.allclose(ds.test.images()[0], expected)
+
+
+def test_cifar100_reader(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    data = np.random.default_rng(0).integers(0, 256, (200, 3072), dtype=np.uint8)
+    for split in ("train", "test"):
+        _write_pickle(folder / split, {b"data": data, b"fine_labels": [i % 100 for i in range(200)], b"coarse_labels": [0] * 200})
+    _write_pickle(folder / "meta", {b"fine_label_names": [f"f{i}".encode() for i in range(100)]})
+    ds = load_dataset(DataConfig(name="cifar100", root=str(tmp_path), val_fraction=0.5))
+    assert ds.num_classes == 100 and len(ds.test) == 200 and len(ds.val) == 100
+
+
+def test_svhn_reader_maps_label_10_to_0(tmp_path):
+    from scipy.io import savemat
+
+    x = np.random.default_rng(0).integers(0, 256, (32, 32, 3, 10), dtype=np.uint8)
+    y = np.array([[10], [1], [2], [3], [4], [5], [6], [7], [8], [9]])
+    for split in ("train", "test"):
+        savemat(tmp_path / f"{split}_32x32.mat", {"X": x, "y": y})
+    ds = load_dataset(DataConfig(name="svhn", root=str(tmp_path), val_fraction=0.0))
+    assert ds.test.y.tolist() == list(range(10))
+    assert torch.equal(ds.test.x[0], torch.from_numpy(x[:, :, :, 0]).permute(2, 0, 1))
+
+
+def test_tinyimagenet_reader(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "tiny-imagenet-200"
+    wnids = ["n001", "n002"]
+    (folder / "val" / "images").mkdir(parents=True)
+    (folder / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    (folder / "words.txt").write_text("n001\tcat, kitty\nn002\tdog\n")
+    lines = []
+    for k, w in enumerate(wnids):
+        images = folder / "train" / w / "images"
+        images.mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (64, 64), (k * 100, i, 0)).save(images / f"{w}_{i}.JPEG")
+        Image.new("L", (64, 64), 7).save(folder / "val" / "images" / f"val_{k}.JPEG")  # greyscale too
+        lines.append(f"val_{k}.JPEG\t{w}\t0\t0\t63\t63")
+    (folder / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    ds = load_dataset(DataConfig(name="tinyimagenet", root=str(tmp_path), val_fraction=0.0))
+    assert ds.class_names == ["cat", "dog"] and ds.train.x.shape == (6, 3, 64, 64)
+    assert ds.test.y.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("name, fragment", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python"),
+                                            ("svhn", "train_32x32.mat"), ("tinyimagenet", "tiny-imagenet-200")])
+def test_missing_dataset_names_the_path_and_layout(tmp_path, name, fragment):
+    with pytest.raises(DataError, match=fragment) as info:
+        load_dataset(DataConfig(name=name, root=str(tmp_path)))
+    assert str(tmp_path) in str(info.value)
+    with pytest.raises(DataError, match="needs data.root"):
+        load_dataset(DataConfig(name=name))
+
+
+def test_cifar_pickle_that_would_run_code_is_refused(tmp_path):
+    folder = _fake_cifar10(tmp_path)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    _write_pickle(folder / "test_batch", {b"data": Evil(), b"labels": []})
+    with pytest.raises(DataError, match="refusing to load builtins.print"):
+        load_dataset(DataConfig(name="cifar10", root=str(tmp_path)))

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from robustdistill.evaluate import EvalSettings, class_metrics, evaluate, selection_score
+
+
+def test_class_metrics_by_hand():
+    m = class_metrics(torch.tensor([5.0, 2.0, 0.0]), torch.tensor([10.0, 4.0, 0.0]))
+    assert m["accuracy"] == pytest.approx(7 / 14)
+    assert m["class_accuracy"] == [0.5, 0.5, None]  # an absent class is reported as null, not 0
+    assert m["worst_class_accuracy"] == 0.5 and m["nsd"] == pytest.approx(0.0)
+    m = class_metrics(torch.tensor([9.0, 1.0]), torch.tensor([10.0, 10.0]))
+    # class accuracies 0.9 and 0.1: mean 0.5, population std 0.4, NSD 0.8
+    assert m["nsd"] == pytest.approx(0.8) and m["best_class_accuracy"] == pytest.approx(0.9)
+
+
+def test_selection_scores():
+    summary = {"attacks": {"clean": {"accuracy": 0.9}, "pgd20": {"accuracy": 0.5, "worst_class_accuracy": 0.2}}}
+    assert selection_score(summary, "clean") == 0.9
+    assert selection_score(summary, "robust") == 0.5
+    assert selection_score(summary, "robust_plus_worst") == pytest.approx(0.7)
+    assert selection_score(summary, "w_robust") == pytest.approx(0.7)
+
+
+def test_evaluate_reports_every_attack_and_leaves_the_model_untouched(natural_model, digits):
+    model = natural_model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = EvalSettings(eps=0.1, step_size=0.025, batch_size=64)
+    test = digits.test.take(slice(0, 150))
+    out = evaluate(model, test, ["clean", "fgsm", "pgd20", "cw"], settings, 10)
+    acc = {k: v["accuracy"] for k, v in out["attacks"].items()}
+    assert acc["clean"] > 0.9 and acc["pgd20"] <= acc["fgsm"] and acc["pgd20"] < acc["clean"]
+    assert out["w_robust"]["value"] == pytest.approx((acc["clean"] + acc["pgd20"]) / 2)
+    assert model.training  # the mode is restored
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert len(out["attacks"]["clean"]["class_accuracy"]) == 10
+
+
+def test_evaluate_is_deterministic_under_its_seed(natural_model, digits):
+    settings = EvalSettings(eps=0.1, step_size=0.025, batch_size=64, seed=3)
+    test = digits.test.take(slice(0, 100))
+    runs = [evaluate(natural_model, test, ["pgd20"], settings, 10) for _ in range(2)]
+    assert runs[0]["attacks"] == runs[1]["attacks"]
+
+
+def test_eps_zero_attack_equals_clean(natural_model, digits):
+    settings = EvalSettings(eps=0.0, step_size=0.0, batch_size=64)
+    out = evaluate(natural_model, digits.test, ["clean", "pgd20", "fgsm"], settings, 10)
+    assert out["attacks"]["pgd20"] == out["attacks"]["clean"] == out["attacks"]["fgsm"]

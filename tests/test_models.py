@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from robustdistill.checkpoint import load_model, read_state_dict, save_model
+from robustdistill.errors import CheckpointError, ConfigError
+from robustdistill.models import ModelSpec, create_model, list_models
+
+# Small architecture options keep the sweep fast; every default is exercised in test_defaults_build.
+FAST = {"wrn34_10": {"depth": 10, "widen_factor": 2}, "resnet56": {"depth": 8}, "resnet18": {"width": 8},
+        "preact_resnet18": {"width": 8}, "mobilenet_v2": {"width_mult": 0.25}, "small_cnn": {"width": 8}}
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_gives_logits_and_gradients(name):
+    torch.manual_seed(0)
+    model = create_model(ModelSpec(name, num_classes=7, in_channels=3, kwargs=FAST.get(name, {})))
+    x = torch.rand(4, 3, 16, 16)
+    out = model(x)
+    assert out.shape == (4, 7) and torch.isfinite(out).all()
+    out.logsumexp(dim=1).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"no gradient for {missing[:5]}"
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_defaults_build(name):
+    model = create_model(ModelSpec(name, num_classes=10, in_channels=1))
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 1, 8, 8)).shape == (1, 10)
+
+
+def test_architectures_have_their_published_size():
+    count = lambda name: sum(p.numel() for p in create_model(ModelSpec(name, 10)).parameters())  # noqa: E731
+    assert 11.1e6 < count("resnet18") < 11.2e6
+    assert 46.1e6 < count("wrn34_10") < 46.2e6
+    assert 0.85e6 < count("resnet56") < 0.86e6
+    assert 2.2e6 < count("mobilenet_v2") < 2.3e6
+
+
+def test_normalisation_lives_inside_the_model():
+    spec = ModelSpec("small_cnn", 10, 3, {"width": 4}, mean=[0.5, 0.4, 0.3], std=[0.2, 0.2, 0.2])
+    model = create_model(spec).eval()
+    x = torch.rand(2, 3, 8, 8)
+    expected = model.net((x - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / 0.2)
+    assert torch.allclose(model(x), expected)
+
+
+def test_bad_architecture_option_is_a_config_error():
+    with pytest.raises(ConfigError, match="6n\\+4"):
+        create_model(ModelSpec("wrn34_10", 10, kwargs={"depth": 33}))
+    with pytest.raises(ConfigError, match="not an option of model 'small_cnn'"):
+        create_model(ModelSpec("small_cnn", 10, kwargs={"depth": 3}))
+
+
+def test_safetensors_round_trip_carries_the_architecture(tmp_path):
+    spec = ModelSpec("small_cnn", 10, 1, {"width": 4}, mean=[0.1], std=[0.3])
+    model = create_model(spec)
+    model.train()(torch.rand(8, 1, 8, 8))  # move BN statistics away from their initial values
+    save_model(tmp_path / "m.safetensors", model, spec, epoch=3)
+    loaded, meta = load_model(tmp_path / "m.safetensors")
+    assert meta["epoch"] == 3 and ModelSpec(**meta["spec"]) == spec
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert not list(tmp_path.glob(".*tmp"))  # the atomic write left no temporary file
+
+
+def test_plain_state_dicts_load_with_prefixes_stripped(tmp_path):
+    spec = ModelSpec("small_cnn", 10, 1, {"width": 4})
+    model = create_model(spec)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.net.state_dict().items()}}, tmp_path / "foreign.pt")
+    loaded, _ = load_model(tmp_path / "foreign.pt", spec)
+    x = torch.rand(2, 1, 8, 8)
+    assert torch.equal(loaded.eval()(x), model.eval()(x))
+
+
+def test_foreign_checkpoint_without_architecture_asks_for_it(tmp_path):
+    model = create_model(ModelSpec("small_cnn", 10, 1, {"width": 4}))
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="does not say which architecture"):
+        load_model(tmp_path / "plain.pt")
+
+
+def test_wrong_shape_checkpoint_is_refused_with_the_key(tmp_path):
+    small = create_model(ModelSpec("small_cnn", 10, 1, {"width": 4}))
+    torch.save(small.state_dict(), tmp_path / "w4.pt")
+    with pytest.raises(CheckpointError, match=r"wrong shapes: net\.0\.weight"):
+        load_model(tmp_path / "w4.pt", ModelSpec("small_cnn", 10, 1, {"width": 8}))
+
+
+def test_unsafe_pickle_checkpoint_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        read_state_dict(tmp_path / "evil.pt")
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        read_state_dict(tmp_path / "nope.pt")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_model(tmp_path / "junk.safetensors")

@@ -1,0 +1,108 @@
+import json
+
+import pytest
+import torch
+import yaml
+
+from robustdistill.config import load_config
+from robustdistill.errors import ConfigError, TrainingError, UserError
+from robustdistill.runs import read_metrics
+from robustdistill.train import lr_decays, train
+
+from conftest import digits_config
+
+
+def test_lr_decays_counts_milestones_reached():
+    assert [lr_decays(e, [2, 4]) for e in range(6)] == [0, 0, 1, 1, 2, 2]
+
+
+def test_a_run_folder_has_everything(trained_runs):
+    run = trained_runs["trades"]
+    assert (run / "config.yaml").is_file() and (run / "report.md").is_file()
+    for name in ("best.safetensors", "last.safetensors", "train_state.pt"):
+        assert (run / "checkpoints" / name).is_file()
+    assert load_config(run / "config.yaml").method.name == "trades"
+    records = read_metrics(run)
+    epochs = [r for r in records if r["type"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == list(range(1, 7))
+    assert all("val_robust" in r and "loss" in r for r in epochs)
+    assert any(r["type"] == "step" for r in records)
+    report = json.loads((run / "report.json").read_text())
+    assert report["data"]["split"] == "test" and report["selection"]["split"] == "val"
+    # the best checkpoint is the epoch with the highest validation robust accuracy
+    best = max(epochs, key=lambda r: r["val_robust"])
+    assert report["selection"]["best_epoch"] == best["epoch"]
+    assert set(report["attacks"]) == {"clean", "pgd20"}
+
+
+def test_adversarial_training_buys_robustness(trained_runs):
+    reports = {k: json.loads((v / "report.json").read_text()) for k, v in trained_runs.items()}
+    natural, trades = reports["natural"]["attacks"], reports["trades"]["attacks"]
+    assert natural["clean"]["accuracy"] > 0.9
+    assert trades["pgd20"]["accuracy"] > natural["pgd20"]["accuracy"] + 0.2
+
+
+def test_existing_run_folder_is_never_overwritten_silently(tmp_path):
+    cfg = digits_config(tmp_path, "natural", train__epochs=1)
+    run = train(cfg)
+    stamp = (run / "checkpoints" / "last.safetensors").stat().st_mtime_ns
+    with pytest.raises(UserError, match="already exists; pass --force"):
+        train(cfg)
+    assert (run / "checkpoints" / "last.safetensors").stat().st_mtime_ns == stamp
+    train(cfg, force=True)
+    assert (run / "checkpoints" / "last.safetensors").stat().st_mtime_ns != stamp
+
+
+def test_force_refuses_to_delete_a_folder_that_is_not_a_run(tmp_path):
+    cfg = digits_config(tmp_path, "natural", train__epochs=1, name="precious")
+    (tmp_path / "runs" / "precious").mkdir(parents=True)
+    (tmp_path / "runs" / "precious" / "thesis.tex").write_text("years of work")
+    with pytest.raises(UserError, match="does not look like a run folder"):
+        train(cfg, force=True)
+    assert (tmp_path / "runs" / "precious" / "thesis.tex").exists()
+
+
+def test_resume_continues_to_the_same_weights(tmp_path):
+    straight = train(digits_config(tmp_path, "pgd_at", name="straight", train__epochs=2, attack__steps=2, train__milestones="[1]"))
+    cfg = digits_config(tmp_path, "pgd_at", name="resumed", train__epochs=1, attack__steps=2, train__milestones="[1]")
+    run = train(cfg)
+    cfg.train.epochs = 2
+    train(cfg, resume=True)
+    a = torch.load(straight / "checkpoints" / "train_state.pt", weights_only=True)["model"]
+    b = torch.load(run / "checkpoints" / "train_state.pt", weights_only=True)["model"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+    assert [r["epoch"] for r in read_metrics(run) if r["type"] == "epoch"] == [1, 2]
+
+
+def test_missing_teacher_is_reported_before_anything_is_written(tmp_path):
+    cfg = digits_config(tmp_path, "rslad", **{"teachers.robust.path": str(tmp_path / "nowhere")})
+    with pytest.raises(UserError, match="teacher 'robust'.*nowhere"):
+        train(cfg)
+    assert not (tmp_path / "runs").exists()
+    cfg = digits_config(tmp_path, "rslad")
+    cfg.teachers = {}
+    with pytest.raises(ConfigError, match="needs a 'robust' teacher"):
+        train(cfg)
+
+
+def test_teacher_with_wrong_class_count_is_refused(tmp_path):
+    from robustdistill.checkpoint import save_model
+    from robustdistill.models import ModelSpec, create_model
+
+    spec = ModelSpec("small_cnn", 7, 1, {"width": 4})
+    save_model(tmp_path / "t7.safetensors", create_model(spec), spec)
+    cfg = digits_config(tmp_path, "rslad", train__epochs=1, **{"teachers.robust.path": str(tmp_path / "t7.safetensors")})
+    with pytest.raises(UserError, match="has 7 outputs but digits has 10 classes"):
+        train(cfg)
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
+    cfg = digits_config(tmp_path, "natural", train__epochs=2, train__lr=1e30)
+    with pytest.raises(TrainingError, match="non-finite loss"):
+        train(cfg)
+
+
+def test_select_on_test_is_possible_but_explicit(tmp_path):
+    run = train(digits_config(tmp_path, "natural", train__epochs=1, train__select_on="test"))
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["select_on"] == "test"
+    assert "test_clean" in read_metrics(run)[-1]
