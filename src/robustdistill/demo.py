@@ -1,7 +1,8 @@
 """`robustdistill demo`: the whole story on the embedded digits, in a few minutes on a laptop CPU.
 
-It trains a clean teacher (natural training) and a robust teacher (TRADES), distills students
-from them, evaluates everything on the test split and prints one comparison table.
+It trains a clean teacher (natural training) and a robust teacher (TRADES), distills RSLAD,
+ABSLD, MTARD and B-MTARD students from them, evaluates everything on the test split and prints
+one comparison table (clean, PGD-20, worst-class PGD-20, NSD, W-Robust Acc).
 
 The digits recipes live here as data so that the demo works from any install; the files in
 `configs/digits/` are the same recipes for `robustdistill train` (a test keeps them equal).
@@ -42,10 +43,21 @@ RECIPES: dict[str, dict[str, Any]] = {
     "trades": {"method": {"name": "trades", "beta": 6.0}, "model": TEACHER_MODEL},
     "pgd_at": {"method": {"name": "pgd_at"}, "model": TEACHER_MODEL},
     "rslad": {"method": {"name": "rslad"}, "train": {"lr": 0.5}, "teachers": {"robust": {"path": "runs/trades"}}},
+    "absld": {"method": {"name": "absld"}, "train": {"lr": 0.5}, "teachers": {"robust": {"path": "runs/trades"}}},
+    "mtard": {
+        "method": {"name": "mtard"},
+        "train": {"lr": 0.5},
+        "teachers": {"robust": {"path": "runs/trades"}, "clean": {"path": "runs/natural"}},
+    },
+    "bmtard": {
+        "method": {"name": "bmtard"},
+        "train": {"lr": 0.5},
+        "teachers": {"robust": {"path": "runs/trades"}, "clean": {"path": "runs/natural"}},
+    },
 }
 
 TEACHERS = {"clean": "natural", "robust": "trades"}
-STUDENTS = ["rslad"]
+STUDENTS = ["rslad", "absld", "mtard", "bmtard"]
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -167,6 +167,7 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = lr
         loader.set_epoch(epoch)
+        method.on_epoch_start(progress)
         student.train()
         loss_sum = torch.zeros((), device=device)
         started = time.perf_counter()

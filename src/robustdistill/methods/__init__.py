@@ -1,7 +1,8 @@
 """Training methods: one small object per method, with its loss and its adaptive state.
 
-The training loop only ever calls, per batch, `loss, stats = method.loss(x, y)`, then the hooks
-`on_step_end(progress)` and, per epoch, `on_epoch_end(progress)`; it saves `state_dict()` with
+The training loop only ever calls `on_epoch_start(progress)`, then per batch
+`loss, stats = method.loss(x, y)` and `on_step_end(progress)`, then `on_epoch_end(progress)`;
+it saves `state_dict()` with
 every checkpoint and logs `log_state()` to metrics.jsonl. A method never touches the loop and
 the loop never knows which method runs.
 
@@ -67,6 +68,8 @@ class Method:
         self.options = options
         self.ctx = ctx
         self.student = ctx.student
+        self.device = next(ctx.student_module.parameters()).device
+        self.progress = Progress()
 
     def attack(self, loss: Loss, start: Optional[Start] = None) -> PGD:
         """The training-time inner maximisation on the bare student, from the config's settings."""
@@ -76,6 +79,9 @@ class Method:
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         raise NotImplementedError
+
+    def on_epoch_start(self, progress: Progress) -> None:
+        self.progress = progress
 
     def on_step_end(self, progress: Progress) -> None:
         pass
@@ -98,6 +104,6 @@ def create_method(options: MethodOptions, ctx: Context) -> Method:
     return METHODS.get(options.name)(options, ctx)
 
 
-from . import natural, pgd_at, rslad, trades  # noqa: E402,F401  (register the methods)
+from . import absld, mtard, natural, pgd_at, rslad, trades  # noqa: E402,F401  (register the methods)
 
 __all__ = ["METHODS", "Context", "Method", "Progress", "create_method"]
