@@ -104,3 +104,32 @@ def test_missing_and_corrupt_files(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         load_model(tmp_path / "junk.safetensors")
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, keys",
+    [
+        ("wrn34_10", {}, ["conv1.weight", "block1.layer.0.bn1.weight", "block1.layer.0.convShortcut.weight",
+                          "block3.layer.4.conv2.weight", "bn1.running_mean", "fc.weight"]),
+        ("resnet18", {}, ["conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "layer2.0.shortcut.0.weight",
+                          "layer2.0.shortcut.1.running_var", "linear.bias"]),
+        ("preact_resnet18", {}, ["layer1.0.bn1.weight", "layer2.0.shortcut.0.weight", "bn.weight", "linear.weight"]),
+        ("resnet56", {}, ["conv1.weight", "bn1.weight", "layer3.8.conv2.weight", "linear.weight"]),
+        ("mobilenet_v2", {}, ["conv1.weight", "layers.0.conv3.weight", "layers.0.shortcut.0.weight", "conv2.weight", "bn2.weight", "linear.weight"]),
+    ],
+)
+def test_state_dict_names_match_the_reference_code(name, kwargs, keys):
+    """Checkpoints of TRADES / RobustBench (WRN) and of the CIFAR code the papers use load as they are."""
+    state = create_model(ModelSpec(name, 10, 3, kwargs)).net.state_dict()
+    missing = [k for k in keys if k not in state]
+    assert not missing
+
+
+def test_a_trades_checkpoint_with_its_unused_sub_block_loads(tmp_path):
+    spec = ModelSpec("wrn34_10", 10, 3, {"depth": 10, "widen_factor": 1, "sub_block1": True})
+    reference = create_model(spec).net.state_dict()
+    assert any(k.startswith("sub_block1.") for k in reference)
+    torch.save(reference, tmp_path / "model_cifar_wrn.pt")
+    model, _ = load_model(tmp_path / "model_cifar_wrn.pt", spec)
+    with pytest.raises(CheckpointError, match=r"unexpected keys: net\.sub_block1.*sub_block1: true"):
+        load_model(tmp_path / "model_cifar_wrn.pt", ModelSpec("wrn34_10", 10, 3, {"depth": 10, "widen_factor": 1}))

@@ -112,6 +112,8 @@ def load_into(model: Classifier, state: dict[str, torch.Tensor], path: str | Pat
             parts.append(f"missing keys: {', '.join(missing[:3])}")
         if unexpected:
             parts.append(f"unexpected keys: {', '.join(unexpected[:3])}")
+            if any(".sub_block1." in k for k in unexpected):
+                parts.append("a TRADES WideResNet checkpoint: set the model's kwargs sub_block1: true")
         raise CheckpointError(f"{path} does not fit the model ({' | '.join(parts)})")
     model.load_state_dict(state)
 

@@ -4,6 +4,7 @@
     robustdistill train CONFIG [key=value ...]           one run into runs/<name>/
     robustdistill train CONFIG --print-config            show the resolved config, train nothing
     robustdistill eval RUN_OR_CHECKPOINT [--attacks clean,pgd20] [--subset N]
+    robustdistill plot RUN                               temperature / weight trajectories to PNG
     robustdistill list [models|methods|datasets|attacks]
 
 A mistake in the input (bad key, unknown name, missing file, existing run folder) is reported
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -48,6 +50,8 @@ def _cmd_train(args) -> int:
     from .train import train
 
     run_dir = train(cfg, force=args.force, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for the run
+        return 0
     from .report import attack_table, read_report
 
     print(f"run folder: {run_dir}")
@@ -112,6 +116,17 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_plot(args) -> int:
+    from .plots import plot_run
+
+    written = plot_run(args.run, args.out)
+    if not written:
+        print(f"nothing to plot in {args.run}")
+    for path in written:
+        print(path)
+    return 0
+
+
 def _cmd_list(args) -> int:
     from .data import DATASETS
     from .evaluate import ATTACKS
@@ -160,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an earlier demo in --out")
     p.add_argument("--epochs", type=int, help="epochs per run (default: the recipes', 30)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("plot", help="draw a run's temperature / loss-weight trajectories and class-wise accuracy")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--out", help="folder for the PNGs (default: RUN/plots)")
+    p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("list", help="list registered models, methods, datasets, attacks")
     p.add_argument("kind", nargs="?", choices=["models", "methods", "datasets", "attacks"])

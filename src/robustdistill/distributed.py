@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError
+from .errors import ConfigError, TrainingError
 
 
 @dataclass
@@ -68,12 +68,14 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def broadcast_object(obj, src: int = 0):
+def check_ranks_agree(value, what: str) -> None:
+    """Adaptive state must be identical on every rank; a divergence is a bug, never silent."""
     if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+        return
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    if any(v != values[0] for v in values[1:]):
+        raise TrainingError(f"{what} differs between DDP ranks: {values}")
 
 
 def barrier() -> None:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_model, load_torch, save_model, save_torch
 from .config import Config, TeacherConfig
 from .data import Augment, BatchLoader, Dataset, load_dataset
-from .distributed import DistInfo, barrier, init_distributed, resolve_device
+from .distributed import DistInfo, barrier, check_ranks_agree, init_distributed, resolve_device
 from .errors import CheckpointError, ConfigError, TrainingError
 from .evaluate import EvalSettings, evaluate, needed_attacks, selection_score
 from .methods import METHODS, Context, Progress, create_method
@@ -104,8 +104,9 @@ def _autocast(cfg: Config, device: torch.device):
 def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
     """Train `cfg` into `cfg.out_dir/cfg.name`; returns the run folder."""
     run_dir = Path(cfg.out_dir) / (cfg.name or "run")
-    _preflight(cfg, run_dir, force, resume)
     dist_info = init_distributed(cfg.train.device)
+    _preflight(cfg, run_dir, force, resume)
+    barrier()  # every rank has checked the folder before rank 0 creates it
     device = resolve_device(cfg.train.device, dist_info)
     if dist_info.is_main:
         create_run_dir(run_dir, force, resume)
@@ -190,6 +191,7 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
             if progress.step % cfg.train.log_every == 0:
                 metrics.write(type="step", epoch=epoch + 1, step=progress.step, lr=lr, loss=loss, **stats, **method.log_state())
         method.on_epoch_end(progress)
+        check_ranks_agree(method.log_state(), f"the {cfg.method.name} state after epoch {epoch + 1}")
         seconds = time.perf_counter() - started
         record: dict[str, Any] = {
             "type": "epoch",
@@ -240,6 +242,7 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
     final_report(cfg, run_dir, dataset, dist_info, selection={
         "metric": select_metric, "split": cfg.train.select_on, "best_epoch": best_epoch, "best_score": best_score,
     })
+    barrier()  # no rank returns before rank 0 has written the report
     return run_dir
 
 

@@ -2,6 +2,8 @@
 and the thin ResNet-56 of He et al. (three stages of 16/32/64 channels, parameter-free
 "option A" shortcuts), which B-MTARD uses as its clean teacher.
 
+Module names follow the CIFAR code the distillation papers build on (`conv1`, `bn1`,
+`layer1..4`, `shortcut`, `linear`; PreAct's final norm is `bn`), so their checkpoints load.
 Global average pooling is adaptive, so the same networks also run on small inputs (digits).
 """
 
@@ -38,7 +40,7 @@ class PreActBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.shortcut = None
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False))
 
     def forward(self, x):
         out = F.relu(self.bn1(x))
@@ -53,25 +55,27 @@ class ResNet(nn.Module):
         super().__init__()
         self.preact = preact
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
-        cin, stages = width, []
+        if not preact:
+            self.bn1 = nn.BatchNorm2d(width)
+        cin = width
         for i, n in enumerate(num_blocks):
             cout = width * 2**i
             blocks = []
             for j in range(n):
                 blocks.append(block(cin, cout, (1 if i == 0 else 2) if j == 0 else 1))
                 cin = cout
-            stages.append(nn.Sequential(*blocks))
-        self.layers = nn.Sequential(*stages)
-        self.bn1 = nn.BatchNorm2d(cin if preact else width)  # before the head (PreAct) or after the stem
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        if preact:
+            self.bn = nn.BatchNorm2d(cin)
         self.linear = nn.Linear(cin, num_classes)
 
     def forward(self, x):
         out = self.conv1(x)
         if not self.preact:
             out = F.relu(self.bn1(out))
-        out = self.layers(out)
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         if self.preact:
-            out = F.relu(self.bn1(out))
+            out = F.relu(self.bn(out))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.linear(out)
 
@@ -114,17 +118,19 @@ class ThinResNet(nn.Module):
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        blocks, cin = [], width
+        cin = width
         for i in range(3):
             cout = width * 2**i
+            blocks = []
             for j in range(n):
                 blocks.append(_ThinBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
                 cin = cout
-        self.layers = nn.Sequential(*blocks)
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.linear = nn.Linear(cin, num_classes)
 
     def forward(self, x):
-        out = self.layers(F.relu(self.bn1(self.conv1(x))))
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
         return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 
 

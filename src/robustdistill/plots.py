@@ -1,0 +1,107 @@
+"""Plots of a run (matplotlib, PNG): adaptive-state trajectories and class-wise accuracy.
+
+- `temperatures.png` (ABSLD): every class's tau_adv and tau_nat over epochs;
+- `balance.png` (MTARD/B-MTARD): the two temperatures and the two loss weights over steps;
+- `classwise.png`: class-wise accuracy under each attack of the run's report.
+Plots are derived from metrics.jsonl and report.json, so redrawing them loses nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .runs import read_metrics
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("plotting needs matplotlib: pip install 'robustdistill[plot]'") from None
+    return plt
+
+
+def plot_temperatures(records: list[dict[str, Any]], path: Path) -> bool:
+    epochs = [r for r in records if r.get("type") == "epoch" and isinstance(r.get("temperature_adv"), list)]
+    if not epochs:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    x = [r["epoch"] for r in epochs]
+    for ax, key, title in zip(axes, ("temperature_adv", "temperature_nat"), ("adversarial target", "natural target")):
+        for c in range(len(epochs[0][key])):
+            ax.plot(x, [r[key][c] for r in epochs], label=f"class {c}")
+        ax.set(title=f"tau ({title})", xlabel="epoch")
+    axes[0].set_ylabel("temperature")
+    axes[1].legend(fontsize=7, ncol=2 if len(epochs[0]["temperature_adv"]) > 10 else 1, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_balance(records: list[dict[str, Any]], path: Path) -> bool:
+    steps = [r for r in records if r.get("type") == "step" and isinstance(r.get("weight_adv"), (int, float))]
+    if not steps:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    x = [r["step"] for r in steps]
+    for key, label in (("temperature_adv", "tau_adv (robust teacher)"), ("temperature_nat", "tau_nat (clean teacher)")):
+        axes[0].plot(x, [r[key] for r in steps], label=label)
+    for key, label in (("weight_adv", "w_adv"), ("weight_nat", "w_nat")):
+        axes[1].plot(x, [r[key] for r in steps], label=label)
+    axes[0].set(title="teacher temperatures (EBB)", xlabel="step")
+    axes[1].set(title="loss weights (NLB)", xlabel="step")
+    for ax in axes:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_classwise(report: dict[str, Any], path: Path) -> bool:
+    attacks = report.get("attacks", {})
+    if not attacks:
+        return False
+    plt = _pyplot()
+    count = len(next(iter(attacks.values()))["class_accuracy"])
+    names = report.get("data", {}).get("class_names") or [str(c) for c in range(count)]
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * count * len(attacks)), 4))
+    width = 0.8 / len(attacks)
+    for i, (name, m) in enumerate(attacks.items()):
+        values = [100 * (a or 0.0) for a in m["class_accuracy"]]
+        ax.bar([c + i * width for c in range(count)], values, width, label=f"{name} (avg {100 * m['accuracy']:.1f})")
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(count)], names[:count], rotation=45 if count > 12 else 0)
+    ax.set(ylabel="accuracy %", title="class-wise accuracy", ylim=(0, 100))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Draw every plot the run's records allow; returns the PNG paths written."""
+    import json
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise UserError(f"{run_dir} is not a run folder (no metrics.jsonl)")
+    out = Path(out_dir) if out_dir else run_dir / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    records = read_metrics(run_dir)
+    written = []
+    if plot_temperatures(records, out / "temperatures.png"):
+        written.append(out / "temperatures.png")
+    if plot_balance(records, out / "balance.png"):
+        written.append(out / "balance.png")
+    if (run_dir / "report.json").is_file() and plot_classwise(json.loads((run_dir / "report.json").read_text()), out / "classwise.png"):
+        written.append(out / "classwise.png")
+    return written

@@ -1,0 +1,66 @@
+"""The seed methods inside real (tiny) runs: logged adaptive state, resume, plots."""
+
+import pytest
+import torch
+
+from robustdistill.cli import main
+from robustdistill.runs import read_metrics
+from robustdistill.train import train
+
+from conftest import digits_config
+
+
+def _student(tmp_path, trained_runs, which, **overrides):
+    teachers = {"teachers.robust.path": str(trained_runs["trades"]), "teachers.clean.path": str(trained_runs["natural"])}
+    if which in ("absld", "rslad"):
+        teachers.pop("teachers.clean.path")
+    settings = dict(train__epochs=3, attack__steps=2, train__milestones="[2]", train__log_every=2)
+    return digits_config(tmp_path, which, **teachers, **(settings | overrides))
+
+
+def test_absld_logs_classwise_temperatures_that_move(tmp_path, trained_runs):
+    run = train(_student(tmp_path, trained_runs, "absld"))
+    epochs = [r for r in read_metrics(run) if r["type"] == "epoch"]
+    assert all(len(r["temperature_adv"]) == 10 and len(r["temperature_nat"]) == 10 for r in epochs)
+    assert epochs[-1]["temperature_adv"] != [1.0] * 10
+    assert all(0.5 <= t <= 5.0 for r in epochs for t in r["temperature_adv"] + r["temperature_nat"])
+    # epoch 1 moves by at most r = 0.1, epoch 3 (after the milestone at epoch 2) by at most 0.01
+    first = max(abs(t - 1.0) for t in epochs[0]["temperature_adv"])
+    last = max(abs(a - b) for a, b in zip(epochs[2]["temperature_adv"], epochs[1]["temperature_adv"]))
+    assert first == pytest.approx(0.1, abs=1e-6) and last == pytest.approx(0.01, abs=1e-6)
+    assert "val_robust_plus_worst" in epochs[-1]
+
+
+def test_bmtard_logs_temperatures_and_weights_per_step(tmp_path, trained_runs):
+    run = train(_student(tmp_path, trained_runs, "bmtard"))
+    steps = [r for r in read_metrics(run) if r["type"] == "step"]
+    assert steps and all(isinstance(r["temperature_adv"], float) for r in steps)
+    assert all(r["weight_adv"] + r["weight_nat"] == pytest.approx(1.0) for r in steps)
+    assert any(r["weight_adv"] != 0.5 for r in steps) and any(r["temperature_nat"] != 1.0 for r in steps)
+    assert "val_w_robust" in read_metrics(run)[-1]
+
+
+@pytest.mark.parametrize("which", ["absld", "bmtard"])
+def test_adaptive_state_is_checkpointed_and_restored_on_resume(tmp_path, trained_runs, which):
+    straight = train(_student(tmp_path, trained_runs, which, name="straight", train__epochs=2))
+    cfg = _student(tmp_path, trained_runs, which, name="resumed", train__epochs=1)
+    run = train(cfg)
+    cfg.train.epochs = 2
+    train(cfg, resume=True)
+    a = torch.load(straight / "checkpoints" / "train_state.pt", weights_only=True)["method"]
+    b = torch.load(run / "checkpoints" / "train_state.pt", weights_only=True)["method"]
+    flat = lambda s: {f"{k}.{j}": v for k, d in s.items() for j, v in d.items()}  # noqa: E731
+    assert flat(a).keys() == flat(b).keys()
+    for key, value in flat(a).items():
+        assert torch.allclose(value, flat(b)[key], atol=1e-5), key
+
+
+def test_plot_command_draws_the_trajectories(tmp_path, trained_runs, capsys):
+    absld = train(_student(tmp_path, trained_runs, "absld", train__epochs=2))
+    bmtard = train(_student(tmp_path, trained_runs, "bmtard", train__epochs=2))
+    assert main(["plot", str(absld)]) == 0 and main(["plot", str(bmtard)]) == 0
+    out = capsys.readouterr().out
+    assert "temperatures.png" in out and "balance.png" in out
+    for png in [absld / "plots" / "temperatures.png", bmtard / "plots" / "balance.png", absld / "plots" / "classwise.png"]:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert main(["plot", str(tmp_path)]) == 2
