@@ -3,7 +3,8 @@
     robustdistill demo                                   the tour on the embedded digits
     robustdistill train CONFIG [key=value ...]           one run into runs/<name>/
     robustdistill train CONFIG --print-config            show the resolved config, train nothing
-    robustdistill eval RUN_OR_CHECKPOINT [--attacks clean,pgd20] [--subset N]
+    robustdistill eval RUN_OR_CHECKPOINT [--attacks clean,pgd20,autoattack_fast] [--subset N] [--strict]
+    robustdistill report RUN1 RUN2 ...                   comparison table + robustness-fairness scatter
     robustdistill plot RUN                               temperature / weight trajectories to PNG
     robustdistill list [models|methods|datasets|attacks]
 
@@ -21,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .config import parse_float, load_config
+from .config import load_config, parse_float
 from .errors import UserError
 
 log = logging.getLogger("robustdistill")
@@ -59,14 +60,21 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _eval_out_dir(target: Path, out: Optional[str]) -> Path:
+def _eval_out_dir(target: str, out: Optional[str]) -> Path:
+    """A new report folder; an existing --out is taken only to resume an unfinished evaluation."""
     if out is not None:
         path = Path(out)
-        if path.exists() and any(path.iterdir()):
-            raise UserError(f"{path} already exists; choose another --out")
+        if (path / "report.json").exists():
+            raise UserError(f"{path} already holds a report; choose another --out")
         return path
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = target / f"eval-{stamp}" if target.is_dir() else target.parent / f"{target.stem}-eval-{stamp}"
+    where = Path(target)
+    if where.is_dir():
+        base = where / f"eval-{stamp}"
+    elif where.is_file():
+        base = where.parent / f"{where.stem}-eval-{stamp}"
+    else:  # robustbench:<name>
+        base = Path("evals") / f"{target.split(':', 1)[-1].replace('@', '-')}-eval-{stamp}"
     path, k = base, 1
     while path.exists():
         k += 1
@@ -74,36 +82,83 @@ def _eval_out_dir(target: Path, out: Optional[str]) -> Path:
     return path
 
 
+def _warn_failed_checks(report: dict) -> list:
+    from .checks import failed
+
+    bad = failed(report.get("checks", []))
+    for c in bad:
+        print(f"WARNING: sanity check {c['id']} ({c['name']}) FAILED: {c['message']}; numbers: {c['numbers']}", file=sys.stderr)
+    return bad
+
+
 def _cmd_eval(args) -> int:
     from .evaluate import evaluate_path
+    from .plots import plot_classwise
     from .report import attack_table, to_markdown, write_report
 
-    target = Path(args.target)
-    out_dir = _eval_out_dir(target, args.out)
-    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()] if args.attacks else None
-    report = evaluate_path(
-        args.target,
-        which=args.checkpoint,
-        split=args.split,
-        attacks=attacks,
-        eps=parse_float(args.eps, "--eps") if args.eps is not None else None,
-        step_size=parse_float(args.step_size, "--step-size") if args.step_size is not None else None,
-        steps=args.steps,
-        subset=args.subset,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        data=args.data,
-        data_root=args.data_root,
-        model=args.model,
-        device=args.device,
-    )
+    out_dir = _eval_out_dir(args.target, args.out)
+    if (out_dir / "autoattack_state.json").exists() or (out_dir / "autoattack_fast_state.json").exists():
+        log.info("resuming the AutoAttack state in %s", out_dir)
+    overrides = {
+        "attacks": [a.strip() for a in args.attacks.split(",") if a.strip()] if args.attacks else None,
+        "eps": parse_float(args.eps, "--eps") if args.eps is not None else None,
+        "step_size": parse_float(args.step_size, "--step-size") if args.step_size is not None else None,
+        "pgd_steps": args.steps,
+        "restarts": args.restarts,
+        "square_queries": args.square_queries,
+        "surrogate": args.surrogate,
+        "subset": args.subset,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "checks": False if args.no_checks else None,
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_report(out_dir, report, title=f"Evaluation of {target}")
-    print(to_markdown(report, title=f"Evaluation of {target}") if args.verbose else attack_table(report))
+    report = evaluate_path(args.target, overrides, which=args.checkpoint, split=args.split, data=args.data,
+                           data_root=args.data_root, model=args.model, device=args.device, model_dir=args.model_dir,
+                           state_dir=out_dir)
+    title = f"Evaluation of {args.target}"
+    write_report(out_dir, report, title=title)
+    _try_plot(lambda: plot_classwise(report, out_dir / "classwise.png"))
+    print(to_markdown(report, title=title) if args.verbose else attack_table(report))
     if "w_robust" in report:
         w = report["w_robust"]
         print(f"W-Robust Acc {100 * w['value']:.2f} %  ({w['definition']})")
+    checks = report.get("checks", [])
+    if checks:
+        print("sanity checks: " + ", ".join(f"{c['id']} {c['name']} {c['status']}" for c in checks))
     print(f"report: {out_dir / 'report.json'}")
+    bad = _warn_failed_checks(report)
+    return 1 if bad and args.strict else 0
+
+
+def _try_plot(draw) -> None:
+    """Plots are a bonus where matplotlib is installed (the `plot` extra)."""
+    try:
+        draw()
+    except UserError as exc:
+        log.info("%s", exc)
+
+
+def _cmd_report(args) -> int:
+    from .plots import plot_scatter
+    from .report import comparison_table, read_report
+
+    named = []
+    for item in args.runs:
+        path = Path(item)
+        report_path = path / "report.json" if path.is_dir() else path
+        if not report_path.is_file():
+            raise UserError(f"{item} has no report.json (is it a finished run or an eval folder?)")
+        named.append((path.name if path.is_dir() else path.parent.name, read_report(report_path)))
+    out = Path(args.out) if args.out else Path("reports") / f"compare-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    if (out / "comparison.md").exists():
+        raise UserError(f"{out} already holds a comparison; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    table = comparison_table(named, args.attack)
+    (out / "comparison.md").write_text(f"# Comparison ({args.attack})\n\n{table}\n")
+    _try_plot(lambda: plot_scatter(named, out / "scatter.png", args.attack))
+    print(table)
+    print(f"\ncomparison: {out}/")
     return 0
 
 
@@ -152,23 +207,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run folder given instead of a config")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a run folder or a checkpoint file")
-    p.add_argument("target", help="run folder or checkpoint (.safetensors, or .pt/.pth state dict)")
+    p = sub.add_parser("eval", help="evaluate a run folder, a checkpoint file or robustbench:<Name>")
+    p.add_argument("target", help="run folder, checkpoint (.safetensors, or .pt/.pth state dict), or robustbench:<Name>[@<threat>]")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of a run folder")
     p.add_argument("--split", choices=["test", "val", "train"], default="test")
-    p.add_argument("--attacks", help="comma-separated attack names (default: the run's eval.attacks)")
+    p.add_argument("--attacks", help="comma-separated: clean,fgsm,pgd20,cw,autoattack,autoattack_fast,square,transfer")
     p.add_argument("--eps", help="L-inf budget, e.g. 8/255 (default: the run's)")
     p.add_argument("--step-size", help="PGD step (default eps/4)")
     p.add_argument("--steps", type=int, help="PGD steps (default 20)")
+    p.add_argument("--restarts", type=int, help="random restarts of PGD, CW and transfer (default 1)")
+    p.add_argument("--square-queries", type=int, help="query budget of the Square attack (default 5000)")
+    p.add_argument("--surrogate", help="the transfer attack's source model (run folder or checkpoint; default: the run's robust teacher)")
     p.add_argument("--subset", type=int, help="evaluate on the first N images only")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-checks", action="store_true", help="skip the sanity checks")
+    p.add_argument("--strict", action="store_true", help="exit with code 1 if a sanity check fails")
     p.add_argument("--data", help="dataset name (for checkpoints that do not record it)")
     p.add_argument("--data-root", help="dataset folder (overrides the recorded one)")
     p.add_argument("--model", help="architecture name (for foreign state dicts)")
+    p.add_argument("--model-dir", help="RobustBench's local model directory (default: models)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="report folder (default: a new eval-<time> folder beside the checkpoint)")
+    p.add_argument("--out", help="report folder (default: a new eval-<time> folder); an unfinished one resumes AutoAttack")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("report", help="compare finished runs: one table and a robustness-fairness scatter")
+    p.add_argument("runs", nargs="+", help="run folders, eval folders or report.json files")
+    p.add_argument("--attack", default="pgd20", help="the robust attack to compare on (default pgd20)")
+    p.add_argument("--out", help="folder for comparison.md and scatter.png (default: reports/compare-<time>)")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("demo", help="teachers, students and a comparison on the embedded digits")
     p.add_argument("--out", default="runs/demo", help="folder for the demo runs")

@@ -113,13 +113,19 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """The evaluation run at the end of training and by `robustdistill eval`."""
+    """The evaluation run at the end of training and by `robustdistill eval` (spec/evaluation.md)."""
 
     attacks: list[str] = field(default_factory=lambda: ["clean", "pgd20"])
     eps: Optional[float] = None  # None: the training attack's eps
     step_size: Optional[float] = None  # None: eps / 4 (2/255 at 8/255)
     pgd_steps: int = 20
     cw_steps: int = 30
+    restarts: int = 1  # random restarts of PGD / CW / transfer; a sample must survive all of them
+    square_queries: int = 5000
+    surrogate: Optional[str] = None  # transfer attack source (run folder or checkpoint); None: the robust teacher
+    checks: bool = True  # run the sanity checks of spec/evaluation.md
+    checks_subset: int = 500  # images the extra check attacks use
+    large_eps: float = 1.0  # the budget of the large-eps check
     batch_size: int = 256
     subset: Optional[int] = None  # evaluate on the first N test images
     seed: int = 0
@@ -129,9 +135,14 @@ class EvalConfig:
 
         for name in self.attacks:
             ATTACKS.get(name)
-        _check(self.pgd_steps >= 1, "eval.pgd_steps", "must be >= 1")
+        _check(len(set(self.attacks)) == len(self.attacks), "eval.attacks", "lists an attack twice")
+        _check(self.pgd_steps >= 1 and self.cw_steps >= 1, "eval.pgd_steps", "and eval.cw_steps must be >= 1")
+        _check(self.restarts >= 1, "eval.restarts", "must be >= 1")
+        _check(self.square_queries >= 1, "eval.square_queries", "must be >= 1")
+        _check(self.checks_subset >= 1, "eval.checks_subset", "must be >= 1")
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
         _check(self.eps is None or self.eps >= 0, "eval.eps", "must be >= 0")
+        _check(self.subset is None or self.subset >= 1, "eval.subset", "must be >= 1")
 
 
 @dataclass
@@ -142,9 +153,10 @@ class TeacherConfig:
     (`.pt`/`.pth`, read with weights_only=True) or a foreign safetensors file needs `model`.
     """
 
-    path: str = ""
+    path: str = ""  # run folder, checkpoint file, or robustbench:<Name>[@<threat>]
     checkpoint: Literal["best", "last"] = "best"  # which checkpoint of a run folder
     model: Optional[ModelConfig] = None
+    model_dir: Optional[str] = None  # RobustBench's local model directory (default: models)
 
     def validate(self, key: str) -> None:
         _check(bool(self.path), f"{key}.path", "is required")

@@ -1,14 +1,24 @@
-"""Evaluation: accuracy under each attack of a suite, with class-wise metrics.
+"""Evaluation (spec/evaluation.md): an attack suite, class-wise metrics, sanity checks.
 
-`evaluate(model, split, attacks, settings, num_classes)` returns, per attack, the accuracy,
-the class-wise accuracies, the worst and best class, and NSD (std / mean of the class-wise
-accuracies, lower is fairer), plus W-Robust Acc = (clean + robust) / 2 with its definition.
-The model is evaluated in eval mode; BatchNorm statistics never move; attacks see inputs in
-[0, 1]. Under DDP every rank evaluates its shard and the class counts are all-reduced.
+    summary = evaluate(model, split, ["clean", "pgd20", "autoattack_fast"], EvalSettings(eps=8/255), num_classes=10)
+
+Attacks, by name (all L-infinity, all clip to the eps-ball and [0, 1], all see the model in eval mode):
+    clean, fgsm, pgd20 (PGD with `pgd_steps` steps, uniform start), cw (PGD on the CW margin),
+    autoattack (AutoAttack "standard": APGD-CE, APGD-T, FAB-T, Square, from the `pyautoattack`
+    package), autoattack_fast (APGD-CE + APGD-T), square (the black-box Square attack alone),
+    transfer (PGD examples crafted on a surrogate model, e.g. a teacher, fed to the evaluated model).
+
+Per attack: accuracy, class-wise accuracy, worst/best class, NSD = std / mean of the class-wise
+accuracies; W-Robust Acc = (clean + pgd20) / 2; and `robust_to_all`, the per-sample worst case
+over every attack run (a sample counts only if it survives all of them). The sanity checks of the
+spec run with every evaluation (`checks.py`); a failed check is reported, never hidden.
+Under DDP each rank evaluates its shard and the class counts are all-reduced.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -18,9 +28,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .attacks import FGSM, PGD
-from .checkpoint import load_model, read_model_meta
+from .checkpoint import atomic_write, load_model, read_model_meta
 from .config import DataConfig, EvalConfig, build, load_config
-from .data import BatchLoader, Split, load_dataset
+from .data import Split, load_dataset
 from .distributed import DistInfo, all_reduce_sum, resolve_device
 from .errors import UserError
 from .models import ModelSpec
@@ -28,10 +38,10 @@ from .registry import Registry
 from .report import build_report
 from .runs import model_checkpoint
 
-# name -> builder(model, settings, generator) -> attack callable (x, y) -> x_adv, or None for clean
-ATTACKS: Registry[Callable[..., Optional[Callable]]] = Registry("attack")
 SELECTION_METRICS = ("clean", "robust", "robust_plus_worst", "w_robust")
 ROBUST_ATTACK = "pgd20"  # the attack behind "robust accuracy" in selection and W-Robust Acc
+WHITE_BOX = ("fgsm", "pgd20", "cw", "autoattack", "autoattack_fast")
+BLACK_BOX = ("square", "transfer")
 
 
 @dataclass
@@ -40,42 +50,185 @@ class EvalSettings:
     step_size: float
     pgd_steps: int = 20
     cw_steps: int = 30
+    restarts: int = 1
+    square_queries: int = 5000
     batch_size: int = 256
     seed: int = 0
+    checks: bool = False
+    checks_subset: int = 500
+    large_eps: float = 1.0
 
     @classmethod
-    def from_config(cls, eval_cfg, attack_cfg) -> "EvalSettings":
-        eps = eval_cfg.eps if eval_cfg.eps is not None else attack_cfg.eps
+    def from_config(cls, eval_cfg: EvalConfig, default_eps: float) -> "EvalSettings":
+        eps = eval_cfg.eps if eval_cfg.eps is not None else default_eps
         step = eval_cfg.step_size if eval_cfg.step_size is not None else eps / 4
-        return cls(eps, step, eval_cfg.pgd_steps, eval_cfg.cw_steps, eval_cfg.batch_size, eval_cfg.seed)
+        return cls(eps, step, eval_cfg.pgd_steps, eval_cfg.cw_steps, eval_cfg.restarts, eval_cfg.square_queries,
+                   eval_cfg.batch_size, eval_cfg.seed, eval_cfg.checks, eval_cfg.checks_subset, eval_cfg.large_eps)
 
     def describe(self, attack: str) -> dict[str, Any]:
+        pgd = {"eps": self.eps, "step_size": self.step_size, "start": "uniform", "restarts": self.restarts}
         return {
             "clean": {},
             "fgsm": {"eps": self.eps, "loss": "ce"},
-            "pgd20": {"eps": self.eps, "step_size": self.step_size, "steps": self.pgd_steps, "start": "uniform", "loss": "ce"},
-            "cw": {"eps": self.eps, "step_size": self.step_size, "steps": self.cw_steps, "start": "uniform", "loss": "cw"},
-        }.get(attack, {})
+            "pgd20": {**pgd, "steps": self.pgd_steps, "loss": "ce"},
+            "cw": {**pgd, "steps": self.cw_steps, "loss": "cw margin"},
+            "transfer": {**pgd, "steps": self.pgd_steps, "loss": "ce on the surrogate"},
+            "autoattack": {"eps": self.eps, "version": "standard", "package": "pyautoattack"},
+            "autoattack_fast": {"eps": self.eps, "attacks": ["apgd-ce", "apgd-t"], "package": "pyautoattack"},
+            "square": {"eps": self.eps, "queries": self.square_queries, "package": "pyautoattack"},
+        }[attack]
+
+
+@dataclass
+class AttackEnv:
+    """What an attack may need beyond the model and the data."""
+
+    settings: EvalSettings
+    surrogate: Optional[nn.Module] = None
+    state_dir: Optional[Path] = None  # AutoAttack's resumable state files live here
+    progress: bool = False
+    rank: int = 0
+
+
+# name -> fn(model, x, y, env) -> (x_adv, correct or None); x, y: the whole (shard of the) split
+ATTACKS: Registry[Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]] = Registry("attack")
+
+
+def _batches(n: int, size: int, desc: str, progress: bool):
+    return tqdm(range(0, n, size), desc=desc, leave=False, disable=None if progress else True)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([model(x[i : i + batch_size]).argmax(dim=1) for i in range(0, len(x), batch_size)]) if len(x) else x.new_zeros(0, dtype=torch.long)
+
+
+def run_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, env: AttackEnv, desc: str, *, eps: float, steps: int,
+            loss: str = "ce", start: str = "uniform", step_size: Optional[float] = None, source: Optional[nn.Module] = None,
+            restarts: Optional[int] = None) -> torch.Tensor:
+    """PGD crafted on `source` (default: the model), batched, with restarts judged on `model`:
+    each sample keeps the first restart's example that fools `model`."""
+    s = env.settings
+    generator = torch.Generator(device=x.device).manual_seed(s.seed)
+    step = s.step_size if step_size is None else step_size
+    attack = PGD(source or model, eps, step, steps, loss=loss, start=start, generator=generator)
+    out = torch.empty_like(x)
+    for i in _batches(len(x), s.batch_size, desc, env.progress):
+        xb, yb = x[i : i + s.batch_size], y[i : i + s.batch_size]
+        best, fooled = None, torch.zeros(len(yb), dtype=torch.bool, device=x.device)
+        for _ in range(restarts or s.restarts):
+            adv = attack(xb, yb)
+            with torch.no_grad():
+                wrong = model(adv).argmax(dim=1) != yb
+            best = adv if best is None else torch.where((wrong & ~fooled).view(-1, 1, 1, 1), adv, best)
+            fooled |= wrong
+        out[i : i + s.batch_size] = best
+    return out
 
 
 @ATTACKS.register("clean")
-def _clean(model, s: EvalSettings, g):
-    return None
+def _clean(model, x, y, env):
+    return x, None
 
 
 @ATTACKS.register("fgsm")
-def _fgsm(model, s: EvalSettings, g):
-    return FGSM(model, s.eps)
+def _fgsm(model, x, y, env):
+    s = env.settings
+    attack = FGSM(model, s.eps)
+    return torch.cat([attack(x[i : i + s.batch_size], y[i : i + s.batch_size]) for i in _batches(len(x), s.batch_size, "fgsm", env.progress)]), None
 
 
 @ATTACKS.register("pgd20")
-def _pgd(model, s: EvalSettings, g):
-    return PGD(model, s.eps, s.step_size, s.pgd_steps, loss="ce", start="uniform", generator=g)
+def _pgd(model, x, y, env):
+    return run_pgd(model, x, y, env, "pgd20", eps=env.settings.eps, steps=env.settings.pgd_steps), None
 
 
 @ATTACKS.register("cw")
-def _cw(model, s: EvalSettings, g):
-    return PGD(model, s.eps, s.step_size, s.cw_steps, loss="cw", start="uniform", generator=g)
+def _cw(model, x, y, env):
+    return run_pgd(model, x, y, env, "cw", eps=env.settings.eps, steps=env.settings.cw_steps, loss="cw"), None
+
+
+@ATTACKS.register("transfer")
+def _transfer(model, x, y, env):
+    if env.surrogate is None:
+        raise UserError("the transfer attack needs a surrogate model: eval.surrogate (or --surrogate) = a run folder or checkpoint")
+    return run_pgd(model, x, y, env, "transfer", eps=env.settings.eps, steps=env.settings.pgd_steps, source=env.surrogate), None
+
+
+def _autoattack(model, x, y, env, name: str, version: str):
+    """AutoAttack from `pyautoattack`, its sub-attacks run in AutoAttack's order and settings on the
+    points still robust, in chunks, with progress saved to `<state_dir>/<name>_state.json` after
+    each chunk: an interrupted evaluation resumes where it stopped. (pyautoattack 0.2.0's own state
+    file cannot be read back: it stores the attack set as a string, and its resume path leaves
+    `y_adv` undefined.) Adversarial examples found before a resume are not kept, only their verdict."""
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError:
+        raise UserError("AutoAttack needs the pyautoattack package: pip install pyautoattack") from None
+    s = env.settings
+    with torch.no_grad():
+        num_classes = model(x[:1]).shape[1]
+    adversary = AutoAttack(model, device=x.device, eps=s.eps, norm="Linf", seed=s.seed, version="standard")
+    adversary.apgd_targeted.n_target_classes = min(9, num_classes - 1)
+    adversary.fab.n_target_classes = min(9, num_classes - 1)
+    adversary.verbose = False
+    order = ["apgd-ce", "apgd-t"] if version == "fast" else list(adversary.attacks_to_run)
+    path = env.state_dir / f"{name}_state{'' if env.rank == 0 else f'_rank{env.rank}'}.json" if env.state_dir else None
+    key = {"attacks": order, "eps": s.eps, "n": len(x), "seed": s.seed}
+    state = {**key, "done": [], "chunk": 0, "robust": None}
+    if path is not None and path.exists():
+        state = json.loads(path.read_text())
+        if {k: state.get(k) for k in key} != key:
+            raise UserError(f"{path} belongs to a different AutoAttack evaluation ({ {k: state.get(k) for k in key} }); use another --out")
+    robust = (predict(model, x, s.batch_size) == y) if state["robust"] is None else torch.tensor(state["robust"], dtype=torch.bool, device=x.device)
+    x_adv = x.clone()
+    chunk = 4 * s.batch_size
+    for attack in order:
+        if attack in state["done"]:
+            continue
+        adversary.attacks_to_run = [attack]
+        candidates = torch.nonzero(robust).flatten()
+        chunks = range(state["chunk"], len(candidates), chunk)
+        for start in tqdm(chunks, desc=f"{name}:{attack}", leave=False, disable=None if env.progress else True):
+            idx = candidates[start : start + chunk]
+            adv, _ = adversary.run_standard_evaluation(x[idx], y[idx], batch_size=s.batch_size)
+            with torch.no_grad():
+                broken = predict(model, adv, s.batch_size) != y[idx]
+            x_adv[idx[broken]] = adv[broken]
+            robust[idx[broken]] = False
+            state.update(chunk=start + chunk, robust=robust.tolist())
+            _save_state(path, state)
+        state.update(done=state["done"] + [attack], chunk=0, robust=robust.tolist())
+        _save_state(path, state)
+    return x_adv, robust
+
+
+def _save_state(path: Optional[Path], state: dict[str, Any]) -> None:
+    if path is not None:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(state)))
+
+
+@ATTACKS.register("autoattack")
+def _aa_standard(model, x, y, env):
+    return _autoattack(model, x, y, env, "autoattack", "standard")
+
+
+@ATTACKS.register("autoattack_fast")
+def _aa_fast(model, x, y, env):
+    return _autoattack(model, x, y, env, "autoattack_fast", "fast")
+
+
+@ATTACKS.register("square")
+def _square(model, x, y, env):
+    try:
+        from pyautoattack.square import SquareAttack
+    except ImportError:
+        raise UserError("the Square attack needs the pyautoattack package: pip install pyautoattack") from None
+    s = env.settings
+    attack = SquareAttack(model, norm="Linf", n_queries=s.square_queries, eps=s.eps, p_init=0.8, n_restarts=1,
+                          seed=s.seed, verbose=False, device=x.device, resc_schedule=False)
+    out = [attack.perturb(x[i : i + s.batch_size], y[i : i + s.batch_size]) for i in _batches(len(x), s.batch_size, "square", env.progress)]
+    return torch.cat(out), None
 
 
 def class_metrics(correct: torch.Tensor, total: torch.Tensor) -> dict[str, Any]:
@@ -96,29 +249,11 @@ def class_metrics(correct: torch.Tensor, total: torch.Tensor) -> dict[str, Any]:
     }
 
 
-@torch.no_grad()
-def attack_correct(
-    model: nn.Module,
-    split: Split,
-    attack: str,
-    settings: EvalSettings,
-    rank: int = 0,
-    world_size: int = 1,
-    progress: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample correctness (bool, this rank's shard, in order) and the labels of that shard."""
-    device = split.y.device
-    generator = torch.Generator(device=device).manual_seed(settings.seed + rank)  # seeded random starts
-    adversary = ATTACKS.get(attack)(model, settings, generator)
-    loader = BatchLoader(split, settings.batch_size * world_size, rank=rank, world_size=world_size)
-    outs, labels = [], []
-    for x, y in tqdm(loader, desc=attack, leave=False, disable=None if progress else True):
-        x_eval = adversary(x, y) if adversary is not None else x
-        outs.append(model(x_eval).argmax(dim=1) == y)
-        labels.append(y)
-    if not outs:
-        return torch.zeros(0, dtype=torch.bool, device=device), torch.zeros(0, dtype=torch.long, device=device)
-    return torch.cat(outs), torch.cat(labels)
+def reduced_metrics(correct: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, Any]:
+    """Class metrics of per-sample correctness, summed over DDP ranks."""
+    hits = torch.bincount(y[correct], minlength=num_classes).double()
+    total = torch.bincount(y, minlength=num_classes).double()
+    return class_metrics(all_reduce_sum(hits).cpu(), all_reduce_sum(total).cpu())
 
 
 def evaluate(
@@ -130,28 +265,43 @@ def evaluate(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = False,
+    surrogate: Optional[nn.Module] = None,
+    state_dir: Optional[Path] = None,
 ) -> dict[str, Any]:
-    """Evaluate `model` on `split` under each attack; class counts are summed over ranks."""
+    """Evaluate `model` on `split` under each attack (and the sanity checks if settings.checks)."""
+    from .checks import fingerprint, run_checks
+
+    before = fingerprint(model) if settings.checks else None
     was_training = model.training
     model.eval()
-    results: dict[str, Any] = {}
+    index = torch.arange(len(split), device=split.y.device)[rank::world_size]
+    x, y = split.images(index), split.y[index]
+    env = AttackEnv(settings, surrogate.eval() if surrogate is not None else None, state_dir, progress, rank)
+    correct: dict[str, torch.Tensor] = {}
+    bounds: dict[str, dict[str, float]] = {}
     try:
         for name in attacks:
-            correct, y = attack_correct(model, split, name, settings, rank, world_size, progress)
-            hits = torch.bincount(y[correct], minlength=num_classes).to(torch.float64)
-            total = torch.bincount(y, minlength=num_classes).to(torch.float64)
-            all_reduce_sum(hits)
-            all_reduce_sum(total)
-            results[name] = class_metrics(hits.cpu(), total.cpu())
+            x_adv, hit = ATTACKS.get(name)(model, x, y, env)
+            correct[name] = hit if hit is not None else predict(model, x_adv, settings.batch_size) == y
+            delta = (x_adv - x).abs().amax() if len(x) else x.new_zeros(())
+            bounds[name] = {"max_linf": float(delta), "min": float(x_adv.min()) if len(x) else 0.0,
+                            "max": float(x_adv.max()) if len(x) else 0.0}
+        summary: dict[str, Any] = {
+            "attacks": {name: reduced_metrics(c, y, num_classes) for name, c in correct.items()},
+            "settings": {n: settings.describe(n) for n in attacks} | {"common": asdict(settings)},
+        }
+        if len(attacks) > 1:
+            everything = torch.stack(list(correct.values())).all(dim=0)
+            summary["robust_to_all"] = {"attacks": list(attacks), **reduced_metrics(everything, y, num_classes)}
+        if "clean" in correct and ROBUST_ATTACK in correct:
+            summary["w_robust"] = {
+                "value": (summary["attacks"]["clean"]["accuracy"] + summary["attacks"][ROBUST_ATTACK]["accuracy"]) / 2,
+                "definition": f"(clean + {ROBUST_ATTACK}) / 2",
+            }
+        if settings.checks:
+            summary["checks"] = run_checks(model, x, y, correct, bounds, env, num_classes, before)
     finally:
         model.train(was_training)
-    summary: dict[str, Any] = {"attacks": results, "settings": {n: settings.describe(n) for n in attacks}}
-    summary["settings"]["common"] = asdict(settings)
-    if "clean" in results and ROBUST_ATTACK in results:
-        summary["w_robust"] = {
-            "value": (results["clean"]["accuracy"] + results[ROBUST_ATTACK]["accuracy"]) / 2,
-            "definition": f"(clean + {ROBUST_ATTACK}) / 2",
-        }
     return summary
 
 
@@ -177,68 +327,67 @@ def selection_score(summary: dict[str, Any], metric: str) -> float:
 
 def evaluate_path(
     target: str,
+    overrides: Optional[dict[str, Any]] = None,
     *,
     which: str = "best",
     split: str = "test",
-    attacks: Optional[list[str]] = None,
-    eps: Optional[float] = None,
-    step_size: Optional[float] = None,
-    steps: Optional[int] = None,
-    subset: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    seed: int = 0,
     data: Optional[str] = None,
     data_root: Optional[str] = None,
     model: Optional[str] = None,
     device: str = "auto",
+    model_dir: Optional[str] = None,
+    state_dir: Optional[Path] = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate a run folder or a checkpoint file; returns the report.json document.
+    """Evaluate a run folder, a checkpoint file or a RobustBench entry; returns the report.json document.
 
-    A run folder supplies its config (dataset, eps); a checkpoint written by this tool carries
-    them in its metadata; a foreign checkpoint needs `data` and `model` (and `eps`).
+    A run folder supplies its config (dataset, eps, eval settings); a checkpoint written by this
+    tool carries dataset and eps in its metadata; a foreign checkpoint needs `data`, `model` and
+    an eps in `overrides`. `overrides` are EvalConfig fields (attacks, eps, subset, ...).
     """
+    from .robustbench import is_robustbench, load_robustbench
+
+    eval_cfg, data_cfg, default_eps, teachers = EvalConfig(), None, None, {}
     path = Path(target)
-    ckpt = model_checkpoint(path, which)
-    eval_cfg = EvalConfig()
-    if path.is_dir():
-        cfg = load_config(path / "config.yaml")
-        data_cfg, eval_cfg, default_eps = cfg.data, cfg.eval, cfg.attack.eps
-    else:
-        meta = read_model_meta(ckpt) if ckpt.suffix == ".safetensors" else None
-        data_cfg = build(DataConfig, meta["data"], "data") if meta and "data" in meta else None
-        default_eps = meta.get("eps") if meta else None
-    if data is not None:
-        data_cfg = DataConfig(name=data) if data_cfg is None or data_cfg.name != data else data_cfg
+    if not is_robustbench(target):
+        ckpt = model_checkpoint(path, which)
+        if path.is_dir():
+            cfg = load_config(path / "config.yaml")
+            data_cfg, eval_cfg, default_eps, teachers = cfg.data, cfg.eval, cfg.attack.eps, cfg.teachers
+        else:
+            meta = read_model_meta(ckpt) if ckpt.suffix == ".safetensors" else None
+            data_cfg = build(DataConfig, meta["data"], "data") if meta and "data" in meta else None
+            default_eps = meta.get("eps") if meta else None
+    if data is not None and (data_cfg is None or data_cfg.name != data):
+        data_cfg = DataConfig(name=data)
     if data_cfg is None:
-        raise UserError(f"{ckpt} does not say which dataset it was trained on; pass --data NAME (and --data-root)")
+        raise UserError(f"{target} does not say which dataset it belongs to; pass --data NAME (and --data-root)")
     if data_root is not None:
         data_cfg.root = data_root
     data_cfg.validate()
-    eps = eps if eps is not None else (eval_cfg.eps if eval_cfg.eps is not None else default_eps)
-    if eps is None:
-        raise UserError("no eps known for this checkpoint; pass --eps (e.g. --eps 8/255)")
-    settings = EvalSettings(
-        eps=eps,
-        step_size=step_size if step_size is not None else (eval_cfg.step_size or eps / 4),
-        pgd_steps=steps if steps is not None else eval_cfg.pgd_steps,
-        cw_steps=eval_cfg.cw_steps,
-        batch_size=batch_size or eval_cfg.batch_size,
-        seed=seed,
-    )
-    attacks = attacks or eval_cfg.attacks
-    for name in attacks:
-        ATTACKS.get(name)
+    eval_cfg = dataclasses.replace(eval_cfg, **{k: v for k, v in (overrides or {}).items() if v is not None})
+    eval_cfg.validate()
+    if eval_cfg.eps is None and default_eps is None:
+        raise UserError("no eps known for this model; pass --eps (e.g. --eps 8/255)")
+    settings = EvalSettings.from_config(eval_cfg, default_eps)
     dev = resolve_device(device, DistInfo())
     dataset = load_dataset(data_cfg, dev)
-    spec = None
-    if model is not None:
-        spec = ModelSpec(model, dataset.num_classes, dataset.channels)
-    net, meta = load_model(ckpt, spec)
+    if is_robustbench(target):
+        net, spec, ckpt = load_robustbench(target, dataset, model_dir)
+    else:
+        spec = ModelSpec(model, dataset.num_classes, dataset.channels) if model is not None else None
+        net, meta = load_model(ckpt, spec)
+        spec = spec or ModelSpec(**meta["spec"])
     net = net.to(dev)
+    surrogate = None
+    if "transfer" in eval_cfg.attacks:
+        source = eval_cfg.surrogate or (teachers["robust"].path if "robust" in teachers else None)
+        if source is None:
+            raise UserError("the transfer attack needs a surrogate: pass --surrogate RUN_OR_CHECKPOINT")
+        surrogate = load_model(model_checkpoint(source, "best"))[0].to(dev)
     chosen = dataset.split(split)
-    if subset is not None:
-        chosen = chosen.take(slice(0, subset))
-    summary = evaluate(net, chosen, attacks, settings, dataset.num_classes, progress=progress)
-    spec = spec or ModelSpec(**meta["spec"])
-    return build_report(summary, spec, ckpt, dataset, split, len(chosen), seed)
+    if eval_cfg.subset is not None:
+        chosen = chosen.take(slice(0, eval_cfg.subset))
+    summary = evaluate(net, chosen, eval_cfg.attacks, settings, dataset.num_classes, progress=progress,
+                       surrogate=surrogate, state_dir=state_dir)
+    return build_report(summary, spec, ckpt, dataset, split, len(chosen), settings.seed)

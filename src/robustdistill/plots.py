@@ -87,6 +87,26 @@ def plot_classwise(report: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def plot_scatter(named_reports: list[tuple[str, dict[str, Any]]], path: Path, robust: str = "pgd20") -> bool:
+    """Robustness-fairness scatter: average vs worst-class robust accuracy, one point per run."""
+    points = [(n, r["attacks"][robust]) for n, r in named_reports if robust in r.get("attacks", {})]
+    if not points:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for name, m in points:
+        ax.scatter(100 * m["accuracy"], 100 * (m["worst_class_accuracy"] or 0.0))
+        ax.annotate(name, (100 * m["accuracy"], 100 * (m["worst_class_accuracy"] or 0.0)), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.set(xlabel=f"average {robust} accuracy %", ylabel=f"worst-class {robust} accuracy %",
+           title="robustness vs fairness (up and right is better)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Draw every plot the run's records allow; returns the PNG paths written."""
     import json

@@ -3,15 +3,20 @@
 report.json schema (version 1):
     schema_version: 1
     created: ISO-8601 UTC time
-    versions: {robustdistill, torch, python, numpy}
+    versions: {robustdistill, torch, numpy, python, pyautoattack}
     model: ModelSpec of the evaluated model;  checkpoint: path
     data: {name, split, num_samples, class_names}
     seed: int
-    settings: {common: {...}, <attack>: {eps, step_size, steps, start, loss}}
+    settings: {common: {eps, step_size, pgd_steps, cw_steps, restarts, square_queries, batch_size,
+               seed, checks, checks_subset, large_eps}, <attack>: {its own settings}}
     attacks: {<attack>: {accuracy, class_accuracy[C], worst_class_accuracy,
                          best_class_accuracy, nsd}}
-    w_robust: {value, definition}          (when clean and pgd20 both ran)
-Accuracies are fractions in [0, 1]; class_accuracy[c] is null for a class absent from the split.
+    robust_to_all: {attacks: [...], accuracy, class_accuracy, ...}   (two or more attacks run)
+    w_robust: {value, definition}                   (when clean and pgd20 both ran)
+    checks: [{id, name, status: passed|failed|skipped, numbers: {...}, message}]   (sanity checks 1-7)
+    selection: {metric, split, best_epoch, best_score}   (reports written by training only)
+Accuracies are fractions in [0, 1]; class_accuracy[c] is null for a class absent from the split;
+nsd is null when the mean class accuracy is 0.
 """
 
 from __future__ import annotations
@@ -47,7 +52,14 @@ def versions() -> dict[str, str]:
 
     from . import __version__
 
-    return {"robustdistill": __version__, "torch": torch.__version__, "numpy": numpy.__version__, "python": platform.python_version()}
+    try:
+        from importlib.metadata import version
+
+        autoattack = version("pyautoattack")
+    except Exception:  # noqa: BLE001 - not installed
+        autoattack = None
+    return {"robustdistill": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version(), "pyautoattack": autoattack}
 
 
 def now() -> str:
@@ -69,12 +81,25 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def attack_table(report: dict[str, Any]) -> str:
-    """One row per attack: accuracy, worst and best class, NSD (percentages)."""
+    """One row per attack (and the per-sample worst case): accuracy, worst and best class, NSD."""
+    rows = dict(report["attacks"])
+    if "robust_to_all" in report:
+        rows["robust to all"] = report["robust_to_all"]
     rows = [
         [name, _pct(m["accuracy"]), _pct(m["worst_class_accuracy"]), _pct(m["best_class_accuracy"]), _nsd(m["nsd"])]
-        for name, m in report["attacks"].items()
+        for name, m in rows.items()
     ]
     return markdown_table(["attack", "acc %", "worst class %", "best class %", "NSD"], rows)
+
+
+def checks_table(report: dict[str, Any]) -> str:
+    def numbers(c):
+        return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in c["numbers"].items()
+                         if not isinstance(v, (dict, str)))
+
+    rows = [[str(c["id"]), c["name"], c["status"].upper() if c["status"] == "failed" else c["status"], numbers(c)]
+            for c in report.get("checks", [])]
+    return markdown_table(["#", "check", "status", "numbers"], rows)
 
 
 def class_table(report: dict[str, Any]) -> str:
@@ -113,6 +138,12 @@ def to_markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
     if "w_robust" in report:
         w = report["w_robust"]
         parts += [f"W-Robust Acc: {_pct(w['value'])} % (definition: {w['definition']})", ""]
+    if report.get("robust_to_all"):
+        parts += [f"robust to all: a sample counts only if it survives every attack ({', '.join(report['robust_to_all']['attacks'])}).", ""]
+    if report.get("checks"):
+        parts += ["## Sanity checks", "", checks_table(report), ""]
+        parts += [f"- **FAILED {c['id']} {c['name']}**: {c['message']}" for c in report["checks"] if c["status"] == "failed"]
+        parts += [""]
     parts += ["## Class-wise accuracy", "", class_table(report), ""]
     return "\n".join(parts)
 

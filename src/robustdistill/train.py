@@ -15,6 +15,7 @@ Under DDP the global batch is split over the ranks and only rank 0 writes files.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -35,6 +36,7 @@ from .evaluate import EvalSettings, evaluate, needed_attacks, selection_score
 from .methods import METHODS, Context, Progress, create_method
 from .models import Classifier, ModelSpec, create_model
 from .report import build_report, write_report
+from .robustbench import is_robustbench, load_robustbench, zoo_path
 from .runs import CHECKPOINTS, MetricsLog, check_run_dir, create_run_dir, model_checkpoint
 
 log = logging.getLogger("robustdistill")
@@ -58,10 +60,14 @@ def model_spec(model_cfg, dataset: Dataset) -> ModelSpec:
 
 
 def load_teacher(role: str, tcfg: TeacherConfig, dataset: Dataset, device: torch.device) -> Classifier:
-    """A teacher from a run folder or a checkpoint file, frozen, in eval mode, on `device`."""
-    path = model_checkpoint(tcfg.path, tcfg.checkpoint)
-    spec = model_spec(tcfg.model, dataset) if tcfg.model is not None else None
-    model, _ = load_model(path, spec)
+    """A teacher from a run folder, a checkpoint file or a local RobustBench entry, frozen, in
+    eval mode, on `device`."""
+    if is_robustbench(tcfg.path):
+        model, _, path = load_robustbench(tcfg.path, dataset, tcfg.model_dir)
+    else:
+        path = model_checkpoint(tcfg.path, tcfg.checkpoint)
+        spec = model_spec(tcfg.model, dataset) if tcfg.model is not None else None
+        model, _ = load_model(path, spec)
     model = model.to(device).eval().requires_grad_(False)
     probe = dataset.val if len(dataset.val) else dataset.train
     try:
@@ -87,9 +93,15 @@ def _preflight(cfg: Config, run_dir: Path, force: bool, resume: bool) -> None:
             )
     for role, tcfg in cfg.teachers.items():
         try:
-            model_checkpoint(tcfg.path, tcfg.checkpoint)
+            if is_robustbench(tcfg.path):
+                if not zoo_path(tcfg.path, cfg.data.name, tcfg.model_dir).is_file():
+                    raise CheckpointError(f"no RobustBench checkpoint at {zoo_path(tcfg.path, cfg.data.name, tcfg.model_dir)}")
+            else:
+                model_checkpoint(tcfg.path, tcfg.checkpoint)
         except CheckpointError as exc:
             raise CheckpointError(f"teacher '{role}' (teachers.{role}.path): {exc}") from None
+    if "transfer" in cfg.eval.attacks and cfg.eval.surrogate is None and "robust" not in cfg.teachers:
+        raise ConfigError("eval.attacks has transfer: set eval.surrogate to a run folder or checkpoint (no robust teacher to use)")
     if cfg.train.select_on == "val" and cfg.data.val_fraction <= 0:
         raise ConfigError("train.select_on=val needs data.val_fraction > 0 (a validation split)")
     check_run_dir(run_dir, force, resume)
@@ -157,7 +169,7 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
     select_split = dataset.split(cfg.train.select_on)
     if cfg.train.eval_subset is not None:
         select_split = select_split.take(slice(0, cfg.train.eval_subset))
-    settings = EvalSettings.from_config(cfg.eval, cfg.attack)
+    settings = dataclasses.replace(EvalSettings.from_config(cfg.eval, cfg.attack.eps), checks=False)
     show = dist_info.is_main
     meta = {"data": cfg.to_dict()["data"], "eps": cfg.attack.eps, "method": cfg.method.name, "run": str(run_dir)}
 
@@ -241,21 +253,29 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
 
     final_report(cfg, run_dir, dataset, dist_info, selection={
         "metric": select_metric, "split": cfg.train.select_on, "best_epoch": best_epoch, "best_score": best_score,
-    })
+    }, teachers=teachers)
     barrier()  # no rank returns before rank 0 has written the report
     return run_dir
 
 
-def final_report(cfg: Config, run_dir: Path, dataset: Dataset, dist_info: DistInfo, selection: dict[str, Any]) -> Optional[dict]:
-    """Evaluate the best checkpoint on the test split with `cfg.eval`; write report.json/.md."""
+def final_report(cfg: Config, run_dir: Path, dataset: Dataset, dist_info: DistInfo, selection: dict[str, Any],
+                 teachers: dict[str, nn.Module]) -> Optional[dict]:
+    """Evaluate the best checkpoint on the test split with `cfg.eval` (and its sanity checks);
+    write report.json/.md. The transfer attack's surrogate defaults to the robust teacher."""
     ckpt = run_dir / CHECKPOINTS / "best.safetensors"
-    model, _ = load_model(ckpt)
+    model, meta = load_model(ckpt)
     model = model.to(dataset.test.y.device)
     test = dataset.test if cfg.eval.subset is None else dataset.test.take(slice(0, cfg.eval.subset))
-    settings = EvalSettings.from_config(cfg.eval, cfg.attack)
+    settings = EvalSettings.from_config(cfg.eval, cfg.attack.eps)
+    surrogate = None
+    if "transfer" in cfg.eval.attacks:
+        if cfg.eval.surrogate is not None:
+            surrogate = load_model(model_checkpoint(cfg.eval.surrogate))[0].to(dataset.test.y.device)
+        else:
+            surrogate = teachers.get("robust")
     summary = evaluate(model, test, cfg.eval.attacks, settings, dataset.num_classes, dist_info.rank,
-                       dist_info.world_size, progress=dist_info.is_main)
-    report = build_report(summary, model_spec(cfg.model, dataset), ckpt, dataset, "test", len(test), cfg.eval.seed)
+                       dist_info.world_size, progress=dist_info.is_main, surrogate=surrogate, state_dir=run_dir)
+    report = build_report(summary, ModelSpec(**meta["spec"]), ckpt, dataset, "test", len(test), settings.seed)
     report["selection"] = selection
     if dist_info.is_main:
         write_report(run_dir, report, title=f"{run_dir.name}: {cfg.method.name} on {dataset.name}")

@@ -1,0 +1,115 @@
+"""The sanity checks of spec/evaluation.md, run with every evaluation.
+
+Each check returns {"id", "name", "status": passed | failed | skipped, "numbers", "message"}.
+A failed check is a warning in the report and on the terminal (`--strict` makes it an error):
+it says the numbers may overestimate robustness, typically through gradient masking.
+
+1 eps_zero      PGD with eps = 0 gives exactly the clean accuracy
+2 monotone      accuracy does not increase with eps (eps/2 vs eps) or with steps (steps/4 vs steps)
+3 large_eps     PGD from x (no random start) with eps = large_eps drives accuracy to chance or below
+4 worst_case    the per-sample worst case is below every attack; AutoAttack is not above PGD-20
+5 black_box     black-box attacks (square, transfer) are not stronger than the white-box ones
+6 perturbation  every adversarial example lies in the eps-ball and in [0, 1]
+7 unchanged     parameters and BatchNorm buffers are bit-identical before and after
+Comparisons allow sampling noise of one sample or 0.5 %, whichever is larger.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .distributed import all_reduce_sum
+
+
+def fingerprint(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _accuracy(correct: torch.Tensor) -> tuple[float, int]:
+    counts = all_reduce_sum(torch.tensor([float(correct.sum()), float(len(correct))], device=correct.device, dtype=torch.float64))
+    return (counts[0] / counts[1].clamp_min(1)).item(), int(counts[1].item())
+
+
+def _result(id_: int, name: str, passed: Optional[bool], numbers: dict[str, Any], message: str) -> dict[str, Any]:
+    status = "skipped" if passed is None else ("passed" if passed else "failed")
+    return {"id": id_, "name": name, "status": status, "numbers": numbers, "message": message}
+
+
+def run_checks(model, x, y, correct: dict[str, torch.Tensor], bounds: dict[str, dict[str, float]], env, num_classes: int,
+               before: Optional[str]) -> list[dict[str, Any]]:
+    from .evaluate import BLACK_BOX, ROBUST_ATTACK, WHITE_BOX, predict, run_pgd
+
+    s = env.settings
+    n = min(len(x), s.checks_subset)
+    xs, ys = x[:n], y[:n]
+    _, total = _accuracy(torch.ones(n, dtype=torch.bool, device=y.device))
+    tol = max(1.0 / max(total, 1), 0.005)
+
+    def acc_of(x_adv) -> float:
+        return _accuracy(predict(model, x_adv, s.batch_size) == ys)[0]
+
+    def pgd(eps: float, steps: int, start: str = "uniform") -> float:
+        return acc_of(run_pgd(model, xs, ys, env, "checks", eps=eps, steps=steps, start=start, step_size=eps / 4 if eps != s.eps else None, restarts=1))
+
+    checks = []
+    clean = _accuracy(correct["clean"][:n])[0] if "clean" in correct else acc_of(xs)
+    zero = pgd(0.0, s.pgd_steps)
+    checks.append(_result(1, "eps_zero", zero == clean, {"clean": clean, "pgd_eps0": zero},
+                          "PGD at eps = 0 must equal clean accuracy"))
+
+    full = _accuracy(correct[ROBUST_ATTACK][:n])[0] if ROBUST_ATTACK in correct and s.restarts == 1 else pgd(s.eps, s.pgd_steps)
+    half = pgd(s.eps / 2, s.pgd_steps)
+    few_steps = max(1, s.pgd_steps // 4)
+    few = pgd(s.eps, few_steps)
+    ok = half + tol >= full and few + tol >= full
+    checks.append(_result(2, "monotone", ok, {"eps/2": half, "eps": full, f"steps={few_steps}": few, f"steps={s.pgd_steps}": full},
+                          "accuracy must not increase with eps or with the number of steps"))
+
+    chance = 1.0 / num_classes
+    large = acc_of(run_pgd(model, xs, ys, env, "checks", eps=s.large_eps, steps=s.pgd_steps, start="none",
+                           step_size=s.large_eps / 4, restarts=1))
+    checks.append(_result(3, "large_eps", large <= chance + tol, {"eps": s.large_eps, "accuracy": large, "chance": chance},
+                          "an unbounded white-box attack must reach chance accuracy or below; otherwise suspect gradient masking"))
+
+    if len(correct) > 1:
+        accs = {k: _accuracy(v)[0] for k, v in correct.items()}
+        worst = _accuracy(torch.stack(list(correct.values())).all(dim=0))[0]
+        ok = all(worst <= a for a in accs.values())
+        aa = {k: accs[k] for k in ("autoattack", "autoattack_fast") if k in accs}
+        if aa and ROBUST_ATTACK in accs:
+            ok = ok and all(a <= accs[ROBUST_ATTACK] + tol for a in aa.values())
+        checks.append(_result(4, "worst_case", ok, {"robust_to_all": worst, **accs},
+                              "the per-sample worst case must be below every attack, and AutoAttack not above PGD-20"))
+    else:
+        checks.append(_result(4, "worst_case", None, {}, "needs at least two attacks"))
+
+    white = {k: _accuracy(correct[k])[0] for k in WHITE_BOX if k in correct}
+    black = {k: _accuracy(correct[k])[0] for k in BLACK_BOX if k in correct}
+    if white and black:
+        strongest = min(white.values())
+        ok = all(a + tol >= strongest for a in black.values())
+        checks.append(_result(5, "black_box", ok, {**{f"white:{k}": v for k, v in white.items()}, **{f"black:{k}": v for k, v in black.items()}},
+                              "a black-box attack stronger than every white-box one points to gradient masking"))
+    else:
+        checks.append(_result(5, "black_box", None, {}, "needs a white-box and a black-box attack (square or transfer)"))
+
+    bad = {k: b for k, b in bounds.items() if b["max_linf"] > s.eps + 1e-6 or b["min"] < 0.0 or b["max"] > 1.0}
+    checks.append(_result(6, "perturbation", not bad, {k: b for k, b in bounds.items()},
+                          "every adversarial example must lie in the eps-ball and in [0, 1]" + (f"; violated by {', '.join(bad)}" if bad else "")))
+
+    after = fingerprint(model) if before is not None else None
+    checks.append(_result(7, "unchanged", None if before is None else before == after, {"before": before, "after": after},
+                          "parameters and buffers must be bit-identical before and after the evaluation"))
+    return checks
+
+
+def failed(checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [c for c in checks if c["status"] == "failed"]

@@ -1,0 +1,72 @@
+"""RobustBench model-zoo entries, read from a local model directory (nothing is downloaded).
+
+A model is named `robustbench:<Name>` (threat model Linf) or `robustbench:<Name>@<threat>`, and
+its file is where RobustBench itself keeps it: `<model_dir>/<dataset>/<threat>/<Name>.pt`
+(`model_dir` defaults to `models`, RobustBench's default). With the optional `robustbench`
+package installed, its own architectures are used; without it, the entries of `ZOO` below are
+built from this tool's registry (their state dicts use the same module names).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from torch import nn
+
+from .checkpoint import load_into, read_state_dict
+from .errors import CheckpointError
+from .models import ModelSpec, create_model
+
+PREFIX = "robustbench:"
+
+# (dataset, threat model, name) -> (registry model, kwargs); none of these normalise inside the model
+ZOO: dict[tuple[str, str, str], tuple[str, dict[str, Any]]] = {
+    ("cifar10", "Linf", "Standard"): ("wrn34_10", {"depth": 28, "widen_factor": 10}),
+    ("cifar10", "Linf", "Zhang2019Theoretically"): ("wrn34_10", {"depth": 34, "widen_factor": 10, "sub_block1": True}),
+    ("cifar10", "Linf", "Carmon2019Unlabeled"): ("wrn34_10", {"depth": 28, "widen_factor": 10}),
+}
+
+
+def is_robustbench(target: str) -> bool:
+    return str(target).startswith(PREFIX)
+
+
+def parse(target: str) -> tuple[str, str]:
+    name, _, threat = target[len(PREFIX):].partition("@")
+    return name, threat or "Linf"
+
+
+def zoo_path(target: str, dataset: str, model_dir: Optional[str] = None) -> Path:
+    name, threat = parse(target)
+    return Path(model_dir or "models") / dataset / threat / f"{name}.pt"
+
+
+def load_robustbench(target: str, dataset, model_dir: Optional[str] = None) -> tuple[nn.Module, ModelSpec, Path]:
+    """(model, spec, file) of a zoo entry for `dataset` (a loaded `Dataset`)."""
+    name, threat = parse(target)
+    path = zoo_path(target, dataset.name, model_dir)
+    if not path.is_file():
+        raise CheckpointError(
+            f"RobustBench model {name} ({dataset.name}, {threat}) is not at {path}; put the checkpoint "
+            "there (RobustBench's layout <model_dir>/<dataset>/<threat>/<name>.pt) or pass --model-dir"
+        )
+    try:
+        from robustbench.utils import load_model as rb_load_model  # optional extra
+    except ImportError:
+        rb_load_model = None
+    if rb_load_model is not None:
+        model = rb_load_model(model_name=name, model_dir=str(Path(model_dir or "models")), dataset=dataset.name, threat_model=threat)
+        return model, ModelSpec(f"{PREFIX}{name}", dataset.num_classes, dataset.channels), path
+    key = (dataset.name, threat, name)
+    if key not in ZOO:
+        known = ", ".join(n for d, t, n in ZOO if d == dataset.name and t == threat) or "none"
+        raise CheckpointError(
+            f"RobustBench entry {name} ({dataset.name}, {threat}) needs the robustbench package "
+            f"(pip install 'robustdistill[robustbench]'); built in without it: {known}"
+        )
+    arch, kwargs = ZOO[key]
+    spec = ModelSpec(arch, dataset.num_classes, dataset.channels, dict(kwargs))
+    model = create_model(spec)
+    load_into(model, read_state_dict(path), path)
+    return model, spec, path

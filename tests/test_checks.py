@@ -1,0 +1,168 @@
+"""The evaluation protocol: the full attack suite, sanity checks that pass on a sound model and
+catch a gradient-masked one, AutoAttack resume, comparison reports, RobustBench offline."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from robustdistill.checkpoint import load_model
+from robustdistill.cli import main
+from robustdistill.evaluate import ATTACKS, AttackEnv, EvalSettings, evaluate
+
+
+def _status(summary):
+    return {c["name"]: c["status"] for c in summary["checks"]}
+
+
+@pytest.fixture()
+def robust_model(trained_runs):
+    return load_model(trained_runs["trades"] / "checkpoints" / "best.safetensors")[0].eval()
+
+
+def _settings(**kw):
+    return EvalSettings(**({"eps": 0.2, "step_size": 0.05, "square_queries": 300, "checks": True, "checks_subset": 150} | kw))
+
+
+def test_full_suite_and_checks_pass_on_a_sound_model(robust_model, natural_model, digits):
+    test = digits.test.take(slice(0, 150))
+    before = {k: v.clone() for k, v in robust_model.state_dict().items()}
+    attacks = ["clean", "fgsm", "pgd20", "cw", "autoattack_fast", "square", "transfer"]
+    out = evaluate(robust_model, test, attacks, _settings(), 10, surrogate=natural_model)
+    assert _status(out) == {name: "passed" for name in
+                            ["eps_zero", "monotone", "large_eps", "worst_case", "black_box", "perturbation", "unchanged"]}
+    acc = {k: v["accuracy"] for k, v in out["attacks"].items()}
+    assert out["robust_to_all"]["accuracy"] <= min(acc.values())
+    assert acc["autoattack_fast"] <= acc["pgd20"] < acc["clean"]
+    assert all(torch.equal(before[k], v) for k, v in robust_model.state_dict().items())
+    assert out["settings"]["square"]["queries"] == 300
+
+
+class Quantised(nn.Module):
+    """Gradient masking by construction: the input is rounded (zero gradient everywhere)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(torch.round(x * 4) / 4)
+
+
+def test_checks_catch_a_gradient_masked_model(natural_model, digits):
+    masked = Quantised(natural_model).eval()
+    test = digits.test.take(slice(0, 150))
+    out = evaluate(masked, test, ["clean", "pgd20", "square"], _settings(square_queries=500), 10)
+    status = _status(out)
+    assert status["large_eps"] == "failed"  # PGD cannot move the input: accuracy stays near clean
+    assert status["black_box"] == "failed"  # Square, which needs no gradient, breaks what PGD could not
+    assert out["attacks"]["square"]["accuracy"] < out["attacks"]["pgd20"]["accuracy"]
+
+
+def test_eps_zero_check_catches_a_randomised_model(natural_model, digits):
+    class Noisy(nn.Module):
+        def forward(self, x):
+            return natural_model(x) + 30 * torch.randn(len(x), 10)
+
+    out = evaluate(Noisy().eval(), digits.test.take(slice(0, 100)), ["clean", "pgd20"], _settings(), 10)
+    assert _status(out)["eps_zero"] == "failed"
+
+
+def test_perturbation_check_catches_an_attack_that_leaves_the_ball(natural_model, digits, monkeypatch):
+    monkeypatch.setitem(ATTACKS._items, "fgsm", lambda model, x, y, env: ((x + 2 * env.settings.eps).clamp(0, 1), None))
+    out = evaluate(natural_model, digits.test.take(slice(0, 50)), ["clean", "fgsm"], _settings(), 10)
+    assert _status(out)["perturbation"] == "failed"
+
+
+def test_unchanged_check_catches_a_model_that_changes(natural_model, digits, monkeypatch):
+    net = Quantised(natural_model)
+    net.register_buffer("calls", torch.zeros(()))
+    original = net.forward
+
+    def counting(x):
+        net.calls += 1  # a buffer that moves during evaluation
+        return original(x)
+
+    net.forward = counting
+    out = evaluate(net.eval(), digits.test.take(slice(0, 30)), ["clean"], _settings(), 10)
+    assert _status(out)["unchanged"] == "failed"
+
+
+def test_autoattack_resumes_after_an_interruption(robust_model, digits, tmp_path, monkeypatch):
+    from pyautoattack import AutoAttack
+
+    x, y = digits.test.images()[:60], digits.test.y[:60]
+    settings = EvalSettings(eps=0.2, step_size=0.05, batch_size=8)
+    _, straight = ATTACKS.get("autoattack_fast")(robust_model, x, y, AttackEnv(settings, state_dir=tmp_path / "a"))
+    (tmp_path / "b").mkdir()
+    calls, real = {"n": 0}, AutoAttack.run_standard_evaluation
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(AutoAttack, "run_standard_evaluation", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ATTACKS.get("autoattack_fast")(robust_model, x, y, AttackEnv(settings, state_dir=tmp_path / "b"))
+    state = json.loads((tmp_path / "b" / "autoattack_fast_state.json").read_text())
+    assert state["done"] == [] and state["chunk"] == 32  # one chunk of 4 batches was saved
+    monkeypatch.setattr(AutoAttack, "run_standard_evaluation", real)
+    _, resumed = ATTACKS.get("autoattack_fast")(robust_model, x, y, AttackEnv(settings, state_dir=tmp_path / "b"))
+    assert torch.equal(straight, resumed)
+
+
+def test_report_command_compares_runs(trained_runs, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["report", str(trained_runs["natural"]), str(trained_runs["trades"]), "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "natural" in table and "trades" in table and "worst-class pgd20" in table
+    assert (out / "comparison.md").is_file() and (out / "scatter.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["report", str(trained_runs["natural"]), "--out", str(out)]) == 2  # never over an old one
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_eval_strict_turns_failed_checks_into_an_exit_code(trained_runs, tmp_path, monkeypatch, capsys):
+    import robustdistill.evaluate as ev
+
+    real = ev.evaluate_path
+
+    def with_failure(*args, **kwargs):
+        report = real(*args, **kwargs)
+        report["checks"][2]["status"] = "failed"
+        return report
+
+    monkeypatch.setattr(ev, "evaluate_path", with_failure)
+    args = ["eval", str(trained_runs["natural"]), "--subset", "40", "--out"]
+    assert main(args + [str(tmp_path / "lenient")]) == 0
+    assert main(args + [str(tmp_path / "strict"), "--strict"]) == 1
+    assert "WARNING: sanity check 3 (large_eps) FAILED" in capsys.readouterr().err
+    report = json.loads((tmp_path / "strict" / "report.json").read_text())
+    assert [c["id"] for c in report["checks"]] == [1, 2, 3, 4, 5, 6, 7]
+    assert (tmp_path / "strict" / "classwise.png").is_file() and "FAILED 3 large_eps" in (tmp_path / "strict" / "report.md").read_text()
+
+
+def test_robustbench_entry_loads_offline_from_the_local_model_dir(tmp_path):
+    from robustdistill.config import DataConfig
+    from robustdistill.data import load_dataset
+    from robustdistill.errors import CheckpointError
+    from robustdistill.models import ModelSpec, create_model
+    from robustdistill.robustbench import load_robustbench
+    from test_data import _fake_cifar10
+
+    _fake_cifar10(tmp_path / "data", n=10)
+    dataset = load_dataset(DataConfig(name="cifar10", root=str(tmp_path / "data"), val_fraction=0.1))
+    with pytest.raises(CheckpointError, match=r"models/cifar10/Linf/Standard\.pt"):
+        load_robustbench("robustbench:Standard", dataset, str(tmp_path / "models"))
+    reference = create_model(ModelSpec("wrn34_10", 10, 3, {"depth": 28, "widen_factor": 10}))
+    target = tmp_path / "models" / "cifar10" / "Linf" / "Standard.pt"
+    target.parent.mkdir(parents=True)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in reference.net.state_dict().items()}}, target)
+    model, spec, path = load_robustbench("robustbench:Standard", dataset, str(tmp_path / "models"))
+    x = dataset.test.images()[:2]
+    assert torch.equal(model.eval()(x), reference.eval()(x)) and spec.kwargs["depth"] == 28 and path == target
+    with pytest.raises(CheckpointError, match="needs the robustbench package"):
+        (tmp_path / "models" / "cifar10" / "Linf" / "Unknown2099.pt").write_bytes(b"")
+        load_robustbench("robustbench:Unknown2099", dataset, str(tmp_path / "models"))
