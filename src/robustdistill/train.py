@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from .checks import failed
 from .checkpoint import load_model, load_torch, save_model, save_torch
 from .config import Config, TeacherConfig
 from .data import Augment, BatchLoader, Dataset, load_dataset
@@ -279,4 +280,6 @@ def final_report(cfg: Config, run_dir: Path, dataset: Dataset, dist_info: DistIn
     report["selection"] = selection
     if dist_info.is_main:
         write_report(run_dir, report, title=f"{run_dir.name}: {cfg.method.name} on {dataset.name}")
+        for check in failed(report.get("checks", [])):
+            log.warning("WARNING: sanity check %d (%s) FAILED for %s: %s", check["id"], check["name"], run_dir, check["message"])
     return report

@@ -1,0 +1,43 @@
+"""Time the full evaluation suite on a digits model on this machine's CPU (target: under a minute).
+
+    python benchmarks/eval_suite_digits.py RUN_FOLDER        # e.g. runs/demo/trades after `robustdistill demo`
+
+Runs clean, fgsm, pgd20, cw, autoattack_fast, square (5000 queries) and transfer (from the run's
+robust teacher, or the run itself when it has none) on the whole digits test split, then the
+sanity checks, and prints the seconds of each attack and the total.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from robustdistill.checkpoint import load_model
+from robustdistill.config import load_config
+from robustdistill.data import load_dataset
+from robustdistill.evaluate import ATTACKS, AttackEnv, EvalSettings, predict
+from robustdistill.runs import model_checkpoint
+
+
+def main(run: str) -> None:
+    cfg = load_config(f"{run}/config.yaml")
+    dataset = load_dataset(cfg.data)
+    model = load_model(model_checkpoint(run))[0].eval()
+    teacher = cfg.teachers.get("robust")
+    surrogate = load_model(model_checkpoint(teacher.path))[0].eval() if teacher else model
+    env = AttackEnv(EvalSettings(eps=cfg.attack.eps, step_size=cfg.attack.eps / 4), surrogate=surrogate)
+    x, y = dataset.test.images(), dataset.test.y
+    total = time.perf_counter()
+    print(f"{len(y)} test images, eps {cfg.attack.eps}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name in ["clean", "fgsm", "pgd20", "cw", "autoattack_fast", "square", "transfer"]:
+        start = time.perf_counter()
+        x_adv, hit = ATTACKS.get(name)(model, x, y, env)
+        acc = (hit if hit is not None else predict(model, x_adv, 256) == y).float().mean().item()
+        print(f"{name:16s} {100 * acc:6.2f} %  {time.perf_counter() - start:6.1f} s")
+    print(f"total            {time.perf_counter() - total:6.1f} s (the sanity checks add a few PGD runs on top)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "runs/demo/trades")
