@@ -94,6 +94,17 @@ def test_teacher_with_wrong_class_count_is_refused(tmp_path):
     cfg = digits_config(tmp_path, "rslad", train__epochs=1, **{"teachers.robust.path": str(tmp_path / "t7.safetensors")})
     with pytest.raises(UserError, match="has 7 outputs but digits has 10 classes"):
         train(cfg)
+    assert not (tmp_path / "runs").exists()  # refused before the run folder was written
+
+
+def test_errors_found_while_loading_write_no_run_folder(tmp_path):
+    cfg = digits_config(tmp_path, "natural", train__batch_size=100000)
+    with pytest.raises(UserError, match="larger than the training split"):
+        train(cfg)
+    cfg = digits_config(tmp_path, "natural", data__name="cifar10", **{"data.root": str(tmp_path)})
+    with pytest.raises(UserError, match="cifar-10-batches-py"):
+        train(cfg)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path):

@@ -119,13 +119,8 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
     run_dir = Path(cfg.out_dir) / (cfg.name or "run")
     dist_info = init_distributed(cfg.train.device)
     _preflight(cfg, run_dir, force, resume)
-    barrier()  # every rank has checked the folder before rank 0 creates it
+    barrier()  # every rank has checked the folder before rank 0 may create it
     device = resolve_device(cfg.train.device, dist_info)
-    if dist_info.is_main:
-        create_run_dir(run_dir, force, resume)
-        if not resume:
-            (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    barrier()
     torch.manual_seed(cfg.seed * 1000 + dist_info.rank)
 
     dataset = load_dataset(cfg.data, device)
@@ -165,6 +160,12 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
     )
     if len(loader) == 0:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the training split ({len(dataset.train)} images)")
+    # Everything that can fail on the user's input has run: only now is the run folder written.
+    if dist_info.is_main:
+        create_run_dir(run_dir, force, resume)
+        if not resume:
+            (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    barrier()
     metrics = MetricsLog(run_dir / "metrics.jsonl" if dist_info.is_main else None)
     select_metric = cfg.train.select_metric or method.selection_metric
     select_split = dataset.split(cfg.train.select_on)

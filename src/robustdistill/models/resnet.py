@@ -15,15 +15,20 @@ from . import MODELS
 
 
 class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers and a residual; the shortcut is a 1x1 conv-BN where the shape changes."""
+
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
+        self.shortcut = self.make_shortcut(cin, cout, stride)
+
+    def make_shortcut(self, cin: int, cout: int, stride: int) -> nn.Module:
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        return nn.Sequential()
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -90,24 +95,23 @@ def preact_resnet18(num_classes: int = 10, in_channels: int = 3, width: int = 64
     return ResNet(PreActBlock, [2, 2, 2, 2], num_classes, in_channels, width, preact=True)
 
 
-class _ThinBlock(nn.Module):
-    """He et al.'s CIFAR block; the shortcut subsamples and zero-pads channels (option A)."""
+class _OptionAShortcut(nn.Module):
+    """He et al.'s parameter-free CIFAR shortcut: subsample, then zero-pad the new channels."""
 
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, stride: int, pad: int):
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.stride, self.pad = stride, cout - cin
+        self.stride, self.pad = stride, pad
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        shortcut = x[:, :, :: self.stride, :: self.stride]
-        if self.pad:
-            shortcut = F.pad(shortcut, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
-        return F.relu(out + shortcut)
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2)) if self.pad else x
+
+
+class _ThinBlock(BasicBlock):
+    """The CIFAR ResNet-56 block: a BasicBlock with the parameter-free option-A shortcut."""
+
+    def make_shortcut(self, cin: int, cout: int, stride: int) -> nn.Module:
+        return _OptionAShortcut(stride, cout - cin)
 
 
 class ThinResNet(nn.Module):
