@@ -39,3 +39,31 @@ def test_torchrun_two_ranks(tmp_path, trained_runs, digits, which):
     assert report["attacks"]["clean"] == single["attacks"]["clean"]
     # the loop all-gathers the adaptive state every epoch and stops if ranks disagree; it moved:
     assert epochs[-1]["temperature_adv"] != ([1.0] * 10 if which == "absld" else 1.0) or epochs[-1]["weight_adv"] != 0.5
+
+
+
+def _any_rank_worker(rank, port, results):
+    import torch.distributed as dist
+
+    from robustdistill.distributed import any_rank
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        results[rank] = (any_rank(rank == 0, "cpu"), any_rank(False, "cpu"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_any_rank_tells_every_rank_when_one_sees_a_problem():
+    """The loop's non-finite-loss guard: a NaN on one rank stops all ranks, none waits forever."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_any_rank_worker, args=(port, results), nprocs=2, join=True)
+    assert dict(results) == {0: (True, False), 1: (True, False)}

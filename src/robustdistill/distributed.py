@@ -68,6 +68,15 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank if `flag` is true on any rank, so all ranks stop together."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def check_ranks_agree(value, what: str) -> None:
     """Adaptive state must be identical on every rank; a divergence is a bug, never silent."""
     if not is_distributed():

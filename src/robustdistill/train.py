@@ -31,7 +31,7 @@ from .checks import failed
 from .checkpoint import load_model, load_torch, save_model, save_torch
 from .config import Config, TeacherConfig
 from .data import Augment, BatchLoader, Dataset, load_dataset
-from .distributed import DistInfo, barrier, check_ranks_agree, init_distributed, resolve_device
+from .distributed import DistInfo, any_rank, barrier, check_ranks_agree, init_distributed, resolve_device
 from .errors import CheckpointError, ConfigError, TrainingError
 from .evaluate import EvalSettings, evaluate, needed_attacks, selection_score
 from .methods import METHODS, Context, Progress, create_method
@@ -191,9 +191,9 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
             x = x.contiguous(memory_format=memory_format)
             with _autocast(cfg, device):
                 loss, stats = method.loss(x, y)
-            if not torch.isfinite(loss):
+            if any_rank(not torch.isfinite(loss).item(), device):  # every rank stops, none waits forever
                 raise TrainingError(
-                    f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {progress.step + 1}; "
+                    f"non-finite loss at epoch {epoch + 1}, step {progress.step + 1}; "
                     f"the last good checkpoint is in {run_dir / CHECKPOINTS} (try a lower train.lr)"
                 )
             optimizer.zero_grad(set_to_none=True)
