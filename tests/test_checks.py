@@ -166,3 +166,21 @@ def test_robustbench_entry_loads_offline_from_the_local_model_dir(tmp_path):
     with pytest.raises(CheckpointError, match="needs the robustbench package"):
         (tmp_path / "models" / "cifar10" / "Linf" / "Unknown2099.pt").write_bytes(b"")
         load_robustbench("robustbench:Unknown2099", dataset, str(tmp_path / "models"))
+
+
+def test_transfer_surrogate_is_the_runs_teacher_even_a_foreign_state_dict(trained_runs, tmp_path):
+    """Training and `eval` resolve the surrogate through the same teacher loader, so a teacher
+    given as a plain state dict plus its architecture works in both."""
+    from robustdistill.evaluate import evaluate_path
+    from robustdistill.train import train
+    from conftest import digits_config
+
+    teacher, _ = load_model(trained_runs["trades"] / "checkpoints" / "best.safetensors")
+    torch.save(teacher.net.state_dict(), tmp_path / "foreign_teacher.pt")
+    cfg = digits_config(tmp_path, "rslad", train__epochs=1, attack__steps=2, eval__attacks="[clean,transfer]",
+                        eval__subset=40, eval__checks="false", **{"teachers.robust.path": str(tmp_path / "foreign_teacher.pt"),
+                                                                  "teachers.robust.model": "{name: small_cnn, kwargs: {width: 32}}"})
+    run = train(cfg)
+    assert "transfer" in json.loads((run / "report.json").read_text())["attacks"]
+    report = evaluate_path(str(run), {"subset": 40, "checks": False}, progress=False)
+    assert report["attacks"]["transfer"]["accuracy"] >= 0.0 and report["data"]["num_samples"] == 40

@@ -36,7 +36,9 @@ from .errors import UserError
 from .models import ModelSpec
 from .registry import Registry
 from .report import build_report
+from .robustbench import is_robustbench, load_robustbench
 from .runs import model_checkpoint
+from .teachers import load_surrogate
 
 SELECTION_METRICS = ("clean", "robust", "robust_plus_worst", "w_robust")
 ROBUST_ATTACK = "pgd20"  # the attack behind "robust accuracy" in selection and W-Robust Acc
@@ -346,8 +348,6 @@ def evaluate_path(
     tool carries dataset and eps in its metadata; a foreign checkpoint needs `data`, `model` and
     an eps in `overrides`. `overrides` are EvalConfig fields (attacks, eps, subset, ...).
     """
-    from .robustbench import is_robustbench, load_robustbench
-
     eval_cfg, data_cfg, default_eps, teachers = EvalConfig(), None, None, {}
     path = Path(target)
     if not is_robustbench(target):
@@ -380,12 +380,7 @@ def evaluate_path(
         net, meta = load_model(ckpt, spec)
         spec = spec or ModelSpec(**meta["spec"])
     net = net.to(dev)
-    surrogate = None
-    if "transfer" in eval_cfg.attacks:
-        source = eval_cfg.surrogate or (teachers["robust"].path if "robust" in teachers else None)
-        if source is None:
-            raise UserError("the transfer attack needs a surrogate: pass --surrogate RUN_OR_CHECKPOINT")
-        surrogate = load_model(model_checkpoint(source, "best"))[0].to(dev)
+    surrogate = load_surrogate(eval_cfg, teachers, dataset, dev)
     chosen = dataset.split(split)
     if eval_cfg.subset is not None:
         chosen = chosen.take(slice(0, eval_cfg.subset))

@@ -29,15 +29,16 @@ from tqdm.auto import tqdm
 
 from .checks import failed
 from .checkpoint import load_model, load_torch, save_model, save_torch
-from .config import Config, TeacherConfig
+from .config import Config
 from .data import Augment, BatchLoader, Dataset, load_dataset
 from .distributed import DistInfo, any_rank, barrier, check_ranks_agree, init_distributed, resolve_device
 from .errors import CheckpointError, ConfigError, TrainingError
 from .evaluate import EvalSettings, evaluate, needed_attacks, selection_score
 from .methods import METHODS, Context, Progress, create_method
-from .models import Classifier, ModelSpec, create_model
+from .models import ModelSpec, create_model
 from .report import build_report, write_report
-from .robustbench import is_robustbench, load_robustbench, zoo_path
+from .robustbench import is_robustbench, zoo_path
+from .teachers import load_surrogate, load_teacher, model_spec
 from .runs import CHECKPOINTS, MetricsLog, check_run_dir, create_run_dir, model_checkpoint
 
 log = logging.getLogger("robustdistill")
@@ -46,41 +47,6 @@ log = logging.getLogger("robustdistill")
 def lr_decays(epoch: int, milestones: list[int]) -> int:
     """How many milestones the (0-based) epoch has reached: lr = base * gamma ** lr_decays."""
     return sum(epoch >= m for m in milestones)
-
-
-def model_spec(model_cfg, dataset: Dataset) -> ModelSpec:
-    normalize = model_cfg.normalize
-    return ModelSpec(
-        model_cfg.name,
-        dataset.num_classes,
-        dataset.channels,
-        dict(model_cfg.kwargs),
-        dataset.mean if normalize else None,
-        dataset.std if normalize else None,
-    )
-
-
-def load_teacher(role: str, tcfg: TeacherConfig, dataset: Dataset, device: torch.device) -> Classifier:
-    """A teacher from a run folder, a checkpoint file or a local RobustBench entry, frozen, in
-    eval mode, on `device`."""
-    if is_robustbench(tcfg.path):
-        model, _, path = load_robustbench(tcfg.path, dataset, tcfg.model_dir)
-    else:
-        path = model_checkpoint(tcfg.path, tcfg.checkpoint)
-        spec = model_spec(tcfg.model, dataset) if tcfg.model is not None else None
-        model, _ = load_model(path, spec)
-    model = model.to(device).eval().requires_grad_(False)
-    probe = dataset.val if len(dataset.val) else dataset.train
-    try:
-        with torch.no_grad():
-            out = model(probe.images(torch.arange(1, device=probe.y.device)))
-    except RuntimeError as exc:
-        raise CheckpointError(f"teacher '{role}' ({path}) does not accept {dataset.name} images: {str(exc).splitlines()[0]}") from None
-    if out.shape[-1] != dataset.num_classes:
-        raise CheckpointError(
-            f"teacher '{role}' ({path}) has {out.shape[-1]} outputs but {dataset.name} has {dataset.num_classes} classes"
-        )
-    return model
 
 
 def _preflight(cfg: Config, run_dir: Path, force: bool, resume: bool) -> None:
@@ -95,8 +61,9 @@ def _preflight(cfg: Config, run_dir: Path, force: bool, resume: bool) -> None:
     for role, tcfg in cfg.teachers.items():
         try:
             if is_robustbench(tcfg.path):
-                if not zoo_path(tcfg.path, cfg.data.name, tcfg.model_dir).is_file():
-                    raise CheckpointError(f"no RobustBench checkpoint at {zoo_path(tcfg.path, cfg.data.name, tcfg.model_dir)}")
+                path = zoo_path(tcfg.path, cfg.data.name, tcfg.model_dir)
+                if not path.is_file():
+                    raise CheckpointError(f"no RobustBench checkpoint at {path}")
             else:
                 model_checkpoint(tcfg.path, tcfg.checkpoint)
         except CheckpointError as exc:
@@ -269,12 +236,7 @@ def final_report(cfg: Config, run_dir: Path, dataset: Dataset, dist_info: DistIn
     model = model.to(dataset.test.y.device)
     test = dataset.test if cfg.eval.subset is None else dataset.test.take(slice(0, cfg.eval.subset))
     settings = EvalSettings.from_config(cfg.eval, cfg.attack.eps)
-    surrogate = None
-    if "transfer" in cfg.eval.attacks:
-        if cfg.eval.surrogate is not None:
-            surrogate = load_model(model_checkpoint(cfg.eval.surrogate))[0].to(dataset.test.y.device)
-        else:
-            surrogate = teachers.get("robust")
+    surrogate = load_surrogate(cfg.eval, cfg.teachers, dataset, dataset.test.y.device, loaded=teachers)
     summary = evaluate(model, test, cfg.eval.attacks, settings, dataset.num_classes, dist_info.rank,
                        dist_info.world_size, progress=dist_info.is_main, surrogate=surrogate, state_dir=run_dir)
     report = build_report(summary, ModelSpec(**meta["spec"]), ckpt, dataset, "test", len(test), settings.seed)
