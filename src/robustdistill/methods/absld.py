@@ -25,25 +25,23 @@ Model selection: average PGD-20 accuracy + worst-class PGD-20 accuracy on the va
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..config import MethodOptions
 from ..errors import ConfigError
 from ..losses import kl_div, soft_targets
 from . import METHODS, Method
+from .rslad import RSLAD
 from .balance import ClassWiseTemperature
 
 
 @METHODS.register("absld")
 class ABSLD(Method):
     @dataclass
-    class Options(MethodOptions):
+    class Options(RSLAD.Options):  # RSLAD's options (reduction, adv_weight) plus the temperatures
         name: str = "absld"
-        reduction: Literal["elementwise_mean", "batchmean"] = "elementwise_mean"
-        adv_weight: float = 5 / 6
         adaptive: bool = True
         init_temperature: float = 1.0
         temperature_min: float = 0.5
