@@ -1,6 +1,8 @@
 """The evaluation protocol: the full attack suite, sanity checks that pass on a sound model and
 catch a gradient-masked one, AutoAttack resume, comparison reports, RobustBench offline."""
 
+import copy
+import dataclasses
 import json
 
 import pytest
@@ -9,6 +11,7 @@ from torch import nn
 
 from robustdistill.checkpoint import load_model
 from robustdistill.cli import main
+from robustdistill.errors import UserError
 from robustdistill.evaluate import ATTACKS, AttackEnv, EvalSettings, evaluate
 
 
@@ -31,7 +34,7 @@ def test_full_suite_and_checks_pass_on_a_sound_model(robust_model, natural_model
     attacks = ["clean", "fgsm", "pgd20", "cw", "autoattack_fast", "square", "transfer"]
     out = evaluate(robust_model, test, attacks, _settings(), 10, surrogate=natural_model)
     assert _status(out) == {name: "passed" for name in
-                            ["eps_zero", "monotone", "large_eps", "worst_case", "black_box", "perturbation", "unchanged"]}
+                            ["eps_zero", "monotone", "large_eps", "worst_case", "black_box", "perturbation", "unchanged", "autoattack_flags"]}
     acc = {k: v["accuracy"] for k, v in out["attacks"].items()}
     assert out["robust_to_all"]["accuracy"] <= min(acc.values())
     assert acc["autoattack_fast"] <= acc["pgd20"] < acc["clean"]
@@ -89,29 +92,89 @@ def test_unchanged_check_catches_a_model_that_changes(natural_model, digits, mon
     assert _status(out)["unchanged"] == "failed"
 
 
-def test_autoattack_resumes_after_an_interruption(robust_model, digits, tmp_path, monkeypatch):
+def _aa(model, x, y, settings, state_dir, name="autoattack_fast"):
+    return ATTACKS.get(name)(model, x, y, AttackEnv(settings, state_dir=state_dir))
+
+
+@pytest.mark.slow
+def test_autoattack_resumes_to_the_uninterrupted_verdicts_after_every_chunk(robust_model, digits, tmp_path, monkeypatch):
+    """Stopped after chunk k, for every k, then resumed: exactly the verdicts of one straight run.
+    (Before the candidates were kept in the state, a resume after an APGD-T chunk skipped points.)"""
+    import pyautoattack.autoattack as aa_module
     from pyautoattack import AutoAttack
+    from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
 
-    x, y = digits.test.images()[:60], digits.test.y[:60]
-    settings = EvalSettings(eps=0.2, step_size=0.05, batch_size=8)
-    _, straight = ATTACKS.get("autoattack_fast")(robust_model, x, y, AttackEnv(settings, state_dir=tmp_path / "a"))
-    (tmp_path / "b").mkdir()
-    calls, real = {"n": 0}, AutoAttack.run_standard_evaluation
+    # 10 APGD iterations instead of 100 keep the test fast; the chunking logic is the same
+    monkeypatch.setattr(aa_module, "APGDAttack", lambda *a, **k: APGDAttack(*a, **{**k, "n_iter": 10}))
+    monkeypatch.setattr(aa_module, "APGDAttack_targeted", lambda *a, **k: APGDAttack_targeted(*a, **{**k, "n_iter": 10}))
+    x, y = digits.test.images()[:48], digits.test.y[:48]
+    settings = EvalSettings(eps=0.2, step_size=0.05, batch_size=2)  # chunks of 8 images
+    real, calls = AutoAttack.run_standard_evaluation, []
 
-    def interrupted(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
+    def counted(self, *args, **kwargs):
+        calls.append(self.attacks_to_run[0])
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(AutoAttack, "run_standard_evaluation", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        ATTACKS.get("autoattack_fast")(robust_model, x, y, AttackEnv(settings, state_dir=tmp_path / "b"))
-    state = json.loads((tmp_path / "b" / "autoattack_fast_state.json").read_text())
-    assert state["done"] == [] and state["chunk"] == 32  # one chunk of 4 batches was saved
-    monkeypatch.setattr(AutoAttack, "run_standard_evaluation", real)
-    _, resumed = ATTACKS.get("autoattack_fast")(robust_model, x, y, AttackEnv(settings, state_dir=tmp_path / "b"))
-    assert torch.equal(straight, resumed)
+    monkeypatch.setattr(AutoAttack, "run_standard_evaluation", counted)
+    _, straight = _aa(robust_model, x, y, settings, tmp_path / "straight")
+    total = len(calls)
+    assert calls.count("apgd-t") >= 2 and 0 < straight.sum() < len(y)  # a resume inside APGD-T is exercised
+    for k in range(1, total):
+        calls.clear()
+
+        def stop_after_k(self, *args, **kwargs):
+            if len(calls) == k:
+                raise KeyboardInterrupt
+            return counted(self, *args, **kwargs)
+
+        monkeypatch.setattr(AutoAttack, "run_standard_evaluation", stop_after_k)
+        with pytest.raises(KeyboardInterrupt):
+            _aa(robust_model, x, y, settings, tmp_path / f"k{k}")
+        monkeypatch.setattr(AutoAttack, "run_standard_evaluation", counted)
+        _, resumed = _aa(robust_model, x, y, settings, tmp_path / f"k{k}")
+        assert torch.equal(straight, resumed), f"resumed after chunk {k} of {total}"
+        assert len(calls) == total  # no chunk attacked twice, none skipped
+
+
+@pytest.mark.slow
+def test_autoattack_refuses_the_state_of_another_evaluation(robust_model, digits, tmp_path):
+    x, y = digits.test.images()[:16], digits.test.y[:16]
+    settings = EvalSettings(eps=0.2, step_size=0.05, batch_size=4)
+    _aa(robust_model, x, y, settings, tmp_path / "done")
+    state = tmp_path / "done" / "autoattack_fast_state.json"
+    changed = copy.deepcopy(robust_model)
+    with torch.no_grad():
+        next(changed.parameters()).add_(1e-3)
+    cases = {
+        "model": lambda: _aa(changed, x, y, settings, tmp_path / "done"),
+        "eps": lambda: _aa(robust_model, x, y, dataclasses.replace(settings, eps=0.1), tmp_path / "done"),
+        "n": lambda: _aa(robust_model, x[:12], y[:12], settings, tmp_path / "done"),  # a different subset
+        "data": lambda: _aa(robust_model, x.flip(0), y.flip(0), settings, tmp_path / "done"),
+        "seed": lambda: _aa(robust_model, x, y, dataclasses.replace(settings, seed=1), tmp_path / "done"),
+    }
+    for what, call in cases.items():
+        with pytest.raises(UserError, match=rf"different AutoAttack evaluation \(its .*{what}"):
+            call()
+    (tmp_path / "standard").mkdir()
+    (tmp_path / "standard" / "autoattack_state.json").write_text(state.read_text())
+    with pytest.raises(UserError, match="attacks"):
+        _aa(robust_model, x, y, settings, tmp_path / "standard", name="autoattack")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "autoattack_fast_state.json").write_text("{not json")
+    with pytest.raises(UserError, match="not an AutoAttack state"):
+        _aa(robust_model, x, y, settings, tmp_path / "junk")
+
+
+@pytest.mark.slow
+def test_autoattack_warnings_become_a_failed_check(natural_model, digits, monkeypatch):
+    """pyautoattack's own flags (here: its "Square Attack has decreased the robust accuracy" check,
+    fired by a model that masks gradients) are kept in the report and fail check 8."""
+    masked = Quantised(natural_model).eval()
+    out = evaluate(masked, digits.test.take(slice(0, 40)), ["clean", "autoattack"],
+                   _settings(batch_size=20, checks_subset=40), 10)
+    flags = out["autoattack_flags"]["autoattack"]
+    assert any("Square Attack has decreased the robust accuracy" in m for m in flags)
+    assert _status(out)["autoattack_flags"] == "failed"
 
 
 def test_report_command_compares_runs(trained_runs, tmp_path, capsys):
@@ -140,7 +203,7 @@ def test_eval_strict_turns_failed_checks_into_an_exit_code(trained_runs, tmp_pat
     assert main(args + [str(tmp_path / "strict"), "--strict"]) == 1
     assert "WARNING: sanity check 3 (large_eps) FAILED" in capsys.readouterr().err
     report = json.loads((tmp_path / "strict" / "report.json").read_text())
-    assert [c["id"] for c in report["checks"]] == [1, 2, 3, 4, 5, 6, 7]
+    assert [c["id"] for c in report["checks"]] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert (tmp_path / "strict" / "classwise.png").is_file() and "FAILED 3 large_eps" in (tmp_path / "strict" / "report.md").read_text()
 
 

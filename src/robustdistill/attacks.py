@@ -50,6 +50,17 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
 
 
+def sample_noise(index: torch.Tensor, shape: tuple[int, ...], seed: int, stream: int = 0) -> torch.Tensor:
+    """U[0, 1) noise of `shape` for each sample in `index` (CPU float32), a pure function of
+    (seed, stream, sample index): the same whatever the batch, the rank or the number of ranks."""
+    out = torch.empty((len(index), *shape))
+    generator = torch.Generator()
+    for row, i in zip(out, index.tolist()):
+        generator.manual_seed(((seed * 1_000_003 + stream) * 2**32 + i) % 2**63)
+        torch.rand(shape, generator=generator, out=row)
+    return out
+
+
 class PGD:
     """Projected gradient ascent on `loss` inside the L-inf ball of radius `eps`.
 
@@ -73,9 +84,10 @@ class PGD:
         self.model, self.eps, self.alpha, self.steps = model, eps, alpha, steps
         self.loss, self.start, self.sigma, self.generator = loss, start, sigma, generator
 
-    def _init(self, x: torch.Tensor) -> torch.Tensor:
+    def _init(self, x: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
         if self.start == "uniform":
-            noise = torch.rand(x.shape, device=x.device, generator=self.generator, dtype=x.dtype)
+            if noise is None:
+                noise = torch.rand(x.shape, device=x.device, generator=self.generator, dtype=x.dtype)
             return project(x + (2 * noise - 1) * self.eps, x, self.eps)
         if self.start == "gaussian":
             noise = torch.randn(x.shape, device=x.device, generator=self.generator, dtype=x.dtype)
@@ -83,8 +95,14 @@ class PGD:
         return x.clone()
 
     def __call__(
-        self, x: torch.Tensor, y: Optional[torch.Tensor] = None, target: Optional[torch.Tensor] = None
+        self,
+        x: torch.Tensor,
+        y: Optional[torch.Tensor] = None,
+        target: Optional[torch.Tensor] = None,
+        noise: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        """`noise`: U[0, 1) draws shaped like x for the uniform start (default: from `generator`);
+        evaluation passes per-sample noise so that a sample's attack does not depend on its batch."""
         if self.loss == "kl" and target is None:
             raise ValueError("the kl attack loss needs a target distribution")
         if self.loss != "kl" and y is None:
@@ -95,7 +113,7 @@ class PGD:
         was_training = self.model.training
         self.model.eval()
         try:
-            x_adv = self._init(x)
+            x_adv = self._init(x, noise)
             with torch.enable_grad():
                 for _ in range(self.steps):
                     x_adv.requires_grad_(True)

@@ -7,6 +7,7 @@ A model file written here is `<name>.safetensors` whose header metadata holds th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -35,6 +36,15 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's parameters and buffers (names and bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def save_torch(obj: Any, path: str | Path) -> None:

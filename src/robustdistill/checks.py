@@ -11,31 +11,26 @@ it says the numbers may overestimate robustness, typically through gradient mask
 5 black_box     black-box attacks (square, transfer) are not stronger than the white-box ones
 6 perturbation  every adversarial example lies in the eps-ball and in [0, 1]
 7 unchanged     parameters and BatchNorm buffers are bit-identical before and after
+8 autoattack_flags  pyautoattack's own checks raised no warning (randomised or dynamic model,
+                probabilities instead of logits, zero gradients, "Square Attack has decreased the
+                robust accuracy"), the flags the untouched package prints
 Comparisons allow sampling noise of one sample or 0.5 %, whichever is larger.
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 from typing import Any, Optional
 
 import torch
-from torch import nn
 
-from .distributed import all_reduce_sum
-
-
-def fingerprint(model: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+from .checkpoint import fingerprint
+from .distributed import assemble
 
 
-def _accuracy(correct: torch.Tensor) -> tuple[float, int]:
-    counts = all_reduce_sum(torch.tensor([float(correct.sum()), float(len(correct))], device=correct.device, dtype=torch.float64))
-    return (counts[0] / counts[1].clamp_min(1)).item(), int(counts[1].item())
+def _accuracy(correct: torch.Tensor) -> float:
+    """Accuracy of per-sample verdicts over the whole split (already assembled from every rank)."""
+    return correct.double().mean().item() if len(correct) else 0.0
 
 
 def _result(id_: int, name: str, passed: Optional[bool], numbers: dict[str, Any], message: str) -> dict[str, Any]:
@@ -43,29 +38,32 @@ def _result(id_: int, name: str, passed: Optional[bool], numbers: dict[str, Any]
     return {"id": id_, "name": name, "status": status, "numbers": numbers, "message": message}
 
 
-def run_checks(model, x, y, correct: dict[str, torch.Tensor], bounds: dict[str, dict[str, float]], env, num_classes: int,
+def run_checks(model, correct: dict[str, torch.Tensor], bounds: dict[str, dict[str, float]], env, num_classes: int,
                before: Optional[str]) -> list[dict[str, Any]]:
+    """The checks on the first `checks_subset` samples of the split; each rank attacks the ones it owns."""
     from .evaluate import BLACK_BOX, ROBUST_ATTACK, WHITE_BOX, predict, run_pgd
 
     s = env.settings
-    n = min(len(x), s.checks_subset)
-    xs, ys = x[:n], y[:n]
-    _, total = _accuracy(torch.ones(n, dtype=torch.bool, device=y.device))
-    tol = max(1.0 / max(total, 1), 0.005)
+    n = min(len(env.y_all), s.checks_subset)
+    mine = env.index[env.index < n]
+    on_device = mine.to(env.y_all.device)
+    xs, ys = env.x_all[on_device], env.y_all[on_device]
+    sub = dataclasses.replace(env, index=mine)
+    tol = max(1.0 / max(n, 1), 0.005)
 
     def acc_of(x_adv) -> float:
-        return _accuracy(predict(model, x_adv, s.batch_size) == ys)[0]
+        return _accuracy(assemble(predict(model, x_adv, s.batch_size) == ys, mine, n))
 
     def pgd(eps: float, steps: int, start: str = "uniform") -> float:
-        return acc_of(run_pgd(model, xs, ys, env, "checks", eps=eps, steps=steps, start=start, step_size=eps / 4 if eps != s.eps else None, restarts=1))
+        return acc_of(run_pgd(model, xs, ys, sub, "checks", eps=eps, steps=steps, start=start, step_size=eps / 4 if eps != s.eps else None, restarts=1))
 
     checks = []
-    clean = _accuracy(correct["clean"][:n])[0] if "clean" in correct else acc_of(xs)
+    clean = _accuracy(correct["clean"][:n]) if "clean" in correct else acc_of(xs)
     zero = pgd(0.0, s.pgd_steps)
     checks.append(_result(1, "eps_zero", zero == clean, {"clean": clean, "pgd_eps0": zero},
                           "PGD at eps = 0 must equal clean accuracy"))
 
-    full = _accuracy(correct[ROBUST_ATTACK][:n])[0] if ROBUST_ATTACK in correct and s.restarts == 1 else pgd(s.eps, s.pgd_steps)
+    full = _accuracy(correct[ROBUST_ATTACK][:n]) if ROBUST_ATTACK in correct and s.restarts == 1 else pgd(s.eps, s.pgd_steps)
     half = pgd(s.eps / 2, s.pgd_steps)
     few_steps = max(1, s.pgd_steps // 4)
     few = pgd(s.eps, few_steps)
@@ -79,8 +77,8 @@ def run_checks(model, x, y, correct: dict[str, torch.Tensor], bounds: dict[str, 
                           "an unbounded white-box attack must reach chance accuracy or below; otherwise suspect gradient masking"))
 
     if len(correct) > 1:
-        accs = {k: _accuracy(v)[0] for k, v in correct.items()}
-        worst = _accuracy(torch.stack(list(correct.values())).all(dim=0))[0]
+        accs = {k: _accuracy(v) for k, v in correct.items()}
+        worst = _accuracy(torch.stack(list(correct.values())).all(dim=0))
         ok = all(worst <= a for a in accs.values())
         aa = {k: accs[k] for k in ("autoattack", "autoattack_fast") if k in accs}
         if aa and ROBUST_ATTACK in accs:
@@ -90,8 +88,8 @@ def run_checks(model, x, y, correct: dict[str, torch.Tensor], bounds: dict[str, 
     else:
         checks.append(_result(4, "worst_case", None, {}, "needs at least two attacks"))
 
-    white = {k: _accuracy(correct[k])[0] for k in WHITE_BOX if k in correct}
-    black = {k: _accuracy(correct[k])[0] for k in BLACK_BOX if k in correct}
+    white = {k: _accuracy(correct[k]) for k in WHITE_BOX if k in correct}
+    black = {k: _accuracy(correct[k]) for k in BLACK_BOX if k in correct}
     if white and black:
         strongest = min(white.values())
         ok = all(a + tol >= strongest for a in black.values())
@@ -107,6 +105,14 @@ def run_checks(model, x, y, correct: dict[str, torch.Tensor], bounds: dict[str, 
     after = fingerprint(model) if before is not None else None
     checks.append(_result(7, "unchanged", None if before is None else before == after, {"before": before, "after": after},
                           "parameters and buffers must be bit-identical before and after the evaluation"))
+
+    flags = {k: env.notes[k] for k in ("autoattack", "autoattack_fast") if k in env.notes}
+    if flags:
+        messages = sorted({m for ms in flags.values() for m in ms})
+        checks.append(_result(8, "autoattack_flags", not messages, {k: len(v) for k, v in flags.items()},
+                              "AutoAttack's own checks must raise no warning" + (f"; it warned: {' | '.join(messages)}" if messages else "")))
+    else:
+        checks.append(_result(8, "autoattack_flags", None, {}, "needs autoattack or autoattack_fast"))
     return checks
 
 

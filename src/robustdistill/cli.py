@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import load_config, parse_float
+from .distributed import cleanup
 from .errors import UserError
 
 log = logging.getLogger("robustdistill")
@@ -266,6 +267,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; checkpoints written so far are kept", file=sys.stderr)
         return 130
+    finally:
+        cleanup()  # leave the DDP process group before exit (gloo aborts the process otherwise)
 
 
 if __name__ == "__main__":

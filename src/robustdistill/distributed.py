@@ -68,6 +68,36 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def gather_objects(obj) -> list:
+    """`obj` from every rank, in rank order (just `[obj]` in a single process)."""
+    if not is_distributed():
+        return [obj]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, obj)
+    return values
+
+
+def owned_indices(n: int, block: int, rank: int, world_size: int) -> torch.Tensor:
+    """The sample indices (of 0..n-1) a rank evaluates: blocks of `block` consecutive samples,
+    dealt round-robin. Batches and chunks are cut inside blocks, so every sample is attacked in
+    the same batch, with the same randomness, whatever the number of ranks."""
+    index = torch.arange(n)
+    return index[(index // block) % world_size == rank]
+
+
+def assemble(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-sample booleans computed by each rank for its `index`, as one length-n vector on every rank."""
+    full = torch.zeros(n, dtype=torch.int32, device=values.device)
+    full[index.to(values.device)] = values.int()
+    return all_reduce_sum(full) > 0
+
+
 def any_rank(flag: bool, device) -> bool:
     """True on every rank if `flag` is true on any rank, so all ranks stop together."""
     if not is_distributed():
@@ -79,10 +109,7 @@ def any_rank(flag: bool, device) -> bool:
 
 def check_ranks_agree(value, what: str) -> None:
     """Adaptive state must be identical on every rank; a divergence is a bug, never silent."""
-    if not is_distributed():
-        return
-    values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
+    values = gather_objects(value)
     if any(v != values[0] for v in values[1:]):
         raise TrainingError(f"{what} differs between DDP ranks: {values}")
 

@@ -18,8 +18,10 @@ Under DDP each rank evaluates its shard and the class counts are all-reduced.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-from dataclasses import asdict, dataclass
+import logging
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -27,11 +29,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .attacks import FGSM, PGD
-from .checkpoint import atomic_write, load_model, read_model_meta
+from .attacks import FGSM, PGD, sample_noise
+from .checkpoint import atomic_write, fingerprint, load_model, read_model_meta
 from .config import DataConfig, EvalConfig, build, load_config
 from .data import Split, load_dataset
-from .distributed import DistInfo, all_reduce_sum, resolve_device
+from .distributed import (DistInfo, all_reduce_max, all_reduce_sum, assemble, gather_objects, owned_indices,
+                          resolve_device)
 from .errors import UserError
 from .models import ModelSpec
 from .registry import Registry
@@ -60,6 +63,11 @@ class EvalSettings:
     checks_subset: int = 500
     large_eps: float = 1.0
 
+    @property
+    def block(self) -> int:
+        """Samples per block (ranks own whole blocks) and per Square / AutoAttack chunk."""
+        return 4 * self.batch_size
+
     @classmethod
     def from_config(cls, eval_cfg: EvalConfig, default_eps: float) -> "EvalSettings":
         eps = eval_cfg.eps if eval_cfg.eps is not None else default_eps
@@ -83,16 +91,29 @@ class EvalSettings:
 
 @dataclass
 class AttackEnv:
-    """What an attack may need beyond the model and the data."""
+    """What an attack may need beyond the model and its samples.
+
+    An attack is called on the samples this rank owns (`index`, their positions in the split);
+    randomness is a function of (seed, sample index), so verdicts do not depend on the batch or
+    on the number of ranks. AutoAttack, whose candidates change between its sub-attacks, reads
+    the whole split from `x_all`/`y_all` and coordinates the ranks itself."""
 
     settings: EvalSettings
     surrogate: Optional[nn.Module] = None
     state_dir: Optional[Path] = None  # AutoAttack's resumable state files live here
     progress: bool = False
+    index: Optional[torch.Tensor] = None  # None: the samples are the whole split, in order
+    x_all: Optional[torch.Tensor] = None
+    y_all: Optional[torch.Tensor] = None
     rank: int = 0
+    world_size: int = 1
+    notes: dict[str, list[str]] = field(default_factory=dict)  # warnings an attack raised, by attack
+
+    def sample_index(self, n: int) -> torch.Tensor:
+        return torch.arange(n) if self.index is None else self.index.cpu()
 
 
-# name -> fn(model, x, y, env) -> (x_adv, correct or None); x, y: the whole (shard of the) split
+# name -> fn(model, x, y, env) -> (x_adv, correct or None); x, y: the samples this rank owns
 ATTACKS: Registry[Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]] = Registry("attack")
 
 
@@ -109,17 +130,19 @@ def run_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, env: AttackEnv, 
             loss: str = "ce", start: str = "uniform", step_size: Optional[float] = None, source: Optional[nn.Module] = None,
             restarts: Optional[int] = None) -> torch.Tensor:
     """PGD crafted on `source` (default: the model), batched, with restarts judged on `model`:
-    each sample keeps the first restart's example that fools `model`."""
+    each sample keeps the first restart's example that fools `model`. Restart r of sample i
+    starts from noise drawn for (seed, r, i)."""
     s = env.settings
-    generator = torch.Generator(device=x.device).manual_seed(s.seed)
+    index = env.sample_index(len(x))
     step = s.step_size if step_size is None else step_size
-    attack = PGD(source or model, eps, step, steps, loss=loss, start=start, generator=generator)
+    attack = PGD(source or model, eps, step, steps, loss=loss, start=start)
     out = torch.empty_like(x)
     for i in _batches(len(x), s.batch_size, desc, env.progress):
         xb, yb = x[i : i + s.batch_size], y[i : i + s.batch_size]
         best, fooled = None, torch.zeros(len(yb), dtype=torch.bool, device=x.device)
-        for _ in range(restarts or s.restarts):
-            adv = attack(xb, yb)
+        for r in range(restarts or s.restarts):
+            noise = sample_noise(index[i : i + s.batch_size], tuple(x.shape[1:]), s.seed, r).to(x.device) if start == "uniform" else None
+            adv = attack(xb, yb, noise=noise)
             with torch.no_grad():
                 wrong = model(adv).argmax(dim=1) != yb
             best = adv if best is None else torch.where((wrong & ~fooled).view(-1, 1, 1, 1), adv, best)
@@ -137,7 +160,7 @@ def _clean(model, x, y, env):
 def _fgsm(model, x, y, env):
     s = env.settings
     attack = FGSM(model, s.eps)
-    return torch.cat([attack(x[i : i + s.batch_size], y[i : i + s.batch_size]) for i in _batches(len(x), s.batch_size, "fgsm", env.progress)]), None
+    return torch.cat([attack(x[i : i + s.batch_size], y[i : i + s.batch_size]) for i in _batches(len(x), s.batch_size, "fgsm", env.progress)] or [x]), None
 
 
 @ATTACKS.register("pgd20")
@@ -157,56 +180,111 @@ def _transfer(model, x, y, env):
     return run_pgd(model, x, y, env, "transfer", eps=env.settings.eps, steps=env.settings.pgd_steps, source=env.surrogate), None
 
 
+class _Collect(logging.Handler):
+    """Keeps the warnings pyautoattack logs (its own checks for gradient masking and misuse)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.add(record.getMessage())
+
+
+def _data_digest(x: torch.Tensor, y: torch.Tensor) -> str:
+    digest = hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(y.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _autoattack(model, x, y, env, name: str, version: str):
     """AutoAttack from `pyautoattack`, its sub-attacks run in AutoAttack's order and settings on the
     points still robust, in chunks, with progress saved to `<state_dir>/<name>_state.json` after
-    each chunk: an interrupted evaluation resumes where it stopped. (pyautoattack 0.2.0's own state
-    file cannot be read back: it stores the attack set as a string, and its resume path leaves
-    `y_adv` undefined.) Adversarial examples found before a resume are not kept, only their verdict."""
+    each round of chunks: an interrupted evaluation resumes to exactly the verdicts of an
+    uninterrupted one. (pyautoattack 0.2.0's own state file cannot be read back: it stores the
+    attack set as a string, and its resume path leaves `y_adv` undefined.)
+
+    The candidates of each sub-attack are the points of the whole split still robust when it
+    starts, stored in the state; chunk j of them goes to rank j mod world_size, and every chunk
+    is attacked alone (pyautoattack reseeds per call), so the verdicts depend neither on the
+    number of ranks nor on interruptions. The state is tied to the model (parameter hash), the
+    data, eps, seed, chunk size and attack list; another evaluation's state is refused.
+    pyautoattack's own warnings (its checks, and "Square Attack has decreased the robust
+    accuracy") are collected into `env.notes[name]`. Adversarial examples found before a resume
+    are not kept, only their verdict."""
     try:
         from pyautoattack import AutoAttack
+        from pyautoattack import checks as aa_checks
     except ImportError:
         raise UserError("AutoAttack needs the pyautoattack package: pip install pyautoattack") from None
     s = env.settings
+    x_all = env.x_all if env.x_all is not None else x
+    y_all = env.y_all if env.y_all is not None else y
+    n, chunk, ranks = len(y_all), s.block, env.world_size
     with torch.no_grad():
-        num_classes = model(x[:1]).shape[1]
-    adversary = AutoAttack(model, device=x.device, eps=s.eps, norm="Linf", seed=s.seed, version="standard")
+        num_classes = model(x_all[:1]).shape[1]
+    adversary = AutoAttack(model, device=x_all.device, eps=s.eps, norm="Linf", seed=s.seed, version="standard")
     adversary.apgd_targeted.n_target_classes = min(9, num_classes - 1)
     adversary.fab.n_target_classes = min(9, num_classes - 1)
     adversary.verbose = False
     order = ["apgd-ce", "apgd-t"] if version == "fast" else list(adversary.attacks_to_run)
-    path = env.state_dir / f"{name}_state{'' if env.rank == 0 else f'_rank{env.rank}'}.json" if env.state_dir else None
-    key = {"attacks": order, "eps": s.eps, "n": len(x), "seed": s.seed}
-    state = {**key, "done": [], "chunk": 0, "robust": None}
+    path = env.state_dir / f"{name}_state.json" if env.state_dir else None
+    key = {"model": fingerprint(model), "data": _data_digest(x_all, y_all), "n": n, "attacks": order, "eps": s.eps,
+           "seed": s.seed, "chunk": chunk}
+    state: dict[str, Any] = {"key": key, "done": [], "candidates": None, "next_chunk": 0, "robust": None, "accuracy": {}, "flags": []}
     if path is not None and path.exists():
-        state = json.loads(path.read_text())
-        if {k: state.get(k) for k in key} != key:
-            raise UserError(f"{path} belongs to a different AutoAttack evaluation ({ {k: state.get(k) for k in key} }); use another --out")
-    robust = (predict(model, x, s.batch_size) == y) if state["robust"] is None else torch.tensor(state["robust"], dtype=torch.bool, device=x.device)
-    x_adv = x.clone()
-    chunk = 4 * s.batch_size
-    for attack in order:
-        if attack in state["done"]:
-            continue
-        adversary.attacks_to_run = [attack]
-        candidates = torch.nonzero(robust).flatten()
-        chunks = range(state["chunk"], len(candidates), chunk)
-        for start in tqdm(chunks, desc=f"{name}:{attack}", leave=False, disable=None if env.progress else True):
-            idx = candidates[start : start + chunk]
-            adv, _ = adversary.run_standard_evaluation(x[idx], y[idx], batch_size=s.batch_size)
-            with torch.no_grad():
-                broken = predict(model, adv, s.batch_size) != y[idx]
-            x_adv[idx[broken]] = adv[broken]
-            robust[idx[broken]] = False
-            state.update(chunk=start + chunk, robust=robust.tolist())
-            _save_state(path, state)
-        state.update(done=state["done"] + [attack], chunk=0, robust=robust.tolist())
-        _save_state(path, state)
-    return x_adv, robust
+        try:
+            state = json.loads(path.read_text())
+            old = state["key"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path} is not an AutoAttack state of this tool; use another --out") from None
+        differ = [k for k in key if old.get(k) != key[k]]
+        if differ:
+            raise UserError(f"{path} was left by a different AutoAttack evaluation (its {', '.join(differ)} differ); "
+                            "use another --out, or delete that file to start over")
+    if state["robust"] is None:
+        robust = assemble(predict(model, x, s.batch_size) == y, env.sample_index(len(x)), n)
+        state.update(robust=robust.tolist(), accuracy={"clean": robust.double().mean().item()})
+    robust = torch.tensor(state["robust"], dtype=torch.bool, device=x_all.device)
+    x_adv = x_all.clone()
+    collect = _Collect()
+    adversary.logger.addHandler(collect)
+    try:
+        for attack in order:
+            if attack in state["done"]:
+                continue
+            if state["candidates"] is None:
+                state["candidates"] = torch.nonzero(robust).flatten().tolist()
+            candidates = torch.tensor(state["candidates"], dtype=torch.long, device=x_all.device)
+            adversary.attacks_to_run = [attack]
+            n_chunks = -(-len(candidates) // chunk)
+            rounds = range(state["next_chunk"], n_chunks, ranks)
+            for first in tqdm(rounds, desc=f"{name}:{attack}", leave=False, disable=None if env.progress else True):
+                broken = torch.zeros(n, dtype=torch.bool, device=x_all.device)
+                j = first + env.rank
+                if j < n_chunks:
+                    idx = candidates[j * chunk : (j + 1) * chunk]
+                    adv, _ = adversary.run_standard_evaluation(x_all[idx], y_all[idx], batch_size=s.batch_size)
+                    hit = predict(model, adv, s.batch_size) != y_all[idx]
+                    x_adv[idx[hit]] = adv[hit]
+                    broken[idx[hit]] = True
+                robust &= ~(all_reduce_sum(broken.int()) > 0)
+                flags = set(state["flags"]).union(*gather_objects(sorted(collect.messages)))
+                state.update(next_chunk=first + ranks, robust=robust.tolist(), flags=sorted(flags))
+                _save_state(path, state, env.rank)
+            accuracy = {**state["accuracy"], attack: robust.double().mean().item()}
+            state.update(done=state["done"] + [attack], candidates=None, next_chunk=0, accuracy=accuracy)
+            _save_state(path, state, env.rank)
+        aa_checks.check_square_sr(state["accuracy"], logger=adversary.logger)  # the package's own final check
+    finally:
+        adversary.logger.removeHandler(collect)
+    env.notes[name] = sorted(set(state["flags"]).union(*gather_objects(sorted(collect.messages))))
+    mine = env.sample_index(len(x)).to(x_all.device)
+    return x_adv[mine], robust[mine]
 
 
-def _save_state(path: Optional[Path], state: dict[str, Any]) -> None:
-    if path is not None:
+def _save_state(path: Optional[Path], state: dict[str, Any], rank: int) -> None:
+    if path is not None and rank == 0:
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(state)))
 
 
@@ -222,6 +300,9 @@ def _aa_fast(model, x, y, env):
 
 @ATTACKS.register("square")
 def _square(model, x, y, env):
+    """Square on chunks of `settings.block` samples (forward passes only: the per-query overhead
+    dominates small models); pyautoattack reseeds per call, and a chunk is the same samples
+    whatever the number of ranks."""
     try:
         from pyautoattack.square import SquareAttack
     except ImportError:
@@ -229,9 +310,8 @@ def _square(model, x, y, env):
     s = env.settings
     attack = SquareAttack(model, norm="Linf", n_queries=s.square_queries, eps=s.eps, p_init=0.8, n_restarts=1,
                           seed=s.seed, verbose=False, device=x.device, resc_schedule=False)
-    size = 4 * s.batch_size  # forward passes only, and the per-query overhead dominates small models
-    out = [attack.perturb(x[i : i + size], y[i : i + size]) for i in _batches(len(x), size, "square", env.progress)]
-    return torch.cat(out), None
+    out = [attack.perturb(x[i : i + s.block], y[i : i + s.block]) for i in _batches(len(x), s.block, "square", env.progress)]
+    return torch.cat(out or [x]), None
 
 
 def class_metrics(correct: torch.Tensor, total: torch.Tensor) -> dict[str, Any]:
@@ -252,11 +332,20 @@ def class_metrics(correct: torch.Tensor, total: torch.Tensor) -> dict[str, Any]:
     }
 
 
-def reduced_metrics(correct: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, Any]:
-    """Class metrics of per-sample correctness, summed over DDP ranks."""
+def sample_metrics(correct: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, Any]:
+    """Class metrics of per-sample correctness over the whole split."""
     hits = torch.bincount(y[correct], minlength=num_classes).double()
     total = torch.bincount(y, minlength=num_classes).double()
-    return class_metrics(all_reduce_sum(hits).cpu(), all_reduce_sum(total).cpu())
+    return class_metrics(hits.cpu(), total.cpu())
+
+
+def _bounds(x_adv: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
+    """Largest perturbation and the range of the adversarial images, over every rank."""
+    local = torch.tensor([0.0, -1.0, 0.0], dtype=torch.float64, device=x.device)  # max |delta|, -min, max
+    if len(x):
+        local = torch.stack([(x_adv - x).abs().amax(), -x_adv.amin(), x_adv.amax()]).double()
+    out = all_reduce_max(local).tolist()
+    return {"max_linf": out[0], "min": -out[1], "max": out[2]}
 
 
 def evaluate(
@@ -271,38 +360,43 @@ def evaluate(
     surrogate: Optional[nn.Module] = None,
     state_dir: Optional[Path] = None,
 ) -> dict[str, Any]:
-    """Evaluate `model` on `split` under each attack (and the sanity checks if settings.checks)."""
-    from .checks import fingerprint, run_checks
+    """Evaluate `model` on `split` under each attack (and the sanity checks if settings.checks).
+    Under DDP each rank attacks its blocks of samples and the verdicts are assembled, so every
+    number equals that of a single process."""
+    from .checks import run_checks
 
     before = fingerprint(model) if settings.checks else None
     was_training = model.training
     model.eval()
-    index = torch.arange(len(split), device=split.y.device)[rank::world_size]
-    x, y = split.images(index), split.y[index]
-    env = AttackEnv(settings, surrogate.eval() if surrogate is not None else None, state_dir, progress, rank)
+    x_all, y_all, n = split.images(), split.y, len(split)
+    mine = owned_indices(n, settings.block, rank, world_size)
+    x, y = x_all[mine.to(y_all.device)], y_all[mine.to(y_all.device)]
+    env = AttackEnv(settings, surrogate.eval() if surrogate is not None else None, state_dir, progress, mine,
+                    x_all, y_all, rank, world_size)
     correct: dict[str, torch.Tensor] = {}
     bounds: dict[str, dict[str, float]] = {}
     try:
         for name in attacks:
             x_adv, hit = ATTACKS.get(name)(model, x, y, env)
-            correct[name] = hit if hit is not None else predict(model, x_adv, settings.batch_size) == y
-            delta = (x_adv - x).abs().amax() if len(x) else x.new_zeros(())
-            bounds[name] = {"max_linf": float(delta), "min": float(x_adv.min()) if len(x) else 0.0,
-                            "max": float(x_adv.max()) if len(x) else 0.0}
+            hit = hit if hit is not None else predict(model, x_adv, settings.batch_size) == y
+            correct[name] = assemble(hit, mine, n)
+            bounds[name] = _bounds(x_adv, x)
         summary: dict[str, Any] = {
-            "attacks": {name: reduced_metrics(c, y, num_classes) for name, c in correct.items()},
-            "settings": {n: settings.describe(n) for n in attacks} | {"common": asdict(settings)},
+            "attacks": {name: sample_metrics(c, y_all, num_classes) for name, c in correct.items()},
+            "settings": {a: settings.describe(a) for a in attacks} | {"common": asdict(settings)},
         }
         if len(attacks) > 1:
             everything = torch.stack(list(correct.values())).all(dim=0)
-            summary["robust_to_all"] = {"attacks": list(attacks), **reduced_metrics(everything, y, num_classes)}
+            summary["robust_to_all"] = {"attacks": list(attacks), **sample_metrics(everything, y_all, num_classes)}
         if "clean" in correct and ROBUST_ATTACK in correct:
             summary["w_robust"] = {
                 "value": (summary["attacks"]["clean"]["accuracy"] + summary["attacks"][ROBUST_ATTACK]["accuracy"]) / 2,
                 "definition": f"(clean + {ROBUST_ATTACK}) / 2",
             }
+        if env.notes:
+            summary["autoattack_flags"] = env.notes
         if settings.checks:
-            summary["checks"] = run_checks(model, x, y, correct, bounds, env, num_classes, before)
+            summary["checks"] = run_checks(model, correct, bounds, env, num_classes, before)
     finally:
         model.train(was_training)
     return summary
