@@ -53,25 +53,112 @@ def test_existing_run_folder_is_never_overwritten_silently(tmp_path):
     assert (run / "checkpoints" / "last.safetensors").stat().st_mtime_ns != stamp
 
 
+def _snapshot(root):
+    """Every file under root with its bytes: what "nothing changed" is checked against."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def test_force_refuses_to_delete_a_folder_that_is_not_a_run(tmp_path):
+    """A folder with a config.yaml is not a run folder: only the tool's marker makes it one."""
     cfg = digits_config(tmp_path, "natural", train__epochs=1, name="precious")
-    (tmp_path / "runs" / "precious").mkdir(parents=True)
-    (tmp_path / "runs" / "precious" / "thesis.tex").write_text("years of work")
-    with pytest.raises(UserError, match="does not look like a run folder"):
+    folder = tmp_path / "runs" / "precious"
+    (folder / "data").mkdir(parents=True)
+    (folder / "config.yaml").write_text("mine: true\n")
+    (folder / "thesis.tex").write_text("years of work")
+    (folder / "data" / "raw.csv").write_text("1,2,3")
+    before = _snapshot(folder)
+    with pytest.raises(UserError, match="this tool did not create it"):
         train(cfg, force=True)
-    assert (tmp_path / "runs" / "precious" / "thesis.tex").exists()
+    assert _snapshot(folder) == before
 
 
+@pytest.mark.slow
+def test_force_replaces_only_what_the_tool_wrote(tmp_path):
+    cfg = digits_config(tmp_path, "natural", train__epochs=1, eval__checks="false")
+    run = train(cfg)
+    (run / "eval-20260101-000000").mkdir()
+    (run / "eval-20260101-000000" / "report.json").write_text("{}")
+    (run / "checkpoints" / ".last.safetensors.x1.tmp").write_text("left by a killed write")
+    (run / "notes.txt").write_text("my notes")
+    (run / "plots").mkdir()
+    (run / "plots" / "mine.svg").write_text("<svg/>")
+    before = _snapshot(run)
+    with pytest.raises(UserError, match=r"files this tool did not write \(notes.txt, plots/mine.svg\)"):
+        train(cfg, force=True)
+    assert _snapshot(run) == before
+    (run / "notes.txt").unlink()
+    (run / "plots" / "mine.svg").unlink()
+    train(cfg, force=True)
+    assert not (run / "eval-20260101-000000").exists() and (run / ".robustdistill-run").is_file()
+
+
+@pytest.mark.slow
 def test_resume_continues_to_the_same_weights(tmp_path):
     straight = train(digits_config(tmp_path, "pgd_at", name="straight", train__epochs=2, attack__steps=2, train__milestones="[1]"))
     cfg = digits_config(tmp_path, "pgd_at", name="resumed", train__epochs=1, attack__steps=2, train__milestones="[1]")
     run = train(cfg)
     cfg.train.epochs = 2
     train(cfg, resume=True)
-    a = torch.load(straight / "checkpoints" / "train_state.pt", weights_only=True)["model"]
-    b = torch.load(run / "checkpoints" / "train_state.pt", weights_only=True)["model"]
-    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+    a = torch.load(straight / "checkpoints" / "train_state.pt", weights_only=True)
+    b = torch.load(run / "checkpoints" / "train_state.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # bit-identical
+    assert all(torch.equal(x, y) for x, y in zip(a["rng"], b["rng"]))
     assert [r["epoch"] for r in read_metrics(run) if r["type"] == "epoch"] == [1, 2]
+    # the change of train.epochs is recorded, and config.yaml describes the run as it now is
+    history = [json.loads(line) for line in (run / "config_history.jsonl").read_text().splitlines()]
+    assert history[0]["changes"] == {"train.epochs": [1, 2]} and history[0]["resumed_after_epoch"] == 1
+    assert load_config(run / "config.yaml").train.epochs == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change, key", [
+    ("train.lr=0.3", "train.lr"),
+    ("method=trades", "method.name"),
+    ("model.kwargs.width=8", "model.kwargs.width"),
+    ("attack.eps=0.1", "attack.eps"),
+])
+def test_resume_refuses_a_changed_config(tmp_path, change, key):
+    from robustdistill.config import from_dict
+
+    cfg = digits_config(tmp_path, "pgd_at", train__epochs=1, attack__steps=2, eval__checks="false")
+    run = train(cfg)
+    before = _snapshot(run)
+    changed = from_dict(cfg.to_dict(), [change, "train.epochs=2"])
+    with pytest.raises(ConfigError, match=rf"--resume refuses to change .*{key}"):
+        train(changed, resume=True)
+    assert _snapshot(run) == before
+
+
+@pytest.mark.slow
+def test_metrics_log_holds_each_record_once_after_a_crash(tmp_path):
+    """Records written after the last checkpoint (here: all of epoch 2's) are trimmed on resume."""
+    cfg = digits_config(tmp_path, "natural", train__epochs=1, train__log_every=1, eval__checks="false")
+    run = train(cfg)
+    state = (run / "checkpoints" / "train_state.pt").read_bytes()
+    cfg.train.epochs = 2
+    train(cfg, resume=True)
+    (run / "checkpoints" / "train_state.pt").write_bytes(state)  # as if killed before epoch 2's checkpoint
+    train(cfg, resume=True)
+    records = read_metrics(run)
+    steps = [r["step"] for r in records if r["type"] == "step"]
+    assert steps == sorted(set(steps)) and len(steps) == records[-1]["step"]
+    assert [r["epoch"] for r in records if r["type"] == "epoch"] == [1, 2]
+
+
+def test_atomic_writes_clean_up_and_keep_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    from robustdistill.checkpoint import atomic_write
+    from pathlib import Path
+
+    (tmp_path / ".report.json.abc123.tmp").write_bytes(b"x" * 1000)  # left by a killed write
+    (tmp_path / ".other.json.def.tmp").write_bytes(b"y")  # another file's write: not ours to touch
+    atomic_write(tmp_path / "report.json", lambda tmp: Path(tmp).write_text("{}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.def.tmp", "report.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o666 & ~umask
 
 
 def test_missing_teacher_is_reported_before_anything_is_written(tmp_path):

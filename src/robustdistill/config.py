@@ -203,6 +203,30 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+# Keys that may change when a run is resumed: they do not alter what has been trained so far
+# (nor how the best checkpoint was selected). Any other difference is refused by `--resume`.
+RESUMABLE = ("train.epochs", "train.log_every", "train.device", "eval.attacks", "eval.cw_steps", "eval.square_queries",
+             "eval.surrogate", "eval.surrogate_model", "eval.checks", "eval.checks_subset", "eval.large_eps", "eval.subset")
+
+
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1}; lists and scalars are leaves."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ (the folder's own name and location excluded)."""
+    a, b = flatten(old.to_dict()), flatten(new.to_dict())
+    keys = sorted((set(a) | set(b)) - {"name", "out_dir"})
+    return {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
+
+
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key} {message}")

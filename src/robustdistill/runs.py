@@ -10,21 +10,55 @@ A run folder `runs/<name>/` holds:
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from .checkpoint import atomic_write
 from .errors import CheckpointError, UserError
 
 CHECKPOINTS = "checkpoints"
+MARKER = ".robustdistill-run"  # written into every run folder this tool creates
+# what the tool itself writes into a run folder (and its eval-* folders): --force deletes only these
+_RUN_FILES = {MARKER, "config.yaml", "config_history.jsonl", "metrics.jsonl", "report.json", "report.md",
+              "classwise.png", "autoattack_state.json", "autoattack_fast_state.json"}
+_RUN_DIRS = {CHECKPOINTS: {"best.safetensors", "last.safetensors", "train_state.pt"},
+             "plots": {"temperatures.png", "balance.png", "classwise.png"}}
+_EVAL_FILES = {"report.json", "report.md", "classwise.png", "autoattack_state.json", "autoattack_fast_state.json"}
+
+
+def _is_temp(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")  # an interrupted atomic write
+
+
+def foreign_entries(run_dir: Path) -> list[str]:
+    """Paths under `run_dir` that this tool did not write (empty: the folder may be replaced)."""
+    found = []
+    for entry in sorted(run_dir.iterdir()):
+        name = entry.name
+        if entry.is_file() and not entry.is_symlink() and (name in _RUN_FILES or _is_temp(name)):
+            continue
+        if entry.is_dir() and not entry.is_symlink() and (name in _RUN_DIRS or name.startswith("eval-")):
+            allowed = _RUN_DIRS.get(name, _EVAL_FILES)
+            inner = [f"{name}/{e.name}" for e in sorted(entry.iterdir())
+                     if not (e.is_file() and not e.is_symlink() and (e.name in allowed or _is_temp(e.name)))]
+            found.extend(inner)
+            continue
+        found.append(name)
+    return found
 
 
 def check_run_dir(run_dir: Path, force: bool, resume: bool) -> None:
-    """Refuse (before anything is written) to reuse a folder unless asked."""
+    """Refuse (before anything is written) to reuse a folder unless asked; --force replaces only a
+    folder this tool created (its marker) holding nothing but what the tool writes."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} is an existing file; choose another name (name=...) or out_dir")
     if resume:
         if not (run_dir / CHECKPOINTS / "train_state.pt").is_file():
             raise UserError(f"cannot resume: {run_dir} has no {CHECKPOINTS}/train_state.pt")
@@ -35,8 +69,28 @@ def check_run_dir(run_dir: Path, force: bool, resume: bool) -> None:
                 f"run folder {run_dir} already exists; pass --force to replace it, --resume to continue it, "
                 "or choose another name (name=...)"
             )
-        if not (run_dir / "config.yaml").is_file():
-            raise UserError(f"--force refuses to delete {run_dir}: it does not look like a run folder (no config.yaml)")
+        if not (run_dir / MARKER).is_file():
+            raise UserError(f"--force refuses to delete {run_dir}: this tool did not create it (no {MARKER}); "
+                            "move or delete it yourself, or choose another name (name=...)")
+        foreign = foreign_entries(run_dir)
+        if foreign:
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            raise UserError(f"--force refuses to delete {run_dir}: it holds files this tool did not write "
+                            f"({', '.join(foreign[:3])}{more}); move them out or choose another name (name=...)")
+    check_writable(run_dir)
+
+
+def check_writable(path: Path) -> None:
+    """Fail early if `path` (a folder, possibly not yet there) cannot be created or written."""
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise UserError(f"cannot write {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {path}: no write permission in {existing}")
 
 
 def create_run_dir(run_dir: Path, force: bool, resume: bool) -> None:
@@ -44,6 +98,9 @@ def create_run_dir(run_dir: Path, force: bool, resume: bool) -> None:
     if force and not resume and run_dir.exists():
         shutil.rmtree(run_dir)
     (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    marker = run_dir / MARKER
+    if not marker.exists():
+        marker.write_text(json.dumps({"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}) + "\n")
 
 
 def model_checkpoint(path: str | Path, which: str = "best") -> Path:
@@ -82,6 +139,22 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(_plain(record)) + "\n")
+
+    def trim(self, step: int) -> None:
+        """Drop the records written after the checkpoint of `step` (a resumed run writes them again)."""
+        if self.path is None or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and _record_step(line) <= step]
+        if len(kept) != len(lines):
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(kept)))
+
+
+def _record_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", -1)
+    except ValueError:  # a line cut by a crash
+        return math.inf
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

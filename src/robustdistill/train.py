@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -28,15 +29,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .checks import failed
-from .checkpoint import load_model, load_torch, save_model, save_torch
-from .config import Config
+from .checkpoint import atomic_write, load_model, load_torch, save_model, save_torch
+from .config import RESUMABLE, Config, config_changes, load_config
 from .data import Augment, BatchLoader, Dataset, load_dataset
-from .distributed import DistInfo, any_rank, barrier, check_ranks_agree, init_distributed, resolve_device
+from .distributed import DistInfo, any_rank, barrier, check_ranks_agree, gather_objects, init_distributed, resolve_device
 from .errors import CheckpointError, ConfigError, TrainingError
 from .evaluate import EvalSettings, evaluate, needed_attacks, selection_score
 from .methods import METHODS, Context, Progress, create_method
 from .models import ModelSpec, create_model
-from .report import build_report, write_report
+from .report import build_report, now, write_report
 from .robustbench import is_robustbench, zoo_path
 from .teachers import load_surrogate, load_teacher, model_spec
 from .runs import CHECKPOINTS, MetricsLog, check_run_dir, create_run_dir, model_checkpoint
@@ -49,8 +50,9 @@ def lr_decays(epoch: int, milestones: list[int]) -> int:
     return sum(epoch >= m for m in milestones)
 
 
-def _preflight(cfg: Config, run_dir: Path, force: bool, resume: bool) -> None:
-    """Every check that can fail on user input, before anything is read or written."""
+def _preflight(cfg: Config, run_dir: Path, force: bool, resume: bool) -> dict[str, tuple[Any, Any]]:
+    """Every check that can fail on user input, before anything is read or written; returns the
+    config keys a resume changes (only those of RESUMABLE are accepted)."""
     method_cls = METHODS.get(cfg.method.name)
     for role in method_cls.teachers:
         if role not in cfg.teachers:
@@ -73,6 +75,41 @@ def _preflight(cfg: Config, run_dir: Path, force: bool, resume: bool) -> None:
     if cfg.train.select_on == "val" and cfg.data.val_fraction <= 0:
         raise ConfigError("train.select_on=val needs data.val_fraction > 0 (a validation split)")
     check_run_dir(run_dir, force, resume)
+    if not resume:
+        return {}
+    changes = config_changes(load_config(run_dir / "config.yaml"), cfg)
+    refused = [k for k in changes if k not in RESUMABLE]
+    if refused:
+        shown = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused[:4])
+        raise ConfigError(f"--resume refuses to change what {run_dir} was trained with ({shown}); only "
+                          f"{', '.join(RESUMABLE)} may change; start a new run (name=...) instead")
+    return changes
+
+
+def _record_changes(run_dir: Path, cfg: Config, changes: dict[str, tuple[Any, Any]], epoch: int) -> None:
+    """A resume with changed keys rewrites config.yaml and appends the change to config_history.jsonl."""
+    entry = {"time": now(), "resumed_after_epoch": epoch, "changes": {k: list(v) for k, v in changes.items()}}
+    with open(run_dir / "config_history.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(cfg.to_yaml()))
+
+
+def _rng_states(device: torch.device) -> dict[str, list]:
+    """Every rank's random state (collective: all ranks call it), so a DDP resume continues each stream."""
+    states = {"rng": gather_objects(torch.get_rng_state())}
+    if device.type == "cuda":
+        states["cuda_rng"] = gather_objects(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _restore_rng(state: dict[str, Any], dist_info: DistInfo, device: torch.device) -> None:
+    saved = len(state["rng"])
+    if saved != dist_info.world_size:
+        log.warning("resuming on %d process(es) a run trained on %d: random streams differ from an uninterrupted run",
+                    dist_info.world_size, saved)
+    torch.set_rng_state(state["rng"][dist_info.rank % saved])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"][dist_info.rank % len(state["cuda_rng"])], device)
 
 
 def _autocast(cfg: Config, device: torch.device):
@@ -85,7 +122,7 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
     """Train `cfg` into `cfg.out_dir/cfg.name`; returns the run folder."""
     run_dir = Path(cfg.out_dir) / (cfg.name or "run")
     dist_info = init_distributed(cfg.train.device)
-    _preflight(cfg, run_dir, force, resume)
+    changes = _preflight(cfg, run_dir, force, resume)
     barrier()  # every rank has checked the folder before rank 0 may create it
     device = resolve_device(cfg.train.device, dist_info)
     torch.manual_seed(cfg.seed * 1000 + dist_info.rank)
@@ -113,7 +150,7 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
         method.load_state_dict(state["method"])
         start_epoch, best_score, best_epoch = state["epoch"] + 1, state["best_score"], state["best_epoch"]
         progress.step = state["step"]
-        torch.set_rng_state(state["rng"][dist_info.rank % len(state["rng"])])
+        _restore_rng(state, dist_info, device)
         log.info("resuming %s after epoch %d", run_dir, state["epoch"] + 1)
 
     loader = BatchLoader(
@@ -128,12 +165,16 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
     if len(loader) == 0:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the training split ({len(dataset.train)} images)")
     # Everything that can fail on the user's input has run: only now is the run folder written.
+    metrics = MetricsLog(run_dir / "metrics.jsonl" if dist_info.is_main else None)
     if dist_info.is_main:
         create_run_dir(run_dir, force, resume)
         if not resume:
-            (run_dir / "config.yaml").write_text(cfg.to_yaml())
+            atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(cfg.to_yaml()))
+        else:
+            metrics.trim(progress.step)  # records written after the checkpoint are written again
+            if changes:
+                _record_changes(run_dir, cfg, changes, start_epoch)
     barrier()
-    metrics = MetricsLog(run_dir / "metrics.jsonl" if dist_info.is_main else None)
     select_metric = cfg.train.select_metric or method.selection_metric
     select_split = dataset.split(cfg.train.select_on)
     if cfg.train.eval_subset is not None:
@@ -197,6 +238,7 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
                 best_score, best_epoch = score, epoch + 1
                 if dist_info.is_main:
                     save_model(run_dir / CHECKPOINTS / "best.safetensors", student, spec, epoch=epoch + 1, **meta)
+        rng = _rng_states(device)
         if dist_info.is_main:
             metrics.write(**record)
             save_model(run_dir / CHECKPOINTS / "last.safetensors", student, spec, epoch=epoch + 1, **meta)
@@ -209,7 +251,8 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
                     "step": progress.step,
                     "best_score": best_score,
                     "best_epoch": best_epoch,
-                    "rng": [torch.get_rng_state()],
+                    "world_size": dist_info.world_size,
+                    **rng,
                 },
                 run_dir / CHECKPOINTS / "train_state.pt",
             )
