@@ -67,3 +67,90 @@ def test_any_rank_tells_every_rank_when_one_sees_a_problem():
     results = manager.dict()
     mp.spawn(_any_rank_worker, args=(port, results), nprocs=2, join=True)
     assert dict(results) == {0: (True, False), 1: (True, False)}
+
+
+def _fast_autoattack():
+    """10 APGD iterations instead of 100: the same code paths, a fraction of the time."""
+    import pyautoattack.autoattack as aa_module
+    from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+
+    aa_module.APGDAttack = lambda *a, **k: APGDAttack(*a, **{**k, "n_iter": 10})
+    aa_module.APGDAttack_targeted = lambda *a, **k: APGDAttack_targeted(*a, **{**k, "n_iter": 10})
+
+
+EVAL_ATTACKS = ["clean", "fgsm", "pgd20", "cw", "autoattack_fast", "square", "transfer"]
+
+
+def _evaluate_digits(model_path, surrogate_path, rank=0, world_size=1):
+    import dataclasses
+
+    import torch
+
+    from conftest import digits_config
+    from robustdistill.data import load_dataset
+
+    torch.set_num_threads(1)
+    _fast_autoattack()
+    digits = load_dataset(digits_config(Path("."), "natural").data)
+    model, _ = load_model(model_path)
+    surrogate, _ = load_model(surrogate_path)
+    settings = EvalSettings(eps=0.2, step_size=0.05, batch_size=8, restarts=2, square_queries=50, checks=True,
+                            checks_subset=70)
+    out = evaluate(model.eval(), digits.test.take(slice(0, 100)), EVAL_ATTACKS, settings, 10, rank, world_size,
+                   surrogate=surrogate.eval())
+    return json.loads(json.dumps(dataclasses.asdict(settings) and out))
+
+
+def _eval_worker(rank, port, paths, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        results[rank] = _evaluate_digits(*paths, rank=rank, world_size=2)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_rank_evaluation_equals_one_process_exactly(trained_runs):
+    """Blocks of samples per rank and per-sample randomness: every attack (AutoAttack and Square
+    included), every sanity check and every class-wise number is the single-process one."""
+    import torch.multiprocessing as mp
+
+    paths = (str(trained_runs["trades"] / "checkpoints" / "best.safetensors"),
+             str(trained_runs["natural"] / "checkpoints" / "best.safetensors"))
+    single = _evaluate_digits(*paths)
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_eval_worker, args=(_free_port(), paths, results), nprocs=2, join=True)
+    assert results[0] == single and results[1] == single
+    assert 0 < single["attacks"]["pgd20"]["accuracy"] < single["attacks"]["clean"]["accuracy"]
+
+
+@pytest.mark.slow
+def test_two_rank_resume_is_bit_identical_to_the_uninterrupted_run(tmp_path):
+    import torch
+
+    def torchrun(*args):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "robustdistill", "train", *args]
+        result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    common = [f"out_dir={tmp_path}", "attack.steps=2", "train.device=cpu", "eval.checks=false", "train.milestones=[1]"]
+    torchrun(str(ROOT / "configs" / "digits" / "pgd_at.yaml"), "name=straight", "train.epochs=2", *common)
+    torchrun(str(ROOT / "configs" / "digits" / "pgd_at.yaml"), "name=resumed", "train.epochs=1", *common)
+    torchrun(str(tmp_path / "resumed"), "--resume", "train.epochs=2")
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "train_state.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "train_state.pt", weights_only=True)
+    assert len(a["rng"]) == 2 and not torch.equal(a["rng"][0], a["rng"][1])  # each rank's own stream is kept
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(x, y) for x, y in zip(a["rng"], b["rng"]))

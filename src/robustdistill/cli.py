@@ -195,8 +195,15 @@ def _cmd_list(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the tool's error style: one line, exit code 2 (raised, so `main` reports it)."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see '{self.prog} --help')")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="robustdistill", description="Adversarial robustness distillation.")
+    parser = _Parser(prog="robustdistill", description="Adversarial robustness distillation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="more detail in logs and tables")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -255,11 +262,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> argparse.Namespace:
+    """Parse; `key=value` overrides of `train` may also come after its flags (`train RUN --resume k=v`)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides += extra
+        else:
+            raise UserError(f"unrecognized arguments: {' '.join(extra)} (see 'robustdistill {args.command} --help')")
+    return args
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    given = argv if argv is not None else sys.argv[1:]
+    _setup_logging("-v" in given or "--verbose" in given)
     try:
+        args = _parse(build_parser(), argv)
         return args.func(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

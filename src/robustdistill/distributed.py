@@ -74,6 +74,15 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics). DDP broadcasts them only at the
+    start of each forward through the wrapper, so after an epoch each rank holds the statistics of
+    its own last batch; validation, the checkpoint and a resume must all see one set."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def gather_objects(obj) -> list:
     """`obj` from every rank, in rank order (just `[obj]` in a single process)."""
     if not is_distributed():

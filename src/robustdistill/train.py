@@ -32,7 +32,7 @@ from .checks import failed
 from .checkpoint import atomic_write, load_model, load_torch, save_model, save_torch
 from .config import RESUMABLE, Config, config_changes, load_config
 from .data import Augment, BatchLoader, Dataset, load_dataset
-from .distributed import DistInfo, any_rank, barrier, check_ranks_agree, gather_objects, init_distributed, resolve_device
+from .distributed import DistInfo, any_rank, barrier, broadcast_buffers, check_ranks_agree, gather_objects, init_distributed, resolve_device
 from .errors import CheckpointError, ConfigError, TrainingError
 from .evaluate import EvalSettings, evaluate, needed_attacks, selection_score
 from .methods import METHODS, Context, Progress, create_method
@@ -212,6 +212,7 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
             loss_sum += loss.detach()
             if progress.step % cfg.train.log_every == 0:
                 metrics.write(type="step", epoch=epoch + 1, step=progress.step, lr=lr, loss=loss, **stats, **method.log_state())
+        broadcast_buffers(student)
         method.on_epoch_end(progress)
         check_ranks_agree(method.log_state(), f"the {cfg.method.name} state after epoch {epoch + 1}")
         seconds = time.perf_counter() - started
