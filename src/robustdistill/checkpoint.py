@@ -85,11 +85,24 @@ def load_torch(path: str | Path) -> Any:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises several types for unsafe/corrupt files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception:  # noqa: BLE001 - torch raises many types for unsafe or corrupt files
+        pass
+    try:  # lists the pickle's globals without executing anything
+        refused = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001
+        refused = []
+    if any(name.startswith("torch.nn.modules.") for name in refused):
         raise CheckpointError(
-            f"cannot load {path} with weights_only=True (unsafe or corrupt file): {first}"
+            f"{path} holds a whole pickled model, not a state dict; loading it would run arbitrary code, so this "
+            "tool refuses: in Python, load it from a source you trust and save model.state_dict() instead"
         ) from None
+    if refused:
+        shown = ", ".join(sorted(refused)[:3]) + (f" and {len(refused) - 3} more" if len(refused) > 3 else "")
+        raise CheckpointError(
+            f"{path} needs the Python object(s) {shown}, which this tool refuses to unpickle (weights_only=True "
+            "loads tensors and plain containers only); save a plain state dict of tensors instead"
+        ) from None
+    raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint (torch.save file); re-save or re-copy it") from None
 
 
 def save_model(path: str | Path, model: torch.nn.Module, spec: ModelSpec, **meta: Any) -> None:
@@ -105,7 +118,19 @@ def read_model_meta(path: str | Path) -> Optional[dict[str, Any]]:
             header = f.metadata() or {}
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
-    return json.loads(header[META_KEY]) if META_KEY in header else None
+    if META_KEY not in header:
+        return None
+    try:
+        meta = json.loads(header[META_KEY])
+        if not isinstance(meta, dict):
+            raise ValueError("not a mapping")
+        if "spec" in meta:
+            ModelSpec(**meta["spec"])
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(
+            f"{path} has broken '{META_KEY}' metadata in its header ({exc}); re-save it with this tool"
+        ) from None
+    return meta
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:

@@ -22,8 +22,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .config import load_config, parse_float
+from .config import ModelConfig, build, load_config, parse_float
 from .distributed import cleanup
+from .runs import check_writable
 from .errors import UserError
 
 log = logging.getLogger("robustdistill")
@@ -65,8 +66,11 @@ def _eval_out_dir(target: str, out: Optional[str]) -> Path:
     """A new report folder; an existing --out is taken only to resume an unfinished evaluation."""
     if out is not None:
         path = Path(out)
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--out {path} is an existing file; choose a folder")
         if (path / "report.json").exists():
             raise UserError(f"{path} already holds a report; choose another --out")
+        check_writable(path)
         return path
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     where = Path(target)
@@ -80,6 +84,7 @@ def _eval_out_dir(target: str, out: Optional[str]) -> Path:
     while path.exists():
         k += 1
         path = base.with_name(f"{base.name}-{k}")
+    check_writable(path)
     return path
 
 
@@ -108,12 +113,13 @@ def _cmd_eval(args) -> int:
         "restarts": args.restarts,
         "square_queries": args.square_queries,
         "surrogate": args.surrogate,
+        "surrogate_model": build(ModelConfig, {"name": args.surrogate_model}, "--surrogate-model") if args.surrogate_model else None,
         "subset": args.subset,
         "batch_size": args.batch_size,
         "seed": args.seed,
         "checks": False if args.no_checks else None,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # the folder appears with the first AutoAttack state or the report, so a failed evaluation leaves none
     report = evaluate_path(args.target, overrides, which=args.checkpoint, split=args.split, data=args.data,
                            data_root=args.data_root, model=args.model, device=args.device, model_dir=args.model_dir,
                            state_dir=out_dir)
@@ -226,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restarts", type=int, help="random restarts of PGD, CW and transfer (default 1)")
     p.add_argument("--square-queries", type=int, help="query budget of the Square attack (default 5000)")
     p.add_argument("--surrogate", help="the transfer attack's source model (run folder or checkpoint; default: the run's robust teacher)")
+    p.add_argument("--surrogate-model", help="the surrogate's architecture name, for a foreign state dict (e.g. wrn34_10)")
     p.add_argument("--subset", type=int, help="evaluate on the first N images only")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +22,10 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .distributed import check_device
 from .errors import ConfigError
+
+SEED_LIMIT = 2**32  # seeds are integers in [0, SEED_LIMIT)
 
 AttackStart = Literal["auto", "uniform", "gaussian", "none"]
 
@@ -47,6 +51,7 @@ class DataConfig:
         _check(self.crop_padding >= 0, "data.crop_padding", "must be >= 0")
         _check(self.image_size is None or self.image_size > 0, "data.image_size", "must be > 0")
         _check(self.train_subset is None or self.train_subset > 0, "data.train_subset", "must be > 0")
+        _check(0 <= self.split_seed < SEED_LIMIT, "data.split_seed", "must be an integer in [0, 2**32)")
 
 
 @dataclass
@@ -56,9 +61,9 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)  # architecture options, e.g. {width: 32}
 
     def validate(self, key: str = "model") -> None:
-        from .models import check_model_kwargs
+        from .models import check_model_builds
 
-        check_model_kwargs(self.name, self.kwargs, key)
+        check_model_builds(self.name, self.kwargs, key)
 
 
 @dataclass
@@ -71,8 +76,8 @@ class AttackConfig:
     start: AttackStart = "auto"  # auto: the method's own choice (seed methods: x + 0.001 N(0,1))
 
     def validate(self) -> None:
-        _check(self.eps >= 0, "attack.eps", "must be >= 0")
-        _check(self.step_size > 0, "attack.step_size", "must be > 0")
+        _check(0 <= self.eps <= 1, "attack.eps", "must be in [0, 1] (images are in [0, 1]; e.g. 8/255)")
+        _check(0 < self.step_size <= 1, "attack.step_size", "must be in (0, 1] (e.g. 2/255)")
         _check(self.steps >= 1, "attack.steps", "must be >= 1")
 
 
@@ -104,6 +109,9 @@ class TrainConfig:
         _check(self.milestones == sorted(self.milestones), "train.milestones", "must be increasing")
         _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.eval_subset is None or self.eval_subset >= 1, "train.eval_subset", "must be >= 1")
+        _check(self.momentum >= 0 and self.lr_gamma > 0, "train.momentum", "must be >= 0 (and train.lr_gamma > 0)")
+        check_device(self.device, "train.device")
         _check(
             self.select_metric is None or self.select_metric in SELECTION_METRICS,
             "train.select_metric",
@@ -123,6 +131,7 @@ class EvalConfig:
     restarts: int = 1  # random restarts of PGD / CW / transfer; a sample must survive all of them
     square_queries: int = 5000
     surrogate: Optional[str] = None  # transfer attack source (run folder or checkpoint); None: the robust teacher
+    surrogate_model: Optional[ModelConfig] = None  # the surrogate's architecture, for a foreign state dict
     checks: bool = True  # run the sanity checks of spec/evaluation.md
     checks_subset: int = 500  # images the extra check attacks use
     large_eps: float = 1.0  # the budget of the large-eps check
@@ -136,13 +145,19 @@ class EvalConfig:
         for name in self.attacks:
             ATTACKS.get(name)
         _check(len(set(self.attacks)) == len(self.attacks), "eval.attacks", "lists an attack twice")
-        _check(self.pgd_steps >= 1 and self.cw_steps >= 1, "eval.pgd_steps", "and eval.cw_steps must be >= 1")
+        _check(self.pgd_steps >= 1, "eval.pgd_steps", "must be >= 1")
+        _check(self.cw_steps >= 1, "eval.cw_steps", "must be >= 1")
         _check(self.restarts >= 1, "eval.restarts", "must be >= 1")
         _check(self.square_queries >= 1, "eval.square_queries", "must be >= 1")
         _check(self.checks_subset >= 1, "eval.checks_subset", "must be >= 1")
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
-        _check(self.eps is None or self.eps >= 0, "eval.eps", "must be >= 0")
+        _check(self.eps is None or 0 <= self.eps <= 1, "eval.eps", "must be in [0, 1] (e.g. 8/255)")
+        _check(self.step_size is None or 0 < self.step_size <= 1, "eval.step_size", "must be in (0, 1]")
+        _check(0 < self.large_eps <= 1, "eval.large_eps", "must be in (0, 1]")
         _check(self.subset is None or self.subset >= 1, "eval.subset", "must be >= 1")
+        _check(0 <= self.seed < SEED_LIMIT, "eval.seed", "must be an integer in [0, 2**32)")
+        if self.surrogate_model is not None:
+            self.surrogate_model.validate("eval.surrogate_model")
 
 
 @dataclass
@@ -185,6 +200,7 @@ class Config:
     teachers: dict[str, TeacherConfig] = field(default_factory=dict)
 
     def validate(self) -> None:
+        _check(0 <= self.seed < SEED_LIMIT, "seed", "must be an integer in [0, 2**32)")
         self.data.validate()
         self.model.validate()
         self.attack.validate()
@@ -239,18 +255,21 @@ def _check(ok: bool, key: str, message: str) -> None:
 def parse_float(value: Any, key: str) -> float:
     if isinstance(value, bool):
         raise ConfigError(f"{key} must be a number, got {value!r}")
-    if isinstance(value, (int, float)):
-        return float(value)
     if isinstance(value, str):
         text = value.strip()
         try:
             if "/" in text:
                 num, den = text.split("/", 1)
-                return float(num) / float(den)
-            return float(text)
+                value = float(num) / float(den)
+            else:
+                value = float(text)
         except (ValueError, ZeroDivisionError):
-            pass
-    raise ConfigError(f"{key} must be a number (or a fraction like 8/255), got {value!r}")
+            raise ConfigError(f"{key} must be a number (or a fraction like 8/255), got {value!r}") from None
+    if not isinstance(value, (int, float)):
+        raise ConfigError(f"{key} must be a number (or a fraction like 8/255), got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:

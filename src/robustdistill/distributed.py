@@ -8,6 +8,7 @@ that every rank holds identical temperatures and weights.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,16 @@ def init_distributed(device_hint: str = "auto") -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+
+def check_device(name: str, key: str = "device") -> None:
+    if not DEVICE_PATTERN.fullmatch(name):
+        raise ConfigError(f"{key}={name} is not a device; use auto, cpu, cuda, cuda:N or mps")
+
+
 def resolve_device(name: str, dist_info: DistInfo) -> torch.device:
+    check_device(name)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":

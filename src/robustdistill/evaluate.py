@@ -402,6 +402,15 @@ def evaluate(
     return summary
 
 
+def subset_of(split: Split, n: Optional[int], what: str, key: str) -> Split:
+    """The first n samples of `split`; more than it has is an error, never silently fewer."""
+    if n is None:
+        return split
+    if n > len(split):
+        raise UserError(f"{key} = {n} is larger than {what} ({len(split)} images)")
+    return split.take(slice(0, n))
+
+
 def needed_attacks(metric: str) -> list[str]:
     return ["clean"] if metric == "clean" else ["clean", ROBUST_ATTACK]
 
@@ -475,9 +484,7 @@ def evaluate_path(
         spec = spec or ModelSpec(**meta["spec"])
     net = net.to(dev)
     surrogate = load_surrogate(eval_cfg, teachers, dataset, dev)
-    chosen = dataset.split(split)
-    if eval_cfg.subset is not None:
-        chosen = chosen.take(slice(0, eval_cfg.subset))
+    chosen = subset_of(dataset.split(split), eval_cfg.subset, f"the {split} split", "eval.subset (--subset)")
     summary = evaluate(net, chosen, eval_cfg.attacks, settings, dataset.num_classes, progress=progress,
                        surrogate=surrogate, state_dir=state_dir)
     return build_report(summary, spec, ckpt, dataset, split, len(chosen), settings.seed)

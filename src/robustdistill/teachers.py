@@ -60,7 +60,7 @@ def load_surrogate(eval_cfg: EvalConfig, teacher_cfgs: dict[str, TeacherConfig],
     if "transfer" not in eval_cfg.attacks:
         return None
     if eval_cfg.surrogate is not None:
-        return load_teacher("surrogate", TeacherConfig(path=eval_cfg.surrogate), dataset, device)
+        return load_teacher("surrogate", TeacherConfig(path=eval_cfg.surrogate, model=eval_cfg.surrogate_model), dataset, device)
     if loaded and "robust" in loaded:
         return loaded["robust"]
     if "robust" in teacher_cfgs:

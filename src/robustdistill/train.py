@@ -34,7 +34,7 @@ from .config import RESUMABLE, Config, config_changes, load_config
 from .data import Augment, BatchLoader, Dataset, load_dataset
 from .distributed import DistInfo, any_rank, barrier, broadcast_buffers, check_ranks_agree, gather_objects, init_distributed, resolve_device
 from .errors import CheckpointError, ConfigError, TrainingError
-from .evaluate import EvalSettings, evaluate, needed_attacks, selection_score
+from .evaluate import EvalSettings, evaluate, needed_attacks, selection_score, subset_of
 from .methods import METHODS, Context, Progress, create_method
 from .models import ModelSpec, create_model
 from .report import build_report, now, write_report
@@ -164,6 +164,9 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
     )
     if len(loader) == 0:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the training split ({len(dataset.train)} images)")
+    select_split = subset_of(dataset.split(cfg.train.select_on), cfg.train.eval_subset,
+                             f"the {cfg.train.select_on} split", "train.eval_subset")
+    subset_of(dataset.test, cfg.eval.subset, "the test split", "eval.subset")  # the final report's, checked now
     # Everything that can fail on the user's input has run: only now is the run folder written.
     metrics = MetricsLog(run_dir / "metrics.jsonl" if dist_info.is_main else None)
     if dist_info.is_main:
@@ -176,9 +179,6 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
                 _record_changes(run_dir, cfg, changes, start_epoch)
     barrier()
     select_metric = cfg.train.select_metric or method.selection_metric
-    select_split = dataset.split(cfg.train.select_on)
-    if cfg.train.eval_subset is not None:
-        select_split = select_split.take(slice(0, cfg.train.eval_subset))
     settings = dataclasses.replace(EvalSettings.from_config(cfg.eval, cfg.attack.eps), checks=False)
     show = dist_info.is_main
     meta = {"data": cfg.to_dict()["data"], "eps": cfg.attack.eps, "method": cfg.method.name, "run": str(run_dir)}
@@ -278,7 +278,7 @@ def final_report(cfg: Config, run_dir: Path, dataset: Dataset, dist_info: DistIn
     ckpt = run_dir / CHECKPOINTS / "best.safetensors"
     model, meta = load_model(ckpt)
     model = model.to(dataset.test.y.device)
-    test = dataset.test if cfg.eval.subset is None else dataset.test.take(slice(0, cfg.eval.subset))
+    test = subset_of(dataset.test, cfg.eval.subset, "the test split", "eval.subset")
     settings = EvalSettings.from_config(cfg.eval, cfg.attack.eps)
     surrogate = load_surrogate(cfg.eval, cfg.teachers, dataset, dataset.test.y.device, loaded=teachers)
     summary = evaluate(model, test, cfg.eval.attacks, settings, dataset.num_classes, dist_info.rank,

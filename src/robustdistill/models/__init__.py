@@ -68,12 +68,23 @@ def check_model_kwargs(name: str, kwargs: dict[str, Any], key: str = "model") ->
             )
 
 
-def create_model(spec: ModelSpec) -> Classifier:
-    check_model_kwargs(spec.name, spec.kwargs)
+def _build(name: str, kwargs: dict[str, Any], key: str, num_classes: int, in_channels: int) -> nn.Module:
+    check_model_kwargs(name, kwargs, key)
     try:
-        net = MODELS.get(spec.name)(num_classes=spec.num_classes, in_channels=spec.in_channels, **spec.kwargs)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"model '{spec.name}' with {spec.kwargs}: {exc}") from None
+        return MODELS.get(name)(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - a builder rejects bad options with many exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{key}.kwargs {kwargs} do not build model '{name}': {first}") from None
+
+
+def check_model_builds(name: str, kwargs: dict[str, Any], key: str = "model") -> None:
+    """Build the model on the meta device (no memory, no compute): bad options fail here, at config time."""
+    with torch.device("meta"):
+        _build(name, kwargs, key, num_classes=10, in_channels=3)
+
+
+def create_model(spec: ModelSpec) -> Classifier:
+    net = _build(spec.name, spec.kwargs, "model", spec.num_classes, spec.in_channels)
     return Classifier(net, spec.mean, spec.std)
 
 

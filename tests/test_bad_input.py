@@ -1,0 +1,209 @@
+"""The bad-input catalogue: every mistake a user can make at the command line gets exit code 2 and
+one line on stderr that names the key or file and what to do; no traceback, nothing created,
+nothing that existed changed. Each case runs the real CLI in-process inside a workspace that holds
+the files a careful user might pass by mistake (truncated, pickled, malicious, mislabelled)."""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from robustdistill.checkpoint import save_model
+from robustdistill.cli import main
+from robustdistill.models import ModelSpec, create_model
+from robustdistill.runs import MARKER
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "configs" / "digits"
+
+
+class Evil:
+    """Unpickling this would run a shell command: the loader must refuse and name `system`."""
+
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("workspace")
+    spec = ModelSpec("small_cnn", 10, 1, {"width": 4})
+    model = create_model(spec)
+    save_model(ws / "model.safetensors", model, spec, data={"name": "digits", "val_fraction": 0.2}, eps=0.2)
+    torch.save(model.net.state_dict(), ws / "state.pt")
+    data = (ws / "state.pt").read_bytes()
+    (ws / "truncated.pt").write_bytes(data[: len(data) // 2])
+    torch.save(model, ws / "module.pt")
+    torch.save({"weights": Evil()}, ws / "evil.pt")
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, ws / "broken_meta.safetensors", metadata={"robustdistill": "{not json"})
+    save_file(tensors, ws / "bad_spec.safetensors", metadata={"robustdistill": json.dumps({"spec": {"nom": "x"}})})
+    (ws / "garbage.safetensors").write_bytes(b"\x00" * 64)
+    (ws / "a_file").write_text("not a folder")
+    (ws / "broken.yaml").write_text("train: {epochs: 3\n")
+    (ws / "list.yaml").write_text("- 1\n- 2\n")
+    existing = ws / "runs" / "existing"
+    (existing / "checkpoints").mkdir(parents=True)
+    (existing / MARKER).write_text("{}")
+    (existing / "config.yaml").write_text((DIGITS / "natural.yaml").read_text())
+    (ws / "finished_eval").mkdir()
+    (ws / "finished_eval" / "report.json").write_text("{}")
+    return ws
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+            for p in sorted(root.rglob("*"))}
+
+
+def train(*args):
+    return ["train", str(DIGITS / "natural.yaml"), "out_dir=runs", *args]
+
+
+def student(*args):
+    return ["train", str(DIGITS / "rslad.yaml"), "out_dir=runs", *args]
+
+
+def teacher(path):
+    return student(f"teachers.robust.path={path}", "teachers.robust.model={name: small_cnn, kwargs: {width: 4}}")
+
+
+def evaluate(*args, target="model.safetensors"):
+    return ["eval", target, *args]
+
+
+CASES = [
+    # budgets: finite and inside the image range
+    (train("attack.eps=2"), "attack.eps must be in [0, 1]"),
+    (train("attack.eps=inf"), "attack.eps must be a finite number"),
+    (train("attack.eps=.nan"), "attack.eps must be a finite number"),
+    (train("attack.eps=-0.1"), "attack.eps must be in [0, 1]"),
+    (train("attack.step_size=0"), "attack.step_size must be in (0, 1]"),
+    (train("attack.steps=0"), "attack.steps must be >= 1"),
+    (train("eval.eps=8"), "eval.eps must be in [0, 1]"),
+    (train("eval.large_eps=3"), "eval.large_eps must be in (0, 1]"),
+    # numbers and names
+    (train("train.epochs=0"), "train.epochs must be >= 1"),
+    (train("train.lr=-1"), "train.lr must be > 0"),
+    (train("train.lr=1/0"), "train.lr must be a number"),
+    (train("train.batch_size=0"), "train.batch_size must be >= 1"),
+    (train("train.batch_size=100000"), "larger than the training split"),
+    (train("train.milestones=[5, 2]"), "train.milestones must be increasing"),
+    (train("train.log_every=0"), "train.log_every must be >= 1"),
+    (train("train.select_on=both"), "train.select_on must be one of val, test"),
+    (train("train.select_metric=best"), "train.select_metric must be one of"),
+    (train("train.device=tpu"), "train.device=tpu is not a device"),
+    (train("train.device=cuda:x"), "train.device=cuda:x is not a device"),
+    (train("train.eval_subset=0"), "train.eval_subset must be >= 1"),
+    (train("train.eval_subset=100000"), "train.eval_subset = 100000 is larger than the val split"),
+    (train("eval.subset=100000"), "eval.subset = 100000 is larger than the test split"),
+    (train("eval.attacks=[clean, bogus]"), "unknown attack 'bogus'"),
+    (train("eval.attacks=[clean, clean]"), "eval.attacks lists an attack twice"),
+    (train("eval.restarts=0"), "eval.restarts must be >= 1"),
+    (train("eval.seed=-3"), "eval.seed must be an integer in [0, 2**32)"),
+    (train("seed=1e20"), "seed must be an integer"),
+    (train("seed=100000000000000000000"), "seed must be an integer in [0, 2**32)"),
+    (train("seed=-1"), "seed must be an integer in [0, 2**32)"),
+    (train("data.split_seed=-1"), "data.split_seed must be an integer in [0, 2**32)"),
+    (train("data.val_fraction=1.5"), "data.val_fraction must be in [0, 1)"),
+    (train("data.name=mnist"), "unknown dataset 'mnist'"),
+    (train("data.name=cifar10", "data.root=nowhere"), "cifar-10-batches-py"),
+    (train("model.name=vgg"), "unknown model 'vgg'"),
+    (train("model.kwargs.width=-4"), "model.kwargs {'width': -4} do not build model 'small_cnn'"),
+    (train("model.kwargs.depth=3"), "model.kwargs.depth is not an option of model 'small_cnn'"),
+    (train("method.name=nope"), "unknown method 'nope'"),
+    (train("method=trades", "method.beta=lots"), "method.beta must be a number"),
+    (train("foo.bar=1"), "unknown key 'foo'"),
+    (train("train.epochs"), "must look like key=value"),
+    (train("--no-such-flag"), "unrecognized arguments: --no-such-flag"),
+    # files and folders
+    (["train", "missing.yaml"], "config file not found: missing.yaml"),
+    (["train", "broken.yaml"], "malformed YAML in broken.yaml (line 2"),
+    (["train", "list.yaml"], "list.yaml must hold a YAML mapping"),
+    (train("name=existing"), "run folder runs/existing already exists; pass --force"),
+    (["train", "runs/existing", "--resume"], "cannot resume: runs/existing has no checkpoints/train_state.pt"),
+    (["train", "runs/nothing", "--resume"], "--resume takes a run folder with a config.yaml"),
+    (train("out_dir=a_file/runs"), "a_file is a file, not a folder"),
+    (train("out_dir=.", "name=a_file"), "run folder a_file is an existing file"),
+    # teachers: missing, truncated, pickled objects, broken headers
+    (student("teachers.robust.path=nowhere"), "teacher 'robust' (teachers.robust.path): no run folder or checkpoint file at nowhere"),
+    (teacher("truncated.pt"), "truncated.pt is truncated or not a PyTorch checkpoint"),
+    (teacher("module.pt"), "module.pt holds a whole pickled model, not a state dict"),
+    (teacher("evil.pt"), "evil.pt needs the Python object(s) posix.system, which this tool refuses to unpickle"),
+    (teacher("broken_meta.safetensors"), "broken_meta.safetensors has broken 'robustdistill' metadata"),
+    (teacher("garbage.safetensors"), "garbage.safetensors is not a readable safetensors file"),
+    (student("teachers.robust.path=state.pt"), "state.pt does not say which architecture it holds"),
+    (student("teachers.robust.path=model.safetensors", "teachers.robust.model={name: small_cnn, kwargs: {width: 8}}"),
+     "model.safetensors does not fit the model (wrong shapes"),
+    # eval
+    (evaluate("--eps", "2"), "eval.eps must be in [0, 1]"),
+    (evaluate("--eps", "inf"), "--eps must be a finite number"),
+    (evaluate("--step-size", "0"), "eval.step_size must be in (0, 1]"),
+    (evaluate("--steps", "0"), "eval.pgd_steps must be >= 1"),
+    (evaluate("--subset", "100000"), "eval.subset (--subset) = 100000 is larger than the test split (359 images)"),
+    (evaluate("--attacks", "clean,bogus"), "unknown attack 'bogus'"),
+    (evaluate("--attacks", "clean,transfer"), "the transfer attack needs a surrogate"),
+    (evaluate("--device", "tpu"), "device=tpu is not a device"),
+    (evaluate("--seed", "-1"), "eval.seed must be an integer in [0, 2**32)"),
+    (evaluate("--batch-size", "0"), "eval.batch_size must be >= 1"),
+    (evaluate("--steps", "many"), "argument --steps: invalid int value: 'many'"),
+    (evaluate("--out", "a_file"), "--out a_file is an existing file"),
+    (evaluate("--out", "a_file/x"), "a_file is a file, not a folder"),
+    (evaluate("--out", "finished_eval"), "finished_eval already holds a report"),
+    (evaluate("--attacks", "clean,transfer", "--surrogate", "state.pt"), "state.pt does not say which architecture"),
+    (evaluate(target="nowhere.pt"), "no run folder or checkpoint file at nowhere.pt"),
+    (evaluate(target="truncated.pt"), "does not say which dataset"),
+    (evaluate("--data", "digits", target="state.pt"), "no eps known for this model; pass --eps"),
+    (evaluate("--data", "digits", "--model", "small_cnn", "--eps", "0.2", target="truncated.pt"), "truncated.pt is truncated"),
+    (evaluate("--data", "digits", "--model", "small_cnn", "--eps", "0.2", target="module.pt"), "module.pt holds a whole pickled model"),
+    (evaluate("--data", "digits", "--model", "small_cnn", "--eps", "0.2", target="evil.pt"), "refuses to unpickle"),
+    (evaluate("--data", "digits", "--eps", "0.2", target="state.pt"), "state.pt does not say which architecture"),
+    (evaluate(target="broken_meta.safetensors"), "broken 'robustdistill' metadata"),
+    (evaluate(target="bad_spec.safetensors"), "bad_spec.safetensors has broken 'robustdistill' metadata"),
+    (evaluate(target="garbage.safetensors"), "garbage.safetensors is not a readable safetensors file"),
+    (evaluate("--data", "digits", "--eps", "0.2", target="robustbench:Nobody2099"), "RobustBench model Nobody2099 (digits, Linf) is not at"),
+    # the other commands
+    (["report", "nowhere"], "nowhere has no report.json"),
+    (["plot", "nowhere"], "nowhere is not a run folder"),
+    (["list", "bogus"], "argument kind: invalid choice: 'bogus'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+]
+
+
+@pytest.mark.parametrize("args, fragment", CASES, ids=[" ".join(a[2:] if a[0] == "train" else a)[:60] for a, _ in CASES])
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(workspace, monkeypatch, capsys, args, fragment):
+    monkeypatch.chdir(workspace)
+    before = _snapshot(workspace)
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert fragment in err, err
+    assert "Traceback" not in captured.err + captured.out and "\x1b[" not in err
+    assert _snapshot(workspace) == before  # nothing created, nothing changed
+
+
+def test_the_catalogue_is_large_enough():
+    assert len(CASES) >= 50
+
+
+def test_overrides_may_follow_flags(workspace, monkeypatch, capsys):
+    monkeypatch.chdir(workspace)
+    assert main(["train", str(DIGITS / "natural.yaml"), "--print-config", "train.epochs=3"]) == 0
+    assert "epochs: 3" in capsys.readouterr().out
+
+
+def test_a_foreign_surrogate_takes_its_architecture(workspace, tmp_path, capsys):
+    """`--surrogate-model` gives the transfer attack's surrogate the architecture a state dict lacks."""
+    torch.save(create_model(ModelSpec("small_cnn", 10, 1)).net.state_dict(), tmp_path / "surrogate.pt")
+    out = tmp_path / "eval"
+    args = evaluate("--attacks", "clean,transfer", "--surrogate", str(tmp_path / "surrogate.pt"), "--subset", "20",
+                    "--no-checks", "--out", str(out), target=str(workspace / "model.safetensors"))
+    assert main(args) == 2 and "does not say which architecture" in capsys.readouterr().err
+    assert main(args + ["--surrogate-model", "small_cnn"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["num_samples"] == 20 and "transfer" in report["attacks"]
