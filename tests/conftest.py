@@ -10,6 +10,13 @@ from robustdistill.demo import recipe
 torch.set_num_threads(2)
 
 
+def pytest_collection_modifyitems(items):
+    """A test that needs the trained models trains them (or shares their training): it is slow."""
+    for item in items:
+        if "trained_runs" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 def digits_config(tmp_path, which="natural", **overrides):
     """A digits recipe shrunk for tests; `overrides` are dotted keys (`train__epochs` -> train.epochs)."""
     raw = copy.deepcopy(recipe(which))

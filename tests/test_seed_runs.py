@@ -18,6 +18,7 @@ def _student(tmp_path, trained_runs, which, **overrides):
     return digits_config(tmp_path, which, **teachers, **(settings | overrides))
 
 
+@pytest.mark.slow
 def test_absld_logs_classwise_temperatures_that_move(tmp_path, trained_runs):
     run = train(_student(tmp_path, trained_runs, "absld"))
     epochs = [r for r in read_metrics(run) if r["type"] == "epoch"]
@@ -31,6 +32,7 @@ def test_absld_logs_classwise_temperatures_that_move(tmp_path, trained_runs):
     assert "val_robust_plus_worst" in epochs[-1]
 
 
+@pytest.mark.slow
 def test_bmtard_logs_temperatures_and_weights_per_step(tmp_path, trained_runs):
     run = train(_student(tmp_path, trained_runs, "bmtard"))
     steps = [r for r in read_metrics(run) if r["type"] == "step"]
@@ -41,6 +43,7 @@ def test_bmtard_logs_temperatures_and_weights_per_step(tmp_path, trained_runs):
 
 
 @pytest.mark.parametrize("which", ["absld", "bmtard"])
+@pytest.mark.slow
 def test_adaptive_state_is_checkpointed_and_restored_on_resume(tmp_path, trained_runs, which):
     straight = train(_student(tmp_path, trained_runs, which, name="straight", train__epochs=2))
     cfg = _student(tmp_path, trained_runs, which, name="resumed", train__epochs=1)
@@ -55,6 +58,7 @@ def test_adaptive_state_is_checkpointed_and_restored_on_resume(tmp_path, trained
         assert torch.allclose(value, flat(b)[key], atol=1e-5), key
 
 
+@pytest.mark.slow
 def test_plot_command_draws_the_trajectories(tmp_path, trained_runs, capsys):
     absld = train(_student(tmp_path, trained_runs, "absld", train__epochs=2))
     bmtard = train(_student(tmp_path, trained_runs, "bmtard", train__epochs=2))

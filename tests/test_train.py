@@ -42,6 +42,7 @@ def test_adversarial_training_buys_robustness(trained_runs):
     assert trades["pgd20"]["accuracy"] > natural["pgd20"]["accuracy"] + 0.2
 
 
+@pytest.mark.slow
 def test_existing_run_folder_is_never_overwritten_silently(tmp_path):
     cfg = digits_config(tmp_path, "natural", train__epochs=1)
     run = train(cfg)
@@ -194,12 +195,14 @@ def test_errors_found_while_loading_write_no_run_folder(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
     cfg = digits_config(tmp_path, "natural", train__epochs=2, train__lr=1e30)
     with pytest.raises(TrainingError, match="non-finite loss"):
         train(cfg)
 
 
+@pytest.mark.slow
 def test_select_on_test_is_possible_but_explicit(tmp_path):
     run = train(digits_config(tmp_path, "natural", train__epochs=1, train__select_on="test"))
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["select_on"] == "test"

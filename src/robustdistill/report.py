@@ -13,7 +13,8 @@ report.json schema (version 1):
                          best_class_accuracy, nsd}}
     robust_to_all: {attacks: [...], accuracy, class_accuracy, ...}   (two or more attacks run)
     w_robust: {value, definition}                   (when clean and pgd20 both ran)
-    checks: [{id, name, status: passed|failed|skipped, numbers: {...}, message}]   (sanity checks 1-7)
+    autoattack_flags: {<autoattack|autoattack_fast>: [warnings pyautoattack's own checks logged]}   (when run)
+    checks: [{id, name, status: passed|failed|skipped, numbers: {...}, message}]   (sanity checks 1-8)
     selection: {metric, split, best_epoch, best_score}   (reports written by training only)
 Accuracies are fractions in [0, 1]; class_accuracy[c] is null for a class absent from the split;
 nsd is null when the mean class accuracy is 0.
