@@ -64,7 +64,7 @@ def test_absld_rate_decays_at_lr_milestones():
         temp = method.temperatures["adv"]
         temp.tau = torch.ones(10)
         temp.risk = torch.tensor([2.0] + [1.0] * 9)  # class 0 is the hard one: g_0 is the largest gap
-        method.on_epoch_end(Progress(epoch=5, lr_decays=decays))
+        method.on_epoch_end(Progress(epoch=5, lr_decays=0, next_lr_decays=decays))
         assert temp.tau[0].item() == pytest.approx(expected)
 
 

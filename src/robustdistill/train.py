@@ -186,6 +186,7 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
     for epoch in range(start_epoch, cfg.train.epochs):
         progress.epoch = epoch
         progress.lr_decays = lr_decays(epoch, cfg.train.milestones)
+        progress.next_lr_decays = lr_decays(epoch + 1, cfg.train.milestones)
         lr = cfg.train.lr * cfg.train.lr_gamma**progress.lr_decays
         for group in optimizer.param_groups:
             group["lr"] = lr

@@ -36,12 +36,15 @@ METHODS: Registry[type["Method"]] = Registry("method")
 
 @dataclass
 class Progress:
-    """Where the loop is; `lr_decays` counts the lr milestones passed so far (the current epoch's
-    decay included), so rates that decay with the lr can be derived from it."""
+    """Where the loop is. `lr_decays` counts the lr milestones in force for the current epoch, so
+    per-step rates that decay with the lr use it; `next_lr_decays` counts those in force for the
+    next epoch: the official loops decay the lr (and their rates) at the end of an epoch, before
+    that epoch's end-of-epoch update, which therefore already uses the decayed rate."""
 
     epoch: int = 0
     step: int = 0
     lr_decays: int = 0
+    next_lr_decays: int = 0
 
 
 @dataclass

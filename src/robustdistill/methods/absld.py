@@ -9,8 +9,9 @@ Every class c has its own teacher temperatures tau_adv[c], tau_nat[c] (init 1, c
 
 During the epoch the student's per-class cross-entropy sums E_adv[c] (on x_adv) and E_nat[c] (on x)
 are accumulated; at the end of the epoch each tau_k moves against its class's risk gap
-(`ClassWiseTemperature`) at rate r = 0.1, multiplied by 0.1 at every lr decay (the decay of an
-epoch applies before that epoch's update). With every temperature fixed at 1 this is RSLAD.
+(`ClassWiseTemperature`) at rate r = 0.1, multiplied by 0.1 at every lr decay. As in the official
+loop, the lr and the rate decay at the end of the epoch before a milestone, and that epoch's update
+already uses the decayed rate (1-based: the update after epoch 215 uses 0.01). With every temperature fixed at 1 this is RSLAD.
 
 Options beyond the paper's defaults:
 - `fixed_temperature_adv` / `fixed_temperature_nat`: the paper's "manual" ablation, class-wise
@@ -99,7 +100,9 @@ class ABSLD(Method):
         return w * adv + (1 - w) * nat, {"loss_adv": adv.detach(), "loss_nat": nat.detach()}
 
     def on_epoch_end(self, progress):
-        rate = self.options.rate * self.options.rate_decay**progress.lr_decays
+        # the official loop decays lr and rate at the end of epoch 215 (1-based), then updates
+        # the temperatures of that epoch with the decayed rate: hence the next epoch's decays
+        rate = self.options.rate * self.options.rate_decay**progress.next_lr_decays
         for kind, temp in self.temperatures.items():
             if self.adaptive[kind]:
                 temp.update(rate)
