@@ -1,67 +1,195 @@
-"""Experiment: RSLAD, ABSLD, MTARD and B-MTARD students on digits over several seeds.
+"""Experiment: the seed methods and their papers' ablations on digits, with 95 % intervals.
 
-    python benchmarks/digits_methods.py [--seeds 0 1 2] [--out runs/digits_methods] [--force]
+    python benchmarks/digits_methods.py                     # 5 seeds; about 20 minutes on 2 CPU cores
+    python benchmarks/digits_methods.py --update-readme     # and rewrite the README's results section
+    python benchmarks/digits_methods.py --seeds 0 1 2 --out runs/quick
 
-Trains the demo's clean (natural) and robust (TRADES) teachers once (seed 0), then every student
-recipe of `robustdistill.demo` with each seed (student initialisation, data order and attack
-noise change; the data split does not), evaluates on the test split and prints mean +- std of:
-clean accuracy, PGD-20 accuracy, worst-class PGD-20 accuracy, NSD of the PGD-20 class-wise
-accuracies, and W-Robust Acc = (clean + PGD-20) / 2. About 6 minutes on 2 CPU cores.
+The demo's clean (natural) and robust (TRADES) teachers are trained once (seed 0); every variant
+below is trained with each seed (student initialisation, data order and attack noise change; the
+data split does not) and evaluated on the test split (clean and PGD-20; per-sample verdicts are in
+each report.json). Finished runs in --out are reused, never overwritten (--force retrains them).
+
+Variants (the ablations of the two papers):
+    rslad        RSLAD (ABSLD with every temperature 1)
+    absld        ABSLD (class-wise adaptive temperatures)
+    absld_fixed  ABSLD with adaptive: false at temperature 1: must not differ from RSLAD
+    baseline     MTARD's Baseline: clean + robust teacher, ebb and nlb off (w = 1/2, tau = 1)
+    mtard        + NLB (Normalization Loss Balance)
+    ebb          + EBB only (Entropy-Based Balance)
+    bmtard       B-MTARD: EBB + NLB
+
+Intervals: a hierarchical bootstrap (2000 draws): each draw resamples the seeds and the test images
+(within each class, so class sizes stay fixed; the same images for every method), so an interval
+covers both the training seed and the finite test set; the point estimate is the mean over seeds on
+the full test split. Worst-class accuracy and NSD are biased under resampling (resampling adds noise
+between classes: the minimum drops and the spread grows), so every interval is the percentile
+interval of the bootstrap distribution shifted by its estimated bias (bootstrap mean - estimate).
+Differences are paired (same seed, same images) and are called significant when their 95 % interval
+excludes 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
+import platform
+import re
+import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from robustdistill.config import from_dict
-from robustdistill.demo import STUDENTS, TEACHERS, recipe
+from robustdistill.data import load_dataset
+from robustdistill.demo import TEACHERS, recipe
+from robustdistill.evaluate import unpack_verdicts
+from robustdistill.report import markdown_table
 from robustdistill.train import train
 
+VARIANTS = {
+    "rslad": ("rslad", []),
+    "absld": ("absld", []),
+    "absld_fixed": ("absld", ["method.adaptive=false"]),
+    "baseline": ("bmtard", ["method.ebb=false", "method.nlb=false"]),
+    "mtard": ("bmtard", ["method.ebb=false", "method.nlb=true"]),
+    "ebb": ("bmtard", ["method.ebb=true", "method.nlb=false"]),
+    "bmtard": ("bmtard", ["method.ebb=true", "method.nlb=true"]),
+}
+# (variant, reference): the comparisons the papers make
+PAIRS = [("absld", "rslad"), ("absld_fixed", "rslad"), ("mtard", "baseline"), ("ebb", "baseline"),
+         ("bmtard", "baseline"), ("bmtard", "mtard"), ("bmtard", "rslad")]
+METRICS = ["clean", "pgd20", "worst pgd20", "NSD pgd20", "W-Robust"]
+README_BEGIN, README_END = "<!-- digits-experiment:begin -->", "<!-- digits-experiment:end -->"
 
-def metrics(report: dict) -> dict[str, float]:
-    clean, adv = report["attacks"]["clean"], report["attacks"]["pgd20"]
-    return {
-        "clean": 100 * clean["accuracy"],
-        "pgd20": 100 * adv["accuracy"],
-        "worst pgd20": 100 * adv["worst_class_accuracy"],
-        "NSD": adv["nsd"],
-        "W-Robust": 100 * report["w_robust"]["value"],
-    }
+
+def metrics(clean: np.ndarray, robust: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """[clean %, PGD-20 %, worst-class PGD-20 %, NSD of the class-wise PGD-20 accuracies, W-Robust %]."""
+    per_class = np.bincount(labels, weights=robust, minlength=num_classes) / np.maximum(np.bincount(labels, minlength=num_classes), 1)
+    present = np.bincount(labels, minlength=num_classes) > 0
+    acc = per_class[present]
+    nsd = acc.std() / acc.mean() if acc.mean() > 0 else np.nan
+    c, r = clean.mean(), robust.mean()
+    return np.array([100 * c, 100 * r, 100 * acc.min(), nsd, 100 * (c + r) / 2])
+
+
+def run_variant(name: str, seed: int, teachers: dict[str, Path], out: Path, force: bool) -> Path:
+    base, overrides = VARIANTS[name]
+    run = out / f"{name}_seed{seed}"
+    if (run / "report.json").is_file() and not force:
+        return run
+    raw = recipe(base)
+    for role in raw.get("teachers", {}):
+        raw["teachers"][role]["path"] = str(teachers[role])
+    cfg = from_dict(raw, [f"out_dir={out}", f"seed={seed}", f"name={run.name}", *overrides])
+    return train(cfg, force=force or run.exists())
+
+
+def verdicts(run: Path) -> tuple[np.ndarray, np.ndarray]:
+    report = json.loads((run / "report.json").read_text())
+    n = report["data"]["num_samples"]
+    return (unpack_verdicts(report["attacks"]["clean"]["verdicts"], n),
+            unpack_verdicts(report["attacks"]["pgd20"]["verdicts"], n))
+
+
+def bootstrap(results: dict[str, list[tuple[np.ndarray, np.ndarray]]], labels: np.ndarray, num_classes: int,
+              draws: int, seed: int) -> dict[str, np.ndarray]:
+    """Per variant: (draws, metrics) of seed-averaged metrics; the first row is the full-data estimate."""
+    rng = np.random.default_rng(seed)
+    n_seeds = len(next(iter(results.values())))
+    by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    out = {name: np.empty((draws + 1, len(METRICS))) for name in results}
+    for b in range(draws + 1):
+        seeds = np.arange(n_seeds) if b == 0 else rng.integers(0, n_seeds, n_seeds)
+        images = np.arange(len(labels)) if b == 0 else np.concatenate([rng.choice(i, len(i)) for i in by_class if len(i)])
+        for name, runs in results.items():
+            values = [metrics(runs[s][0][images], runs[s][1][images], labels[images], num_classes) for s in seeds]
+            out[name][b] = np.nanmean(values, axis=0)
+    return out
+
+
+def interval(samples: np.ndarray, column: int) -> tuple[float, float, float]:
+    """(estimate, lo, hi): the 95 % percentile interval of the bias-corrected bootstrap draws."""
+    point, draws = samples[0, column], samples[1:, column]
+    lo, hi = np.nanpercentile(draws - (np.nanmean(draws) - point), [2.5, 97.5])
+    return point, lo, hi
+
+
+def cell(samples: np.ndarray, column: int, nsd: bool) -> str:
+    fmt = "{:.3f}" if nsd else "{:.1f}"
+    point, lo, hi = interval(samples, column)
+    return f"{fmt.format(point)} [{fmt.format(lo)}, {fmt.format(hi)}]"
+
+
+def tables(boot: dict[str, np.ndarray]) -> tuple[str, str, list[str]]:
+    rows = [[name] + [cell(boot[name], j, METRICS[j].startswith("NSD")) for j in range(len(METRICS))] for name in boot]
+    main = markdown_table(["variant"] + [f"{m}{'' if m.startswith('NSD') else ' %'}" for m in METRICS], rows)
+    diff_rows, findings = [], []
+    for a, b in PAIRS:
+        if a not in boot or b not in boot:
+            continue
+        d = boot[a] - boot[b]
+        cells = []
+        for j, m in enumerate(METRICS):
+            _, lo, hi = interval(d, j)
+            mark = "*" if lo > 0 or hi < 0 else ""
+            cells.append(cell(d, j, m.startswith("NSD")) + mark)
+            if mark:
+                unit = "" if m.startswith("NSD") else " points"
+                findings.append(f"{a} vs {b}: {m} {'+' if d[0, j] > 0 else ''}{d[0, j]:.3g}{unit} [{lo:.3g}, {hi:.3g}]")
+        diff_rows.append([f"{a} - {b}"] + cells)
+    diffs = markdown_table(["difference"] + METRICS, diff_rows)
+    return main, diffs, findings
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", default="runs/digits_methods")
-    parser.add_argument("--force", action="store_true", help="replace earlier runs of this experiment")
+    parser.add_argument("--force", action="store_true", help="retrain runs that already finished")
+    parser.add_argument("--draws", type=int, default=2000, help="bootstrap draws")
+    parser.add_argument("--update-readme", action="store_true", help="rewrite the README section between its markers")
     args = parser.parse_args()
+    started = time.perf_counter()
     out = Path(args.out)
-    paths = {}
+    teachers = {}
     for role, name in TEACHERS.items():
-        paths[role] = train(from_dict(recipe(name), [f"out_dir={out}"]), force=args.force)
-    rows: dict[str, list[dict[str, float]]] = {}
-    for student in STUDENTS:
-        for seed in args.seeds:
-            raw = recipe(student)
-            for role in raw.get("teachers", {}):
-                raw["teachers"][role]["path"] = str(paths[role])
-            cfg = from_dict(raw, [f"out_dir={out}", f"seed={seed}", f"name={student}_seed{seed}"])
-            run = train(cfg, force=args.force)
-            rows.setdefault(student, []).append(metrics(json.loads((run / "report.json").read_text())))
-    columns = list(next(iter(rows.values()))[0])
-    print(f"digits, eps 0.2, test split, seeds {args.seeds} (mean +- std over seeds)")
-    print("| method | " + " | ".join(columns) + " |")
-    print("|---" * (len(columns) + 1) + "|")
-    for student, results in rows.items():
-        cells = []
-        for c in columns:
-            values = [r[c] for r in results]
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.3f} +- {std:.3f}" if c == "NSD" else f"{statistics.mean(values):.1f} +- {std:.1f}")
-        print(f"| {student} | " + " | ".join(cells) + " |")
+        run = out / name
+        teachers[role] = run if (run / "report.json").is_file() and not args.force else train(
+            from_dict(recipe(name), [f"out_dir={out}"]), force=args.force or run.exists())
+    results = {name: [verdicts(run_variant(name, s, teachers, out, args.force)) for s in args.seeds] for name in args.variants}
+    dataset = load_dataset(from_dict(recipe("rslad")).data)
+    labels = dataset.test.y.numpy()
+    boot = bootstrap(results, labels, dataset.num_classes, args.draws, seed=0)
+    main_table, diff_table, findings = tables(boot)
+    minutes = (time.perf_counter() - started) / 60
+    text = "\n".join([
+        f"`python benchmarks/digits_methods.py --seeds {' '.join(map(str, args.seeds))}` "
+        f"({len(args.seeds)} seeds, teachers fixed; digits test split, {len(labels)} images, eps = 0.2; "
+        f"{os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}, {minutes:.0f} min "
+        "including reused runs' loading). Each cell: mean over seeds [95 % interval, hierarchical bootstrap over "
+        "seeds and test images].",
+        "",
+        main_table,
+        "",
+        "Paired differences (same seed, same images); `*`: the 95 % interval excludes 0.",
+        "",
+        diff_table,
+        "",
+        "Significant differences: " + ("; ".join(findings) if findings else "none") + ".",
+    ])
+    print(text)
+    (out / "results.md").write_text(text + "\n")
+    if args.update_readme:
+        readme = Path(__file__).resolve().parents[1] / "README.md"
+        old = readme.read_text()
+        pattern = re.compile(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), re.S)
+        if not pattern.search(old):
+            raise SystemExit(f"{readme} has no {README_BEGIN} ... {README_END} section to rewrite")
+        readme.write_text(pattern.sub(lambda _: f"{README_BEGIN}\n{text}\n{README_END}", old))
+        print(f"\nrewrote the results section of {readme}")
 
 
 if __name__ == "__main__":

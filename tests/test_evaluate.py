@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from robustdistill.evaluate import EvalSettings, class_metrics, evaluate, selection_score
+from robustdistill.evaluate import (EvalSettings, class_metrics, evaluate, pack_verdicts, selection_score,
+                                    unpack_verdicts, wilson_interval)
 
 
 def test_class_metrics_by_hand():
@@ -12,6 +13,22 @@ def test_class_metrics_by_hand():
     m = class_metrics(torch.tensor([9.0, 1.0]), torch.tensor([10.0, 10.0]))
     # class accuracies 0.9 and 0.1: mean 0.5, population std 0.4, NSD 0.8
     assert m["nsd"] == pytest.approx(0.8) and m["best_class_accuracy"] == pytest.approx(0.9)
+
+
+def test_wilson_interval_by_hand():
+    # 8 of 10: p = 0.8, z = 1.96: center (0.8 + 0.19208) / 1.38415 = 0.71677,
+    # half 1.96 * sqrt(0.016 + 0.0096040) / 1.38415 = 0.22657 -> [0.4902, 0.9433]
+    lo, hi = wilson_interval(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    assert wilson_interval(0, 36)[0] == 0.0 and 0.09 < wilson_interval(0, 36)[1] < 0.1  # one class of digits
+    assert wilson_interval(5, 0) is None
+    m = class_metrics(torch.tensor([5.0, 0.0]), torch.tensor([10.0, 0.0]))
+    assert m["class_interval"][1] is None and m["class_interval"][0] == wilson_interval(5, 10)
+
+
+def test_verdicts_round_trip():
+    correct = torch.tensor([True, False, True, True, False, False, True, False, True, True, False])
+    assert unpack_verdicts(pack_verdicts(correct), 11).tolist() == correct.tolist()
 
 
 def test_selection_scores():

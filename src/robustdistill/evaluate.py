@@ -21,10 +21,12 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -314,8 +316,24 @@ def _square(model, x, y, env):
     return torch.cat(out or [x]), None
 
 
+Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile
+
+
+def wilson_interval(hits: float, n: float, z: float = Z95) -> Optional[list[float]]:
+    """The Wilson score interval (95 %) of a binomial proportion hits / n; None when n = 0.
+    Unlike the normal approximation it stays inside [0, 1] and is sound for small n and p near 0 or 1."""
+    if n <= 0:
+        return None
+    p = hits / n
+    denominator = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return [max(0.0, center - half), min(1.0, center + half)]
+
+
 def class_metrics(correct: torch.Tensor, total: torch.Tensor) -> dict[str, Any]:
-    """Metrics from per-class correct counts and per-class totals (1-D tensors of length C)."""
+    """Metrics from per-class correct counts and per-class totals (1-D tensors of length C), with
+    95 % Wilson intervals for the accuracy and for each class's accuracy."""
     correct, total = correct.double(), total.double()
     present = total > 0
     class_acc = torch.where(present, correct / total.clamp_min(1), torch.full_like(total, float("nan")))
@@ -325,7 +343,9 @@ def class_metrics(correct: torch.Tensor, total: torch.Tensor) -> dict[str, Any]:
     nsd = (valid.std(unbiased=False).item() / mean) if len(valid) and mean > 0 else None
     return {
         "accuracy": acc,
+        "accuracy_interval": wilson_interval(correct.sum().item(), total.sum().item()),
         "class_accuracy": [None if torch.isnan(a) else a.item() for a in class_acc],
+        "class_interval": [wilson_interval(h, n) for h, n in zip(correct.tolist(), total.tolist())],
         "worst_class_accuracy": valid.min().item() if len(valid) else None,
         "best_class_accuracy": valid.max().item() if len(valid) else None,
         "nsd": nsd,
@@ -333,10 +353,20 @@ def class_metrics(correct: torch.Tensor, total: torch.Tensor) -> dict[str, Any]:
 
 
 def sample_metrics(correct: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, Any]:
-    """Class metrics of per-sample correctness over the whole split."""
+    """Class metrics of per-sample correctness over the whole split, and the verdicts themselves
+    (`verdicts`: hex of the packed bits, sample order), so that runs can be compared image by image."""
     hits = torch.bincount(y[correct], minlength=num_classes).double()
     total = torch.bincount(y, minlength=num_classes).double()
-    return class_metrics(hits.cpu(), total.cpu())
+    return {**class_metrics(hits.cpu(), total.cpu()), "verdicts": pack_verdicts(correct)}
+
+
+def pack_verdicts(correct: torch.Tensor) -> str:
+    return np.packbits(correct.cpu().numpy().astype(np.uint8)).tobytes().hex()
+
+
+def unpack_verdicts(text: str, n: int) -> np.ndarray:
+    """The per-sample booleans of `pack_verdicts` (n: the number of samples)."""
+    return np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[:n].astype(bool)
 
 
 def _bounds(x_adv: torch.Tensor, x: torch.Tensor) -> dict[str, float]:

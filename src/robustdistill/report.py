@@ -9,8 +9,11 @@ report.json schema (version 1):
     seed: int
     settings: {common: {eps, step_size, pgd_steps, cw_steps, restarts, square_queries, batch_size,
                seed, checks, checks_subset, large_eps}, <attack>: {its own settings}}
-    attacks: {<attack>: {accuracy, class_accuracy[C], worst_class_accuracy,
-                         best_class_accuracy, nsd}}
+    attacks: {<attack>: {accuracy, accuracy_interval [lo, hi], class_accuracy[C], class_interval[C] [lo, hi],
+                         worst_class_accuracy, best_class_accuracy, nsd, verdicts}}
+             intervals: 95 % Wilson score intervals over the test images (null for an absent class);
+             verdicts: per-sample correctness, hex of numpy.packbits in sample order
+             (`evaluate.unpack_verdicts(text, num_samples)` reads it back)
     robust_to_all: {attacks: [...], accuracy, class_accuracy, ...}   (two or more attacks run)
     w_robust: {value, definition}                   (when clean and pgd20 both ran)
     autoattack_flags: {<autoattack|autoattack_fast>: [warnings pyautoattack's own checks logged]}   (when run)
