@@ -12,7 +12,9 @@ Per attack: accuracy, class-wise accuracy, worst/best class, NSD = std / mean of
 accuracies; W-Robust Acc = (clean + pgd20) / 2; and `robust_to_all`, the per-sample worst case
 over every attack run (a sample counts only if it survives all of them). The sanity checks of the
 spec run with every evaluation (`checks.py`); a failed check is reported, never hidden.
-Under DDP each rank evaluates its shard and the class counts are all-reduced.
+Under DDP each rank attacks its blocks of samples and the per-sample verdicts are assembled on
+every rank; random starts are drawn per sample from (seed, restart, index), so every number equals
+the single-process one.
 """
 
 from __future__ import annotations

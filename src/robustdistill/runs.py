@@ -27,7 +27,7 @@ CHECKPOINTS = "checkpoints"
 MARKER = ".robustdistill-run"  # written into every run folder this tool creates
 # what the tool itself writes into a run folder (and its eval-* folders): --force deletes only these
 _RUN_FILES = {MARKER, "config.yaml", "config_history.jsonl", "metrics.jsonl", "report.json", "report.md",
-              "classwise.png", "autoattack_state.json", "autoattack_fast_state.json"}
+              "autoattack_state.json", "autoattack_fast_state.json"}
 _RUN_DIRS = {CHECKPOINTS: {"best.safetensors", "last.safetensors", "train_state.pt"},
              "plots": {"temperatures.png", "balance.png", "classwise.png"}}
 _EVAL_FILES = {"report.json", "report.md", "classwise.png", "autoattack_state.json", "autoattack_fast_state.json"}

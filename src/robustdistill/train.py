@@ -253,7 +253,6 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
                     "step": progress.step,
                     "best_score": best_score,
                     "best_epoch": best_epoch,
-                    "world_size": dist_info.world_size,
                     **rng,
                 },
                 run_dir / CHECKPOINTS / "train_state.pt",
