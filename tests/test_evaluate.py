@@ -64,3 +64,15 @@ def test_eps_zero_attack_equals_clean(natural_model, digits):
     settings = EvalSettings(eps=0.0, step_size=0.0, batch_size=64)
     out = evaluate(natural_model, digits.test, ["clean", "pgd20", "fgsm"], settings, 10)
     assert out["attacks"]["pgd20"] == out["attacks"]["clean"] == out["attacks"]["fgsm"]
+
+
+def test_comparison_table_shows_the_intervals():
+    from robustdistill.report import comparison_table
+
+    metrics = class_metrics(torch.tensor([8.0, 3.0]), torch.tensor([10.0, 10.0]))
+    report = {"attacks": {"clean": metrics, "pgd20": metrics}, "w_robust": {"value": 0.55}}
+    row = comparison_table([("run", report)]).splitlines()[-1]
+    lo, hi = wilson_interval(3, 10)  # the worst class: 3 of 10
+    assert f"30.00 [{100 * lo:.1f}, {100 * hi:.1f}]" in row and "55.00" in row
+    lo, hi = wilson_interval(11, 20)
+    assert f"55.00 [{100 * lo:.1f}, {100 * hi:.1f}]" in row

@@ -115,15 +115,31 @@ def class_table(report: dict[str, Any]) -> str:
     return markdown_table(["class"] + [f"{a} %" for a in attacks], rows)
 
 
+def _with_interval(value: Optional[float], interval: Optional[list[float]]) -> str:
+    if value is None or not interval:
+        return _pct(value)
+    return f"{_pct(value)} [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+
+
+def _worst_class_interval(metrics: dict[str, Any]) -> Optional[list[float]]:
+    """The Wilson interval of the class with the lowest accuracy (None in reports without intervals)."""
+    accs, intervals = metrics.get("class_accuracy", []), metrics.get("class_interval")
+    present = [(a, i) for a, i in zip(accs, intervals or []) if a is not None]
+    return min(present, key=lambda p: p[0])[1] if present else None
+
+
 def comparison_table(named_reports: list[tuple[str, dict[str, Any]]], robust: str = "pgd20") -> str:
-    """One row per run: clean, robust, worst-class robust, NSD (of the robust attack), W-Robust."""
+    """One row per run: clean, robust, worst-class robust (each with its 95 % Wilson interval over
+    the test images, where the report has one), NSD (of the robust attack), W-Robust."""
     rows = []
     for name, rep in named_reports:
         attacks = rep["attacks"]
         clean, adv = attacks.get("clean", {}), attacks.get(robust, {})
         w = rep.get("w_robust", {}).get("value")
-        rows.append([name, _pct(clean.get("accuracy")), _pct(adv.get("accuracy")), _pct(adv.get("worst_class_accuracy")), _nsd(adv.get("nsd")), _pct(w)])
-    header = ["run", "clean %", f"{robust} %", f"worst-class {robust} %", f"NSD ({robust})", "W-Robust %"]
+        rows.append([name, _with_interval(clean.get("accuracy"), clean.get("accuracy_interval")),
+                     _with_interval(adv.get("accuracy"), adv.get("accuracy_interval")),
+                     _with_interval(adv.get("worst_class_accuracy"), _worst_class_interval(adv)), _nsd(adv.get("nsd")), _pct(w)])
+    header = ["run", "clean % [95% CI]", f"{robust} % [95% CI]", f"worst-class {robust} % [95% CI]", f"NSD ({robust})", "W-Robust %"]
     return markdown_table(header, rows)
 
 
