@@ -20,17 +20,19 @@ def _student(tmp_path, trained_runs, which, **overrides):
 
 @pytest.mark.slow
 def test_absld_logs_classwise_temperatures_that_move(tmp_path, trained_runs):
-    run = train(_student(tmp_path, trained_runs, "absld"))
+    cfg = _student(tmp_path, trained_runs, "absld")
+    run = train(cfg)
     epochs = [r for r in read_metrics(run) if r["type"] == "epoch"]
     assert all(len(r["temperature_adv"]) == 10 and len(r["temperature_nat"]) == 10 for r in epochs)
     assert epochs[-1]["temperature_adv"] != [1.0] * 10
     assert all(0.5 <= t <= 5.0 for r in epochs for t in r["temperature_adv"] + r["temperature_nat"])
-    # the largest gap moves its class by exactly the rate: r = 0.1 after epoch 1; the lr decays from
+    # the largest gap moves its class by exactly the rate: r after epoch 1; the lr decays from
     # epoch 3 (milestone 2, 0-based), and as in the official loop (lr and rate decay at the end of
-    # 1-based epoch 215, then that epoch's update) the update after epoch 2 already uses 0.01
+    # 1-based epoch 215, then that epoch's update) the update after epoch 2 already uses r / 10
     moves = [max(abs(a - b) for a, b in zip(later["temperature_adv"], earlier))
              for earlier, later in zip([[1.0] * 10] + [r["temperature_adv"] for r in epochs], epochs)]
-    assert moves == pytest.approx([0.1, 0.01, 0.01], abs=1e-6)
+    r = cfg.method.rate
+    assert moves == pytest.approx([r, r / 10, r / 10], abs=1e-6)
     assert [r["lr"] for r in epochs] == pytest.approx([0.5, 0.5, 0.05])
     assert "val_robust_plus_worst" in epochs[-1]
 

@@ -35,6 +35,16 @@ DIGITS_BASE: dict[str, Any] = {
 
 TEACHER_MODEL = {"name": "small_cnn", "kwargs": {"width": 32}}
 
+# The adaptive mechanisms get the budget the papers give them on CIFAR-10, where the first lr decay
+# comes after 215 epochs x 391 steps = 84,065 steps; digits has 20 epochs x 17 steps = 340 (ratio 247):
+# - EBB (bmtard): tau moves 0.001 per step, up to 84 units on its range [1, 10] before the decay;
+#   0.001 x 247 ~ 0.25 per step gives digits the same travel.
+# - NLB (mtard, bmtard): eta_w = 0.025 is a relaxation rate towards the loss-ratio target (time constant
+#   40 steps, 12 % of digits' pre-decay steps, so the weights reach their target within 3 epochs);
+#   scaled by 247 it would exceed 1 and overshoot, so it stays at the paper's 0.025.
+# - ABSLD: the hardest class's tau moves r per epoch, r = 0.1 x 215 epochs = 21.5 units on [0.5, 5]
+#   before the decay; digits has 20 epochs: r = 0.25 gives 5 units (the whole range) while a step stays
+#   6 % of the range (2 % on CIFAR-10); the strict ratio (1.07) would cross the range in 4 epochs.
 # role -> (overrides of DIGITS_BASE, teachers it needs)
 # Students use lr 0.5: the elementwise-mean KL of the seed methods is 1/C of the batch-mean KL,
 # and 30 epochs is too short a budget for that small a step (lr 0.1 leaves RSLAD ~10 points lower).
@@ -43,14 +53,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     "trades": {"method": {"name": "trades", "beta": 6.0}, "model": TEACHER_MODEL},
     "pgd_at": {"method": {"name": "pgd_at"}, "model": TEACHER_MODEL},
     "rslad": {"method": {"name": "rslad"}, "train": {"lr": 0.5}, "teachers": {"robust": {"path": "runs/trades"}}},
-    "absld": {"method": {"name": "absld"}, "train": {"lr": 0.5}, "teachers": {"robust": {"path": "runs/trades"}}},
+    "absld": {"method": {"name": "absld", "rate": 0.25}, "train": {"lr": 0.5}, "teachers": {"robust": {"path": "runs/trades"}}},
     "mtard": {
         "method": {"name": "mtard"},
         "train": {"lr": 0.5},
         "teachers": {"robust": {"path": "runs/trades"}, "clean": {"path": "runs/natural"}},
     },
     "bmtard": {
-        "method": {"name": "bmtard"},
+        "method": {"name": "bmtard", "temperature_lr": 0.25},
         "train": {"lr": 0.5},
         "teachers": {"robust": {"path": "runs/trades"}, "clean": {"path": "runs/natural"}},
     },
