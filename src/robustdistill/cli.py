@@ -281,10 +281,9 @@ def _parse(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> argpar
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    given = argv if argv is not None else sys.argv[1:]
-    _setup_logging("-v" in given or "--verbose" in given)
     try:
         args = _parse(build_parser(), argv)
+        _setup_logging(args.verbose)
         return args.func(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
