@@ -17,6 +17,8 @@ Variants (the ablations of the two papers):
     mtard        + NLB (Normalization Loss Balance)
     ebb          + EBB only (Entropy-Based Balance)
     bmtard       B-MTARD: EBB + NLB
+    bmtard_rt    B-MTARD with the robust teacher in both roles (an investigation, not a paper's
+                 variant: what the clean teacher costs or buys on digits)
 
 Intervals: a hierarchical bootstrap (2000 draws): each draw resamples the seeds and the test images
 (within each class, so class sizes stay fixed; the same images for every method), so an interval
@@ -41,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from robustdistill.checkpoint import load_model
 from robustdistill.config import from_dict
 from robustdistill.data import load_dataset
 from robustdistill.demo import TEACHERS, recipe
@@ -49,18 +52,21 @@ from robustdistill.report import markdown_table
 from robustdistill.runs import read_metrics
 from robustdistill.train import train
 
+# name -> (recipe, overrides, teacher roles taken by another role's teacher)
 VARIANTS = {
-    "rslad": ("rslad", []),
-    "absld": ("absld", []),
-    "absld_fixed": ("absld", ["method.adaptive=false"]),
-    "baseline": ("bmtard", ["method.ebb=false", "method.nlb=false"]),
-    "mtard": ("bmtard", ["method.ebb=false", "method.nlb=true"]),
-    "ebb": ("bmtard", ["method.ebb=true", "method.nlb=false"]),
-    "bmtard": ("bmtard", ["method.ebb=true", "method.nlb=true"]),
+    "rslad": ("rslad", [], {}),
+    "absld": ("absld", [], {}),
+    "absld_fixed": ("absld", ["method.adaptive=false"], {}),
+    "baseline": ("bmtard", ["method.ebb=false", "method.nlb=false"], {}),
+    "mtard": ("bmtard", ["method.ebb=false", "method.nlb=true"], {}),
+    "ebb": ("bmtard", ["method.ebb=true", "method.nlb=false"], {}),
+    "bmtard": ("bmtard", ["method.ebb=true", "method.nlb=true"], {}),
+    "bmtard_rt": ("bmtard", ["method.ebb=true", "method.nlb=true"], {"clean": "robust"}),
 }
 # (variant, reference): the comparisons the papers make
 PAIRS = [("absld", "rslad"), ("absld_fixed", "rslad"), ("mtard", "baseline"), ("ebb", "baseline"),
-         ("bmtard", "baseline"), ("bmtard", "mtard"), ("bmtard", "rslad")]
+         ("bmtard", "baseline"), ("bmtard", "mtard"), ("bmtard", "rslad"), ("bmtard", "bmtard_rt"),
+         ("bmtard_rt", "rslad")]
 METRICS = ["clean", "pgd20", "worst pgd20", "NSD pgd20", "W-Robust"]
 README_BEGIN, README_END = "<!-- digits-experiment:begin -->", "<!-- digits-experiment:end -->"
 
@@ -76,13 +82,13 @@ def metrics(clean: np.ndarray, robust: np.ndarray, labels: np.ndarray, num_class
 
 
 def run_variant(name: str, seed: int, teachers: dict[str, Path], out: Path, force: bool) -> Path:
-    base, overrides = VARIANTS[name]
+    base, overrides, swap = VARIANTS[name]
     run = out / f"{name}_seed{seed}"
     if (run / "report.json").is_file() and not force:
         return run
     raw = recipe(base)
     for role in raw.get("teachers", {}):
-        raw["teachers"][role]["path"] = str(teachers[role])
+        raw["teachers"][role]["path"] = str(teachers[swap.get(role, role)])
     cfg = from_dict(raw, [f"out_dir={out}", f"seed={seed}", f"name={run.name}", *overrides])
     return train(cfg, force=force or run.exists())
 
@@ -144,6 +150,22 @@ def tables(boot: dict[str, np.ndarray]) -> tuple[str, str, list[str]]:
     return main, diffs, findings
 
 
+def teacher_entropies(teachers: dict[str, Path], x: torch.Tensor, settled: dict[str, float]) -> str:
+    """Mean soft-label entropy (nats) of each teacher on the training split, at tau = 1 and at the
+    temperature EBB settles on in the B-MTARD runs (mean of their last logged value)."""
+    parts = []
+    for role, run in teachers.items():
+        model, _ = load_model(run / "checkpoints" / "best.safetensors")
+        with torch.no_grad():
+            logits = model.eval()(x)
+        for tau in (1.0, settled.get(role)):
+            if tau is not None:
+                p = torch.softmax(logits / tau, dim=1)
+                h = -(p * p.clamp_min(1e-12).log()).sum(dim=1).mean().item()
+                parts.append(f"{role} teacher at tau {tau:.2f}: {h:.2f}")
+    return "; ".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -165,6 +187,12 @@ def main() -> None:
     labels = dataset.test.y.numpy()
     boot = bootstrap(results, labels, dataset.num_classes, args.draws, seed=0)
     main_table, diff_table, findings = tables(boot)
+    settled = {}
+    if "bmtard" in args.variants:
+        last = [read_metrics(out / f"bmtard_seed{s}")[-1] for s in args.seeds]
+        settled = {"robust": float(np.mean([r["temperature_adv"] for r in last])),
+                   "clean": float(np.mean([r["temperature_nat"] for r in last]))}
+    entropies = teacher_entropies(teachers, dataset.train.images(), settled)
     runs = [out / f"{name}_seed{s}" for name in args.variants for s in args.seeds] + list(teachers.values())
     trained = sum(r.get("seconds", 0.0) for run in runs for r in read_metrics(run) if r["type"] == "epoch") / 60
     minutes = (time.perf_counter() - started) / 60
@@ -182,6 +210,9 @@ def main() -> None:
         diff_table,
         "",
         "Significant differences: " + ("; ".join(findings) if findings else "none") + ".",
+        "",
+        f"Mean soft-label entropy on the training split (nats; uniform over 10 classes: {np.log(10):.2f}; "
+        f"tau other than 1: where EBB settles in the B-MTARD runs): {entropies}.",
     ])
     print(text)
     (out / "results.md").write_text(text + "\n")
