@@ -1,4 +1,5 @@
 import copy
+import hashlib
 
 import pytest
 import torch
@@ -15,6 +16,12 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "trained_runs" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+def snapshot(root):
+    """Every path under root with its content hash: what "nothing created, nothing changed" is checked against."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
 
 
 def digits_config(tmp_path, which="natural", **overrides):

@@ -3,7 +3,6 @@ one line on stderr that names the key or file and what to do; no traceback, noth
 nothing that existed changed. Each case runs the real CLI in-process inside a workspace that holds
 the files a careful user might pass by mistake (truncated, pickled, malicious, mislabelled)."""
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,6 +15,8 @@ from robustdistill.checkpoint import save_model
 from robustdistill.cli import main
 from robustdistill.models import ModelSpec, create_model
 from robustdistill.runs import MARKER
+
+from conftest import snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs" / "digits"
@@ -53,11 +54,6 @@ def workspace(tmp_path_factory):
     (ws / "finished_eval").mkdir()
     (ws / "finished_eval" / "report.json").write_text("{}")
     return ws
-
-
-def _snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
-            for p in sorted(root.rglob("*"))}
 
 
 def train(*args):
@@ -177,14 +173,14 @@ CASES = [
 @pytest.mark.parametrize("args, fragment", CASES, ids=[" ".join(a[2:] if a[0] == "train" else a)[:60] for a, _ in CASES])
 def test_bad_input_is_one_line_exit_2_and_touches_nothing(workspace, monkeypatch, capsys, args, fragment):
     monkeypatch.chdir(workspace)
-    before = _snapshot(workspace)
+    before = snapshot(workspace)
     assert main(args) == 2
     captured = capsys.readouterr()
     err = captured.err.strip()
     assert err.startswith("error: ") and "\n" not in err, err
     assert fragment in err, err
     assert "Traceback" not in captured.err + captured.out and "\x1b[" not in err
-    assert _snapshot(workspace) == before  # nothing created, nothing changed
+    assert snapshot(workspace) == before  # nothing created, nothing changed
 
 
 def test_the_catalogue_is_large_enough():

@@ -9,7 +9,7 @@ from robustdistill.errors import ConfigError, TrainingError, UserError
 from robustdistill.runs import read_metrics
 from robustdistill.train import lr_decays, train
 
-from conftest import digits_config
+from conftest import digits_config, snapshot
 
 
 def test_lr_decays_counts_milestones_reached():
@@ -54,11 +54,6 @@ def test_existing_run_folder_is_never_overwritten_silently(tmp_path):
     assert (run / "checkpoints" / "last.safetensors").stat().st_mtime_ns != stamp
 
 
-def _snapshot(root):
-    """Every file under root with its bytes: what "nothing changed" is checked against."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def test_force_refuses_to_delete_a_folder_that_is_not_a_run(tmp_path):
     """A folder with a config.yaml is not a run folder: only the tool's marker makes it one."""
     cfg = digits_config(tmp_path, "natural", train__epochs=1, name="precious")
@@ -67,10 +62,10 @@ def test_force_refuses_to_delete_a_folder_that_is_not_a_run(tmp_path):
     (folder / "config.yaml").write_text("mine: true\n")
     (folder / "thesis.tex").write_text("years of work")
     (folder / "data" / "raw.csv").write_text("1,2,3")
-    before = _snapshot(folder)
+    before = snapshot(folder)
     with pytest.raises(UserError, match="this tool did not create it"):
         train(cfg, force=True)
-    assert _snapshot(folder) == before
+    assert snapshot(folder) == before
 
 
 @pytest.mark.slow
@@ -83,10 +78,10 @@ def test_force_replaces_only_what_the_tool_wrote(tmp_path):
     (run / "notes.txt").write_text("my notes")
     (run / "plots").mkdir()
     (run / "plots" / "mine.svg").write_text("<svg/>")
-    before = _snapshot(run)
+    before = snapshot(run)
     with pytest.raises(UserError, match=r"files this tool did not write \(notes.txt, plots/mine.svg\)"):
         train(cfg, force=True)
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
     (run / "notes.txt").unlink()
     (run / "plots" / "mine.svg").unlink()
     train(cfg, force=True)
@@ -123,11 +118,11 @@ def test_resume_refuses_a_changed_config(tmp_path, change, key):
 
     cfg = digits_config(tmp_path, "pgd_at", train__epochs=1, attack__steps=2, eval__checks="false")
     run = train(cfg)
-    before = _snapshot(run)
+    before = snapshot(run)
     changed = from_dict(cfg.to_dict(), [change, "train.epochs=2"])
     with pytest.raises(ConfigError, match=rf"--resume refuses to change .*{key}"):
         train(changed, resume=True)
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
 
 
 @pytest.mark.slow
