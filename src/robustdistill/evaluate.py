@@ -402,7 +402,8 @@ def evaluate(
     model.eval()
     x_all, y_all, n = split.images(), split.y, len(split)
     mine = owned_indices(n, settings.block, rank, world_size)
-    x, y = x_all[mine.to(y_all.device)], y_all[mine.to(y_all.device)]
+    on_device = mine.to(y_all.device)
+    x, y = x_all[on_device], y_all[on_device]
     env = AttackEnv(settings, surrogate.eval() if surrogate is not None else None, state_dir, progress, mine,
                     x_all, y_all, rank, world_size)
     correct: dict[str, torch.Tensor] = {}
