@@ -17,8 +17,13 @@ Variants (the ablations of the two papers):
     mtard        + NLB (Normalization Loss Balance)
     ebb          + EBB only (Entropy-Based Balance)
     bmtard       B-MTARD: EBB + NLB
-    bmtard_rt    B-MTARD with the robust teacher in both roles (an investigation, not a paper's
-                 variant: what the clean teacher costs or buys on digits)
+Investigations (not the papers' variants): where B-MTARD's gap to RSLAD on W-Robust comes from.
+MTARD's Baseline differs from RSLAD in four places; each variant changes one of them:
+    bmtard_rt    B-MTARD with the robust teacher in both roles (what the clean teacher costs or buys)
+    baseline_rt  the Baseline with the robust teacher in both roles (= RSLAD with the three below)
+    rslad_half   RSLAD weighted 1/2 : 1/2 (the Baseline's weights) instead of 5/6 : 1/6
+    rslad_ce     RSLAD whose inner max is the cross-entropy with the hard label (MTARD's attack)
+    rslad_tadv   RSLAD whose adversarial target is the teacher on the adversarial input, t(x_adv)
 
 Intervals: a hierarchical bootstrap (2000 draws): each draw resamples the seeds and the test images
 (within each class, so class sizes stay fixed; the same images for every method), so an interval
@@ -43,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from robustdistill.attacks import PGD
 from robustdistill.checkpoint import load_model
 from robustdistill.config import from_dict
 from robustdistill.data import load_dataset
@@ -62,11 +68,16 @@ VARIANTS = {
     "ebb": ("bmtard", ["method.ebb=true", "method.nlb=false"], {}),
     "bmtard": ("bmtard", ["method.ebb=true", "method.nlb=true"], {}),
     "bmtard_rt": ("bmtard", ["method.ebb=true", "method.nlb=true"], {"clean": "robust"}),
+    "baseline_rt": ("bmtard", ["method.ebb=false", "method.nlb=false"], {"clean": "robust"}),
+    "rslad_half": ("rslad", ["method.adv_weight=0.5"], {}),
+    "rslad_ce": ("rslad", ["method.attack_loss=ce"], {}),
+    "rslad_tadv": ("rslad", ["method.adversarial_target=adversarial"], {}),
 }
 # (variant, reference): the comparisons the papers make
 PAIRS = [("absld", "rslad"), ("absld_fixed", "rslad"), ("mtard", "baseline"), ("ebb", "baseline"),
          ("bmtard", "baseline"), ("bmtard", "mtard"), ("bmtard", "rslad"), ("bmtard", "bmtard_rt"),
-         ("bmtard_rt", "rslad")]
+         ("bmtard_rt", "rslad"), ("baseline", "baseline_rt"), ("baseline_rt", "rslad"), ("rslad_half", "rslad"),
+         ("rslad_ce", "rslad"), ("rslad_tadv", "rslad")]
 METRICS = ["clean", "pgd20", "worst pgd20", "NSD pgd20", "W-Robust"]
 README_BEGIN, README_END = "<!-- digits-experiment:begin -->", "<!-- digits-experiment:end -->"
 
@@ -166,6 +177,38 @@ def teacher_entropies(teachers: dict[str, Path], x: torch.Tensor, settled: dict[
     return "; ".join(parts)
 
 
+TEACHER_PROBE = ["rslad", "rslad_tadv", "baseline_rt", "bmtard"]
+
+
+def teacher_on_adversarial(teacher_run: Path, out: Path, variants: list[str], seeds: list[int], x: torch.Tensor,
+                           y: torch.Tensor, attack: dict) -> str:
+    """The robust teacher on the adversarial examples that MTARD's adversarial target is computed on:
+    the training attack (PGD on the student's cross-entropy with the hard label, the training eps and
+    steps) against each final student, on the training split. Its accuracy there, against its clean
+    accuracy, says how right t(x_adv) is as a target; the student's own accuracy is for scale."""
+    teacher, _ = load_model(teacher_run / "checkpoints" / "best.safetensors")
+    teacher.eval()
+    with torch.no_grad():
+        clean = (teacher(x).argmax(1) == y).float().mean().item()
+    parts = [f"robust teacher on clean training images: {100 * clean:.1f} %"]
+    for name in [v for v in TEACHER_PROBE if v in variants]:
+        t_acc, s_acc, ent = [], [], []
+        for seed in seeds:
+            student, _ = load_model(out / f"{name}_seed{seed}" / "checkpoints" / "best.safetensors")
+            student.eval()
+            pgd = PGD(student, attack["eps"], attack["step_size"], attack["steps"], loss="ce", start="gaussian",
+                      generator=torch.Generator().manual_seed(seed))
+            x_adv = pgd(x, y)
+            with torch.no_grad():
+                p = torch.softmax(teacher(x_adv), dim=1)
+                t_acc.append((p.argmax(1) == y).float().mean().item())
+                s_acc.append((student(x_adv).argmax(1) == y).float().mean().item())
+                ent.append(-(p * p.clamp_min(1e-12).log()).sum(1).mean().item())
+        parts.append(f"on the {name} students' adversarial examples: teacher {100 * np.mean(t_acc):.1f} % "
+                     f"(entropy {np.mean(ent):.2f} nats), student {100 * np.mean(s_acc):.1f} %")
+    return "; ".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -193,6 +236,8 @@ def main() -> None:
         settled = {"robust": float(np.mean([r["temperature_adv"] for r in last])),
                    "clean": float(np.mean([r["temperature_nat"] for r in last]))}
     entropies = teacher_entropies(teachers, dataset.train.images(), settled)
+    probe = teacher_on_adversarial(teachers["robust"], out, args.variants, args.seeds, dataset.train.images(),
+                                   dataset.train.y, recipe("rslad")["attack"])
     runs = [out / f"{name}_seed{s}" for name in args.variants for s in args.seeds] + list(teachers.values())
     trained = sum(r.get("seconds", 0.0) for run in runs for r in read_metrics(run) if r["type"] == "epoch") / 60
     minutes = (time.perf_counter() - started) / 60
@@ -213,6 +258,9 @@ def main() -> None:
         "",
         f"Mean soft-label entropy on the training split (nats; uniform over 10 classes: {np.log(10):.2f}; "
         f"tau other than 1: where EBB settles in the B-MTARD runs): {entropies}.",
+        "",
+        "The robust teacher on the training attack's adversarial examples (PGD-10 on each final student's "
+        f"cross-entropy, training split, mean over seeds): {probe}.",
     ])
     print(text)
     (out / "results.md").write_text(text + "\n")

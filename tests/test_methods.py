@@ -54,6 +54,34 @@ def test_rslad_combines_adversarial_and_natural_kl_five_to_one():
     assert loss.item() == pytest.approx(5 / 6 * stats["loss_adv"].item() + 1 / 6 * stats["loss_nat"].item(), rel=1e-6)
 
 
+def _loss_and_grads(overrides, x, y):
+    ctx = _context()
+    method = create_method(load_config(None, overrides).method, ctx)
+    ctx.student.train()
+    torch.manual_seed(3)  # the same attack noise for every method
+    loss, _ = method.loss(x, y)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in ctx.student.parameters()]
+
+
+def test_rslad_with_mtards_three_choices_is_mtards_baseline_with_one_teacher():
+    """The investigation options take RSLAD to MTARD's Baseline: with the robust teacher in both
+    MTARD roles, the losses and the student's gradients are equal on the same inputs and noise."""
+    torch.manual_seed(2)
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    rslad = ["method=rslad", "method.attack_loss=ce", "method.adversarial_target=adversarial", "method.adv_weight=0.5"]
+    baseline = ["method=mtard", "method.ebb=false", "method.nlb=false"]
+    loss_a, grads_a = _loss_and_grads(rslad, x, y)
+    loss_b, grads_b = _loss_and_grads(baseline, x, y)
+    assert loss_a.item() == pytest.approx(loss_b.item(), rel=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads_a, grads_b))
+    # each choice alone moves RSLAD's loss (so none of the options is ignored)
+    plain, _ = _loss_and_grads(["method=rslad"], x, y)
+    for option in rslad[1:]:
+        changed, _ = _loss_and_grads(["method=rslad", option], x, y)
+        assert changed.item() != pytest.approx(plain.item(), rel=2e-5), option
+
+
 def test_trades_is_cross_entropy_when_beta_is_zero():
     ctx = _context()
     method = create_method(load_config(None, ["method=trades", "method.beta=0"]).method, ctx)

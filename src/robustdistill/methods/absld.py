@@ -34,14 +34,14 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..losses import kl_div, soft_targets
 from . import METHODS, Method
-from .rslad import RSLAD
+from .rslad import SoftLabelOptions
 from .balance import ClassWiseTemperature
 
 
 @METHODS.register("absld")
 class ABSLD(Method):
     @dataclass
-    class Options(RSLAD.Options):  # RSLAD's options (reduction, adv_weight) plus the temperatures
+    class Options(SoftLabelOptions):  # reduction and adv_weight, as RSLAD, plus the temperatures
         name: str = "absld"
         adaptive: bool = True
         init_temperature: float = 1.0
@@ -54,6 +54,7 @@ class ABSLD(Method):
         shared_temperature_quirk: bool = False
 
         def validate(self):
+            super().validate()
             if not 0 < self.temperature_min <= self.init_temperature <= self.temperature_max:
                 raise ConfigError("method temperatures need 0 < temperature_min <= init_temperature <= temperature_max")
             if self.rate < 0:

@@ -4,6 +4,16 @@ The robust teacher's soft labels on clean inputs, q = softmax(t(x)), replace the
 everywhere: the inner max maximises sum_i KL(q_i || s(x'_i)) from x + 0.001 N(0,1), and the
 student minimises 5/6 KL(q || s(x_adv)) + 1/6 KL(q || s(x)). It is ABSLD with every temperature
 fixed at 1 (spec/methods.md).
+
+Investigation options (not the paper's; their defaults are RSLAD): they take RSLAD one factor at a
+time towards MTARD's Baseline, which differs from RSLAD in exactly these three places and in
+its clean teacher:
+- `attack_loss: ce`: the inner max maximises the cross-entropy with the hard label (MTARD);
+- `adversarial_target: adversarial`: the adversarial term's target is the teacher's soft labels on
+  the adversarial input, softmax(t(x_adv)) (MTARD), instead of those on the clean input;
+- `adv_weight: 0.5`: MTARD's Baseline weights.
+With all three and the robust teacher in both of MTARD's roles, RSLAD's loss is MTARD's Baseline
+loss on the same inputs (a test holds them equal).
 """
 
 from dataclasses import dataclass
@@ -12,26 +22,45 @@ from typing import Literal
 import torch
 
 from ..config import MethodOptions
+from ..errors import ConfigError
 from ..losses import kl_div, soft_targets
 from . import METHODS, Method
+
+
+@dataclass
+class SoftLabelOptions(MethodOptions):
+    """Options shared by RSLAD and ABSLD."""
+
+    reduction: Literal["elementwise_mean", "batchmean"] = "elementwise_mean"
+    adv_weight: float = 5 / 6  # weight of the adversarial term; the natural term gets 1 - adv_weight
+
+    def validate(self):
+        if not 0 <= self.adv_weight <= 1:
+            raise ConfigError("method.adv_weight must be in [0, 1]")
 
 
 @METHODS.register("rslad")
 class RSLAD(Method):
     @dataclass
-    class Options(MethodOptions):
+    class Options(SoftLabelOptions):
         name: str = "rslad"
-        reduction: Literal["elementwise_mean", "batchmean"] = "elementwise_mean"
-        adv_weight: float = 5 / 6  # weight of the adversarial term; the natural term gets 1 - adv_weight
+        attack_loss: Literal["kl", "ce"] = "kl"
+        adversarial_target: Literal["clean", "adversarial"] = "clean"
 
     teachers = ("robust",)
 
     def loss(self, x, y):
+        o = self.options
+        teacher = self.ctx.teachers["robust"]
         with torch.no_grad():
-            q = soft_targets(self.ctx.teachers["robust"](x))
-        x_adv = self.attack("kl")(x, target=q)
-        reduction = self.options.reduction
-        adv = kl_div(q, self.student(x_adv), reduction)
-        nat = kl_div(q, self.student(x), reduction)
-        w = self.options.adv_weight
+            q = soft_targets(teacher(x))
+        x_adv = self.attack("kl")(x, target=q) if o.attack_loss == "kl" else self.attack("ce")(x, y)
+        if o.adversarial_target == "adversarial":
+            with torch.no_grad():
+                q_adv = soft_targets(teacher(x_adv))
+        else:
+            q_adv = q
+        adv = kl_div(q_adv, self.student(x_adv), o.reduction)
+        nat = kl_div(q, self.student(x), o.reduction)
+        w = o.adv_weight
         return w * adv + (1 - w) * nat, {"loss_adv": adv.detach(), "loss_nat": nat.detach()}
