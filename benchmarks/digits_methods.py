@@ -53,7 +53,7 @@ from robustdistill.checkpoint import load_model
 from robustdistill.config import from_dict
 from robustdistill.data import load_dataset
 from robustdistill.demo import TEACHERS, recipe
-from robustdistill.evaluate import unpack_verdicts
+from robustdistill.metrics import unpack_verdicts
 from robustdistill.report import markdown_table
 from robustdistill.runs import read_metrics
 from robustdistill.train import train
@@ -74,17 +74,31 @@ VARIANTS = {
     "rslad_tadv": ("rslad", ["method.adversarial_target=adversarial"], {}),
 }
 # (variant, reference): the comparisons the papers make
-PAIRS = [("absld", "rslad"), ("absld_fixed", "rslad"), ("mtard", "baseline"), ("ebb", "baseline"),
-         ("bmtard", "baseline"), ("bmtard", "mtard"), ("bmtard", "rslad"), ("bmtard", "bmtard_rt"),
-         ("bmtard_rt", "rslad"), ("baseline", "baseline_rt"), ("baseline_rt", "rslad"), ("rslad_half", "rslad"),
-         ("rslad_ce", "rslad"), ("rslad_tadv", "rslad")]
+PAIRS = [
+    ("absld", "rslad"),
+    ("absld_fixed", "rslad"),
+    ("mtard", "baseline"),
+    ("ebb", "baseline"),
+    ("bmtard", "baseline"),
+    ("bmtard", "mtard"),
+    ("bmtard", "rslad"),
+    ("bmtard", "bmtard_rt"),
+    ("bmtard_rt", "rslad"),
+    ("baseline", "baseline_rt"),
+    ("baseline_rt", "rslad"),
+    ("rslad_half", "rslad"),
+    ("rslad_ce", "rslad"),
+    ("rslad_tadv", "rslad"),
+]
 METRICS = ["clean", "pgd20", "worst pgd20", "NSD pgd20", "W-Robust"]
 README_BEGIN, README_END = "<!-- digits-experiment:begin -->", "<!-- digits-experiment:end -->"
 
 
 def metrics(clean: np.ndarray, robust: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """[clean %, PGD-20 %, worst-class PGD-20 %, NSD of the class-wise PGD-20 accuracies, W-Robust %]."""
-    per_class = np.bincount(labels, weights=robust, minlength=num_classes) / np.maximum(np.bincount(labels, minlength=num_classes), 1)
+    per_class = np.bincount(labels, weights=robust, minlength=num_classes) / np.maximum(
+        np.bincount(labels, minlength=num_classes), 1
+    )
     present = np.bincount(labels, minlength=num_classes) > 0
     acc = per_class[present]
     nsd = acc.std() / acc.mean() if acc.mean() > 0 else np.nan
@@ -107,12 +121,15 @@ def run_variant(name: str, seed: int, teachers: dict[str, Path], out: Path, forc
 def verdicts(run: Path) -> tuple[np.ndarray, np.ndarray]:
     report = json.loads((run / "report.json").read_text())
     n = report["data"]["num_samples"]
-    return (unpack_verdicts(report["attacks"]["clean"]["verdicts"], n),
-            unpack_verdicts(report["attacks"]["pgd20"]["verdicts"], n))
+    return (
+        unpack_verdicts(report["attacks"]["clean"]["verdicts"], n),
+        unpack_verdicts(report["attacks"]["pgd20"]["verdicts"], n),
+    )
 
 
-def bootstrap(results: dict[str, list[tuple[np.ndarray, np.ndarray]]], labels: np.ndarray, num_classes: int,
-              draws: int, seed: int) -> dict[str, np.ndarray]:
+def bootstrap(
+    results: dict[str, list[tuple[np.ndarray, np.ndarray]]], labels: np.ndarray, num_classes: int, draws: int, seed: int
+) -> dict[str, np.ndarray]:
     """Per variant: (draws, metrics) of seed-averaged metrics; the first row is the full-data estimate."""
     rng = np.random.default_rng(seed)
     n_seeds = len(next(iter(results.values())))
@@ -120,7 +137,9 @@ def bootstrap(results: dict[str, list[tuple[np.ndarray, np.ndarray]]], labels: n
     out = {name: np.empty((draws + 1, len(METRICS))) for name in results}
     for b in range(draws + 1):
         seeds = np.arange(n_seeds) if b == 0 else rng.integers(0, n_seeds, n_seeds)
-        images = np.arange(len(labels)) if b == 0 else np.concatenate([rng.choice(i, len(i)) for i in by_class if len(i)])
+        images = (
+            np.arange(len(labels)) if b == 0 else np.concatenate([rng.choice(i, len(i)) for i in by_class if len(i)])
+        )
         for name, runs in results.items():
             values = [metrics(runs[s][0][images], runs[s][1][images], labels[images], num_classes) for s in seeds]
             out[name][b] = np.nanmean(values, axis=0)
@@ -180,8 +199,9 @@ def teacher_entropies(teachers: dict[str, Path], x: torch.Tensor, settled: dict[
 TEACHER_PROBE = ["rslad", "rslad_tadv", "baseline_rt", "bmtard"]
 
 
-def teacher_on_adversarial(teacher_run: Path, out: Path, variants: list[str], seeds: list[int], x: torch.Tensor,
-                           y: torch.Tensor, attack: dict) -> str:
+def teacher_on_adversarial(
+    teacher_run: Path, out: Path, variants: list[str], seeds: list[int], x: torch.Tensor, y: torch.Tensor, attack: dict
+) -> str:
     """The robust teacher on the adversarial examples that MTARD's adversarial target is computed on:
     the training attack (PGD on the student's cross-entropy with the hard label, the training eps and
     steps) against each final student, on the training split. Its accuracy there, against its clean
@@ -196,16 +216,25 @@ def teacher_on_adversarial(teacher_run: Path, out: Path, variants: list[str], se
         for seed in seeds:
             student, _ = load_model(out / f"{name}_seed{seed}" / "checkpoints" / "best.safetensors")
             student.eval()
-            pgd = PGD(student, attack["eps"], attack["step_size"], attack["steps"], loss="ce", start="gaussian",
-                      generator=torch.Generator().manual_seed(seed))
+            pgd = PGD(
+                student,
+                attack["eps"],
+                attack["step_size"],
+                attack["steps"],
+                loss="ce",
+                start="gaussian",
+                generator=torch.Generator().manual_seed(seed),
+            )
             x_adv = pgd(x, y)
             with torch.no_grad():
                 p = torch.softmax(teacher(x_adv), dim=1)
                 t_acc.append((p.argmax(1) == y).float().mean().item())
                 s_acc.append((student(x_adv).argmax(1) == y).float().mean().item())
                 ent.append(-(p * p.clamp_min(1e-12).log()).sum(1).mean().item())
-        parts.append(f"on the {name} students' adversarial examples: teacher {100 * np.mean(t_acc):.1f} % "
-                     f"(entropy {np.mean(ent):.2f} nats), student {100 * np.mean(s_acc):.1f} %")
+        parts.append(
+            f"on the {name} students' adversarial examples: teacher {100 * np.mean(t_acc):.1f} % "
+            f"(entropy {np.mean(ent):.2f} nats), student {100 * np.mean(s_acc):.1f} %"
+        )
     return "; ".join(parts)
 
 
@@ -223,9 +252,14 @@ def main() -> None:
     teachers = {}
     for role, name in TEACHERS.items():
         run = out / name
-        teachers[role] = run if (run / "report.json").is_file() and not args.force else train(
-            from_dict(recipe(name), [f"out_dir={out}"]), force=args.force or run.exists())
-    results = {name: [verdicts(run_variant(name, s, teachers, out, args.force)) for s in args.seeds] for name in args.variants}
+        teachers[role] = (
+            run
+            if (run / "report.json").is_file() and not args.force
+            else train(from_dict(recipe(name), [f"out_dir={out}"]), force=args.force or run.exists())
+        )
+    results = {
+        name: [verdicts(run_variant(name, s, teachers, out, args.force)) for s in args.seeds] for name in args.variants
+    }
     dataset = load_dataset(from_dict(recipe("rslad")).data)
     labels = dataset.test.y.numpy()
     boot = bootstrap(results, labels, dataset.num_classes, args.draws, seed=0)
@@ -233,35 +267,46 @@ def main() -> None:
     settled = {}
     if "bmtard" in args.variants:
         last = [read_metrics(out / f"bmtard_seed{s}")[-1] for s in args.seeds]
-        settled = {"robust": float(np.mean([r["temperature_adv"] for r in last])),
-                   "clean": float(np.mean([r["temperature_nat"] for r in last]))}
+        settled = {
+            "robust": float(np.mean([r["temperature_adv"] for r in last])),
+            "clean": float(np.mean([r["temperature_nat"] for r in last])),
+        }
     entropies = teacher_entropies(teachers, dataset.train.images(), settled)
-    probe = teacher_on_adversarial(teachers["robust"], out, args.variants, args.seeds, dataset.train.images(),
-                                   dataset.train.y, recipe("rslad")["attack"])
+    probe = teacher_on_adversarial(
+        teachers["robust"],
+        out,
+        args.variants,
+        args.seeds,
+        dataset.train.images(),
+        dataset.train.y,
+        recipe("rslad")["attack"],
+    )
     runs = [out / f"{name}_seed{s}" for name in args.variants for s in args.seeds] + list(teachers.values())
     trained = sum(r.get("seconds", 0.0) for run in runs for r in read_metrics(run) if r["type"] == "epoch") / 60
     minutes = (time.perf_counter() - started) / 60
-    text = "\n".join([
-        f"`python benchmarks/digits_methods.py --seeds {' '.join(map(str, args.seeds))}` "
-        f"({len(args.seeds)} seeds, teachers fixed; digits test split, {len(labels)} images, eps = 0.2; "
-        f"{os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}; the runs' training epochs "
-        f"took {trained:.0f} min in all (from their metrics.jsonl), this invocation {minutes:.0f} min). "
-        "Each cell: mean over seeds [95 % interval, hierarchical bootstrap over seeds and test images].",
-        "",
-        main_table,
-        "",
-        "Paired differences (same seed, same images); `*`: the 95 % interval excludes 0.",
-        "",
-        diff_table,
-        "",
-        "Significant differences: " + ("; ".join(findings) if findings else "none") + ".",
-        "",
-        f"Mean soft-label entropy on the training split (nats; uniform over 10 classes: {np.log(10):.2f}; "
-        f"tau other than 1: where EBB settles in the B-MTARD runs): {entropies}.",
-        "",
-        "The robust teacher on the training attack's adversarial examples (PGD-10 on each final student's "
-        f"cross-entropy, training split, mean over seeds): {probe}.",
-    ])
+    text = "\n".join(
+        [
+            f"`python benchmarks/digits_methods.py --seeds {' '.join(map(str, args.seeds))}` "
+            f"({len(args.seeds)} seeds, teachers fixed; digits test split, {len(labels)} images, eps = 0.2; "
+            f"{os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}; the runs' training epochs "
+            f"took {trained:.0f} min in all (from their metrics.jsonl), this invocation {minutes:.0f} min). "
+            "Each cell: mean over seeds [95 % interval, hierarchical bootstrap over seeds and test images].",
+            "",
+            main_table,
+            "",
+            "Paired differences (same seed, same images); `*`: the 95 % interval excludes 0.",
+            "",
+            diff_table,
+            "",
+            "Significant differences: " + ("; ".join(findings) if findings else "none") + ".",
+            "",
+            f"Mean soft-label entropy on the training split (nats; uniform over 10 classes: {np.log(10):.2f}; "
+            f"tau other than 1: where EBB settles in the B-MTARD runs): {entropies}.",
+            "",
+            "The robust teacher on the training attack's adversarial examples (PGD-10 on each final student's "
+            f"cross-entropy, training split, mean over seeds): {probe}.",
+        ]
+    )
     print(text)
     (out / "results.md").write_text(text + "\n")
     if args.update_readme:

@@ -14,27 +14,29 @@ import time
 
 import torch
 
-from robustdistill.checkpoint import load_model
+from robustdistill.attacks import AttackEnv, get_attack, predict
 from robustdistill.config import load_config
 from robustdistill.data import load_dataset
-from robustdistill.evaluate import ATTACKS, AttackEnv, EvalSettings, predict
-from robustdistill.runs import model_checkpoint
+from robustdistill.teachers import load_source, resolve_model_source
+
+ATTACKS = ("clean", "fgsm", "pgd20", "cw", "autoattack_fast", "square", "transfer")
 
 
 def main(run: str) -> None:
     cfg = load_config(f"{run}/config.yaml")
     dataset = load_dataset(cfg.data)
-    model = load_model(model_checkpoint(run))[0].eval()
+    model = load_source(resolve_model_source(run), dataset)[0].eval()
     teacher = cfg.teachers.get("robust")
-    surrogate = load_model(model_checkpoint(teacher.path))[0].eval() if teacher else model
-    env = AttackEnv(EvalSettings(eps=cfg.attack.eps, step_size=cfg.attack.eps / 4), surrogate=surrogate)
+    surrogate = load_source(resolve_model_source(teacher.path), dataset)[0].eval() if teacher else model
+    settings = cfg.eval.resolve(cfg.attack.eps)  # the run's own evaluation settings
+    env = AttackEnv(settings, surrogate=surrogate)
     x, y = dataset.test.images(), dataset.test.y
     total = time.perf_counter()
-    print(f"{len(y)} test images, eps {cfg.attack.eps}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for name in ["clean", "fgsm", "pgd20", "cw", "autoattack_fast", "square", "transfer"]:
+    print(f"{len(y)} test images, eps {settings.eps}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name in ATTACKS:
         start = time.perf_counter()
-        x_adv, hit = ATTACKS.get(name)(model, x, y, env)
-        acc = (hit if hit is not None else predict(model, x_adv, 256) == y).float().mean().item()
+        x_adv, hit = get_attack(name).run(model, x, y, env)
+        acc = (hit if hit is not None else predict(model, x_adv, settings.batch_size) == y).float().mean().item()
         print(f"{name:16s} {100 * acc:6.2f} %  {time.perf_counter() - start:6.1f} s")
     print(f"total            {time.perf_counter() - total:6.1f} s (the sanity checks add a few PGD runs on top)")
 

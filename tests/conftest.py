@@ -20,8 +20,10 @@ def pytest_collection_modifyitems(items):
 
 def snapshot(root):
     """Every path under root with its content hash: what "nothing created, nothing changed" is checked against."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def digits_config(tmp_path, which="natural", **overrides):

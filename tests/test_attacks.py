@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from robustdistill.attacks import FGSM, PGD, cw_margin
-from robustdistill.models import ModelSpec, create_model
+from robustdistill.attacks import ATTACKS as EVAL_ATTACKS
+from robustdistill.attacks import FGSM, PGD, AttackEnv, EvalSettings, cw_margin, get_attack
+from robustdistill.models import ModelSpec, create_model, fingerprint
 
 
 def _tiny():
@@ -69,3 +70,47 @@ def test_attacks_lower_the_accuracy_of_a_trained_model(natural_model, digits):
     assert clean > 0.9
     assert pgd < fgsm < clean - 0.2  # an iterative attack is stronger than one step
     assert acc(PGD(natural_model, 1.0, 0.1, 20)(x, y)) < 0.05  # an unbounded budget breaks the model
+
+
+@pytest.mark.parametrize("name", EVAL_ATTACKS.names())
+def test_every_evaluation_attack_stays_in_the_ball_and_leaves_the_model_unchanged(name, monkeypatch):
+    """The registry sweep: whatever an attack does, its examples lie in the eps-ball and [0, 1],
+    the model's parameters and buffers are untouched, and it says what it ran."""
+    import pyautoattack.autoattack as aa_module
+
+    # a few iterations and queries instead of AutoAttack's 100 and 5000: the same code paths, a fraction of the time
+    for part in ["APGDAttack", "APGDAttack_targeted", "FABAttack_PT"]:
+        original = getattr(aa_module, part)
+        monkeypatch.setattr(aa_module, part, lambda *a, _cls=original, **k: _cls(*a, **{**k, "n_iter": 5}))
+    set_version = aa_module.AutoAttack._set_version
+
+    def few_queries(self, version):
+        set_version(self, version)
+        self.square.n_queries = 20
+
+    monkeypatch.setattr(aa_module.AutoAttack, "_set_version", few_queries)
+    model = _tiny().eval()
+    torch.manual_seed(1)
+    surrogate = create_model(ModelSpec("small_cnn", 10, 1, {"width": 4})).eval()
+    x = torch.rand(4, 1, 8, 8)
+    x[:1] = 1.0  # pixels at the range's edge
+    y = model(x).argmax(dim=1).detach()  # correctly classified, so every attack has work to do
+    settings = EvalSettings(eps=0.1, step_size=0.025, batch_size=4, square_queries=30)
+    before = fingerprint(model)
+    attack = get_attack(name)
+    x_adv, verdict = attack.run(model, x, y, AttackEnv(settings, surrogate=surrogate))
+    assert x_adv.shape == x.shape and (x_adv - x).abs().max() <= settings.eps + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert fingerprint(model) == before
+    if verdict is not None:
+        assert verdict.dtype == torch.bool and verdict.shape == y.shape
+    described = attack.describe(settings)
+    assert attack.kind in ("reference", "white-box", "black-box") and attack.help and described["label"]
+    assert described.get("eps", settings.eps) == settings.eps
+
+
+def test_attack_labels_say_the_parameters_that_vary():
+    settings = EvalSettings(eps=0.1, step_size=0.025, pgd_steps=50, restarts=3)
+    assert get_attack("pgd20").label(settings) == "pgd50x3"
+    assert get_attack("pgd20").describe(settings)["steps"] == 50
+    assert get_attack("pgd20").label(EvalSettings(eps=0.1, step_size=0.025)) == "pgd20"

@@ -11,12 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import snapshot
 from robustdistill.checkpoint import save_model
 from robustdistill.cli import main
 from robustdistill.models import ModelSpec, create_model
 from robustdistill.runs import MARKER
-
-from conftest import snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs" / "digits"
@@ -126,18 +125,25 @@ CASES = [
     (train("out_dir=a_file/runs"), "a_file is a file, not a folder"),
     (train("out_dir=.", "name=a_file"), "run folder a_file is an existing file"),
     # teachers: missing, truncated, pickled objects, broken headers
-    (student("teachers.robust.path=nowhere"), "teacher 'robust' (teachers.robust.path): no run folder or checkpoint file at nowhere"),
+    (
+        student("teachers.robust.path=nowhere"),
+        "teacher 'robust' (teachers.robust.path): no run folder or checkpoint file at nowhere",
+    ),
     (teacher("truncated.pt"), "truncated.pt is truncated or not a PyTorch checkpoint"),
     (teacher("module.pt"), "module.pt holds a whole pickled model, not a state dict"),
     (teacher("evil.pt"), "evil.pt needs the Python object(s) posix.system, which this tool refuses to unpickle"),
     (teacher("broken_meta.safetensors"), "broken_meta.safetensors has broken 'robustdistill' metadata"),
     (teacher("garbage.safetensors"), "garbage.safetensors is not a readable safetensors file"),
     (student("teachers.robust.path=state.pt"), "state.pt does not say which architecture it holds"),
-    (student("teachers.robust.path=model.safetensors", "teachers.robust.model={name: small_cnn, kwargs: {width: 8}}"),
-     "model.safetensors does not fit the model (wrong shapes"),
+    (
+        student(
+            "teachers.robust.path=model.safetensors", "teachers.robust.model={name: small_cnn, kwargs: {width: 8}}"
+        ),
+        "model.safetensors does not fit the model (wrong shapes",
+    ),
     # eval
     (evaluate("--eps", "2"), "eval.eps must be in [0, 1]"),
-    (evaluate("--eps", "inf"), "--eps must be a finite number"),
+    (evaluate("--eps", "inf"), "eval.eps must be a finite number"),
     (evaluate("--step-size", "0"), "eval.step_size must be in (0, 1]"),
     (evaluate("--steps", "0"), "eval.pgd_steps must be >= 1"),
     (evaluate("--subset", "100000"), "eval.subset (--subset) = 100000 is larger than the test split (359 images)"),
@@ -153,15 +159,24 @@ CASES = [
     (evaluate("--attacks", "clean,transfer", "--surrogate", "state.pt"), "state.pt does not say which architecture"),
     (evaluate(target="nowhere.pt"), "no run folder or checkpoint file at nowhere.pt"),
     (evaluate(target="truncated.pt"), "does not say which dataset"),
-    (evaluate("--data", "digits", target="state.pt"), "no eps known for this model; pass --eps"),
-    (evaluate("--data", "digits", "--model", "small_cnn", "--eps", "0.2", target="truncated.pt"), "truncated.pt is truncated"),
-    (evaluate("--data", "digits", "--model", "small_cnn", "--eps", "0.2", target="module.pt"), "module.pt holds a whole pickled model"),
+    (evaluate("--data", "digits", target="state.pt"), "no eps known for this model; set eval.eps (--eps)"),
+    (
+        evaluate("--data", "digits", "--model", "small_cnn", "--eps", "0.2", target="truncated.pt"),
+        "truncated.pt is truncated",
+    ),
+    (
+        evaluate("--data", "digits", "--model", "small_cnn", "--eps", "0.2", target="module.pt"),
+        "module.pt holds a whole pickled model",
+    ),
     (evaluate("--data", "digits", "--model", "small_cnn", "--eps", "0.2", target="evil.pt"), "refuses to unpickle"),
     (evaluate("--data", "digits", "--eps", "0.2", target="state.pt"), "state.pt does not say which architecture"),
     (evaluate(target="broken_meta.safetensors"), "broken 'robustdistill' metadata"),
     (evaluate(target="bad_spec.safetensors"), "bad_spec.safetensors has broken 'robustdistill' metadata"),
     (evaluate(target="garbage.safetensors"), "garbage.safetensors is not a readable safetensors file"),
-    (evaluate("--data", "digits", "--eps", "0.2", target="robustbench:Nobody2099"), "RobustBench model Nobody2099 (digits, Linf) is not at"),
+    (
+        evaluate("--data", "digits", "--eps", "0.2", target="robustbench:Nobody2099"),
+        "RobustBench model Nobody2099 (digits, Linf) is not at",
+    ),
     # the other commands
     (["report", "nowhere"], "nowhere has no report.json"),
     (["plot", "nowhere"], "nowhere is not a run folder"),
@@ -170,7 +185,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("args, fragment", CASES, ids=[" ".join(a[2:] if a[0] == "train" else a)[:60] for a, _ in CASES])
+@pytest.mark.parametrize(
+    "args, fragment", CASES, ids=[" ".join(a[2:] if a[0] == "train" else a)[:60] for a, _ in CASES]
+)
 def test_bad_input_is_one_line_exit_2_and_touches_nothing(workspace, monkeypatch, capsys, args, fragment):
     monkeypatch.chdir(workspace)
     before = snapshot(workspace)
@@ -197,8 +214,18 @@ def test_a_foreign_surrogate_takes_its_architecture(workspace, tmp_path, capsys)
     """`--surrogate-model` gives the transfer attack's surrogate the architecture a state dict lacks."""
     torch.save(create_model(ModelSpec("small_cnn", 10, 1)).net.state_dict(), tmp_path / "surrogate.pt")
     out = tmp_path / "eval"
-    args = evaluate("--attacks", "clean,transfer", "--surrogate", str(tmp_path / "surrogate.pt"), "--subset", "20",
-                    "--no-checks", "--out", str(out), target=str(workspace / "model.safetensors"))
+    args = evaluate(
+        "--attacks",
+        "clean,transfer",
+        "--surrogate",
+        str(tmp_path / "surrogate.pt"),
+        "--subset",
+        "20",
+        "--no-checks",
+        "--out",
+        str(out),
+        target=str(workspace / "model.safetensors"),
+    )
     assert main(args) == 2 and "does not say which architecture" in capsys.readouterr().err
     assert main(args + ["--surrogate-model", "small_cnn"]) == 0
     report = json.loads((out / "report.json").read_text())

@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from robustdistill.attacks import ATTACKS, Attack, AttackEnv, EvalSettings, get_attack
 from robustdistill.checkpoint import load_model
 from robustdistill.cli import main
 from robustdistill.errors import UserError
-from robustdistill.evaluate import ATTACKS, AttackEnv, EvalSettings, evaluate
+from robustdistill.evaluate import evaluate
 
 
 def _status(summary):
@@ -24,17 +25,40 @@ def robust_model(trained_runs):
     return load_model(trained_runs["trades"] / "checkpoints" / "best.safetensors")[0].eval()
 
 
-def _settings(**kw):
-    return EvalSettings(**({"eps": 0.2, "step_size": 0.05, "square_queries": 300, "checks": True, "checks_subset": 150} | kw))
+def _settings(attacks, **kw):
+    return EvalSettings(
+        **(
+            {
+                "eps": 0.2,
+                "step_size": 0.05,
+                "square_queries": 300,
+                "checks": True,
+                "checks_subset": 150,
+                "attacks": tuple(attacks),
+            }
+            | kw
+        )
+    )
 
 
 def test_full_suite_and_checks_pass_on_a_sound_model(robust_model, natural_model, digits):
     test = digits.test.take(slice(0, 150))
     before = {k: v.clone() for k, v in robust_model.state_dict().items()}
     attacks = ["clean", "fgsm", "pgd20", "cw", "autoattack_fast", "square", "transfer"]
-    out = evaluate(robust_model, test, attacks, _settings(), 10, surrogate=natural_model)
-    assert _status(out) == {name: "passed" for name in
-                            ["eps_zero", "monotone", "large_eps", "worst_case", "black_box", "perturbation", "unchanged", "autoattack_flags"]}
+    out = evaluate(robust_model, test, _settings(attacks), 10, surrogate=natural_model)
+    assert _status(out) == {
+        name: "passed"
+        for name in [
+            "eps_zero",
+            "monotone",
+            "large_eps",
+            "worst_case",
+            "black_box",
+            "perturbation",
+            "unchanged",
+            "autoattack_flags",
+        ]
+    }
     acc = {k: v["accuracy"] for k, v in out["attacks"].items()}
     assert out["robust_to_all"]["accuracy"] <= min(acc.values())
     assert acc["autoattack_fast"] <= acc["pgd20"] < acc["clean"]
@@ -56,7 +80,7 @@ class Quantised(nn.Module):
 def test_checks_catch_a_gradient_masked_model(natural_model, digits):
     masked = Quantised(natural_model).eval()
     test = digits.test.take(slice(0, 150))
-    out = evaluate(masked, test, ["clean", "pgd20", "square"], _settings(square_queries=500), 10)
+    out = evaluate(masked, test, _settings(["clean", "pgd20", "square"], square_queries=500), 10)
     status = _status(out)
     assert status["large_eps"] == "failed"  # PGD cannot move the input: accuracy stays near clean
     assert status["black_box"] == "failed"  # Square, which needs no gradient, breaks what PGD could not
@@ -68,13 +92,19 @@ def test_eps_zero_check_catches_a_randomised_model(natural_model, digits):
         def forward(self, x):
             return natural_model(x) + 30 * torch.randn(len(x), 10)
 
-    out = evaluate(Noisy().eval(), digits.test.take(slice(0, 100)), ["clean", "pgd20"], _settings(), 10)
+    out = evaluate(Noisy().eval(), digits.test.take(slice(0, 100)), _settings(["clean", "pgd20"]), 10)
     assert _status(out)["eps_zero"] == "failed"
 
 
 def test_perturbation_check_catches_an_attack_that_leaves_the_ball(natural_model, digits, monkeypatch):
-    monkeypatch.setitem(ATTACKS._items, "fgsm", lambda model, x, y, env: ((x + 2 * env.settings.eps).clamp(0, 1), None))
-    out = evaluate(natural_model, digits.test.take(slice(0, 50)), ["clean", "fgsm"], _settings(), 10)
+    class Leaky(Attack):
+        name = "fgsm"
+
+        def run(self, model, x, y, env):
+            return (x + 2 * env.settings.eps).clamp(0, 1), None
+
+    monkeypatch.setitem(ATTACKS._items, "fgsm", Leaky)
+    out = evaluate(natural_model, digits.test.take(slice(0, 50)), _settings(["clean", "fgsm"]), 10)
     assert _status(out)["perturbation"] == "failed"
 
 
@@ -88,16 +118,18 @@ def test_unchanged_check_catches_a_model_that_changes(natural_model, digits, mon
         return original(x)
 
     net.forward = counting
-    out = evaluate(net.eval(), digits.test.take(slice(0, 30)), ["clean"], _settings(), 10)
+    out = evaluate(net.eval(), digits.test.take(slice(0, 30)), _settings(["clean"]), 10)
     assert _status(out)["unchanged"] == "failed"
 
 
 def _aa(model, x, y, settings, state_dir, name="autoattack_fast"):
-    return ATTACKS.get(name)(model, x, y, AttackEnv(settings, state_dir=state_dir))
+    return get_attack(name).run(model, x, y, AttackEnv(settings, state_dir=state_dir))
 
 
 @pytest.mark.slow
-def test_autoattack_resumes_to_the_uninterrupted_verdicts_after_every_chunk(robust_model, digits, tmp_path, monkeypatch):
+def test_autoattack_resumes_to_the_uninterrupted_verdicts_after_every_chunk(
+    robust_model, digits, tmp_path, monkeypatch
+):
     """Stopped after chunk k, for every k, then resumed: exactly the verdicts of one straight run.
     (Before the candidates were kept in the state, a resume after an APGD-T chunk skipped points.)"""
     import pyautoattack.autoattack as aa_module
@@ -106,7 +138,9 @@ def test_autoattack_resumes_to_the_uninterrupted_verdicts_after_every_chunk(robu
 
     # 10 APGD iterations instead of 100 keep the test fast; the chunking logic is the same
     monkeypatch.setattr(aa_module, "APGDAttack", lambda *a, **k: APGDAttack(*a, **{**k, "n_iter": 10}))
-    monkeypatch.setattr(aa_module, "APGDAttack_targeted", lambda *a, **k: APGDAttack_targeted(*a, **{**k, "n_iter": 10}))
+    monkeypatch.setattr(
+        aa_module, "APGDAttack_targeted", lambda *a, **k: APGDAttack_targeted(*a, **{**k, "n_iter": 10})
+    )
     x, y = digits.test.images()[:48], digits.test.y[:48]
     settings = EvalSettings(eps=0.2, step_size=0.05, batch_size=2)  # chunks of 8 images
     real, calls = AutoAttack.run_standard_evaluation, []
@@ -122,7 +156,7 @@ def test_autoattack_resumes_to_the_uninterrupted_verdicts_after_every_chunk(robu
     for k in range(1, total):
         calls.clear()
 
-        def stop_after_k(self, *args, **kwargs):
+        def stop_after_k(self, *args, k=k, **kwargs):
             if len(calls) == k:
                 raise KeyboardInterrupt
             return counted(self, *args, **kwargs)
@@ -170,8 +204,9 @@ def test_autoattack_warnings_become_a_failed_check(natural_model, digits, monkey
     """pyautoattack's own flags (here: its "Square Attack has decreased the robust accuracy" check,
     fired by a model that masks gradients) are kept in the report and fail check 8."""
     masked = Quantised(natural_model).eval()
-    out = evaluate(masked, digits.test.take(slice(0, 40)), ["clean", "autoattack"],
-                   _settings(batch_size=20, checks_subset=40), 10)
+    out = evaluate(
+        masked, digits.test.take(slice(0, 40)), _settings(["clean", "autoattack"], batch_size=20, checks_subset=40), 10
+    )
     flags = out["autoattack_flags"]["autoattack"]
     assert any("Square Attack has decreased the robust accuracy" in m for m in flags)
     assert _status(out)["autoattack_flags"] == "failed"
@@ -188,23 +223,25 @@ def test_report_command_compares_runs(trained_runs, tmp_path, capsys):
 
 
 def test_eval_strict_turns_failed_checks_into_an_exit_code(trained_runs, tmp_path, monkeypatch, capsys):
-    import robustdistill.evaluate as ev
+    import robustdistill.cli as cli
 
-    real = ev.evaluate_path
+    real = cli.evaluate_path
 
     def with_failure(*args, **kwargs):
         report = real(*args, **kwargs)
         report["checks"][2]["status"] = "failed"
         return report
 
-    monkeypatch.setattr(ev, "evaluate_path", with_failure)
+    monkeypatch.setattr(cli, "evaluate_path", with_failure)
     args = ["eval", str(trained_runs["natural"]), "--subset", "40", "--out"]
     assert main(args + [str(tmp_path / "lenient")]) == 0
     assert main(args + [str(tmp_path / "strict"), "--strict"]) == 1
     assert "WARNING: sanity check 3 (large_eps) FAILED" in capsys.readouterr().err
     report = json.loads((tmp_path / "strict" / "report.json").read_text())
     assert [c["id"] for c in report["checks"]] == [1, 2, 3, 4, 5, 6, 7, 8]
-    assert (tmp_path / "strict" / "classwise.png").is_file() and "FAILED 3 large_eps" in (tmp_path / "strict" / "report.md").read_text()
+    assert (tmp_path / "strict" / "classwise.png").is_file() and "FAILED 3 large_eps" in (
+        tmp_path / "strict" / "report.md"
+    ).read_text()
 
 
 def test_robustbench_entry_loads_offline_from_the_local_model_dir(tmp_path):
@@ -234,16 +271,28 @@ def test_robustbench_entry_loads_offline_from_the_local_model_dir(tmp_path):
 def test_transfer_surrogate_is_the_runs_teacher_even_a_foreign_state_dict(trained_runs, tmp_path):
     """Training and `eval` resolve the surrogate through the same teacher loader, so a teacher
     given as a plain state dict plus its architecture works in both."""
-    from robustdistill.evaluate import evaluate_path
-    from robustdistill.train import train
     from conftest import digits_config
+    from robustdistill.api import evaluate_path
+    from robustdistill.train import train
 
     teacher, _ = load_model(trained_runs["trades"] / "checkpoints" / "best.safetensors")
     torch.save(teacher.net.state_dict(), tmp_path / "foreign_teacher.pt")
-    cfg = digits_config(tmp_path, "rslad", train__epochs=1, attack__steps=2, eval__attacks="[clean,transfer]",
-                        eval__subset=40, eval__checks="false", **{"teachers.robust.path": str(tmp_path / "foreign_teacher.pt"),
-                                                                  "teachers.robust.model": "{name: small_cnn, kwargs: {width: 32}}"})
+    cfg = digits_config(
+        tmp_path,
+        "rslad",
+        train__epochs=1,
+        attack__steps=2,
+        eval__attacks="[clean,transfer]",
+        eval__subset=40,
+        eval__checks="false",
+        **{
+            "teachers.robust.path": str(tmp_path / "foreign_teacher.pt"),
+            "teachers.robust.model": "{name: small_cnn, kwargs: {width: 32}}",
+        },
+    )
     run = train(cfg)
     assert "transfer" in json.loads((run / "report.json").read_text())["attacks"]
-    report = evaluate_path(str(run), {"subset": 40, "checks": False}, progress=False)
-    assert report["attacks"]["transfer"]["accuracy"] >= 0.0 and report["data"]["num_samples"] == 40
+    report = evaluate_path(run, ["eval.subset=40", "eval.checks=false"], progress=False)
+    assert report["data"]["num_samples"] == 40 and report["settings"]["common"]["checks"] is False
+    trained = json.loads((run / "report.json").read_text())["attacks"]["transfer"]["verdicts"]
+    assert report["attacks"]["transfer"]["verdicts"] == trained  # the same teacher as surrogate: the same verdicts

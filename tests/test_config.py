@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from robustdistill.config import Config, load_config, parse_float
-from robustdistill.demo import RECIPES, recipe
+from robustdistill.config import Config, EvalConfig, from_dict, load_config, parse_float
+from robustdistill.demo import RECIPES, recipe, recipe_names
 from robustdistill.errors import ConfigError, UserError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -82,11 +82,7 @@ def test_parse_float():
 
 def test_resolved_config_round_trips_through_yaml():
     cfg = load_config(None, ["method=rslad", "teachers.robust.path=somewhere", "train.epochs=7"])
-    again = load_config(None, [])
-    raw = yaml.safe_load(cfg.to_yaml())
-    from robustdistill.config import from_dict
-
-    again = from_dict(raw)
+    again = from_dict(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg and isinstance(again, Config)
 
 
@@ -95,9 +91,24 @@ def test_every_shipped_config_is_valid(path):
     load_config(path)
 
 
-@pytest.mark.parametrize("name", sorted(RECIPES))
-def test_digits_config_files_equal_the_demo_recipes(name):
-    """configs/digits/<name>.yaml is what the demo trains, so the two cannot drift apart."""
-    from robustdistill.config import from_dict
+def test_the_digits_recipes_are_package_data_and_configs_digits_is_them():
+    names = recipe_names()
+    assert {"natural", "trades", "rslad", "absld", "mtard", "bmtard"} <= set(names)
+    for name in names:
+        cfg = from_dict(recipe(name))
+        assert cfg.name == name and cfg.data.name == "digits"
+        # the checkout's configs/digits is the same files, not a copy
+        assert (CONFIGS / "digits" / f"{name}.yaml").read_bytes() == (RECIPES / f"{name}.yaml").read_bytes()
+    assert (CONFIGS / "digits").resolve() == Path(str(RECIPES)).resolve()
+    with pytest.raises(UserError, match="no digits recipe 'nope'; available: absld"):
+        recipe("nope")
 
-    assert load_config(CONFIGS / "digits" / f"{name}.yaml") == from_dict(recipe(name))
+
+def test_eval_settings_are_resolved_once_with_their_fallbacks():
+    s = EvalConfig().resolve(0.2)
+    assert (s.eps, s.step_size, s.attacks) == (0.2, 0.05, ("clean", "pgd20"))
+    s = EvalConfig(eps=0.1, step_size=0.01, attacks=["clean"]).resolve(0.2)
+    assert (s.eps, s.step_size, s.attacks) == (0.1, 0.01, ("clean",))
+    assert s.at_eps(0.05).step_size == pytest.approx(0.005) and s.at_eps(0.0).step_size == 0.0
+    with pytest.raises(ConfigError, match="no eps known"):
+        EvalConfig().resolve(None)

@@ -19,7 +19,7 @@ def test_digits_split_is_deterministic_stratified_and_disjoint():
     for split in (a.val, a.test):  # every class present in proportion (stratified)
         counts = torch.bincount(split.y, minlength=10).float()
         assert counts.min() >= 0.8 * counts.mean()
-    rows = lambda s: {tuple(r.tolist()) + (int(l),) for r, l in zip(s.x.flatten(1), s.y)}  # noqa: E731
+    rows = lambda s: {tuple(r.tolist()) + (int(label),) for r, label in zip(s.x.flatten(1), s.y)}
     assert not rows(a.test) & rows(a.val)  # the digits set has a few exact duplicates across classes only
     other = load_dataset(DataConfig(name="digits", val_fraction=0.2, split_seed=1))
     assert not torch.equal(other.test.y, a.test.y)
@@ -89,8 +89,13 @@ def _fake_cifar10(root, n=4):
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(1, 6):
-        _write_pickle(folder / f"data_batch_{i}", {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": [j % 10 for j in range(n)]})
-    _write_pickle(folder / "test_batch", {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(range(n))})
+        _write_pickle(
+            folder / f"data_batch_{i}",
+            {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": [j % 10 for j in range(n)]},
+        )
+    _write_pickle(
+        folder / "test_batch", {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(range(n))}
+    )
     _write_pickle(folder / "batches.meta", {b"label_names": [f"c{i}".encode() for i in range(10)]})
     return folder
 
@@ -110,7 +115,9 @@ def test_cifar100_reader(tmp_path):
     folder.mkdir()
     data = np.random.default_rng(0).integers(0, 256, (200, 3072), dtype=np.uint8)
     for split in ("train", "test"):
-        _write_pickle(folder / split, {b"data": data, b"fine_labels": [i % 100 for i in range(200)], b"coarse_labels": [0] * 200})
+        _write_pickle(
+            folder / split, {b"data": data, b"fine_labels": [i % 100 for i in range(200)], b"coarse_labels": [0] * 200}
+        )
     _write_pickle(folder / "meta", {b"fine_label_names": [f"f{i}".encode() for i in range(100)]})
     ds = load_dataset(DataConfig(name="cifar100", root=str(tmp_path), val_fraction=0.5))
     assert ds.num_classes == 100 and len(ds.test) == 200 and len(ds.val) == 100
@@ -150,8 +157,15 @@ def test_tinyimagenet_reader(tmp_path):
     assert ds.test.y.tolist() == [0, 1]
 
 
-@pytest.mark.parametrize("name, fragment", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python"),
-                                            ("svhn", "train_32x32.mat"), ("tinyimagenet", "tiny-imagenet-200")])
+@pytest.mark.parametrize(
+    "name, fragment",
+    [
+        ("cifar10", "cifar-10-batches-py"),
+        ("cifar100", "cifar-100-python"),
+        ("svhn", "train_32x32.mat"),
+        ("tinyimagenet", "tiny-imagenet-200"),
+    ],
+)
 def test_missing_dataset_names_the_path_and_layout(tmp_path, name, fragment):
     with pytest.raises(DataError, match=fragment) as info:
         load_dataset(DataConfig(name=name, root=str(tmp_path)))

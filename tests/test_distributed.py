@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from robustdistill.attacks import EvalSettings
 from robustdistill.checkpoint import load_model
-from robustdistill.evaluate import EvalSettings, evaluate
+from robustdistill.evaluate import evaluate
 from robustdistill.runs import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,9 +22,22 @@ def test_torchrun_two_ranks(tmp_path, trained_runs, digits, which):
     teachers = [f"teachers.robust.path={trained_runs['trades']}"]
     if which == "bmtard":
         teachers.append(f"teachers.clean.path={trained_runs['natural']}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "robustdistill", "train", str(ROOT / "configs" / "digits" / f"{which}.yaml"),
-           f"out_dir={tmp_path}", "train.epochs=2", "attack.steps=2", "train.device=cpu", *teachers]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "robustdistill",
+        "train",
+        str(ROOT / "configs" / "digits" / f"{which}.yaml"),
+        f"out_dir={tmp_path}",
+        "train.epochs=2",
+        "attack.steps=2",
+        "train.device=cpu",
+        *teachers,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -35,11 +49,10 @@ def test_torchrun_two_ranks(tmp_path, trained_runs, digits, which):
     # the sharded, all-reduced evaluation equals a single-process evaluation of the same checkpoint
     report = json.loads((run / "report.json").read_text())
     model, _ = load_model(run / "checkpoints" / "best.safetensors")
-    single = evaluate(model, digits.test, ["clean"], EvalSettings(eps=0.2, step_size=0.05), 10)
+    single = evaluate(model, digits.test, EvalSettings(eps=0.2, step_size=0.05, attacks=("clean",)), 10)
     assert report["attacks"]["clean"] == single["attacks"]["clean"]
     # the loop all-gathers the adaptive state every epoch and stops if ranks disagree; it moved:
     assert epochs[-1]["temperature_adv"] != ([1.0] * 10 if which == "absld" else 1.0) or epochs[-1]["weight_adv"] != 0.5
-
 
 
 def _any_rank_worker(rank, port, results):
@@ -82,8 +95,6 @@ EVAL_ATTACKS = ["clean", "fgsm", "pgd20", "cw", "autoattack_fast", "square", "tr
 
 
 def _evaluate_digits(model_path, surrogate_path, rank=0, world_size=1):
-    import dataclasses
-
     import torch
 
     from conftest import digits_config
@@ -94,11 +105,20 @@ def _evaluate_digits(model_path, surrogate_path, rank=0, world_size=1):
     digits = load_dataset(digits_config(Path("."), "natural").data)
     model, _ = load_model(model_path)
     surrogate, _ = load_model(surrogate_path)
-    settings = EvalSettings(eps=0.2, step_size=0.05, batch_size=8, restarts=2, square_queries=50, checks=True,
-                            checks_subset=70)
-    out = evaluate(model.eval(), digits.test.take(slice(0, 100)), EVAL_ATTACKS, settings, 10, rank, world_size,
-                   surrogate=surrogate.eval())
-    return json.loads(json.dumps(dataclasses.asdict(settings) and out))
+    settings = EvalSettings(
+        eps=0.2,
+        step_size=0.05,
+        batch_size=8,
+        restarts=2,
+        square_queries=50,
+        checks=True,
+        checks_subset=70,
+        attacks=tuple(EVAL_ATTACKS),
+    )
+    out = evaluate(
+        model.eval(), digits.test.take(slice(0, 100)), settings, 10, rank, world_size, surrogate=surrogate.eval()
+    )
+    return json.loads(json.dumps(out))
 
 
 def _eval_worker(rank, port, paths, results):
@@ -125,8 +145,10 @@ def test_two_rank_evaluation_equals_one_process_exactly(trained_runs):
     included), every sanity check and every class-wise number is the single-process one."""
     import torch.multiprocessing as mp
 
-    paths = (str(trained_runs["trades"] / "checkpoints" / "best.safetensors"),
-             str(trained_runs["natural"] / "checkpoints" / "best.safetensors"))
+    paths = (
+        str(trained_runs["trades"] / "checkpoints" / "best.safetensors"),
+        str(trained_runs["natural"] / "checkpoints" / "best.safetensors"),
+    )
     single = _evaluate_digits(*paths)
     manager = mp.Manager()
     results = manager.dict()
@@ -140,9 +162,20 @@ def test_two_rank_resume_is_bit_identical_to_the_uninterrupted_run(tmp_path):
     import torch
 
     def torchrun(*args):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "robustdistill", "train", *args]
-        result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "robustdistill",
+            "train",
+            *args,
+        ]
+        result = subprocess.run(
+            cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300
+        )
         assert result.returncode == 0, result.stderr[-3000:]
 
     common = [f"out_dir={tmp_path}", "attack.steps=2", "train.device=cpu", "eval.checks=false", "train.milestones=[1]"]

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from robustdistill.evaluate import (EvalSettings, class_metrics, evaluate, pack_verdicts, selection_score,
-                                    unpack_verdicts, wilson_interval)
+from robustdistill.attacks import EvalSettings
+from robustdistill.evaluate import evaluate
+from robustdistill.metrics import class_metrics, pack_verdicts, selection_score, unpack_verdicts, wilson_interval
 
 
 def test_class_metrics_by_hand():
@@ -42,9 +43,9 @@ def test_selection_scores():
 def test_evaluate_reports_every_attack_and_leaves_the_model_untouched(natural_model, digits):
     model = natural_model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    settings = EvalSettings(eps=0.1, step_size=0.025, batch_size=64)
+    settings = EvalSettings(eps=0.1, step_size=0.025, batch_size=64, attacks=("clean", "fgsm", "pgd20", "cw"))
     test = digits.test.take(slice(0, 150))
-    out = evaluate(model, test, ["clean", "fgsm", "pgd20", "cw"], settings, 10)
+    out = evaluate(model, test, settings, 10)
     acc = {k: v["accuracy"] for k, v in out["attacks"].items()}
     assert acc["clean"] > 0.9 and acc["pgd20"] <= acc["fgsm"] and acc["pgd20"] < acc["clean"]
     assert out["w_robust"]["value"] == pytest.approx((acc["clean"] + acc["pgd20"]) / 2)
@@ -54,15 +55,15 @@ def test_evaluate_reports_every_attack_and_leaves_the_model_untouched(natural_mo
 
 
 def test_evaluate_is_deterministic_under_its_seed(natural_model, digits):
-    settings = EvalSettings(eps=0.1, step_size=0.025, batch_size=64, seed=3)
+    settings = EvalSettings(eps=0.1, step_size=0.025, batch_size=64, seed=3, attacks=("pgd20",))
     test = digits.test.take(slice(0, 100))
-    runs = [evaluate(natural_model, test, ["pgd20"], settings, 10) for _ in range(2)]
+    runs = [evaluate(natural_model, test, settings, 10) for _ in range(2)]
     assert runs[0]["attacks"] == runs[1]["attacks"]
 
 
 def test_eps_zero_attack_equals_clean(natural_model, digits):
-    settings = EvalSettings(eps=0.0, step_size=0.0, batch_size=64)
-    out = evaluate(natural_model, digits.test, ["clean", "pgd20", "fgsm"], settings, 10)
+    settings = EvalSettings(eps=0.0, step_size=0.0, batch_size=64, attacks=("clean", "pgd20", "fgsm"))
+    out = evaluate(natural_model, digits.test, settings, 10)
     assert out["attacks"]["pgd20"] == out["attacks"]["clean"] == out["attacks"]["fgsm"]
 
 

@@ -6,8 +6,14 @@ from robustdistill.errors import CheckpointError, ConfigError
 from robustdistill.models import ModelSpec, create_model, list_models
 
 # Small architecture options keep the sweep fast; every default is exercised in test_defaults_build.
-FAST = {"wrn34_10": {"depth": 10, "widen_factor": 2}, "resnet56": {"depth": 8}, "resnet18": {"width": 8},
-        "preact_resnet18": {"width": 8}, "mobilenet_v2": {"width_mult": 0.25}, "small_cnn": {"width": 8}}
+FAST = {
+    "wrn34_10": {"depth": 10, "widen_factor": 2},
+    "resnet56": {"depth": 8},
+    "resnet18": {"width": 8},
+    "preact_resnet18": {"width": 8},
+    "mobilenet_v2": {"width_mult": 0.25},
+    "small_cnn": {"width": 8},
+}
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -109,13 +115,44 @@ def test_missing_and_corrupt_files(tmp_path):
 @pytest.mark.parametrize(
     "name, kwargs, keys",
     [
-        ("wrn34_10", {}, ["conv1.weight", "block1.layer.0.bn1.weight", "block1.layer.0.convShortcut.weight",
-                          "block3.layer.4.conv2.weight", "bn1.running_mean", "fc.weight"]),
-        ("resnet18", {}, ["conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "layer2.0.shortcut.0.weight",
-                          "layer2.0.shortcut.1.running_var", "linear.bias"]),
+        (
+            "wrn34_10",
+            {},
+            [
+                "conv1.weight",
+                "block1.layer.0.bn1.weight",
+                "block1.layer.0.convShortcut.weight",
+                "block3.layer.4.conv2.weight",
+                "bn1.running_mean",
+                "fc.weight",
+            ],
+        ),
+        (
+            "resnet18",
+            {},
+            [
+                "conv1.weight",
+                "bn1.weight",
+                "layer1.0.conv1.weight",
+                "layer2.0.shortcut.0.weight",
+                "layer2.0.shortcut.1.running_var",
+                "linear.bias",
+            ],
+        ),
         ("preact_resnet18", {}, ["layer1.0.bn1.weight", "layer2.0.shortcut.0.weight", "bn.weight", "linear.weight"]),
         ("resnet56", {}, ["conv1.weight", "bn1.weight", "layer3.8.conv2.weight", "linear.weight"]),
-        ("mobilenet_v2", {}, ["conv1.weight", "layers.0.conv3.weight", "layers.0.shortcut.0.weight", "conv2.weight", "bn2.weight", "linear.weight"]),
+        (
+            "mobilenet_v2",
+            {},
+            [
+                "conv1.weight",
+                "layers.0.conv3.weight",
+                "layers.0.shortcut.0.weight",
+                "conv2.weight",
+                "bn2.weight",
+                "linear.weight",
+            ],
+        ),
     ],
 )
 def test_state_dict_names_match_the_reference_code(name, kwargs, keys):

@@ -19,11 +19,19 @@ def _ctx(num_classes=10):
     student = create_model(ModelSpec("small_cnn", num_classes, 1, {"width": 4}))
     robust = create_model(ModelSpec("small_cnn", num_classes, 1, {"width": 8})).eval()
     clean = create_model(ModelSpec("small_cnn", num_classes, 1, {"width": 6})).eval()
-    return Context(student, student, num_classes, AttackConfig(eps=0.1, step_size=0.025, steps=3), {"robust": robust, "clean": clean})
+    return Context(
+        student,
+        student,
+        num_classes,
+        AttackConfig(eps=0.1, step_size=0.025, steps=3),
+        {"robust": robust, "clean": clean},
+    )
 
 
 def _method(name, *overrides, ctx=None):
-    return create_method(load_config(None, [f"method={name}", *[f"method.{o}" for o in overrides]]).method, ctx or _ctx())
+    return create_method(
+        load_config(None, [f"method={name}", *[f"method.{o}" for o in overrides]]).method, ctx or _ctx()
+    )
 
 
 def _batch(n=8, seed=1):
@@ -92,14 +100,20 @@ def test_absld_with_fixed_temperature_one_is_exactly_rslad():
 
 
 def test_absld_gathers_temperatures_by_label_and_the_reference_quirk():
-    method = _method("absld", "fixed_temperature_adv=[2,2,2,2,2,2,2,2,2,4]", "fixed_temperature_nat=[3,3,3,3,3,3,3,3,3,3]")
+    method = _method(
+        "absld", "fixed_temperature_adv=[2,2,2,2,2,2,2,2,2,4]", "fixed_temperature_nat=[3,3,3,3,3,3,3,3,3,3]"
+    )
     z = torch.randn(2, 10)
     y = torch.tensor([0, 9])
     q_adv, q_nat = method.targets(z, y)
     assert torch.allclose(q_adv[0], torch.softmax(z[0] / 2, 0)) and torch.allclose(q_adv[1], torch.softmax(z[1] / 4, 0))
     assert torch.allclose(q_nat, torch.softmax(z / 3, 1))
-    quirk = _method("absld", "fixed_temperature_adv=[2,2,2,2,2,2,2,2,2,4]", "fixed_temperature_nat=[3,3,3,3,3,3,3,3,3,3]",
-                    "shared_temperature_quirk=true")
+    quirk = _method(
+        "absld",
+        "fixed_temperature_adv=[2,2,2,2,2,2,2,2,2,4]",
+        "fixed_temperature_nat=[3,3,3,3,3,3,3,3,3,3]",
+        "shared_temperature_quirk=true",
+    )
     q_adv, q_nat = quirk.targets(z, y)
     assert torch.allclose(q_adv[1], torch.softmax(z[1] / 12, 0)) and torch.equal(q_adv, q_nat)
 
@@ -136,9 +150,13 @@ def test_entropy_balance_moves_towards_equal_entropy():
         z_adv, z_nat = torch.randn(16, 10), 3 * torch.randn(16, 10)
         eb = EntropyBalance()
         eb.tau = 1 + 4 * torch.rand(2)
-        gap = lambda: (negative_entropy(soft_targets(z_adv, eb.tau[0])) - negative_entropy(soft_targets(z_nat, eb.tau[1]))).abs()  # noqa: E731
+        gap = lambda z_adv=z_adv, z_nat=z_nat, eb=eb: (
+            negative_entropy(soft_targets(z_adv, eb.tau[0])) - negative_entropy(soft_targets(z_nat, eb.tau[1]))
+        ).abs()
         before = gap()
-        eb.update(negative_entropy(soft_targets(z_adv, eb.tau[0])), negative_entropy(soft_targets(z_nat, eb.tau[1])), eta=0.01)
+        eb.update(
+            negative_entropy(soft_targets(z_adv, eb.tau[0])), negative_entropy(soft_targets(z_nat, eb.tau[1])), eta=0.01
+        )
         assert gap() < before
 
 

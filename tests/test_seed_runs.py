@@ -3,15 +3,17 @@
 import pytest
 import torch
 
+from conftest import digits_config
 from robustdistill.cli import main
 from robustdistill.runs import read_metrics
 from robustdistill.train import train
 
-from conftest import digits_config
-
 
 def _student(tmp_path, trained_runs, which, **overrides):
-    teachers = {"teachers.robust.path": str(trained_runs["trades"]), "teachers.clean.path": str(trained_runs["natural"])}
+    teachers = {
+        "teachers.robust.path": str(trained_runs["trades"]),
+        "teachers.clean.path": str(trained_runs["natural"]),
+    }
     if which in ("absld", "rslad"):
         teachers.pop("teachers.clean.path")
     settings = dict(train__epochs=3, attack__steps=2, train__milestones="[2]", train__log_every=2)
@@ -29,8 +31,10 @@ def test_absld_logs_classwise_temperatures_that_move(tmp_path, trained_runs):
     # the largest gap moves its class by exactly the rate: r after epoch 1; the lr decays from
     # epoch 3 (milestone 2, 0-based), and as in the official loop (lr and rate decay at the end of
     # 1-based epoch 215, then that epoch's update) the update after epoch 2 already uses r / 10
-    moves = [max(abs(a - b) for a, b in zip(later["temperature_adv"], earlier))
-             for earlier, later in zip([[1.0] * 10] + [r["temperature_adv"] for r in epochs], epochs)]
+    moves = [
+        max(abs(a - b) for a, b in zip(later["temperature_adv"], earlier))
+        for earlier, later in zip([[1.0] * 10] + [r["temperature_adv"] for r in epochs], epochs)
+    ]
     r = cfg.method.rate
     assert moves == pytest.approx([r, r / 10, r / 10], abs=1e-6)
     assert [r["lr"] for r in epochs] == pytest.approx([0.5, 0.5, 0.05])
@@ -70,6 +74,10 @@ def test_plot_command_draws_the_trajectories(tmp_path, trained_runs, capsys):
     assert main(["plot", str(absld)]) == 0 and main(["plot", str(bmtard)]) == 0
     out = capsys.readouterr().out
     assert "temperatures.png" in out and "balance.png" in out
-    for png in [absld / "plots" / "temperatures.png", bmtard / "plots" / "balance.png", absld / "plots" / "classwise.png"]:
+    for png in [
+        absld / "plots" / "temperatures.png",
+        bmtard / "plots" / "balance.png",
+        absld / "plots" / "classwise.png",
+    ]:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert main(["plot", str(tmp_path)]) == 2

@@ -4,16 +4,27 @@ import pytest
 import torch
 import yaml
 
+from conftest import digits_config, snapshot
 from robustdistill.config import load_config
 from robustdistill.errors import ConfigError, TrainingError, UserError
 from robustdistill.runs import read_metrics
-from robustdistill.train import lr_decays, train
-
-from conftest import digits_config, snapshot
+from robustdistill.train import FlopCount, lr_decays, train
 
 
 def test_lr_decays_counts_milestones_reached():
     assert [lr_decays(e, [2, 4]) for e in range(6)] == [0, 0, 1, 1, 2, 2]
+
+
+def test_flop_count_by_hand_and_through_autograd_grad():
+    layer = torch.nn.Linear(10, 5)
+    x = torch.rand(4, 10, requires_grad=True)
+    with FlopCount() as count:
+        (grad,) = torch.autograd.grad(layer(x).sum(), x)  # what the inner maximisation does
+    # forward 2*4*10*5 = 400; backward to the input 400 (the weight's gradient is not asked for)
+    assert count.total == 800 and grad.shape == x.shape
+    with FlopCount() as count:
+        layer(x.detach()).sum().backward()
+    assert count.total == 800  # forward 400 + the weight's gradient 400
 
 
 def test_a_run_folder_has_everything(trained_runs):
@@ -26,6 +37,8 @@ def test_a_run_folder_has_everything(trained_runs):
     epochs = [r for r in records if r["type"] == "epoch"]
     assert [r["epoch"] for r in epochs] == list(range(1, 7))
     assert all("val_robust" in r and "loss" in r for r in epochs)
+    # every FLOP of a TRADES step is counted: the 10 attack steps make it several student passes
+    assert all(r["gflop_per_s"] > 0 and r["images_per_s"] > 0 for r in epochs)
     assert any(r["type"] == "step" for r in records)
     report = json.loads((run / "report.json").read_text())
     assert report["data"]["split"] == "test" and report["selection"]["split"] == "val"
@@ -90,7 +103,9 @@ def test_force_replaces_only_what_the_tool_wrote(tmp_path):
 
 @pytest.mark.slow
 def test_resume_continues_to_the_same_weights(tmp_path):
-    straight = train(digits_config(tmp_path, "pgd_at", name="straight", train__epochs=2, attack__steps=2, train__milestones="[1]"))
+    straight = train(
+        digits_config(tmp_path, "pgd_at", name="straight", train__epochs=2, attack__steps=2, train__milestones="[1]")
+    )
     cfg = digits_config(tmp_path, "pgd_at", name="resumed", train__epochs=1, attack__steps=2, train__milestones="[1]")
     run = train(cfg)
     cfg.train.epochs = 2
@@ -107,12 +122,15 @@ def test_resume_continues_to_the_same_weights(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("change, key", [
-    ("train.lr=0.3", "train.lr"),
-    ("method=trades", "method.name"),
-    ("model.kwargs.width=8", "model.kwargs.width"),
-    ("attack.eps=0.1", "attack.eps"),
-])
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ("train.lr=0.3", "train.lr"),
+        ("method=trades", "method.name"),
+        ("model.kwargs.width=8", "model.kwargs.width"),
+        ("attack.eps=0.1", "attack.eps"),
+    ],
+)
 def test_resume_refuses_a_changed_config(tmp_path, change, key):
     from robustdistill.config import from_dict
 
@@ -144,9 +162,9 @@ def test_metrics_log_holds_each_record_once_after_a_crash(tmp_path):
 def test_atomic_writes_clean_up_and_keep_normal_permissions(tmp_path):
     import os
     import stat
+    from pathlib import Path
 
     from robustdistill.checkpoint import atomic_write
-    from pathlib import Path
 
     (tmp_path / ".report.json.abc123.tmp").write_bytes(b"x" * 1000)  # left by a killed write
     (tmp_path / ".other.json.def.tmp").write_bytes(b"y")  # another file's write: not ours to touch
@@ -174,7 +192,9 @@ def test_teacher_with_wrong_class_count_is_refused(tmp_path):
 
     spec = ModelSpec("small_cnn", 7, 1, {"width": 4})
     save_model(tmp_path / "t7.safetensors", create_model(spec), spec)
-    cfg = digits_config(tmp_path, "rslad", train__epochs=1, **{"teachers.robust.path": str(tmp_path / "t7.safetensors")})
+    cfg = digits_config(
+        tmp_path, "rslad", train__epochs=1, **{"teachers.robust.path": str(tmp_path / "t7.safetensors")}
+    )
     with pytest.raises(UserError, match="has 7 outputs but digits has 10 classes"):
         train(cfg)
     assert not (tmp_path / "runs").exists()  # refused before the run folder was written

@@ -7,71 +7,19 @@ A model file written here is `<name>.safetensors` whose header metadata holds th
 
 from __future__ import annotations
 
-import glob
-import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from .errors import CheckpointError
+from .files import atomic_write
 from .models import Classifier, ModelSpec, create_model
 
 META_KEY = "robustdistill"
-
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)`, flush it to disk, then rename over `path`: a reader never sees half
-    a file, and a crash leaves either the old or the new one. The file gets the usual permissions
-    (0666 less the umask, not mkstemp's 0600); temporaries left by an interrupted earlier write of
-    the same file are removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{path.name}."
-    for stale in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (not possible on every platform or file system)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 of a model's parameters and buffers (names and bytes)."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def save_torch(obj: Any, path: str | Path) -> None:
@@ -102,7 +50,9 @@ def load_torch(path: str | Path) -> Any:
             f"{path} needs the Python object(s) {shown}, which this tool refuses to unpickle (weights_only=True "
             "loads tensors and plain containers only); save a plain state dict of tensors instead"
         ) from None
-    raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint (torch.save file); re-save or re-copy it") from None
+    raise CheckpointError(
+        f"{path} is truncated or not a PyTorch checkpoint (torch.save file); re-save or re-copy it"
+    ) from None
 
 
 def save_model(path: str | Path, model: torch.nn.Module, spec: ModelSpec, **meta: Any) -> None:
@@ -142,7 +92,7 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     prefix = "module."  # saved from DataParallel / DDP
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in obj.items()}
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in obj.items()}
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -165,7 +115,11 @@ def load_into(model: Classifier, state: dict[str, torch.Tensor], path: str | Pat
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or wrong:
         parts = []
         if wrong:

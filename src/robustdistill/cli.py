@@ -3,7 +3,7 @@
     robustdistill demo                                   the tour on the embedded digits
     robustdistill train CONFIG [key=value ...]           one run into runs/<name>/
     robustdistill train CONFIG --print-config            show the resolved config, train nothing
-    robustdistill eval RUN_OR_CHECKPOINT [--attacks clean,pgd20,autoattack_fast] [--subset N] [--strict]
+    robustdistill eval RUN_OR_CHECKPOINT [eval.key=value ...] [--attacks clean,pgd20,autoattack_fast] [--strict]
     robustdistill report RUN1 RUN2 ...                   comparison table + robustness-fairness scatter
     robustdistill plot RUN                               temperature / weight trajectories to PNG
     robustdistill list [models|methods|datasets|attacks]
@@ -16,16 +16,27 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Optional
 
-from .config import ModelConfig, build, load_config, parse_float
+from .api import evaluate_path
+from .attacks import ATTACKS
+from .checks import failed
+from .config import load_config
+from .data import DATASETS
+from .demo import run_demo
 from .distributed import cleanup
-from .runs import check_writable
 from .errors import UserError
+from .methods import METHODS
+from .models import MODELS
+from .plots import plot_classwise, plot_run, plot_scatter
+from .report import attack_table, comparison_table, read_report, to_markdown, write_report
+from .runs import check_writable
+from .train import train
 
 log = logging.getLogger("robustdistill")
 
@@ -50,13 +61,9 @@ def _cmd_train(args) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    from .train import train
-
     run_dir = train(cfg, force=args.force, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for the run
         return 0
-    from .report import attack_table, read_report
-
     print(f"run folder: {run_dir}")
     print(attack_table(read_report(run_dir / "report.json")))
     return 0
@@ -89,40 +96,33 @@ def _eval_out_dir(target: str, out: Optional[str]) -> Path:
 
 
 def _warn_failed_checks(report: dict) -> list:
-    from .checks import failed
-
     bad = failed(report.get("checks", []))
     for c in bad:
-        print(f"WARNING: sanity check {c['id']} ({c['name']}) FAILED: {c['message']}; numbers: {c['numbers']}", file=sys.stderr)
+        print(
+            f"WARNING: sanity check {c['id']} ({c['name']}) FAILED: {c['message']}; numbers: {c['numbers']}",
+            file=sys.stderr,
+        )
     return bad
 
 
 def _cmd_eval(args) -> int:
-    from .evaluate import evaluate_path
-    from .plots import plot_classwise
-    from .report import attack_table, to_markdown, write_report
-
     out_dir = _eval_out_dir(args.target, args.out)
     if (out_dir / "autoattack_state.json").exists() or (out_dir / "autoattack_fast_state.json").exists():
         log.info("resuming the AutoAttack state in %s", out_dir)
-    overrides = {
-        "attacks": [a.strip() for a in args.attacks.split(",") if a.strip()] if args.attacks else None,
-        "eps": parse_float(args.eps, "--eps") if args.eps is not None else None,
-        "step_size": parse_float(args.step_size, "--step-size") if args.step_size is not None else None,
-        "pgd_steps": args.steps,
-        "restarts": args.restarts,
-        "square_queries": args.square_queries,
-        "surrogate": args.surrogate,
-        "surrogate_model": build(ModelConfig, {"name": args.surrogate_model}, "--surrogate-model") if args.surrogate_model else None,
-        "subset": args.subset,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-        "checks": False if args.no_checks else None,
-    }
+    overrides = _flag_overrides(args) + args.overrides
     # the folder appears with the first AutoAttack state or the report, so a failed evaluation leaves none
-    report = evaluate_path(args.target, overrides, which=args.checkpoint, split=args.split, data=args.data,
-                           data_root=args.data_root, model=args.model, device=args.device, model_dir=args.model_dir,
-                           state_dir=out_dir)
+    report = evaluate_path(
+        args.target,
+        overrides,
+        which=args.checkpoint,
+        split=args.split,
+        data=args.data,
+        data_root=args.data_root,
+        model=args.model,
+        device=args.device,
+        model_dir=args.model_dir,
+        state_dir=out_dir,
+    )
     title = f"Evaluation of {args.target}"
     write_report(out_dir, report, title=title)
     _try_plot(lambda: plot_classwise(report, out_dir / "classwise.png"))
@@ -138,6 +138,38 @@ def _cmd_eval(args) -> int:
     return 1 if bad and args.strict else 0
 
 
+# eval's short flags: each is an alias of one eval.<key> override
+EVAL_FLAGS = {
+    "attacks": "eval.attacks",
+    "eps": "eval.eps",
+    "step_size": "eval.step_size",
+    "steps": "eval.pgd_steps",
+    "restarts": "eval.restarts",
+    "square_queries": "eval.square_queries",
+    "surrogate": "eval.surrogate",
+    "surrogate_model": "eval.surrogate_model.name",
+    "subset": "eval.subset",
+    "batch_size": "eval.batch_size",
+    "seed": "eval.seed",
+}
+
+
+def _flag_overrides(args) -> list[str]:
+    """The short flags of `eval` as dotted overrides (values written as JSON, which YAML reads back
+    verbatim, so a path stays a string)."""
+    out = []
+    for flag, key in EVAL_FLAGS.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if flag == "attacks":
+            value = [a.strip() for a in value.split(",") if a.strip()]
+        out.append(f"{key}={json.dumps(value)}")
+    if args.no_checks:
+        out.append("eval.checks=false")
+    return out
+
+
 def _try_plot(draw) -> None:
     """Plots are a bonus where matplotlib is installed (the `plot` extra)."""
     try:
@@ -147,9 +179,6 @@ def _try_plot(draw) -> None:
 
 
 def _cmd_report(args) -> int:
-    from .plots import plot_scatter
-    from .report import comparison_table, read_report
-
     named = []
     for item in args.runs:
         path = Path(item)
@@ -170,8 +199,6 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import run_demo
-
     table = run_demo(args.out, force=args.force, epochs=args.epochs)
     print(table)
     print(f"\nruns and reports: {args.out}/")
@@ -179,8 +206,6 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_plot(args) -> int:
-    from .plots import plot_run
-
     written = plot_run(args.run, args.out)
     if not written:
         print(f"nothing to plot in {args.run}")
@@ -190,14 +215,13 @@ def _cmd_plot(args) -> int:
 
 
 def _cmd_list(args) -> int:
-    from .data import DATASETS
-    from .evaluate import ATTACKS
-    from .methods import METHODS
-    from .models import MODELS
-
     registries = {"models": MODELS, "methods": METHODS, "datasets": DATASETS, "attacks": ATTACKS}
     for kind in [args.kind] if args.kind else registries:
         print(f"{kind}: {', '.join(registries[kind].names())}")
+        if kind == "attacks" and args.verbose:
+            for name in ATTACKS.names():
+                attack = ATTACKS.get(name)
+                print(f"  {name:16s} {attack.kind:10s} {attack.help}")
     return 0
 
 
@@ -222,17 +246,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run folder, a checkpoint file or robustbench:<Name>")
-    p.add_argument("target", help="run folder, checkpoint (.safetensors, or .pt/.pth state dict), or robustbench:<Name>[@<threat>]")
+    p.add_argument(
+        "target", help="run folder, checkpoint (.safetensors, or .pt/.pth state dict), or robustbench:<Name>[@<threat>]"
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted eval.key=value overrides, as for train (e.g. eval.subset=100 eval.pgd_steps=50); "
+        "the flags below are short aliases",
+    )
     p.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of a run folder")
     p.add_argument("--split", choices=["test", "val", "train"], default="test")
-    p.add_argument("--attacks", help="comma-separated: clean,fgsm,pgd20,cw,autoattack,autoattack_fast,square,transfer")
+    p.add_argument("--attacks", help=f"comma-separated: {','.join(ATTACKS.names())} (robustdistill -v list attacks)")
     p.add_argument("--eps", help="L-inf budget, e.g. 8/255 (default: the run's)")
     p.add_argument("--step-size", help="PGD step (default eps/4)")
     p.add_argument("--steps", type=int, help="PGD steps (default 20)")
     p.add_argument("--restarts", type=int, help="random restarts of PGD, CW and transfer (default 1)")
     p.add_argument("--square-queries", type=int, help="query budget of the Square attack (default 5000)")
-    p.add_argument("--surrogate", help="the transfer attack's source model (run folder or checkpoint; default: the run's robust teacher)")
-    p.add_argument("--surrogate-model", help="the surrogate's architecture name, for a foreign state dict (e.g. wrn34_10)")
+    p.add_argument(
+        "--surrogate",
+        help="the transfer attack's source model (run folder or checkpoint; default: the run's robust teacher)",
+    )
+    p.add_argument(
+        "--surrogate-model", help="the surrogate's architecture name, for a foreign state dict (e.g. wrn34_10)"
+    )
     p.add_argument("--subset", type=int, help="evaluate on the first N images only")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
@@ -243,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="architecture name (for foreign state dicts)")
     p.add_argument("--model-dir", help="RobustBench's local model directory (default: models)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="report folder (default: a new eval-<time> folder); an unfinished one resumes AutoAttack")
+    p.add_argument(
+        "--out", help="report folder (default: a new eval-<time> folder); an unfinished one resumes AutoAttack"
+    )
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("report", help="compare finished runs: one table and a robustness-fairness scatter")
@@ -273,7 +312,7 @@ def _parse(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> argpar
     """Parse; `key=value` overrides of `train` may also come after its flags (`train RUN --resume k=v`)."""
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+        if args.command in ("train", "eval") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides += extra
         else:
             raise UserError(f"unrecognized arguments: {' '.join(extra)} (see 'robustdistill {args.command} --help')")

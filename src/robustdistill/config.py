@@ -22,12 +22,16 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .attacks import ATTACKS, AttackConfig, EvalSettings
+from .data import DATASETS
 from .distributed import check_device
 from .errors import ConfigError
+from .errors import check as _check
+from .methods import METHODS, MethodOptions
+from .metrics import SELECTION_METRICS
+from .models import check_model_builds
 
 SEED_LIMIT = 2**32  # seeds are integers in [0, SEED_LIMIT)
-
-AttackStart = Literal["auto", "uniform", "gaussian", "none"]
 
 
 @dataclass
@@ -43,8 +47,6 @@ class DataConfig:
     flip: bool = True  # random horizontal flip
 
     def validate(self) -> None:
-        from .data import DATASETS
-
         DATASETS.get(self.name)
         _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
         _check(0.0 < self.test_fraction < 1.0, "data.test_fraction", "must be in (0, 1)")
@@ -61,24 +63,7 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)  # architecture options, e.g. {width: 32}
 
     def validate(self, key: str = "model") -> None:
-        from .models import check_model_builds
-
         check_model_builds(self.name, self.kwargs, key)
-
-
-@dataclass
-class AttackConfig:
-    """The inner maximisation used during training (L-infinity PGD)."""
-
-    eps: float = 8 / 255
-    step_size: float = 2 / 255
-    steps: int = 10
-    start: AttackStart = "auto"  # auto: the method's own choice (seed methods: x + 0.001 N(0,1))
-
-    def validate(self) -> None:
-        _check(0 <= self.eps <= 1, "attack.eps", "must be in [0, 1] (images are in [0, 1]; e.g. 8/255)")
-        _check(0 < self.step_size <= 1, "attack.step_size", "must be in (0, 1] (e.g. 2/255)")
-        _check(self.steps >= 1, "attack.steps", "must be >= 1")
 
 
 @dataclass
@@ -100,8 +85,6 @@ class TrainConfig:
     channels_last: bool = False
 
     def validate(self) -> None:
-        from .evaluate import SELECTION_METRICS
-
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(self.lr > 0, "train.lr", "must be > 0")
@@ -140,8 +123,6 @@ class EvalConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        from .evaluate import ATTACKS
-
         for name in self.attacks:
             ATTACKS.get(name)
         _check(len(set(self.attacks)) == len(self.attacks), "eval.attacks", "lists an attack twice")
@@ -158,6 +139,28 @@ class EvalConfig:
         _check(0 <= self.seed < SEED_LIMIT, "eval.seed", "must be an integer in [0, 2**32)")
         if self.surrogate_model is not None:
             self.surrogate_model.validate("eval.surrogate_model")
+
+    def resolve(self, default_eps: Optional[float]) -> EvalSettings:
+        """The settings every evaluation runs with: eps falls back to `default_eps` (the training
+        attack's, or a checkpoint's recorded one), the step size to eps / 4. Done once, here."""
+        eps = self.eps if self.eps is not None else default_eps
+        if eps is None:
+            raise ConfigError("no eps known for this model; set eval.eps (--eps), e.g. 8/255")
+        step = self.step_size if self.step_size is not None else eps / 4
+        return EvalSettings(
+            eps=eps,
+            step_size=step,
+            attacks=tuple(self.attacks),
+            pgd_steps=self.pgd_steps,
+            cw_steps=self.cw_steps,
+            restarts=self.restarts,
+            square_queries=self.square_queries,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            checks=self.checks,
+            checks_subset=self.checks_subset,
+            large_eps=self.large_eps,
+        )
 
 
 @dataclass
@@ -177,13 +180,6 @@ class TeacherConfig:
         _check(bool(self.path), f"{key}.path", "is required")
         if self.model is not None:
             self.model.validate(f"{key}.model")
-
-
-@dataclass
-class MethodOptions:
-    """Base of every method's options; each method registers a subclass with its own fields."""
-
-    name: str = "natural"
 
 
 @dataclass
@@ -221,8 +217,20 @@ class Config:
 
 # Keys that may change when a run is resumed: they do not alter what has been trained so far
 # (nor how the best checkpoint was selected). Any other difference is refused by `--resume`.
-RESUMABLE = ("train.epochs", "train.log_every", "train.device", "eval.attacks", "eval.cw_steps", "eval.square_queries",
-             "eval.surrogate", "eval.surrogate_model", "eval.checks", "eval.checks_subset", "eval.large_eps", "eval.subset")
+RESUMABLE = (
+    "train.epochs",
+    "train.log_every",
+    "train.device",
+    "eval.attacks",
+    "eval.cw_steps",
+    "eval.square_queries",
+    "eval.surrogate",
+    "eval.surrogate_model",
+    "eval.checks",
+    "eval.checks_subset",
+    "eval.large_eps",
+    "eval.subset",
+)
 
 
 def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -241,11 +249,6 @@ def config_changes(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
     a, b = flatten(old.to_dict()), flatten(new.to_dict())
     keys = sorted((set(a) | set(b)) - {"name", "out_dir"})
     return {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
-
-
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key} {message}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,8 +343,6 @@ def build(cls: type, data: Any, key: str = "") -> Any:
 
 
 def _build_method(data: Any) -> MethodOptions:
-    from .methods import METHODS
-
     if isinstance(data, str):  # `method=trades` on the command line
         data = {"name": data}
     if not isinstance(data, dict):

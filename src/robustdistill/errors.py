@@ -23,3 +23,9 @@ class CheckpointError(UserError):
 
 class TrainingError(UserError):
     """Training cannot go on (for example a non-finite loss)."""
+
+
+def check(ok: bool, key: str, message: str) -> None:
+    """Raise `ConfigError("<key> <message>")` unless `ok`: the one-line form of every config check."""
+    if not ok:
+        raise ConfigError(f"{key} {message}")

@@ -96,10 +96,18 @@ def plot_scatter(named_reports: list[tuple[str, dict[str, Any]]], path: Path, ro
     fig, ax = plt.subplots(figsize=(6, 5))
     for name, m in points:
         ax.scatter(100 * m["accuracy"], 100 * (m["worst_class_accuracy"] or 0.0))
-        ax.annotate(name, (100 * m["accuracy"], 100 * (m["worst_class_accuracy"] or 0.0)), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
-    ax.set(xlabel=f"average {robust} accuracy %", ylabel=f"worst-class {robust} accuracy %",
-           title="robustness vs fairness (up and right is better)")
+        ax.annotate(
+            name,
+            (100 * m["accuracy"], 100 * (m["worst_class_accuracy"] or 0.0)),
+            fontsize=8,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    ax.set(
+        xlabel=f"average {robust} accuracy %",
+        ylabel=f"worst-class {robust} accuracy %",
+        title="robustness vs fairness (up and right is better)",
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -122,6 +130,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         written.append(out / "temperatures.png")
     if plot_balance(records, out / "balance.png"):
         written.append(out / "balance.png")
-    if (run_dir / "report.json").is_file() and plot_classwise(json.loads((run_dir / "report.json").read_text()), out / "classwise.png"):
+    if (run_dir / "report.json").is_file() and plot_classwise(
+        json.loads((run_dir / "report.json").read_text()), out / "classwise.png"
+    ):
         written.append(out / "classwise.png")
     return written

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from .errors import UserError
 
@@ -28,12 +29,7 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            raise UserError(
-                f"unknown {self.kind} '{name}'; available: {', '.join(self.names())}"
-            ) from None
+            raise UserError(f"unknown {self.kind} '{name}'; available: {', '.join(self.names())}") from None
 
     def names(self, pattern: str = "*") -> list[str]:
         return sorted(n for n in self._items if fnmatch.fnmatch(n, pattern))
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._items

@@ -8,12 +8,13 @@ report.json schema (version 1):
     data: {name, split, num_samples, class_names}
     seed: int
     settings: {common: {eps, step_size, pgd_steps, cw_steps, restarts, square_queries, batch_size,
-               seed, checks, checks_subset, large_eps}, <attack>: {its own settings}}
+               seed, checks, checks_subset, large_eps}, <attack>: {its own settings, label}}
+              (label: the name with the parameters that vary, e.g. pgd50 for pgd20 run with 50 steps)
     attacks: {<attack>: {accuracy, accuracy_interval [lo, hi], class_accuracy[C], class_interval[C] [lo, hi],
                          worst_class_accuracy, best_class_accuracy, nsd, verdicts}}
              intervals: 95 % Wilson score intervals over the test images (null for an absent class);
              verdicts: per-sample correctness, hex of numpy.packbits in sample order
-             (`evaluate.unpack_verdicts(text, num_samples)` reads it back)
+             (`metrics.unpack_verdicts(text, num_samples)` reads it back)
     robust_to_all: {attacks: [...], accuracy, class_accuracy, ...}   (two or more attacks run)
     w_robust: {value, definition}                   (when clean and pgd20 both ran)
     autoattack_flags: {<autoattack|autoattack_fast>: [warnings pyautoattack's own checks logged]}   (when run)
@@ -28,10 +29,15 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Optional
 
-from .checkpoint import atomic_write
+import numpy
+import torch
+
+from . import __version__
+from .files import atomic_write
 
 SCHEMA_VERSION = 1
 
@@ -51,19 +57,17 @@ def build_report(summary: dict[str, Any], spec, checkpoint, dataset, split: str,
 
 
 def versions() -> dict[str, str]:
-    import numpy
-    import torch
-
-    from . import __version__
-
     try:
-        from importlib.metadata import version
-
         autoattack = version("pyautoattack")
-    except Exception:  # noqa: BLE001 - not installed
+    except PackageNotFoundError:
         autoattack = None
-    return {"robustdistill": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "python": platform.python_version(), "pyautoattack": autoattack}
+    return {
+        "robustdistill": __version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+        "pyautoattack": autoattack,
+    }
 
 
 def now() -> str:
@@ -86,7 +90,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def attack_table(report: dict[str, Any]) -> str:
     """One row per attack (and the per-sample worst case): accuracy, worst and best class, NSD."""
-    rows = dict(report["attacks"])
+    settings = report.get("settings", {})
+    rows = {settings.get(name, {}).get("label", name): m for name, m in report["attacks"].items()}
     if "robust_to_all" in report:
         rows["robust to all"] = report["robust_to_all"]
     rows = [
@@ -98,11 +103,16 @@ def attack_table(report: dict[str, Any]) -> str:
 
 def checks_table(report: dict[str, Any]) -> str:
     def numbers(c):
-        return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in c["numbers"].items()
-                         if not isinstance(v, (dict, str)))
+        return ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in c["numbers"].items()
+            if not isinstance(v, (dict, str))
+        )
 
-    rows = [[str(c["id"]), c["name"], c["status"].upper() if c["status"] == "failed" else c["status"], numbers(c)]
-            for c in report.get("checks", [])]
+    rows = [
+        [str(c["id"]), c["name"], c["status"].upper() if c["status"] == "failed" else c["status"], numbers(c)]
+        for c in report.get("checks", [])
+    ]
     return markdown_table(["#", "check", "status", "numbers"], rows)
 
 
@@ -136,10 +146,24 @@ def comparison_table(named_reports: list[tuple[str, dict[str, Any]]], robust: st
         attacks = rep["attacks"]
         clean, adv = attacks.get("clean", {}), attacks.get(robust, {})
         w = rep.get("w_robust", {}).get("value")
-        rows.append([name, _with_interval(clean.get("accuracy"), clean.get("accuracy_interval")),
-                     _with_interval(adv.get("accuracy"), adv.get("accuracy_interval")),
-                     _with_interval(adv.get("worst_class_accuracy"), _worst_class_interval(adv)), _nsd(adv.get("nsd")), _pct(w)])
-    header = ["run", "clean % [95% CI]", f"{robust} % [95% CI]", f"worst-class {robust} % [95% CI]", f"NSD ({robust})", "W-Robust %"]
+        rows.append(
+            [
+                name,
+                _with_interval(clean.get("accuracy"), clean.get("accuracy_interval")),
+                _with_interval(adv.get("accuracy"), adv.get("accuracy_interval")),
+                _with_interval(adv.get("worst_class_accuracy"), _worst_class_interval(adv)),
+                _nsd(adv.get("nsd")),
+                _pct(w),
+            ]
+        )
+    header = [
+        "run",
+        "clean % [95% CI]",
+        f"{robust} % [95% CI]",
+        f"worst-class {robust} % [95% CI]",
+        f"NSD ({robust})",
+        "W-Robust %",
+    ]
     return markdown_table(header, rows)
 
 
@@ -149,7 +173,8 @@ def to_markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
         f"# {title}",
         "",
         f"- model: `{report.get('model', {}).get('name', '?')}` from `{report.get('checkpoint', '?')}`",
-        f"- data: {data.get('name', '?')} / {data.get('split', '?')} ({data.get('num_samples', '?')} images), seed {report.get('seed')}",
+        f"- data: {data.get('name', '?')} / {data.get('split', '?')} ({data.get('num_samples', '?')} images), "
+        f"seed {report.get('seed')}",
         f"- eps: {report['settings']['common']['eps']:.6g}, created {report.get('created')}",
         "",
         attack_table(report),
@@ -159,10 +184,16 @@ def to_markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
         w = report["w_robust"]
         parts += [f"W-Robust Acc: {_pct(w['value'])} % (definition: {w['definition']})", ""]
     if report.get("robust_to_all"):
-        parts += [f"robust to all: a sample counts only if it survives every attack ({', '.join(report['robust_to_all']['attacks'])}).", ""]
+        parts += [
+            "robust to all: a sample counts only if it survives every attack "
+            f"({', '.join(report['robust_to_all']['attacks'])}).",
+            "",
+        ]
     if report.get("checks"):
         parts += ["## Sanity checks", "", checks_table(report), ""]
-        parts += [f"- **FAILED {c['id']} {c['name']}**: {c['message']}" for c in report["checks"] if c["status"] == "failed"]
+        parts += [
+            f"- **FAILED {c['id']} {c['name']}**: {c['message']}" for c in report["checks"] if c["status"] == "failed"
+        ]
         parts += [""]
     parts += ["## Class-wise accuracy", "", class_table(report), ""]
     return "\n".join(parts)

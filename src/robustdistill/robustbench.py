@@ -33,7 +33,7 @@ def is_robustbench(target: str) -> bool:
 
 
 def parse(target: str) -> tuple[str, str]:
-    name, _, threat = target[len(PREFIX):].partition("@")
+    name, _, threat = target[len(PREFIX) :].partition("@")
     return name, threat or "Linf"
 
 
@@ -42,21 +42,30 @@ def zoo_path(target: str, dataset: str, model_dir: Optional[str] = None) -> Path
     return Path(model_dir or "models") / dataset / threat / f"{name}.pt"
 
 
+def zoo_file(target: str, dataset: str, model_dir: Optional[str] = None) -> Path:
+    """The local file of a zoo entry; a missing one is an error that says where to put it."""
+    name, threat = parse(target)
+    path = zoo_path(target, dataset, model_dir)
+    if not path.is_file():
+        raise CheckpointError(
+            f"RobustBench model {name} ({dataset}, {threat}) is not at {path}; put the checkpoint "
+            "there (RobustBench's layout <model_dir>/<dataset>/<threat>/<name>.pt) or pass --model-dir"
+        )
+    return path
+
+
 def load_robustbench(target: str, dataset, model_dir: Optional[str] = None) -> tuple[nn.Module, ModelSpec, Path]:
     """(model, spec, file) of a zoo entry for `dataset` (a loaded `Dataset`)."""
     name, threat = parse(target)
-    path = zoo_path(target, dataset.name, model_dir)
-    if not path.is_file():
-        raise CheckpointError(
-            f"RobustBench model {name} ({dataset.name}, {threat}) is not at {path}; put the checkpoint "
-            "there (RobustBench's layout <model_dir>/<dataset>/<threat>/<name>.pt) or pass --model-dir"
-        )
+    path = zoo_file(target, dataset.name, model_dir)
     try:
         from robustbench.utils import load_model as rb_load_model  # optional extra
     except ImportError:
         rb_load_model = None
     if rb_load_model is not None:
-        model = rb_load_model(model_name=name, model_dir=str(Path(model_dir or "models")), dataset=dataset.name, threat_model=threat)
+        model = rb_load_model(
+            model_name=name, model_dir=str(Path(model_dir or "models")), dataset=dataset.name, threat_model=threat
+        )
         return model, ModelSpec(f"{PREFIX}{name}", dataset.num_classes, dataset.channels), path
     key = (dataset.name, threat, name)
     if key not in ZOO:

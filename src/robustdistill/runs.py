@@ -20,16 +20,26 @@ from typing import Any, Optional
 
 import torch
 
-from .checkpoint import atomic_write
 from .errors import CheckpointError, UserError
+from .files import atomic_write
 
 CHECKPOINTS = "checkpoints"
 MARKER = ".robustdistill-run"  # written into every run folder this tool creates
 # what the tool itself writes into a run folder (and its eval-* folders): --force deletes only these
-_RUN_FILES = {MARKER, "config.yaml", "config_history.jsonl", "metrics.jsonl", "report.json", "report.md",
-              "autoattack_state.json", "autoattack_fast_state.json"}
-_RUN_DIRS = {CHECKPOINTS: {"best.safetensors", "last.safetensors", "train_state.pt"},
-             "plots": {"temperatures.png", "balance.png", "classwise.png"}}
+_RUN_FILES = {
+    MARKER,
+    "config.yaml",
+    "config_history.jsonl",
+    "metrics.jsonl",
+    "report.json",
+    "report.md",
+    "autoattack_state.json",
+    "autoattack_fast_state.json",
+}
+_RUN_DIRS = {
+    CHECKPOINTS: {"best.safetensors", "last.safetensors", "train_state.pt"},
+    "plots": {"temperatures.png", "balance.png", "classwise.png"},
+}
 _EVAL_FILES = {"report.json", "report.md", "classwise.png", "autoattack_state.json", "autoattack_fast_state.json"}
 
 
@@ -46,8 +56,11 @@ def foreign_entries(run_dir: Path) -> list[str]:
             continue
         if entry.is_dir() and not entry.is_symlink() and (name in _RUN_DIRS or name.startswith("eval-")):
             allowed = _RUN_DIRS.get(name, _EVAL_FILES)
-            inner = [f"{name}/{e.name}" for e in sorted(entry.iterdir())
-                     if not (e.is_file() and not e.is_symlink() and (e.name in allowed or _is_temp(e.name)))]
+            inner = [
+                f"{name}/{e.name}"
+                for e in sorted(entry.iterdir())
+                if not (e.is_file() and not e.is_symlink() and (e.name in allowed or _is_temp(e.name)))
+            ]
             found.extend(inner)
             continue
         found.append(name)
@@ -70,13 +83,17 @@ def check_run_dir(run_dir: Path, force: bool, resume: bool) -> None:
                 "or choose another name (name=...)"
             )
         if not (run_dir / MARKER).is_file():
-            raise UserError(f"--force refuses to delete {run_dir}: this tool did not create it (no {MARKER}); "
-                            "move or delete it yourself, or choose another name (name=...)")
+            raise UserError(
+                f"--force refuses to delete {run_dir}: this tool did not create it (no {MARKER}); "
+                "move or delete it yourself, or choose another name (name=...)"
+            )
         foreign = foreign_entries(run_dir)
         if foreign:
             more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
-            raise UserError(f"--force refuses to delete {run_dir}: it holds files this tool did not write "
-                            f"({', '.join(foreign[:3])}{more}); move them out or choose another name (name=...)")
+            raise UserError(
+                f"--force refuses to delete {run_dir}: it holds files this tool did not write "
+                f"({', '.join(foreign[:3])}{more}); move them out or choose another name (name=...)"
+            )
     check_writable(run_dir)
 
 
@@ -100,7 +117,9 @@ def create_run_dir(run_dir: Path, force: bool, resume: bool) -> None:
     (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     marker = run_dir / MARKER
     if not marker.exists():
-        marker.write_text(json.dumps({"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}) + "\n")
+        marker.write_text(
+            json.dumps({"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}) + "\n"
+        )
 
 
 def model_checkpoint(path: str | Path, which: str = "best") -> Path:
@@ -109,7 +128,9 @@ def model_checkpoint(path: str | Path, which: str = "best") -> Path:
     if path.is_dir():
         ckpt = path / CHECKPOINTS / f"{which}.safetensors"
         if not ckpt.is_file():
-            raise CheckpointError(f"run folder {path} has no {CHECKPOINTS}/{which}.safetensors (did its training finish an epoch?)")
+            raise CheckpointError(
+                f"run folder {path} has no {CHECKPOINTS}/{which}.safetensors (did its training finish an epoch?)"
+            )
         return ckpt
     if not path.is_file():
         raise CheckpointError(f"no run folder or checkpoint file at {path}")

@@ -1,24 +1,73 @@
-"""Teachers (and the transfer attack's surrogate): models this tool did not just train, loaded
-from a run folder, a checkpoint file or a local RobustBench entry, frozen and in eval mode.
-Training and `robustdistill eval` both resolve them here."""
+"""Models this tool did not just train (teachers, the transfer attack's surrogate, models to
+evaluate): what a model path means, and loading it.
+
+    source = resolve_model_source("runs/trades")                   # a run folder: its best checkpoint
+    source = resolve_model_source("teacher.pt")                     # a checkpoint file
+    source = resolve_model_source("robustbench:Standard", dataset="cifar10")   # a local zoo entry
+
+Training (its preflight and its teachers), `robustdistill eval` and the surrogate all go through
+`resolve_model_source`; a missing file is a `CheckpointError` that says what to put where.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
 
 import torch
 from torch import nn
 
+from .attacks import needs_surrogate
 from .checkpoint import load_model
-from .config import EvalConfig, TeacherConfig
+from .config import EvalConfig, ModelConfig, TeacherConfig
 from .data import Dataset
 from .errors import CheckpointError, UserError
 from .models import Classifier, ModelSpec
-from .robustbench import is_robustbench, load_robustbench
+from .robustbench import is_robustbench, load_robustbench, zoo_file
 from .runs import model_checkpoint
 
 
-def model_spec(model_cfg, dataset: Dataset) -> ModelSpec:
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model path: `kind` run (a run folder of this tool; `run_dir` holds its
+    config.yaml), file (a checkpoint file) or robustbench (a local zoo entry); `checkpoint` is
+    the file to load."""
+
+    target: str
+    kind: Literal["run", "file", "robustbench"]
+    checkpoint: Path
+    run_dir: Optional[Path] = None
+    model_dir: Optional[str] = None
+
+
+def resolve_model_source(
+    target: str | Path, which: str = "best", dataset: Optional[str] = None, model_dir: Optional[str] = None
+) -> ModelSource:
+    """What `target` means: `robustbench:<Name>[@<threat>]` (needs the dataset's name, for the zoo
+    layout under `model_dir`), a run folder (its `which` checkpoint) or a checkpoint file."""
+    target = str(target)
+    if is_robustbench(target):
+        if dataset is None:
+            raise UserError(f"{target}: a RobustBench entry needs its dataset; pass --data NAME")
+        return ModelSource(target, "robustbench", zoo_file(target, dataset, model_dir), model_dir=model_dir)
+    path = Path(target)
+    checkpoint = model_checkpoint(path, which)
+    return ModelSource(target, "run" if path.is_dir() else "file", checkpoint, path if path.is_dir() else None)
+
+
+def load_source(
+    source: ModelSource, dataset: Dataset, spec: Optional[ModelSpec] = None
+) -> tuple[Classifier, ModelSpec]:
+    """The model of a resolved source and its spec (`spec`: the architecture of a foreign state dict)."""
+    if source.kind == "robustbench":
+        model, spec, _ = load_robustbench(source.target, dataset, source.model_dir)
+        return model, spec
+    model, meta = load_model(source.checkpoint, spec)
+    return model, spec or ModelSpec(**meta["spec"])
+
+
+def model_spec(model_cfg: ModelConfig, dataset: Dataset) -> ModelSpec:
     normalize = model_cfg.normalize
     return ModelSpec(
         model_cfg.name,
@@ -30,39 +79,54 @@ def model_spec(model_cfg, dataset: Dataset) -> ModelSpec:
     )
 
 
+def resolve_teacher(role: str, tcfg: TeacherConfig, dataset: str) -> ModelSource:
+    try:
+        return resolve_model_source(tcfg.path, tcfg.checkpoint, dataset, tcfg.model_dir)
+    except CheckpointError as exc:
+        raise CheckpointError(f"teacher '{role}' (teachers.{role}.path): {exc}") from None
+
+
 def load_teacher(role: str, tcfg: TeacherConfig, dataset: Dataset, device: torch.device) -> Classifier:
     """A teacher from a run folder, a checkpoint file or a local RobustBench entry, frozen, in
     eval mode, on `device`."""
-    if is_robustbench(tcfg.path):
-        model, _, path = load_robustbench(tcfg.path, dataset, tcfg.model_dir)
-    else:
-        path = model_checkpoint(tcfg.path, tcfg.checkpoint)
-        spec = model_spec(tcfg.model, dataset) if tcfg.model is not None else None
-        model, _ = load_model(path, spec)
+    source = resolve_teacher(role, tcfg, dataset.name)
+    model, _ = load_source(source, dataset, model_spec(tcfg.model, dataset) if tcfg.model is not None else None)
     model = model.to(device).eval().requires_grad_(False)
     probe = dataset.val if len(dataset.val) else dataset.train
     try:
         with torch.no_grad():
             out = model(probe.images(torch.arange(1, device=probe.y.device)))
     except RuntimeError as exc:
-        raise CheckpointError(f"teacher '{role}' ({path}) does not accept {dataset.name} images: {str(exc).splitlines()[0]}") from None
+        raise CheckpointError(
+            f"teacher '{role}' ({source.checkpoint}) does not accept {dataset.name} images: {str(exc).splitlines()[0]}"
+        ) from None
     if out.shape[-1] != dataset.num_classes:
         raise CheckpointError(
-            f"teacher '{role}' ({path}) has {out.shape[-1]} outputs but {dataset.name} has {dataset.num_classes} classes"
+            f"teacher '{role}' ({source.checkpoint}) has {out.shape[-1]} outputs "
+            f"but {dataset.name} has {dataset.num_classes} classes"
         )
     return model
 
 
-def load_surrogate(eval_cfg: EvalConfig, teacher_cfgs: dict[str, TeacherConfig], dataset: Dataset,
-                   device: torch.device, loaded: Optional[dict[str, nn.Module]] = None) -> Optional[nn.Module]:
+def load_surrogate(
+    eval_cfg: EvalConfig,
+    teacher_cfgs: dict[str, TeacherConfig],
+    dataset: Dataset,
+    device: torch.device,
+    loaded: Optional[dict[str, nn.Module]] = None,
+) -> Optional[nn.Module]:
     """The transfer attack's source model: `eval.surrogate`, else the robust teacher (reused from
-    `loaded` when training already holds it); None when no transfer attack is asked for."""
-    if "transfer" not in eval_cfg.attacks:
+    `loaded` when training already holds it); None when no attack asked for needs one."""
+    if not needs_surrogate(eval_cfg.attacks):
         return None
     if eval_cfg.surrogate is not None:
-        return load_teacher("surrogate", TeacherConfig(path=eval_cfg.surrogate, model=eval_cfg.surrogate_model), dataset, device)
+        return load_teacher(
+            "surrogate", TeacherConfig(path=eval_cfg.surrogate, model=eval_cfg.surrogate_model), dataset, device
+        )
     if loaded and "robust" in loaded:
         return loaded["robust"]
     if "robust" in teacher_cfgs:
         return load_teacher("robust", teacher_cfgs["robust"], dataset, device)
-    raise UserError("the transfer attack needs a surrogate: set eval.surrogate (or --surrogate) to a run folder or checkpoint")
+    raise UserError(
+        "the transfer attack needs a surrogate: set eval.surrogate (or --surrogate) to a run folder or checkpoint"
+    )

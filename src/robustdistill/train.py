@@ -15,32 +15,45 @@ Under DDP the global batch is split over the ranks and only rank 0 writes files.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 from tqdm.auto import tqdm
 
+from .attacks import EvalSettings, needs_surrogate
+from .checkpoint import load_model, load_torch, save_model, save_torch
 from .checks import failed
-from .checkpoint import atomic_write, load_model, load_torch, save_model, save_torch
 from .config import RESUMABLE, Config, config_changes, load_config
-from .data import Augment, BatchLoader, Dataset, load_dataset
-from .distributed import DistInfo, any_rank, barrier, broadcast_buffers, check_ranks_agree, gather_objects, init_distributed, resolve_device
-from .errors import CheckpointError, ConfigError, TrainingError
-from .evaluate import EvalSettings, evaluate, needed_attacks, selection_score, subset_of
-from .methods import METHODS, Context, Progress, create_method
-from .models import ModelSpec, create_model
+from .data import Augment, BatchLoader, Dataset, Split, load_dataset, subset_of
+from .distributed import (
+    DistInfo,
+    any_rank,
+    barrier,
+    broadcast_buffers,
+    check_ranks_agree,
+    gather_objects,
+    init_distributed,
+    resolve_device,
+)
+from .errors import ConfigError, TrainingError
+from .evaluate import evaluate
+from .files import atomic_write
+from .methods import METHODS, Context, Method, Progress, create_method
+from .metrics import needed_attacks, selection_score
+from .models import Classifier, ModelSpec, create_model
 from .report import build_report, now, write_report
-from .robustbench import is_robustbench, zoo_path
-from .teachers import load_surrogate, load_teacher, model_spec
-from .runs import CHECKPOINTS, MetricsLog, check_run_dir, create_run_dir, model_checkpoint
+from .runs import CHECKPOINTS, MetricsLog, check_run_dir, create_run_dir
+from .teachers import load_surrogate, load_teacher, model_spec, resolve_teacher
 
 log = logging.getLogger("robustdistill")
 
@@ -61,17 +74,11 @@ def _preflight(cfg: Config, run_dir: Path, force: bool, resume: bool) -> dict[st
                 "to a run folder of this tool or a checkpoint file"
             )
     for role, tcfg in cfg.teachers.items():
-        try:
-            if is_robustbench(tcfg.path):
-                path = zoo_path(tcfg.path, cfg.data.name, tcfg.model_dir)
-                if not path.is_file():
-                    raise CheckpointError(f"no RobustBench checkpoint at {path}")
-            else:
-                model_checkpoint(tcfg.path, tcfg.checkpoint)
-        except CheckpointError as exc:
-            raise CheckpointError(f"teacher '{role}' (teachers.{role}.path): {exc}") from None
-    if "transfer" in cfg.eval.attacks and cfg.eval.surrogate is None and "robust" not in cfg.teachers:
-        raise ConfigError("eval.attacks has transfer: set eval.surrogate to a run folder or checkpoint (no robust teacher to use)")
+        resolve_teacher(role, tcfg, cfg.data.name)
+    if needs_surrogate(cfg.eval.attacks) and cfg.eval.surrogate is None and "robust" not in cfg.teachers:
+        raise ConfigError(
+            "eval.attacks has transfer: set eval.surrogate to a run folder or checkpoint (no robust teacher to use)"
+        )
     if cfg.train.select_on == "val" and cfg.data.val_fraction <= 0:
         raise ConfigError("train.select_on=val needs data.val_fraction > 0 (a validation split)")
     check_run_dir(run_dir, force, resume)
@@ -81,8 +88,10 @@ def _preflight(cfg: Config, run_dir: Path, force: bool, resume: bool) -> dict[st
     refused = [k for k in changes if k not in RESUMABLE]
     if refused:
         shown = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused[:4])
-        raise ConfigError(f"--resume refuses to change what {run_dir} was trained with ({shown}); only "
-                          f"{', '.join(RESUMABLE)} may change; start a new run (name=...) instead")
+        raise ConfigError(
+            f"--resume refuses to change what {run_dir} was trained with ({shown}); only "
+            f"{', '.join(RESUMABLE)} may change; start a new run (name=...) instead"
+        )
     return changes
 
 
@@ -105,8 +114,11 @@ def _rng_states(device: torch.device) -> dict[str, list]:
 def _restore_rng(state: dict[str, Any], dist_info: DistInfo, device: torch.device) -> None:
     saved = len(state["rng"])
     if saved != dist_info.world_size:
-        log.warning("resuming on %d process(es) a run trained on %d: random streams differ from an uninterrupted run",
-                    dist_info.world_size, saved)
+        log.warning(
+            "resuming on %d process(es) a run trained on %d: random streams differ from an uninterrupted run",
+            dist_info.world_size,
+            saved,
+        )
     torch.set_rng_state(state["rng"][dist_info.rank % saved])
     if device.type == "cuda" and "cuda_rng" in state:
         torch.cuda.set_rng_state(state["cuda_rng"][dist_info.rank % len(state["cuda_rng"])], device)
@@ -118,8 +130,90 @@ def _autocast(cfg: Config, device: torch.device):
     return contextlib.nullcontext()
 
 
+class FlopCount(TorchDispatchMode):
+    """Counts the FLOPs of the operators torch knows a formula for (matmul, convolution, attention:
+    the operators that matter), forward and backward, including `torch.autograd.grad` inside the
+    inner maximisation (torch's FlopCounterMode cannot: its module hooks break autograd.grad)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += int(formula(*args, **kwargs, out_val=out))
+        return out
+
+
+@dataclass
+class Run:
+    """Everything one training run holds between its steps."""
+
+    cfg: Config
+    run_dir: Path
+    dist: DistInfo
+    device: torch.device
+    dataset: Dataset
+    teachers: dict[str, nn.Module]
+    spec: ModelSpec
+    student: Classifier  # the bare model: attacks, checkpoints
+    method: Method
+    optimizer: torch.optim.Optimizer
+    loader: BatchLoader
+    progress: Progress
+    metrics: MetricsLog
+    select_split: Split
+    select_metric: str
+    settings: EvalSettings  # the final evaluation's; selection runs a subset of its attacks, no checks
+    start_epoch: int = 0
+    best_score: float = -math.inf
+    best_epoch: Optional[int] = None
+    memory_format: torch.memory_format = torch.contiguous_format
+    flops_per_step: Optional[int] = None  # counted on the run's first step (attack, teachers, backward)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What a model file records beside its architecture (eval reads dataset and eps from it)."""
+        return {
+            "data": self.cfg.to_dict()["data"],
+            "eps": self.cfg.attack.eps,
+            "method": self.cfg.method.name,
+            "run": str(self.run_dir),
+        }
+
+
 def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
     """Train `cfg` into `cfg.out_dir/cfg.name`; returns the run folder."""
+    run = setup(cfg, force, resume)
+    for epoch in range(run.start_epoch, cfg.train.epochs):
+        record = train_epoch(run, epoch)
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+            validate_and_select(run, epoch, record)
+        save(run, epoch, record)
+    final_report(
+        cfg,
+        run.run_dir,
+        run.dataset,
+        run.dist,
+        run.settings,
+        teachers=run.teachers,
+        selection={
+            "metric": run.select_metric,
+            "split": cfg.train.select_on,
+            "best_epoch": run.best_epoch,
+            "best_score": run.best_score,
+        },
+    )
+    barrier()  # no rank returns before rank 0 has written the report
+    return run.run_dir
+
+
+def setup(cfg: Config, force: bool, resume: bool) -> Run:
+    """Check everything that can fail on the user's input, then build data, teachers, student,
+    method and optimizer, restore a resumed run's state, and only then create the run folder."""
     run_dir = Path(cfg.out_dir) / (cfg.name or "run")
     dist_info = init_distributed(cfg.train.device)
     changes = _preflight(cfg, run_dir, force, resume)
@@ -130,29 +224,15 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
     dataset = load_dataset(cfg.data, device)
     teachers = {role: load_teacher(role, t, dataset, device) for role, t in cfg.teachers.items()}
     spec = model_spec(cfg.model, dataset)
-    student = create_model(spec).to(device)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    student = student.to(memory_format=memory_format)
+    student = create_model(spec).to(device).to(memory_format=memory_format)
     forward: nn.Module = student
     if dist_info.world_size > 1:
         forward = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    ctx = Context(forward, student, dataset.num_classes, cfg.attack, teachers, dist_info.world_size)
-    method = create_method(cfg.method, ctx)
+    method = create_method(cfg.method, Context(forward, student, dataset.num_classes, cfg.attack, teachers))
     optimizer = torch.optim.SGD(
         student.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
     )
-    progress = Progress()
-    start_epoch, best_score, best_epoch = 0, -math.inf, None
-    if resume:
-        state = load_torch(run_dir / CHECKPOINTS / "train_state.pt")
-        student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        method.load_state_dict(state["method"])
-        start_epoch, best_score, best_epoch = state["epoch"] + 1, state["best_score"], state["best_epoch"]
-        progress.step = state["step"]
-        _restore_rng(state, dist_info, device)
-        log.info("resuming %s after epoch %d", run_dir, state["epoch"] + 1)
-
     loader = BatchLoader(
         dataset.train,
         cfg.train.batch_size,
@@ -163,130 +243,214 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
         world_size=dist_info.world_size,
     )
     if len(loader) == 0:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the training split ({len(dataset.train)} images)")
-    select_split = subset_of(dataset.split(cfg.train.select_on), cfg.train.eval_subset,
-                             f"the {cfg.train.select_on} split", "train.eval_subset")
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is larger than the training split ({len(dataset.train)} images)"
+        )
+    select_split = subset_of(
+        dataset.split(cfg.train.select_on),
+        cfg.train.eval_subset,
+        f"the {cfg.train.select_on} split",
+        "train.eval_subset",
+    )
     subset_of(dataset.test, cfg.eval.subset, "the test split", "eval.subset")  # the final report's, checked now
+    run = Run(
+        cfg,
+        run_dir,
+        dist_info,
+        device,
+        dataset,
+        teachers,
+        spec,
+        student,
+        method,
+        optimizer,
+        loader,
+        Progress(),
+        MetricsLog(run_dir / "metrics.jsonl" if dist_info.is_main else None),
+        select_split,
+        cfg.train.select_metric or method.selection_metric,
+        cfg.eval.resolve(cfg.attack.eps),
+        memory_format=memory_format,
+    )
+    if resume:
+        _restore(run)
     # Everything that can fail on the user's input has run: only now is the run folder written.
-    metrics = MetricsLog(run_dir / "metrics.jsonl" if dist_info.is_main else None)
     if dist_info.is_main:
         create_run_dir(run_dir, force, resume)
         if not resume:
             atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(cfg.to_yaml()))
         else:
-            metrics.trim(progress.step)  # records written after the checkpoint are written again
+            run.metrics.trim(run.progress.step)  # records written after the checkpoint are written again
             if changes:
-                _record_changes(run_dir, cfg, changes, start_epoch)
+                _record_changes(run_dir, cfg, changes, run.start_epoch)
     barrier()
-    select_metric = cfg.train.select_metric or method.selection_metric
-    settings = dataclasses.replace(EvalSettings.from_config(cfg.eval, cfg.attack.eps), checks=False)
-    show = dist_info.is_main
-    meta = {"data": cfg.to_dict()["data"], "eps": cfg.attack.eps, "method": cfg.method.name, "run": str(run_dir)}
+    return run
 
-    for epoch in range(start_epoch, cfg.train.epochs):
-        progress.epoch = epoch
-        progress.lr_decays = lr_decays(epoch, cfg.train.milestones)
-        progress.next_lr_decays = lr_decays(epoch + 1, cfg.train.milestones)
-        lr = cfg.train.lr * cfg.train.lr_gamma**progress.lr_decays
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loader.set_epoch(epoch)
-        method.on_epoch_start(progress)
-        student.train()
-        loss_sum = torch.zeros((), device=device)
-        started = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, disable=None if show else True)
-        for x, y in bar:
-            x = x.contiguous(memory_format=memory_format)
-            with _autocast(cfg, device):
-                loss, stats = method.loss(x, y)
-            if any_rank(not torch.isfinite(loss).item(), device):  # every rank stops, none waits forever
-                raise TrainingError(
-                    f"non-finite loss at epoch {epoch + 1}, step {progress.step + 1}; "
-                    f"the last good checkpoint is in {run_dir / CHECKPOINTS} (try a lower train.lr)"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            progress.step += 1
-            method.on_step_end(progress)
-            loss_sum += loss.detach()
-            if progress.step % cfg.train.log_every == 0:
-                metrics.write(type="step", epoch=epoch + 1, step=progress.step, lr=lr, loss=loss, **stats, **method.log_state())
-        broadcast_buffers(student)
-        method.on_epoch_end(progress)
-        check_ranks_agree(method.log_state(), f"the {cfg.method.name} state after epoch {epoch + 1}")
-        seconds = time.perf_counter() - started
-        record: dict[str, Any] = {
-            "type": "epoch",
-            "epoch": epoch + 1,
-            "step": progress.step,
-            "lr": lr,
-            "loss": (loss_sum / len(loader)).item(),
-            "seconds": seconds,
-            "images_per_s": len(loader) * loader.local_batch * dist_info.world_size / seconds,
-        }
-        record.update(method.log_state())
-        last_epoch = epoch + 1 == cfg.train.epochs
-        if (epoch + 1) % cfg.train.eval_every == 0 or last_epoch:
-            summary = evaluate(student, select_split, needed_attacks(select_metric), settings, dataset.num_classes,
-                               dist_info.rank, dist_info.world_size)
-            score = selection_score(summary, select_metric)
-            record[f"{cfg.train.select_on}_{select_metric}"] = score
-            for name, result in summary["attacks"].items():
-                record[f"{cfg.train.select_on}_{name}_acc"] = result["accuracy"]
-                record[f"{cfg.train.select_on}_{name}_worst_class_acc"] = result["worst_class_accuracy"]
-            if score > best_score:
-                best_score, best_epoch = score, epoch + 1
-                if dist_info.is_main:
-                    save_model(run_dir / CHECKPOINTS / "best.safetensors", student, spec, epoch=epoch + 1, **meta)
-        rng = _rng_states(device)
-        if dist_info.is_main:
-            metrics.write(**record)
-            save_model(run_dir / CHECKPOINTS / "last.safetensors", student, spec, epoch=epoch + 1, **meta)
-            save_torch(
-                {
-                    "model": student.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "method": method.state_dict(),
-                    "epoch": epoch,
-                    "step": progress.step,
-                    "best_score": best_score,
-                    "best_epoch": best_epoch,
-                    **rng,
-                },
-                run_dir / CHECKPOINTS / "train_state.pt",
+
+def _restore(run: Run) -> None:
+    state = load_torch(run.run_dir / CHECKPOINTS / "train_state.pt")
+    run.student.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.method.load_state_dict(state["method"])
+    run.start_epoch, run.best_score, run.best_epoch = state["epoch"] + 1, state["best_score"], state["best_epoch"]
+    run.progress.step = state["step"]
+    _restore_rng(state, run.dist, run.device)
+    log.info("resuming %s after epoch %d", run.run_dir, state["epoch"] + 1)
+
+
+def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
+    """One pass over the training split; returns the epoch's metrics record."""
+    cfg, progress, method = run.cfg, run.progress, run.method
+    progress.epoch = epoch
+    progress.lr_decays = lr_decays(epoch, cfg.train.milestones)
+    progress.next_lr_decays = lr_decays(epoch + 1, cfg.train.milestones)
+    lr = cfg.train.lr * cfg.train.lr_gamma**progress.lr_decays
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.loader.set_epoch(epoch)
+    method.on_epoch_start(progress)
+    run.student.train()
+    loss_sum = torch.zeros((), device=run.device)
+    started = time.perf_counter()
+    bar = tqdm(
+        run.loader,
+        desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+        leave=False,
+        disable=None if run.dist.is_main else True,
+    )
+    for x, y in bar:
+        counter = FlopCount() if run.flops_per_step is None else contextlib.nullcontext()
+        with counter:
+            loss, stats = _step(run, x.contiguous(memory_format=run.memory_format), y, epoch)
+        if run.flops_per_step is None:
+            run.flops_per_step = counter.total
+        loss_sum += loss
+        if progress.step % cfg.train.log_every == 0:
+            run.metrics.write(
+                type="step", epoch=epoch + 1, step=progress.step, lr=lr, loss=loss, **stats, **method.log_state()
             )
-            log.info(
-                "epoch %d/%d  loss %.4f  %s %.4f  (%.1fs)",
-                epoch + 1, cfg.train.epochs, record["loss"], select_metric,
-                record.get(f"{cfg.train.select_on}_{select_metric}", float("nan")), seconds,
+    broadcast_buffers(run.student)
+    method.on_epoch_end(progress)
+    check_ranks_agree(method.log_state(), f"the {cfg.method.name} state after epoch {epoch + 1}")
+    seconds = time.perf_counter() - started
+    steps, world = len(run.loader), run.dist.world_size
+    return {
+        "type": "epoch",
+        "epoch": epoch + 1,
+        "step": progress.step,
+        "lr": lr,
+        "loss": (loss_sum / steps).item(),
+        "seconds": seconds,
+        "images_per_s": steps * run.loader.local_batch * world / seconds,
+        # every FLOP of a step (inner maximisation, teachers, student forward and backward), all ranks
+        "gflop_per_s": run.flops_per_step * steps * world / seconds / 1e9,
+        **method.log_state(),
+    }
+
+
+def _step(run: Run, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One optimisation step of the method's loss; a non-finite loss stops every rank."""
+    with _autocast(run.cfg, run.device):
+        loss, stats = run.method.loss(x, y)
+    if any_rank(not torch.isfinite(loss).item(), run.device):  # every rank stops, none waits forever
+        raise TrainingError(
+            f"non-finite loss at epoch {epoch + 1}, step {run.progress.step + 1}; "
+            f"the last good checkpoint is in {run.run_dir / CHECKPOINTS} (try a lower train.lr)"
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    run.progress.step += 1
+    run.method.on_step_end(run.progress)
+    return loss.detach(), stats
+
+
+def validate_and_select(run: Run, epoch: int, record: dict[str, Any]) -> None:
+    """Evaluate on the selection split; a better score makes this epoch's model the best checkpoint."""
+    cfg = run.cfg
+    settings = replace(run.settings, attacks=needed_attacks(run.select_metric), checks=False)
+    summary = evaluate(
+        run.student, run.select_split, settings, run.dataset.num_classes, run.dist.rank, run.dist.world_size
+    )
+    score = selection_score(summary, run.select_metric)
+    where = cfg.train.select_on
+    record[f"{where}_{run.select_metric}"] = score
+    for name, result in summary["attacks"].items():
+        record[f"{where}_{name}_acc"] = result["accuracy"]
+        record[f"{where}_{name}_worst_class_acc"] = result["worst_class_accuracy"]
+    if score > run.best_score:
+        run.best_score, run.best_epoch = score, epoch + 1
+        if run.dist.is_main:
+            save_model(
+                run.run_dir / CHECKPOINTS / "best.safetensors", run.student, run.spec, epoch=epoch + 1, **run.meta
             )
-        barrier()
-
-    final_report(cfg, run_dir, dataset, dist_info, selection={
-        "metric": select_metric, "split": cfg.train.select_on, "best_epoch": best_epoch, "best_score": best_score,
-    }, teachers=teachers)
-    barrier()  # no rank returns before rank 0 has written the report
-    return run_dir
 
 
-def final_report(cfg: Config, run_dir: Path, dataset: Dataset, dist_info: DistInfo, selection: dict[str, Any],
-                 teachers: dict[str, nn.Module]) -> Optional[dict]:
-    """Evaluate the best checkpoint on the test split with `cfg.eval` (and its sanity checks);
+def save(run: Run, epoch: int, record: dict[str, Any]) -> None:
+    """The epoch's record, the last model and the full state for `--resume`, all written atomically."""
+    rng = _rng_states(run.device)
+    if run.dist.is_main:
+        run.metrics.write(**record)
+        save_model(run.run_dir / CHECKPOINTS / "last.safetensors", run.student, run.spec, epoch=epoch + 1, **run.meta)
+        save_torch(
+            {
+                "model": run.student.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "method": run.method.state_dict(),
+                "epoch": epoch,
+                "step": run.progress.step,
+                "best_score": run.best_score,
+                "best_epoch": run.best_epoch,
+                **rng,
+            },
+            run.run_dir / CHECKPOINTS / "train_state.pt",
+        )
+        metric = f"{run.cfg.train.select_on}_{run.select_metric}"
+        log.info(
+            "epoch %d/%d  loss %.4f  %s %.4f  (%.1fs)",
+            epoch + 1,
+            run.cfg.train.epochs,
+            record["loss"],
+            run.select_metric,
+            record.get(metric, float("nan")),
+            record["seconds"],
+        )
+    barrier()
+
+
+def final_report(
+    cfg: Config,
+    run_dir: Path,
+    dataset: Dataset,
+    dist_info: DistInfo,
+    settings: EvalSettings,
+    teachers: dict[str, nn.Module],
+    selection: dict[str, Any],
+) -> Optional[dict]:
+    """Evaluate the best checkpoint on the test split with `settings` (and the sanity checks);
     write report.json/.md. The transfer attack's surrogate defaults to the robust teacher."""
     ckpt = run_dir / CHECKPOINTS / "best.safetensors"
     model, meta = load_model(ckpt)
     model = model.to(dataset.test.y.device)
     test = subset_of(dataset.test, cfg.eval.subset, "the test split", "eval.subset")
-    settings = EvalSettings.from_config(cfg.eval, cfg.attack.eps)
     surrogate = load_surrogate(cfg.eval, cfg.teachers, dataset, dataset.test.y.device, loaded=teachers)
-    summary = evaluate(model, test, cfg.eval.attacks, settings, dataset.num_classes, dist_info.rank,
-                       dist_info.world_size, progress=dist_info.is_main, surrogate=surrogate, state_dir=run_dir)
+    summary = evaluate(
+        model,
+        test,
+        settings,
+        dataset.num_classes,
+        dist_info.rank,
+        dist_info.world_size,
+        progress=dist_info.is_main,
+        surrogate=surrogate,
+        state_dir=run_dir,
+    )
     report = build_report(summary, ModelSpec(**meta["spec"]), ckpt, dataset, "test", len(test), settings.seed)
     report["selection"] = selection
     if dist_info.is_main:
         write_report(run_dir, report, title=f"{run_dir.name}: {cfg.method.name} on {dataset.name}")
         for check in failed(report.get("checks", [])):
-            log.warning("WARNING: sanity check %d (%s) FAILED for %s: %s", check["id"], check["name"], run_dir, check["message"])
+            log.warning(
+                "WARNING: sanity check %d (%s) FAILED for %s: %s", check["id"], check["name"], run_dir, check["message"]
+            )
     return report

@@ -8,13 +8,15 @@ stratified, as a pure function of `data.split_seed`, so model selection never se
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from ..registry import Registry
 
 DATASETS: Registry[Callable] = Registry("dataset")
@@ -33,11 +35,20 @@ class Split:
         x = self.x if index is None else self.x[index]
         return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
-    def take(self, index) -> "Split":
+    def take(self, index) -> Split:
         return Split(self.x[index], self.y[index])
 
-    def to(self, device) -> "Split":
+    def to(self, device) -> Split:
         return Split(self.x.to(device), self.y.to(device))
+
+
+def subset_of(split: Split, n: Optional[int], what: str, key: str) -> Split:
+    """The first n samples of `split`; more than it has is an error, never silently fewer."""
+    if n is None:
+        return split
+    if n > len(split):
+        raise ConfigError(f"{key} = {n} is larger than {what} ({len(split)} images)")
+    return split.take(slice(0, n))
 
 
 @dataclass
@@ -67,14 +78,10 @@ class Dataset:
     def channels(self) -> int:
         return int(self.train.x.shape[1])
 
-    @property
-    def image_size(self) -> int:
-        return int(self.train.x.shape[-1])
-
     def split(self, name: str) -> Split:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
 
-    def to(self, device) -> "Dataset":
+    def to(self, device) -> Dataset:
         return Dataset(
             self.name,
             self.class_names,

@@ -22,16 +22,23 @@ A new method is a subclass registered by name, with an `Options` dataclass for i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..attacks import PGD, Loss, Start
-from ..config import AttackConfig, MethodOptions
+from ..attacks import PGD, AttackConfig, Loss, Start
 from ..registry import Registry
 
-METHODS: Registry[type["Method"]] = Registry("method")
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+@dataclass
+class MethodOptions:
+    """Base of every method's options (config section `method`); each method has a subclass with
+    its own fields, and may define `validate()` (raising `ConfigError`)."""
+
+    name: str = "natural"
 
 
 @dataclass
@@ -57,7 +64,6 @@ class Context:
     num_classes: int
     attack: AttackConfig
     teachers: dict[str, nn.Module] = field(default_factory=dict)
-    world_size: int = 1
 
 
 class Method:
@@ -65,7 +71,6 @@ class Method:
     teachers: ClassVar[tuple[str, ...]] = ()
     selection_metric: ClassVar[str] = "robust"
     default_start: ClassVar[Start] = "gaussian"
-    adversarial: ClassVar[bool] = True  # does per-epoch validation need a robust accuracy
 
     def __init__(self, options: MethodOptions, ctx: Context):
         self.options = options
@@ -74,10 +79,11 @@ class Method:
         self.device = next(ctx.student_module.parameters()).device
         self.progress = Progress()
 
-    def attack(self, loss: Loss, start: Optional[Start] = None) -> PGD:
-        """The training-time inner maximisation on the bare student, from the config's settings."""
+    def attack(self, loss: Loss) -> PGD:
+        """The training-time inner maximisation on the bare student, from the config's settings
+        (`attack.start: auto` is the method's `default_start`)."""
         a = self.ctx.attack
-        chosen = a.start if a.start != "auto" else (start or self.default_start)
+        chosen = a.start if a.start != "auto" else self.default_start
         return PGD(self.ctx.student_module, a.eps, a.step_size, a.steps, loss=loss, start=chosen)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -109,4 +115,4 @@ def create_method(options: MethodOptions, ctx: Context) -> Method:
 
 from . import absld, mtard, natural, pgd_at, rslad, trades  # noqa: E402,F401  (register the methods)
 
-__all__ = ["METHODS", "Context", "Method", "Progress", "create_method"]
+__all__ = ["METHODS", "Context", "Method", "MethodOptions", "Progress", "create_method"]

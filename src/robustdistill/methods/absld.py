@@ -11,7 +11,8 @@ During the epoch the student's per-class cross-entropy sums E_adv[c] (on x_adv) 
 are accumulated; at the end of the epoch each tau_k moves against its class's risk gap
 (`ClassWiseTemperature`) at rate r = 0.1, multiplied by 0.1 at every lr decay. As in the official
 loop, the lr and the rate decay at the end of the epoch before a milestone, and that epoch's update
-already uses the decayed rate (1-based: the update after epoch 215 uses 0.01). With every temperature fixed at 1 this is RSLAD.
+already uses the decayed rate (1-based: the update after epoch 215 uses 0.01).
+With every temperature fixed at 1 this is RSLAD.
 
 Options beyond the paper's defaults:
 - `fixed_temperature_adv` / `fixed_temperature_nat`: the paper's "manual" ablation, class-wise
@@ -34,8 +35,8 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..losses import kl_div, soft_targets
 from . import METHODS, Method
-from .rslad import SoftLabelOptions
 from .balance import ClassWiseTemperature
+from .rslad import SoftLabelOptions
 
 
 @METHODS.register("absld")
@@ -69,10 +70,15 @@ class ABSLD(Method):
         self.temperatures: dict[str, ClassWiseTemperature] = {}
         self.adaptive: dict[str, bool] = {}
         for kind, fixed in (("adv", o.fixed_temperature_adv), ("nat", o.fixed_temperature_nat)):
-            temp = ClassWiseTemperature(ctx.num_classes, o.init_temperature, o.temperature_min, o.temperature_max, self.device)
+            temp = ClassWiseTemperature(
+                ctx.num_classes, o.init_temperature, o.temperature_min, o.temperature_max, self.device
+            )
             if fixed is not None:
                 if len(fixed) != ctx.num_classes:
-                    raise ConfigError(f"method.fixed_temperature_{kind} has {len(fixed)} values; the dataset has {ctx.num_classes} classes")
+                    raise ConfigError(
+                        f"method.fixed_temperature_{kind} has {len(fixed)} values; "
+                        f"the dataset has {ctx.num_classes} classes"
+                    )
                 if min(fixed) <= 0:
                     raise ConfigError(f"method.fixed_temperature_{kind} must be > 0")
                 temp.tau = torch.tensor(fixed, dtype=torch.float32, device=self.device)

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from ..config import MethodOptions
-from . import METHODS, Method
+from . import METHODS, Method, MethodOptions
 
 
 @METHODS.register("pgd_at")

@@ -21,10 +21,9 @@ from typing import Literal
 
 import torch
 
-from ..config import MethodOptions
 from ..errors import ConfigError
 from ..losses import kl_div, soft_targets
-from . import METHODS, Method
+from . import METHODS, Method, MethodOptions
 
 
 @dataclass

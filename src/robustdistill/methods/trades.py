@@ -10,9 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import MethodOptions
 from ..errors import ConfigError
-from . import METHODS, Method
+from . import METHODS, Method, MethodOptions
 
 
 @METHODS.register("trades")

@@ -6,9 +6,11 @@ normalisation lives inside the model (`Classifier.normalize`), as attack code ex
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -88,10 +90,19 @@ def create_model(spec: ModelSpec) -> Classifier:
     return Classifier(net, spec.mean, spec.std)
 
 
+def fingerprint(model: nn.Module) -> str:
+    """SHA-256 of a model's parameters and buffers (names and bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def list_models(pattern: str = "*") -> list[str]:
     return MODELS.names(pattern)
 
 
 from . import mobilenet, resnet, small_cnn, wide_resnet  # noqa: E402,F401  (register the models)
 
-__all__ = ["MODELS", "Classifier", "ModelSpec", "Normalize", "create_model", "list_models"]
+__all__ = ["MODELS", "Classifier", "ModelSpec", "Normalize", "create_model", "fingerprint", "list_models"]

@@ -1,4 +1,4 @@
-"""L-infinity attacks used in training and evaluation: PGD (and FGSM as its one-step case).
+"""The L-infinity primitives of training and evaluation: PGD (and FGSM as its one-step case).
 
 Conventions of torchattacks/AutoAttack: an attack is built once around a model that takes
 images in [0, 1] and returns logits, then called on `(x, y)`:
@@ -19,14 +19,34 @@ Losses (summed over the batch, so a sample's step does not depend on the batch s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import check
+
 Loss = Literal["ce", "kl", "cw"]
 Start = Literal["uniform", "gaussian", "none"]
+
+
+@dataclass
+class AttackConfig:
+    """The inner maximisation used during training (config section `attack`)."""
+
+    eps: float = 8 / 255
+    step_size: float = 2 / 255
+    steps: int = 10
+    start: Literal["auto", "uniform", "gaussian", "none"] = (
+        "auto"  # auto: the method's own choice (seed methods: x + 0.001 N(0,1))
+    )
+
+    def validate(self) -> None:
+        check(0 <= self.eps <= 1, "attack.eps", "must be in [0, 1] (images are in [0, 1]; e.g. 8/255)")
+        check(0 < self.step_size <= 1, "attack.step_size", "must be in (0, 1] (e.g. 2/255)")
+        check(self.steps >= 1, "attack.steps", "must be >= 1")
 
 
 def cw_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,98 @@
+"""The library's front door: train a config, evaluate any model path.
+
+    from robustdistill.api import load_config, train, evaluate_path
+    run = train(load_config("configs/digits/rslad.yaml", ["train.epochs=5"]))
+    report = evaluate_path(run, ["eval.attacks=[clean,pgd20,autoattack_fast]", "eval.subset=200"])
+
+`evaluate_path` takes a run folder, a checkpoint file or `robustbench:<Name>` (resolved by
+`teachers.resolve_model_source`, as training resolves its teachers) and the same dotted
+`eval.key=value` overrides as `robustdistill train`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional
+
+from .checkpoint import read_model_meta
+from .config import DataConfig, EvalConfig, apply_overrides, build, load_config
+from .data import load_dataset, subset_of
+from .distributed import DistInfo, resolve_device
+from .errors import ConfigError, UserError
+from .evaluate import evaluate
+from .models import ModelSpec
+from .report import build_report
+from .robustbench import is_robustbench
+from .teachers import load_source, load_surrogate, resolve_model_source
+from .train import train
+
+__all__ = ["evaluate_path", "eval_config", "load_config", "resolve_model_source", "train"]
+
+
+def eval_config(base: EvalConfig, overrides: list[str]) -> EvalConfig:
+    """`base` with dotted `eval.<key>=<value>` overrides applied, typed and validated like a config file."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if not key.startswith("eval."):
+            raise ConfigError(f"eval takes eval.<key>=<value> overrides (e.g. eval.subset=100), got '{item}'")
+    raw = apply_overrides({"eval": dataclasses.asdict(base)}, overrides)["eval"]
+    cfg = build(EvalConfig, raw, "eval")
+    cfg.validate()
+    return cfg
+
+
+def evaluate_path(
+    target: str | Path,
+    overrides: Optional[list[str]] = None,
+    *,
+    which: str = "best",
+    split: str = "test",
+    data: Optional[str] = None,
+    data_root: Optional[str] = None,
+    model: Optional[str] = None,
+    device: str = "auto",
+    model_dir: Optional[str] = None,
+    state_dir: Optional[Path] = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a run folder, a checkpoint file or a RobustBench entry; returns the report.json document.
+
+    A run folder supplies its config (dataset, eps, eval settings); a checkpoint written by this
+    tool carries dataset and eps in its metadata; a foreign checkpoint needs `data`, `model` and
+    `eval.eps`. `overrides`: dotted `eval.<key>=<value>` (attacks, eps, subset, ...).
+    """
+    target = str(target)
+    base, data_cfg, default_eps, teachers = EvalConfig(), None, None, {}
+    source = None
+    if not is_robustbench(target):
+        source = resolve_model_source(target, which)
+        if source.kind == "run":
+            cfg = load_config(source.run_dir / "config.yaml")
+            data_cfg, base, default_eps, teachers = cfg.data, cfg.eval, cfg.attack.eps, cfg.teachers
+        else:
+            meta = read_model_meta(source.checkpoint) if source.checkpoint.suffix == ".safetensors" else None
+            data_cfg = build(DataConfig, meta["data"], "data") if meta and "data" in meta else None
+            default_eps = meta.get("eps") if meta else None
+    if data is not None and (data_cfg is None or data_cfg.name != data):
+        data_cfg = DataConfig(name=data)
+    if data_cfg is None:
+        raise UserError(f"{target} does not say which dataset it belongs to; pass --data NAME (and --data-root)")
+    if data_root is not None:
+        data_cfg.root = data_root
+    data_cfg.validate()
+    eval_cfg = eval_config(base, list(overrides or []))
+    settings = eval_cfg.resolve(default_eps)
+    if source is None:
+        source = resolve_model_source(target, which, data_cfg.name, model_dir)
+    dev = resolve_device(device, DistInfo())
+    dataset = load_dataset(data_cfg, dev)
+    spec = ModelSpec(model, dataset.num_classes, dataset.channels) if model is not None else None
+    net, spec = load_source(source, dataset, spec)
+    net = net.to(dev)
+    surrogate = load_surrogate(eval_cfg, teachers, dataset, dev)
+    chosen = subset_of(dataset.split(split), eval_cfg.subset, f"the {split} split", "eval.subset (--subset)")
+    summary = evaluate(
+        net, chosen, settings, dataset.num_classes, progress=progress, surrogate=surrogate, state_dir=state_dir
+    )
+    return build_report(summary, spec, source.checkpoint, dataset, split, len(chosen), settings.seed)

@@ -1,0 +1,48 @@
+"""Attacks. The L-infinity primitives (`PGD`, `FGSM`) serve training's inner maximisation and
+evaluation; every evaluation attack is one registered `Attack` class:
+
+    white_box.py   clean, fgsm, pgd20 (eval.pgd_steps steps), cw
+    autoattack.py  autoattack, autoattack_fast (pyautoattack, resumable, rank-independent)
+    black_box.py   square, transfer (crafted on a surrogate)
+
+A new attack is one subclass of `Attack` with `@register`, in one of these files or a new one
+imported below: its `name`, `kind`, `help` and `parameters()` are what the CLI, the report and
+the sanity checks read.
+"""
+
+from . import autoattack, black_box, white_box  # noqa: E402,F401  (register the attacks)
+from .base import (
+    ATTACKS,
+    Attack,
+    AttackEnv,
+    EvalSettings,
+    get_attack,
+    names_of,
+    needs_surrogate,
+    predict,
+    register,
+    run_pgd,
+)
+from .pgd import FGSM, PGD, AttackConfig, Loss, Start, attack_loss, cw_margin, project, sample_noise
+
+__all__ = [
+    "ATTACKS",
+    "FGSM",
+    "PGD",
+    "Attack",
+    "AttackConfig",
+    "AttackEnv",
+    "EvalSettings",
+    "Loss",
+    "Start",
+    "attack_loss",
+    "cw_margin",
+    "get_attack",
+    "names_of",
+    "needs_surrogate",
+    "predict",
+    "project",
+    "register",
+    "run_pgd",
+    "sample_noise",
+]

@@ -1,0 +1,168 @@
+"""AutoAttack (Croce & Hein, 2020) from the `pyautoattack` package, resumable and rank-independent."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from pyautoattack import AutoAttack as _PackageAutoAttack
+from pyautoattack import checks as aa_checks
+from tqdm.auto import tqdm
+
+from ..distributed import all_reduce_sum, assemble, gather_objects
+from ..errors import UserError
+from ..files import atomic_write
+from ..models import fingerprint
+from .base import Attack, predict, register
+
+
+class _Collect(logging.Handler):
+    """Keeps the warnings pyautoattack logs (its own checks for gradient masking and misuse)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.add(record.getMessage())
+
+
+def _data_digest(x: torch.Tensor, y: torch.Tensor) -> str:
+    digest = hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(y.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _save_state(path: Optional[Path], state: dict[str, Any], rank: int) -> None:
+    if path is not None and rank == 0:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(state)))
+
+
+@register
+class AutoAttack(Attack):
+    """AutoAttack "standard": APGD-CE, APGD-T, FAB-T, Square, in AutoAttack's order and settings,
+    each on the points still robust, in chunks, with progress saved to
+    `<state_dir>/<name>_state.json` after each round of chunks: an interrupted evaluation resumes
+    to exactly the verdicts of an uninterrupted one. (pyautoattack 0.2.0's own state file cannot
+    be read back: it stores the attack set as a string, and its resume path leaves `y_adv`
+    undefined.)
+
+    The candidates of each sub-attack are the points of the whole split still robust when it
+    starts, stored in the state; chunk j of them goes to rank j mod world_size, and every chunk
+    is attacked alone (pyautoattack reseeds per call), so the verdicts depend neither on the
+    number of ranks nor on interruptions. The state is tied to the model (parameter hash), the
+    data, eps, seed, chunk size and attack list; another evaluation's state is refused.
+    pyautoattack's own warnings (its checks, and "Square Attack has decreased the robust
+    accuracy") are collected into `env.notes[name]`. Adversarial examples found before a resume
+    are not kept, only their verdict."""
+
+    name = "autoattack"
+    autoattack = True
+    help = "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square; pyautoattack), resumable"
+
+    def parameters(self, s):
+        return {"eps": s.eps, "version": "standard", "package": "pyautoattack"}
+
+    def sub_attacks(self, adversary) -> list[str]:
+        return list(adversary.attacks_to_run)
+
+    def run(self, model, x, y, env):
+        s, name = env.settings, self.name
+        x_all = env.x_all if env.x_all is not None else x
+        y_all = env.y_all if env.y_all is not None else y
+        n, chunk, ranks = len(y_all), s.block, env.world_size
+        with torch.no_grad():
+            num_classes = model(x_all[:1]).shape[1]
+        adversary = _PackageAutoAttack(
+            model, device=x_all.device, eps=s.eps, norm="Linf", seed=s.seed, version="standard"
+        )
+        adversary.apgd_targeted.n_target_classes = min(9, num_classes - 1)
+        adversary.fab.n_target_classes = min(9, num_classes - 1)
+        adversary.verbose = False
+        order = self.sub_attacks(adversary)
+        path = env.state_dir / f"{name}_state.json" if env.state_dir else None
+        key = {
+            "model": fingerprint(model),
+            "data": _data_digest(x_all, y_all),
+            "n": n,
+            "attacks": order,
+            "eps": s.eps,
+            "seed": s.seed,
+            "chunk": chunk,
+        }
+        state: dict[str, Any] = {
+            "key": key,
+            "done": [],
+            "candidates": None,
+            "next_chunk": 0,
+            "robust": None,
+            "accuracy": {},
+            "flags": [],
+        }
+        if path is not None and path.exists():
+            try:
+                state = json.loads(path.read_text())
+                old = state["key"]
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{path} is not an AutoAttack state of this tool; use another --out") from None
+            differ = [k for k in key if old.get(k) != key[k]]
+            if differ:
+                raise UserError(
+                    f"{path} was left by a different AutoAttack evaluation (its {', '.join(differ)} differ); "
+                    "use another --out, or delete that file to start over"
+                )
+        if state["robust"] is None:
+            robust = assemble(predict(model, x, s.batch_size) == y, env.sample_index(len(x)), n)
+            state.update(robust=robust.tolist(), accuracy={"clean": robust.double().mean().item()})
+        robust = torch.tensor(state["robust"], dtype=torch.bool, device=x_all.device)
+        x_adv = x_all.clone()
+        collect = _Collect()
+        adversary.logger.addHandler(collect)
+        try:
+            for attack in order:
+                if attack in state["done"]:
+                    continue
+                if state["candidates"] is None:
+                    state["candidates"] = torch.nonzero(robust).flatten().tolist()
+                candidates = torch.tensor(state["candidates"], dtype=torch.long, device=x_all.device)
+                adversary.attacks_to_run = [attack]
+                n_chunks = -(-len(candidates) // chunk)
+                rounds = range(state["next_chunk"], n_chunks, ranks)
+                for first in tqdm(rounds, desc=f"{name}:{attack}", leave=False, disable=None if env.progress else True):
+                    broken = torch.zeros(n, dtype=torch.bool, device=x_all.device)
+                    j = first + env.rank
+                    if j < n_chunks:
+                        idx = candidates[j * chunk : (j + 1) * chunk]
+                        adv, _ = adversary.run_standard_evaluation(x_all[idx], y_all[idx], batch_size=s.batch_size)
+                        hit = predict(model, adv, s.batch_size) != y_all[idx]
+                        x_adv[idx[hit]] = adv[hit]
+                        broken[idx[hit]] = True
+                    robust &= ~(all_reduce_sum(broken.int()) > 0)
+                    flags = set(state["flags"]).union(*gather_objects(sorted(collect.messages)))
+                    state.update(next_chunk=first + ranks, robust=robust.tolist(), flags=sorted(flags))
+                    _save_state(path, state, env.rank)
+                accuracy = {**state["accuracy"], attack: robust.double().mean().item()}
+                state.update(done=state["done"] + [attack], candidates=None, next_chunk=0, accuracy=accuracy)
+                _save_state(path, state, env.rank)
+            aa_checks.check_square_sr(state["accuracy"], logger=adversary.logger)  # the package's own final check
+        finally:
+            adversary.logger.removeHandler(collect)
+        env.notes[name] = sorted(set(state["flags"]).union(*gather_objects(sorted(collect.messages))))
+        mine = env.sample_index(len(x)).to(x_all.device)
+        return x_adv[mine], robust[mine]
+
+
+@register
+class AutoAttackFast(AutoAttack):
+    name = "autoattack_fast"
+    help = "AutoAttack's APGD-CE and APGD-T only, resumable"
+
+    def parameters(self, s):
+        return {"eps": s.eps, "attacks": ["apgd-ce", "apgd-t"], "package": "pyautoattack"}
+
+    def sub_attacks(self, adversary) -> list[str]:
+        return ["apgd-ce", "apgd-t"]

@@ -1,0 +1,175 @@
+"""What every evaluation attack shares: the resolved settings, the environment an attack runs in,
+the `Attack` base class and its registry, and batched PGD with per-sample restarts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..registry import Registry
+from .pgd import PGD, sample_noise
+
+Kind = Literal["reference", "white-box", "black-box"]
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """The evaluation config resolved once (`config.EvalConfig.resolve`): every fallback applied
+    (eps from the training attack, step size eps / 4), so nothing downstream resolves it again."""
+
+    eps: float
+    step_size: float
+    attacks: tuple[str, ...] = ("clean", "pgd20")
+    pgd_steps: int = 20
+    cw_steps: int = 30
+    restarts: int = 1
+    square_queries: int = 5000
+    batch_size: int = 256
+    seed: int = 0
+    checks: bool = False
+    checks_subset: int = 500
+    large_eps: float = 1.0
+
+    @property
+    def block(self) -> int:
+        """Samples per block (ranks own whole blocks) and per Square / AutoAttack chunk."""
+        return 4 * self.batch_size
+
+    def at_eps(self, eps: float) -> EvalSettings:
+        """The same settings at another budget, the step size scaled with it (the sanity checks)."""
+        step = self.step_size * eps / self.eps if self.eps > 0 else eps / 4
+        return dataclasses.replace(self, eps=eps, step_size=step)
+
+    def common(self) -> dict[str, Any]:
+        """The report's `settings.common` (the attack list is the report's own keys)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "attacks"}
+
+
+@dataclass
+class AttackEnv:
+    """What an attack may need beyond the model and its samples.
+
+    An attack is called on the samples this rank owns (`index`, their positions in the split);
+    randomness is a function of (seed, sample index), so verdicts do not depend on the batch or
+    on the number of ranks. AutoAttack, whose candidates change between its sub-attacks, reads
+    the whole split from `x_all`/`y_all` and coordinates the ranks itself."""
+
+    settings: EvalSettings
+    surrogate: Optional[nn.Module] = None
+    state_dir: Optional[Path] = None  # AutoAttack's resumable state files live here
+    progress: bool = False
+    index: Optional[torch.Tensor] = None  # None: the samples are the whole split, in order
+    x_all: Optional[torch.Tensor] = None
+    y_all: Optional[torch.Tensor] = None
+    rank: int = 0
+    world_size: int = 1
+    notes: dict[str, list[str]] = field(default_factory=dict)  # warnings an attack raised, by attack
+
+    def sample_index(self, n: int) -> torch.Tensor:
+        return torch.arange(n) if self.index is None else self.index.cpu()
+
+
+class Attack:
+    """An evaluation attack: one subclass per name, registered in `ATTACKS`.
+
+    `run(model, x, y, env)` returns the adversarial examples of the samples this rank owns and,
+    when the attack decides correctness itself (AutoAttack), the per-sample verdicts (else None:
+    the suite predicts on the examples). Class attributes describe it to the CLI, the report and
+    the sanity checks."""
+
+    name: ClassVar[str]
+    kind: ClassVar[Kind] = "white-box"  # the sanity checks compare black-box with white-box attacks
+    needs_surrogate: ClassVar[bool] = False  # crafted on another model (eval.surrogate)
+    autoattack: ClassVar[bool] = False  # an AutoAttack run: check 4 holds it below PGD, check 8 reads its flags
+    help: ClassVar[str] = ""
+
+    def parameters(self, s: EvalSettings) -> dict[str, Any]:
+        """The settings that define this attack, for the report's `settings.<name>`."""
+        return {"eps": s.eps}
+
+    def label(self, s: EvalSettings) -> str:
+        """The name people read (tables): says the parameters that vary, e.g. PGD-50."""
+        return self.name
+
+    def run(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, env: AttackEnv
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        raise NotImplementedError
+
+    def describe(self, s: EvalSettings) -> dict[str, Any]:
+        return {**self.parameters(s), "label": self.label(s)}
+
+
+ATTACKS: Registry[type[Attack]] = Registry("attack")
+
+
+def register(cls: type[Attack]) -> type[Attack]:
+    """Class decorator: register an `Attack` under its `name`."""
+    return ATTACKS.register(cls.name)(cls)
+
+
+def get_attack(name: str) -> Attack:
+    return ATTACKS.get(name)()
+
+
+def names_of(kind: Kind) -> list[str]:
+    return [n for n in ATTACKS.names() if ATTACKS.get(n).kind == kind]
+
+
+def needs_surrogate(attacks: tuple[str, ...] | list[str]) -> bool:
+    return any(ATTACKS.get(a).needs_surrogate for a in attacks)
+
+
+def batches(n: int, size: int, desc: str, progress: bool):
+    return tqdm(range(0, n, size), desc=desc, leave=False, disable=None if progress else True)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    if not len(x):
+        return x.new_zeros(0, dtype=torch.long)
+    return torch.cat([model(x[i : i + batch_size]).argmax(dim=1) for i in range(0, len(x), batch_size)])
+
+
+def run_pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    env: AttackEnv,
+    desc: str,
+    *,
+    steps: int,
+    loss: str = "ce",
+    start: str = "uniform",
+    source: Optional[nn.Module] = None,
+    restarts: Optional[int] = None,
+) -> torch.Tensor:
+    """PGD at `env.settings`' eps and step size, crafted on `source` (default: the model), batched,
+    with restarts judged on `model`: each sample keeps the first restart's example that fools
+    `model`. Restart r of sample i starts from noise drawn for (seed, r, i)."""
+    s = env.settings
+    index = env.sample_index(len(x))
+    attack = PGD(source or model, s.eps, s.step_size, steps, loss=loss, start=start)
+    out = torch.empty_like(x)
+    for i in batches(len(x), s.batch_size, desc, env.progress):
+        xb, yb = x[i : i + s.batch_size], y[i : i + s.batch_size]
+        best, fooled = None, torch.zeros(len(yb), dtype=torch.bool, device=x.device)
+        for r in range(restarts or s.restarts):
+            noise = (
+                sample_noise(index[i : i + s.batch_size], tuple(x.shape[1:]), s.seed, r).to(x.device)
+                if start == "uniform"
+                else None
+            )
+            adv = attack(xb, yb, noise=noise)
+            with torch.no_grad():
+                wrong = model(adv).argmax(dim=1) != yb
+            best = adv if best is None else torch.where((wrong & ~fooled).view(-1, 1, 1, 1), adv, best)
+            fooled |= wrong
+        out[i : i + s.batch_size] = best
+    return out
