@@ -146,6 +146,12 @@ CASES = [
     (evaluate("--eps", "inf"), "eval.eps must be a finite number"),
     (evaluate("--step-size", "0"), "eval.step_size must be in (0, 1]"),
     (evaluate("--steps", "0"), "eval.pgd_steps must be >= 1"),
+    (evaluate("eval.pgd_steps=0"), "eval.pgd_steps must be >= 1"),
+    (evaluate("eval.bogus=1"), "unknown key 'eval.bogus'"),
+    (
+        evaluate("train.epochs=3"),
+        "eval takes eval.<key>=<value> overrides (e.g. eval.subset=100), got 'train.epochs=3'",
+    ),
     (evaluate("--subset", "100000"), "eval.subset (--subset) = 100000 is larger than the test split (359 images)"),
     (evaluate("--attacks", "clean,bogus"), "unknown attack 'bogus'"),
     (evaluate("--attacks", "clean,transfer"), "the transfer attack needs a surrogate"),

@@ -16,6 +16,18 @@ from robustdistill.runs import read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 
 
+TORCHRUN = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc_per_node=2",
+    "-m",
+    "robustdistill",
+    "train",
+]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["absld", "bmtard"])
 def test_torchrun_two_ranks(tmp_path, trained_runs, digits, which):
@@ -23,14 +35,7 @@ def test_torchrun_two_ranks(tmp_path, trained_runs, digits, which):
     if which == "bmtard":
         teachers.append(f"teachers.clean.path={trained_runs['natural']}")
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "robustdistill",
-        "train",
+        *TORCHRUN,
         str(ROOT / "configs" / "digits" / f"{which}.yaml"),
         f"out_dir={tmp_path}",
         "train.epochs=2",
@@ -162,17 +167,7 @@ def test_two_rank_resume_is_bit_identical_to_the_uninterrupted_run(tmp_path):
     import torch
 
     def torchrun(*args):
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "robustdistill",
-            "train",
-            *args,
-        ]
+        cmd = [*TORCHRUN, *args]
         result = subprocess.run(
             cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300
         )

@@ -222,6 +222,11 @@ def _cmd_list(args) -> int:
             for name in ATTACKS.names():
                 attack = ATTACKS.get(name)
                 print(f"  {name:16s} {attack.kind:10s} {attack.help}")
+        if kind == "methods":
+            for name in METHODS.names():
+                method = METHODS.get(name)
+                teachers = ", ".join(method.teachers) or "-"
+                print(f"  {name:8s} teachers: {teachers:14s} {method.summary}")
     return 0
 
 

@@ -147,20 +147,8 @@ class EvalConfig:
         if eps is None:
             raise ConfigError("no eps known for this model; set eval.eps (--eps), e.g. 8/255")
         step = self.step_size if self.step_size is not None else eps / 4
-        return EvalSettings(
-            eps=eps,
-            step_size=step,
-            attacks=tuple(self.attacks),
-            pgd_steps=self.pgd_steps,
-            cw_steps=self.cw_steps,
-            restarts=self.restarts,
-            square_queries=self.square_queries,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            checks=self.checks,
-            checks_subset=self.checks_subset,
-            large_eps=self.large_eps,
-        )
+        rest = {f.name: getattr(self, f.name) for f in dataclasses.fields(EvalSettings)}
+        return EvalSettings(**rest | {"eps": eps, "step_size": step, "attacks": tuple(self.attacks)})
 
 
 @dataclass

@@ -68,6 +68,7 @@ class Context:
 
 class Method:
     Options: ClassVar[type[MethodOptions]] = MethodOptions
+    summary: ClassVar[str] = ""  # one line with the paper, for `robustdistill list methods`
     teachers: ClassVar[tuple[str, ...]] = ()
     selection_metric: ClassVar[str] = "robust"
     default_start: ClassVar[Start] = "gaussian"
@@ -113,6 +114,6 @@ def create_method(options: MethodOptions, ctx: Context) -> Method:
     return METHODS.get(options.name)(options, ctx)
 
 
-from . import absld, mtard, natural, pgd_at, rslad, trades  # noqa: E402,F401  (register the methods)
+from . import absld, ard, mart, mtard, natural, pgd_at, rslad, trades  # noqa: E402,F401  (register the methods)
 
 __all__ = ["METHODS", "Context", "Method", "MethodOptions", "Progress", "create_method"]

@@ -41,6 +41,8 @@ from .rslad import SoftLabelOptions
 
 @METHODS.register("absld")
 class ABSLD(Method):
+    summary = "anti-bias soft label distillation: class-wise temperatures for robust fairness (Zhao et al.)"
+
     @dataclass
     class Options(SoftLabelOptions):  # reduction and adv_weight, as RSLAD, plus the temperatures
         name: str = "absld"

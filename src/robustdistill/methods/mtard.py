@@ -53,6 +53,7 @@ class MTARDOptions(MethodOptions):
 
 @METHODS.register("mtard")
 class MTARD(Method):
+    summary = "multi-teacher adversarial robustness distillation (Zhao et al., ECCV 2022)"
     Options = MTARDOptions
     teachers = ("robust", "clean")
     selection_metric = "w_robust"
@@ -103,6 +104,8 @@ class MTARD(Method):
 
 @METHODS.register("bmtard")
 class BMTARD(MTARD):
+    summary = "balanced MTARD: entropy-based balance of the teachers' temperatures (Zhao et al.)"
+
     @dataclass
     class Options(MTARDOptions):
         name: str = "bmtard"

@@ -9,6 +9,8 @@ from . import METHODS, Method, MethodOptions
 
 @METHODS.register("natural")
 class Natural(Method):
+    summary = "cross-entropy on clean inputs (the clean teacher)"
+
     @dataclass
     class Options(MethodOptions):
         name: str = "natural"

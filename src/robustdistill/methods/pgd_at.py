@@ -13,6 +13,8 @@ from . import METHODS, Method, MethodOptions
 
 @METHODS.register("pgd_at")
 class PGDAT(Method):
+    summary = "PGD adversarial training (Madry et al., ICLR 2018)"
+
     @dataclass
     class Options(MethodOptions):
         name: str = "pgd_at"

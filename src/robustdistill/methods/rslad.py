@@ -40,6 +40,8 @@ class SoftLabelOptions(MethodOptions):
 
 @METHODS.register("rslad")
 class RSLAD(Method):
+    summary = "robust soft label adversarial distillation (Zi et al., ICCV 2021)"
+
     @dataclass
     class Options(SoftLabelOptions):
         name: str = "rslad"

@@ -16,6 +16,8 @@ from . import METHODS, Method, MethodOptions
 
 @METHODS.register("trades")
 class TRADES(Method):
+    summary = "clean CE + beta KL to the adversarial example (Zhang et al., ICML 2019)"
+
     @dataclass
     class Options(MethodOptions):
         name: str = "trades"
