@@ -12,6 +12,7 @@ from conftest import digits_config
 from robustdistill.attacks import EvalSettings
 from robustdistill.evaluate import evaluate
 from robustdistill.methods.ard import ard_kl
+from robustdistill.methods.iad import iad_loss
 from robustdistill.methods.mart import mart_loss
 from robustdistill.models import ModelSpec, create_model
 
@@ -54,8 +55,29 @@ def test_ard_kl_by_hand():
     )
 
 
+def test_iad_loss_against_its_equations():
+    torch.manual_seed(0)
+    t_clean, t_adv, s_clean, s_adv = (torch.randn(4, 5) for _ in range(4))
+    y = torch.tensor([0, 1, 2, 3])
+    d, intro, ce, trust = iad_loss(t_clean, t_adv, s_clean, s_adv, y, temperature=2.0, beta=0.1, introspect=True)
+    tc, ta, sc, sa = (
+        _softmax(z.numpy().astype(np.float64) / tau)
+        for z, tau in [(t_clean, 2.0), (t_adv, 1.0), (s_clean, 1.0), (s_adv, 1.0)]
+    )
+    sa_t = _softmax(s_adv.numpy().astype(np.float64) / 2.0)
+    rows = np.arange(4)
+    expected_trust = ta[rows, y.numpy()] ** 0.1
+    assert trust.numpy() == pytest.approx(expected_trust, rel=1e-5)
+    assert d.item() == pytest.approx(4 * np.mean((tc * np.log(tc / sa_t)).sum(axis=1)), rel=1e-5)
+    assert intro.item() == pytest.approx(np.mean((sc * np.log(sc / sa)).sum(axis=1) * (1 - expected_trust)), rel=1e-5)
+    assert ce.item() == pytest.approx(np.mean(-np.log(sc[rows, y.numpy()])), rel=1e-5)
+    # before `begin_epoch` the teacher is trusted everywhere: no introspection term
+    _, intro, _, trust = iad_loss(t_clean, t_adv, s_clean, s_adv, y, temperature=2.0, beta=0.1, introspect=False)
+    assert intro.item() == 0.0 and torch.all(trust == 1)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mart", "ard"])
+@pytest.mark.parametrize("name", ["mart", "ard", "iad"])
 def test_a_short_digits_run_beats_an_untrained_model(name, tmp_path, trained_runs, digits):
     from robustdistill.train import train
 
