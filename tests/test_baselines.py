@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import digits_config
-from robustdistill.attacks import EvalSettings
+from robustdistill.attacks import PGD, EvalSettings
 from robustdistill.evaluate import evaluate
 from robustdistill.methods.ard import ard_kl
 from robustdistill.methods.iad import iad_loss
@@ -76,8 +76,29 @@ def test_iad_loss_against_its_equations():
     assert intro.item() == 0.0 and torch.all(trust == 1)
 
 
+def test_adaad_inner_maximisation_differentiates_through_teacher_and_student():
+    """One full step from x: the sign of the gradient of sum KL(softmax(t(x)) || softmax(s(x))) with
+    the teacher's path included (the authors' code does not detach the teacher)."""
+    torch.manual_seed(0)
+    student = create_model(ModelSpec("small_cnn", 10, 1, {"width": 4})).eval()
+    teacher = create_model(ModelSpec("small_cnn", 10, 1, {"width": 8})).eval().requires_grad_(False)
+    x = torch.rand(6, 1, 8, 8) * 0.8 + 0.1
+    x_req = x.clone().requires_grad_(True)
+    q = torch.softmax(teacher(x_req), dim=1)
+    kl = (q * (torch.log(q) - torch.log_softmax(student(x_req), dim=1))).sum()
+    (grad,) = torch.autograd.grad(kl, x_req)
+    expected = (x + 0.05 * grad.sign()).clamp(0, 1)
+    got = PGD(student, 0.05, 0.05, 1, loss="kl", start="none")(x, target=teacher)
+    assert torch.allclose(got, expected, atol=1e-6)
+    # the teacher's path matters: without it the step differs somewhere
+    q_fixed = q.detach()
+    kl_fixed = (q_fixed * (torch.log(q_fixed) - torch.log_softmax(student(x_req), dim=1))).sum()
+    (grad_fixed,) = torch.autograd.grad(kl_fixed, x_req)
+    assert not torch.equal(grad.sign(), grad_fixed.sign())
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mart", "ard", "iad"])
+@pytest.mark.parametrize("name", ["mart", "ard", "iad", "adaad"])
 def test_a_short_digits_run_beats_an_untrained_model(name, tmp_path, trained_runs, digits):
     from robustdistill.train import train
 

@@ -5,6 +5,8 @@
 - `elementwise_mean` (default of the seed methods and RSLAD): the mean over all B x C terms of
   q * (log(q + 1e-5) - log p), i.e. the per-sample KL averaged over the batch *and divided by C*,
   with the 1e-5 inside the log as in the published code. Published numbers used this;
+- `mean`: the exact KL terms averaged over all B x C entries (torch's `KLDivLoss()` default, which
+  ARD, IAD-era and AdaAD's CIFAR-10 code use): `batchmean` / C without RSLAD's 1e-5;
 - `batchmean`: the exact per-sample KL summed over classes and averaged over the batch;
 - `sum`: the exact KL summed over the batch (what an attack maximises).
 
@@ -18,8 +20,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-Reduction = Literal["elementwise_mean", "batchmean", "sum"]
-REDUCTIONS = ("elementwise_mean", "batchmean", "sum")
+Reduction = Literal["elementwise_mean", "mean", "batchmean", "sum"]
+REDUCTIONS = ("elementwise_mean", "mean", "batchmean", "sum")
 
 
 def kl_div(q: torch.Tensor, logits: torch.Tensor, reduction: Reduction = "elementwise_mean") -> torch.Tensor:
@@ -28,6 +30,8 @@ def kl_div(q: torch.Tensor, logits: torch.Tensor, reduction: Reduction = "elemen
     if reduction == "elementwise_mean":
         return (q * (torch.log(q + 1e-5) - log_p)).mean()
     terms = torch.xlogy(q, q) - q * log_p
+    if reduction == "mean":
+        return terms.mean()
     if reduction == "batchmean":
         return terms.sum() / q.shape[0]
     if reduction == "sum":

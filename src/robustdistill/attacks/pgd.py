@@ -13,7 +13,9 @@ the eps-ball around x and onto [0, 1].
 
 Losses (summed over the batch, so a sample's step does not depend on the batch size):
 - `ce`: cross-entropy with the label `y`;
-- `kl`: KL(target || softmax(model(x'))) to a given target distribution (RSLAD/ABSLD, TRADES);
+- `kl`: KL(target || softmax(model(x'))) to a given target distribution (RSLAD/ABSLD, TRADES), or,
+  when `target` is a model, to that model's softmax on the same iterate x', differentiated through
+  both models (AdaAD's inner maximisation: the point where teacher and student disagree most);
 - `cw`: the Carlini-Wagner margin, max wrong logit minus true logit.
 """
 
@@ -118,17 +120,20 @@ class PGD:
         self,
         x: torch.Tensor,
         y: Optional[torch.Tensor] = None,
-        target: Optional[torch.Tensor] = None,
+        target: Optional[torch.Tensor | nn.Module] = None,
         noise: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """`noise`: U[0, 1) draws shaped like x for the uniform start (default: from `generator`);
-        evaluation passes per-sample noise so that a sample's attack does not depend on its batch."""
+        evaluation passes per-sample noise so that a sample's attack does not depend on its batch.
+        `target` (kl loss): a distribution per sample, or a model (frozen, in eval mode) whose
+        softmax on each iterate is the target."""
         if self.loss == "kl" and target is None:
             raise ValueError("the kl attack loss needs a target distribution")
         if self.loss != "kl" and y is None:
             raise ValueError(f"the {self.loss} attack loss needs labels y")
         x = x.detach()
-        if target is not None:
+        reference = target if isinstance(target, nn.Module) else None
+        if reference is None and target is not None:
             target = target.detach()
         was_training = self.model.training
         self.model.eval()
@@ -137,6 +142,8 @@ class PGD:
             with torch.enable_grad():
                 for _ in range(self.steps):
                     x_adv.requires_grad_(True)
+                    if reference is not None:
+                        target = F.softmax(reference(x_adv), dim=1)
                     loss = attack_loss(self.model(x_adv), self.loss, y, target)
                     (grad,) = torch.autograd.grad(loss, x_adv)
                     x_adv = project(x_adv.detach() + self.alpha * grad.sign(), x, self.eps)

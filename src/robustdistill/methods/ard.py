@@ -22,14 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..losses import kl_div
 from . import METHODS, Method, MethodOptions
 
 
 def ard_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """tau^2 * KL(softmax(t / tau) || softmax(s / tau)), averaged over all B x C terms."""
     q = F.softmax(teacher_logits / temperature, dim=1)
-    log_p = F.log_softmax(student_logits / temperature, dim=1)
-    return temperature**2 * (torch.xlogy(q, q) - q * log_p).mean()  # KLDivLoss()'s default, spelled out
+    return temperature**2 * kl_div(q, student_logits / temperature, "mean")  # KLDivLoss()'s default
 
 
 @METHODS.register("ard")
