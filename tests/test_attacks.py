@@ -114,3 +114,22 @@ def test_attack_labels_say_the_parameters_that_vary():
     assert get_attack("pgd20").label(settings) == "pgd50x3"
     assert get_attack("pgd20").describe(settings)["steps"] == 50
     assert get_attack("pgd20").label(EvalSettings(eps=0.1, step_size=0.025)) == "pgd20"
+
+
+@pytest.mark.parametrize("start", ["uniform", "gaussian", "none"])
+def test_per_sample_budgets_keep_each_sample_in_its_own_ball(start):
+    model = _tiny()
+    x = torch.rand(6, 1, 8, 8)
+    y = torch.randint(0, 10, (6,))
+    eps = torch.tensor([0.0, 0.01, 0.05, 0.1, 0.2, 0.3])
+    x_adv = PGD(model, eps, eps / 4, 5, "ce", start)(x, y)
+    reach = (x_adv - x).abs().flatten(1).amax(dim=1)
+    assert torch.all(reach <= eps + 1e-6) and torch.equal(x_adv[0], x[0])
+    assert reach[-1] > 0.2  # the largest ball is used, not the smallest
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    # the same budget for every sample gives exactly the scalar attack
+    torch.manual_seed(0)
+    per_sample = PGD(model, torch.full((6,), 0.1), torch.full((6,), 0.025), 3, "ce", "none")(x, y)
+    assert torch.equal(per_sample, PGD(model, 0.1, 0.025, 3, "ce", "none")(x, y))
+    with pytest.raises(ValueError, match="one value per sample"):
+        PGD(model, torch.full((5,), 0.1), 0.025, 3)(x, y)

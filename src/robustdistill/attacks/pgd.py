@@ -68,7 +68,7 @@ def attack_loss(logits: torch.Tensor, loss: Loss, y: Optional[torch.Tensor], tar
     raise ValueError(f"unknown attack loss '{loss}'; use ce, kl or cw")
 
 
-def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
 
 
@@ -88,32 +88,47 @@ class PGD:
 
     start: `uniform` (U(-eps, eps), Madry et al.), `gaussian` (x + sigma*N(0,1), the seed methods
     and TRADES, sigma=0.001) or `none`.
+    `eps` and `alpha` are floats or tensors of one value per sample (shape (B,)), for the methods
+    with class-wise or per-sample budgets (CFA, FRL's remargin): each sample stays in its own ball.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        eps: float,
-        alpha: float,
+        eps: float | torch.Tensor,
+        alpha: float | torch.Tensor,
         steps: int,
         loss: Loss = "ce",
         start: Start = "uniform",
         sigma: float = 0.001,
         generator: Optional[torch.Generator] = None,
     ):
-        if eps < 0 or alpha < 0 or steps < 1:
+        if torch.as_tensor(eps).min() < 0 or torch.as_tensor(alpha).min() < 0 or steps < 1:
             raise ValueError(f"PGD needs eps >= 0, alpha >= 0, steps >= 1 (got {eps}, {alpha}, {steps})")
         self.model, self.eps, self.alpha, self.steps = model, eps, alpha, steps
         self.loss, self.start, self.sigma, self.generator = loss, start, sigma, generator
 
-    def _init(self, x: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
+    @staticmethod
+    def _per_sample(value: float | torch.Tensor, x: torch.Tensor) -> float | torch.Tensor:
+        """A float as it is; a tensor of one value per sample shaped to broadcast over the image."""
+        if not isinstance(value, torch.Tensor):
+            return value
+        if value.dim() == 0:
+            return value.item()
+        if value.shape != (len(x),):
+            raise ValueError(
+                f"a per-sample budget needs one value per sample: shape ({len(x)},), got {tuple(value.shape)}"
+            )
+        return value.to(device=x.device, dtype=x.dtype).view(-1, *[1] * (x.dim() - 1))
+
+    def _init(self, x: torch.Tensor, noise: Optional[torch.Tensor], eps) -> torch.Tensor:
         if self.start == "uniform":
             if noise is None:
                 noise = torch.rand(x.shape, device=x.device, generator=self.generator, dtype=x.dtype)
-            return project(x + (2 * noise - 1) * self.eps, x, self.eps)
+            return project(x + (2 * noise - 1) * eps, x, eps)
         if self.start == "gaussian":
             noise = torch.randn(x.shape, device=x.device, generator=self.generator, dtype=x.dtype)
-            return project(x + self.sigma * noise, x, self.eps)
+            return project(x + self.sigma * noise, x, eps)
         return x.clone()
 
     def __call__(
@@ -135,10 +150,11 @@ class PGD:
         reference = target if isinstance(target, nn.Module) else None
         if reference is None and target is not None:
             target = target.detach()
+        eps, alpha = self._per_sample(self.eps, x), self._per_sample(self.alpha, x)
         was_training = self.model.training
         self.model.eval()
         try:
-            x_adv = self._init(x, noise)
+            x_adv = self._init(x, noise, eps)
             with torch.enable_grad():
                 for _ in range(self.steps):
                     x_adv.requires_grad_(True)
@@ -146,7 +162,7 @@ class PGD:
                         target = F.softmax(reference(x_adv), dim=1)
                     loss = attack_loss(self.model(x_adv), self.loss, y, target)
                     (grad,) = torch.autograd.grad(loss, x_adv)
-                    x_adv = project(x_adv.detach() + self.alpha * grad.sign(), x, self.eps)
+                    x_adv = project(x_adv.detach() + alpha * grad.sign(), x, eps)
         finally:
             self.model.train(was_training)
         return x_adv.detach()

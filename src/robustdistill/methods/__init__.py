@@ -22,7 +22,7 @@ A new method is a subclass registered by name, with an `Options` dataclass for i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -80,12 +80,15 @@ class Method:
         self.device = next(ctx.student_module.parameters()).device
         self.progress = Progress()
 
-    def attack(self, loss: Loss) -> PGD:
+    def attack(self, loss: Loss, eps: Optional[torch.Tensor] = None, step_size: Optional[torch.Tensor] = None) -> PGD:
         """The training-time inner maximisation on the bare student, from the config's settings
-        (`attack.start: auto` is the method's `default_start`)."""
+        (`attack.start: auto` is the method's `default_start`); `eps` / `step_size`: per-sample
+        budgets (shape (B,)) for methods with class-wise ones, else the config's."""
         a = self.ctx.attack
         chosen = a.start if a.start != "auto" else self.default_start
-        return PGD(self.ctx.student_module, a.eps, a.step_size, a.steps, loss=loss, start=chosen)
+        eps = a.eps if eps is None else eps
+        step_size = a.step_size if step_size is None else step_size
+        return PGD(self.ctx.student_module, eps, step_size, a.steps, loss=loss, start=chosen)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         raise NotImplementedError
