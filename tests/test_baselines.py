@@ -12,6 +12,7 @@ from conftest import digits_config
 from robustdistill.attacks import PGD, EvalSettings
 from robustdistill.evaluate import evaluate
 from robustdistill.methods.ard import ard_kl
+from robustdistill.methods.fair_ard import class_weights, weighted_distillation
 from robustdistill.methods.iad import iad_loss
 from robustdistill.methods.mart import mart_loss
 from robustdistill.models import ModelSpec, create_model
@@ -97,8 +98,61 @@ def test_adaad_inner_maximisation_differentiates_through_teacher_and_student():
     assert not torch.equal(grad.sign(), grad_fixed.sign())
 
 
+def test_fair_ard_class_weights_by_hand():
+    # kappa [1, 2, 4], beta 2: (1/kappa)^2 = [1, 1/4, 1/16], rescaled to sum 3: [2.2857, 0.5714, 0.1429],
+    # clipped to [5/6, 5/2]
+    w = class_weights(torch.tensor([1.0, 2.0, 4.0]), beta=2.0)
+    assert w.tolist() == pytest.approx([48 / 21, 5 / 6, 5 / 6], rel=1e-4)
+    assert class_weights(torch.full((4,), 3.0), beta=2.0).tolist() == pytest.approx([1.0] * 4)  # equal classes: 1
+
+
+def test_fair_ard_loss_against_its_equations():
+    torch.manual_seed(0)
+    t, s_adv, s_clean = (torch.randn(4, 3) for _ in range(3))
+    y, weight = torch.tensor([0, 1, 2, 1]), torch.tensor([2.0, 1.0, 0.5])
+    distill, natural = weighted_distillation(t, s_adv, s_clean, y, weight, temperature=4.0)
+    q, p = _softmax(t.numpy().astype(np.float64) / 4), _softmax(s_adv.numpy().astype(np.float64) / 4)
+    w = weight.numpy()[y.numpy()]
+    assert distill.item() == pytest.approx(16 * np.mean(w * (q * np.log(q / p)).mean(axis=1)), rel=1e-5)
+    pc = _softmax(s_clean.numpy().astype(np.float64))
+    assert natural.item() == pytest.approx(np.mean(w * -np.log(pc[np.arange(4), y.numpy()])), rel=1e-5)
+
+
+def test_pgd_counts_the_iterates_each_sample_survives():
+    torch.manual_seed(0)
+    model = create_model(ModelSpec("small_cnn", 10, 1, {"width": 4})).eval()
+    x = torch.rand(6, 1, 8, 8)
+    predicted = model(x).argmax(dim=1).detach()
+    y = torch.where(torch.arange(6) < 3, predicted, (predicted + 1) % 10)  # three right, three wrong
+    attack = PGD(model, 0.0, 0.0, 4, start="none", count_correct=True)  # eps 0: every iterate is x
+    attack(x, y)
+    assert attack.correct.tolist() == [4, 4, 4, 0, 0, 0]
+
+
+def test_fair_ard_reweights_the_less_robust_class_after_an_epoch():
+    from robustdistill.config import AttackConfig, load_config
+    from robustdistill.methods import Context, Progress, create_method
+
+    torch.manual_seed(0)
+    student = create_model(ModelSpec("small_cnn", 3, 1, {"width": 4}))
+    teacher = create_model(ModelSpec("small_cnn", 3, 1, {"width": 4})).eval()
+    ctx = Context(student, student, 3, AttackConfig(eps=0.0, step_size=0.01, steps=4), {"robust": teacher})
+    method = create_method(load_config(None, ["method=fair_ard"]).method, ctx)
+    x = torch.rand(9, 1, 8, 8)
+    predicted = student.eval()(x).argmax(dim=1).detach()
+    student.train()
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    method.loss(x, y)
+    method.on_epoch_end(Progress())
+    # eps 0: a sample survives all 4 iterates if the student predicts its label, none otherwise
+    right = (predicted == y).float().view(3, 3).mean(dim=1) * 4
+    assert method.kappa.tolist() == pytest.approx(right.tolist())
+    assert method.weight.tolist() == pytest.approx(class_weights(right, 2.0).tolist())
+    assert method.log_state()["class_weight"] == method.weight.tolist()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mart", "ard", "iad", "adaad"])
+@pytest.mark.parametrize("name", ["mart", "ard", "iad", "adaad", "fair_ard"])
 def test_a_short_digits_run_beats_an_untrained_model(name, tmp_path, trained_runs, digits):
     from robustdistill.train import train
 
@@ -117,3 +171,11 @@ def test_a_short_digits_run_beats_an_untrained_model(name, tmp_path, trained_run
     settings = EvalSettings(eps=cfg.attack.eps, step_size=cfg.attack.eps / 4, attacks=("pgd20",))
     baseline = evaluate(untrained, digits.test, settings, 10)["attacks"]["pgd20"]["accuracy"]
     assert trained > baseline + 0.1, (trained, baseline)
+
+
+def test_class_wise_state_is_drawn(tmp_path):
+    from robustdistill.plots import plot_class_state
+
+    records = [{"type": "epoch", "epoch": e, "class_weight": [1.0, 1.0 + e / 10], "loss": 1.0} for e in range(1, 4)]
+    assert plot_class_state(records, tmp_path / "s.png") and (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    assert not plot_class_state([{"type": "epoch", "epoch": 1, "loss": 1.0}], tmp_path / "none.png")

@@ -2,6 +2,7 @@
 
 - `temperatures.png` (ABSLD): every class's tau_adv and tau_nat over epochs;
 - `balance.png` (MTARD/B-MTARD): the two temperatures and the two loss weights over steps;
+- `class_state.png`: any class-wise quantity a method logs per epoch (`class_*`, e.g. Fair-ARD's weights);
 - `classwise.png`: class-wise accuracy under each attack of the run's report.
 Plots are derived from metrics.jsonl and report.json, so redrawing them loses nothing.
 """
@@ -39,6 +40,27 @@ def plot_temperatures(records: list[dict[str, Any]], path: Path) -> bool:
         ax.set(title=f"tau ({title})", xlabel="epoch")
     axes[0].set_ylabel("temperature")
     axes[1].legend(fontsize=7, ncol=2 if len(epochs[0]["temperature_adv"]) > 10 else 1, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_class_state(records: list[dict[str, Any]], path: Path) -> bool:
+    """Every class-wise quantity a method logs per epoch (`class_*` lists: Fair-ARD's weights and
+    robustness degrees, ...), one panel each, one line per class."""
+    epochs = [r for r in records if r.get("type") == "epoch"]
+    keys = sorted({k for r in epochs for k, v in r.items() if k.startswith("class_") and isinstance(v, list)})
+    if not keys:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        rows = [r for r in epochs if isinstance(r.get(key), list)]
+        for c in range(len(rows[0][key])):
+            ax.plot([r["epoch"] for r in rows], [r[key][c] for r in rows], label=f"class {c}")
+        ax.set(title=key.replace("_", " "), xlabel="epoch")
+    axes[0][-1].legend(fontsize=7, ncol=2 if len(rows[0][key]) > 10 else 1, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -130,6 +152,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         written.append(out / "temperatures.png")
     if plot_balance(records, out / "balance.png"):
         written.append(out / "balance.png")
+    if plot_class_state(records, out / "class_state.png"):
+        written.append(out / "class_state.png")
     if (run_dir / "report.json").is_file() and plot_classwise(
         json.loads((run_dir / "report.json").read_text()), out / "classwise.png"
     ):

@@ -102,11 +102,16 @@ class PGD:
         start: Start = "uniform",
         sigma: float = 0.001,
         generator: Optional[torch.Generator] = None,
+        count_correct: bool = False,
     ):
         if torch.as_tensor(eps).min() < 0 or torch.as_tensor(alpha).min() < 0 or steps < 1:
             raise ValueError(f"PGD needs eps >= 0, alpha >= 0, steps >= 1 (got {eps}, {alpha}, {steps})")
         self.model, self.eps, self.alpha, self.steps = model, eps, alpha, steps
         self.loss, self.start, self.sigma, self.generator = loss, start, sigma, generator
+        self.count_correct = count_correct
+        self.correct: Optional[torch.Tensor] = (
+            None  # with count_correct: per sample, the iterates still classified right
+        )
 
     @staticmethod
     def _per_sample(value: float | torch.Tensor, x: torch.Tensor) -> float | torch.Tensor:
@@ -151,6 +156,7 @@ class PGD:
         if reference is None and target is not None:
             target = target.detach()
         eps, alpha = self._per_sample(self.eps, x), self._per_sample(self.alpha, x)
+        self.correct = None
         was_training = self.model.training
         self.model.eval()
         try:
@@ -160,7 +166,11 @@ class PGD:
                     x_adv.requires_grad_(True)
                     if reference is not None:
                         target = F.softmax(reference(x_adv), dim=1)
-                    loss = attack_loss(self.model(x_adv), self.loss, y, target)
+                    logits = self.model(x_adv)
+                    if self.count_correct:  # Fair-ARD's robustness degree: counted on each iterate before its step
+                        hits = (logits.argmax(dim=1) == y).long()
+                        self.correct = hits if self.correct is None else self.correct + hits
+                    loss = attack_loss(logits, self.loss, y, target)
                     (grad,) = torch.autograd.grad(loss, x_adv)
                     x_adv = project(x_adv.detach() + alpha * grad.sign(), x, eps)
         finally:

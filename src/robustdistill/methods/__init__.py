@@ -117,6 +117,6 @@ def create_method(options: MethodOptions, ctx: Context) -> Method:
     return METHODS.get(options.name)(options, ctx)
 
 
-from . import absld, adaad, ard, iad, mart, mtard, natural, pgd_at, rslad, trades  # noqa: E402,F401  (register the methods)
+from . import absld, adaad, ard, fair_ard, iad, mart, mtard, natural, pgd_at, rslad, trades  # noqa: E402,F401  (register the methods)
 
 __all__ = ["METHODS", "Context", "Method", "MethodOptions", "Progress", "create_method"]
