@@ -1,7 +1,8 @@
 """Experiment: the seed methods and their papers' ablations on digits, with 95 % intervals.
 
-    python benchmarks/digits_methods.py                     # 5 seeds; about 16 minutes on 2 CPU cores
-    python benchmarks/digits_methods.py --update-readme     # and rewrite the README's results section
+    python benchmarks/digits_methods.py                 # the papers' ablations, 5 seeds: ~20 min of training, 2 cores
+    python benchmarks/digits_methods.py --investigate   # and 5 investigation variants: about 15 min more
+    python benchmarks/digits_methods.py --investigate --update-readme   # rewrite the README's results section
     python benchmarks/digits_methods.py --seeds 0 1 2 --out runs/quick
 
 The demo's clean (natural) and robust (TRADES) teachers are trained once (seed 0); every variant
@@ -73,6 +74,8 @@ VARIANTS = {
     "rslad_ce": ("rslad", ["method.attack_loss=ce"], {}),
     "rslad_tadv": ("rslad", ["method.adversarial_target=adversarial"], {}),
 }
+PAPER = ["rslad", "absld", "absld_fixed", "baseline", "mtard", "ebb", "bmtard"]
+INVESTIGATION = ["bmtard_rt", "baseline_rt", "rslad_half", "rslad_ce", "rslad_tadv"]
 # (variant, reference): the comparisons the papers make
 PAIRS = [
     ("absld", "rslad"),
@@ -241,12 +244,14 @@ def teacher_on_adversarial(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: the papers' ablations")
+    parser.add_argument("--investigate", action="store_true", help="add the investigation variants")
     parser.add_argument("--out", default="runs/digits_methods")
     parser.add_argument("--force", action="store_true", help="retrain runs that already finished")
     parser.add_argument("--draws", type=int, default=2000, help="bootstrap draws")
     parser.add_argument("--update-readme", action="store_true", help="rewrite the README section between its markers")
     args = parser.parse_args()
+    args.variants = args.variants or PAPER + (INVESTIGATION if args.investigate else [])
     started = time.perf_counter()
     out = Path(args.out)
     teachers = {}
@@ -286,7 +291,8 @@ def main() -> None:
     minutes = (time.perf_counter() - started) / 60
     text = "\n".join(
         [
-            f"`python benchmarks/digits_methods.py --seeds {' '.join(map(str, args.seeds))}` "
+            f"`python benchmarks/digits_methods.py --seeds {' '.join(map(str, args.seeds))}"
+            f"{' --investigate' if args.investigate else ''}` "
             f"({len(args.seeds)} seeds, teachers fixed; digits test split, {len(labels)} images, eps = 0.2; "
             f"{os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}; the runs' training epochs "
             f"took {trained:.0f} min in all (from their metrics.jsonl), this invocation {minutes:.0f} min). "
