@@ -26,7 +26,7 @@ from typing import Optional
 from .api import evaluate_path
 from .attacks import ATTACKS
 from .checks import failed
-from .config import load_config
+from .config import EvalConfig, load_config
 from .data import DATASETS
 from .demo import run_demo
 from .distributed import cleanup
@@ -263,11 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of a run folder")
     p.add_argument("--split", choices=["test", "val", "train"], default="test")
     p.add_argument("--attacks", help=f"comma-separated: {','.join(ATTACKS.names())} (robustdistill -v list attacks)")
-    p.add_argument("--eps", help="L-inf budget, e.g. 8/255 (default: the run's)")
-    p.add_argument("--step-size", help="PGD step (default eps/4)")
-    p.add_argument("--steps", type=int, help="PGD steps (default 20)")
-    p.add_argument("--restarts", type=int, help="random restarts of PGD, CW and transfer (default 1)")
-    p.add_argument("--square-queries", type=int, help="query budget of the Square attack (default 5000)")
+    p.add_argument("--eps", help="eval.eps: the L-inf budget, e.g. 8/255 (default: the run's)")
+    p.add_argument("--step-size", help="eval.step_size: the PGD step (default eps/4)")
+    p.add_argument("--steps", type=int, help=f"eval.pgd_steps (default {EvalConfig.pgd_steps})")
+    p.add_argument(
+        "--restarts", type=int, help=f"eval.restarts of PGD, CW and transfer (default {EvalConfig.restarts})"
+    )
+    p.add_argument("--square-queries", type=int, help=f"eval.square_queries (default {EvalConfig.square_queries})")
     p.add_argument(
         "--surrogate",
         help="the transfer attack's source model (run folder or checkpoint; default: the run's robust teacher)",
