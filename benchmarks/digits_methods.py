@@ -2,6 +2,7 @@
 
     python benchmarks/digits_methods.py                 # the papers' ablations, 5 seeds: ~20 min of training, 2 cores
     python benchmarks/digits_methods.py --investigate   # and 5 investigation variants: about 15 min more
+    python benchmarks/digits_methods.py --baselines     # and MART, ARD, IAD, AdaAD, Fair-ARD: about 15 min more
     python benchmarks/digits_methods.py --investigate --update-readme   # rewrite the README's results section
     python benchmarks/digits_methods.py --seeds 0 1 2 --out runs/quick
 
@@ -25,6 +26,8 @@ MTARD's Baseline differs from RSLAD in four places; each variant changes one of 
     rslad_half   RSLAD weighted 1/2 : 1/2 (the Baseline's weights) instead of 5/6 : 1/6
     rslad_ce     RSLAD whose inner max is the cross-entropy with the hard label (MTARD's attack)
     rslad_tadv   RSLAD whose adversarial target is the teacher on the adversarial input, t(x_adv)
+Baselines (`--baselines`; their digits recipes, the TRADES teacher where they need one):
+    mart, ard, iad, adaad, fair_ard
 
 Intervals: a hierarchical bootstrap (2000 draws): each draw resamples the seeds and the test images
 (within each class, so class sizes stay fixed; the same images for every method), so an interval
@@ -73,9 +76,16 @@ VARIANTS = {
     "rslad_half": ("rslad", ["method.adv_weight=0.5"], {}),
     "rslad_ce": ("rslad", ["method.attack_loss=ce"], {}),
     "rslad_tadv": ("rslad", ["method.adversarial_target=adversarial"], {}),
+    # the baselines the seed papers compare against (their digits recipes)
+    "mart": ("mart", [], {}),
+    "ard": ("ard", [], {}),
+    "iad": ("iad", [], {}),
+    "adaad": ("adaad", [], {}),
+    "fair_ard": ("fair_ard", [], {}),
 }
 PAPER = ["rslad", "absld", "absld_fixed", "baseline", "mtard", "ebb", "bmtard"]
 INVESTIGATION = ["bmtard_rt", "baseline_rt", "rslad_half", "rslad_ce", "rslad_tadv"]
+BASELINES = ["mart", "ard", "iad", "adaad", "fair_ard"]
 # (variant, reference): the comparisons the papers make
 PAIRS = [
     ("absld", "rslad"),
@@ -92,6 +102,12 @@ PAIRS = [
     ("rslad_half", "rslad"),
     ("rslad_ce", "rslad"),
     ("rslad_tadv", "rslad"),
+    # the seed methods against the baselines of their papers' tables
+    ("absld", "fair_ard"),
+    ("absld", "ard"),
+    ("bmtard", "ard"),
+    ("bmtard", "adaad"),
+    ("fair_ard", "ard"),
 ]
 METRICS = ["clean", "pgd20", "worst pgd20", "NSD pgd20", "W-Robust"]
 README_BEGIN, README_END = "<!-- digits-experiment:begin -->", "<!-- digits-experiment:end -->"
@@ -246,12 +262,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: the papers' ablations")
     parser.add_argument("--investigate", action="store_true", help="add the investigation variants")
+    parser.add_argument("--baselines", action="store_true", help="add the baselines (MART, ARD, IAD, AdaAD, Fair-ARD)")
     parser.add_argument("--out", default="runs/digits_methods")
     parser.add_argument("--force", action="store_true", help="retrain runs that already finished")
     parser.add_argument("--draws", type=int, default=2000, help="bootstrap draws")
     parser.add_argument("--update-readme", action="store_true", help="rewrite the README section between its markers")
     args = parser.parse_args()
-    args.variants = args.variants or PAPER + (INVESTIGATION if args.investigate else [])
+    args.variants = args.variants or PAPER + (INVESTIGATION if args.investigate else []) + (
+        BASELINES if args.baselines else []
+    )
     started = time.perf_counter()
     out = Path(args.out)
     teachers = {}
@@ -292,7 +311,7 @@ def main() -> None:
     text = "\n".join(
         [
             f"`python benchmarks/digits_methods.py --seeds {' '.join(map(str, args.seeds))}"
-            f"{' --investigate' if args.investigate else ''}` "
+            f"{' --investigate' if args.investigate else ''}{' --baselines' if args.baselines else ''}` "
             f"({len(args.seeds)} seeds, teachers fixed; digits test split, {len(labels)} images, eps = 0.2; "
             f"{os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}; the runs' training epochs "
             f"took {trained:.0f} min in all (from their metrics.jsonl), this invocation {minutes:.0f} min). "
