@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import digits_config
 from robustdistill.attacks import PGD, EvalSettings
@@ -153,7 +154,7 @@ def test_fair_ard_reweights_the_less_robust_class_after_an_epoch():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mart", "ard", "iad", "adaad", "fair_ard"])
+@pytest.mark.parametrize("name", ["mart", "ard", "iad", "adaad", "fair_ard", "frl"])
 def test_a_short_digits_run_beats_an_untrained_model(name, tmp_path, trained_runs, digits):
     from robustdistill.train import train
 
@@ -163,7 +164,7 @@ def test_a_short_digits_run_beats_an_untrained_model(name, tmp_path, trained_run
         train__epochs=16,
         train__milestones="[]",
         eval__checks="false",
-        **({} if name == "mart" else {"teachers.robust.path": str(trained_runs["trades"])}),
+        **({} if name in ("mart", "frl") else {"teachers.robust.path": str(trained_runs["trades"])}),
     )
     run = train(cfg)
     trained = json.loads((run / "report.json").read_text())["attacks"]["pgd20"]["accuracy"]
@@ -182,3 +183,85 @@ def test_class_wise_state_is_drawn(tmp_path):
     records = [{"type": "epoch", "epoch": e, "class_weight": [1.0, 1.0 + e / 10], "loss": 1.0} for e in range(1, 4)]
     assert plot_class_state(records, tmp_path / "s.png") and (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
     assert not plot_class_state([{"type": "epoch", "epoch": 1, "loss": 1.0}], tmp_path / "none.png")
+
+
+def test_frl_multiplier_helpers_by_hand():
+    from robustdistill.methods.frl import cost_weights, normalize_multipliers
+
+    lam = normalize_multipliers(torch.tensor([0.3, -0.1, 0.4]), 0.5)  # clip at 0, then the sum 0.7 scaled to 0.5
+    assert lam.tolist() == pytest.approx([0.3 * 5 / 7, 0.0, 0.4 * 5 / 7])
+    assert normalize_multipliers(torch.tensor([0.1, 0.2]), 0.5).tolist() == pytest.approx([0.1, 0.2])  # under the limit
+    w = cost_weights(torch.tensor([0.2, 0.0, 0.1]))  # 1/3 + lam - 0.3/3
+    assert w.tolist() == pytest.approx([1 / 3 + 0.1, 1 / 3 - 0.1, 1 / 3]) and w.sum().item() == pytest.approx(1.0)
+
+
+def _frl(*overrides, num_classes=3):
+    from robustdistill.config import AttackConfig, load_config
+    from robustdistill.methods import Context, create_method
+
+    torch.manual_seed(0)
+    student = create_model(ModelSpec("small_cnn", num_classes, 1, {"width": 4}))
+    ctx = Context(student, student, num_classes, AttackConfig(eps=0.1, step_size=0.025, steps=2))
+    return create_method(load_config(None, ["method=frl", *overrides]).method, ctx)
+
+
+def _summary(clean, robust):
+    return {
+        "attacks": {
+            "clean": {"accuracy": sum(clean) / len(clean), "class_accuracy": clean},
+            "pgd20": {"accuracy": sum(robust) / len(robust), "class_accuracy": robust},
+        }
+    }
+
+
+def test_frl_multiplier_update_by_hand():
+    from robustdistill.methods import Progress
+
+    # clean errors [0.1, 0.2, 0.6] (mean 0.3), boundary errors 0.3 each (mean 0.3), delta 0.1:
+    # gamma_clean = [-0.3, -0.2, 0.2], gamma_bndy = [-0.1] * 3; r = 0.05
+    summary = _summary([0.9, 0.8, 0.4], [0.6, 0.5, 0.1])
+    method = _frl()
+    method.on_validation(summary, Progress(epoch=0))
+    assert method.lam[0].tolist() == pytest.approx([0.0, 0.0, 0.01])  # clipped at 0
+    assert method.lam[1].tolist() == pytest.approx([0.0, 0.0, 0.0]) and method.lam[2].tolist() == [0.0, 0.0, 0.0]
+    w0, w1, scale = method.weights()
+    assert w0.tolist() == pytest.approx([1 / 3 - 0.01 / 3, 1 / 3 - 0.01 / 3, 1 / 3 + 0.02 / 3])
+    assert scale.tolist() == [1.0, 1.0, 1.0]  # reweight: no remargin
+    # remargin (delta 0.07: gamma_bndy = -0.07): lam2 moves by r2 = 0.2 times it: exp(2 * -0.014) = 0.972,
+    # clipped at 0.98
+    method = _frl("method.variant=remargin")
+    method.on_validation(summary, Progress(epoch=0))
+    assert method.lam[2].tolist() == pytest.approx([-0.014] * 3)
+    assert method.weights()[2].tolist() == pytest.approx([0.98] * 3)
+    # r halves at the 40th epoch: the update after (0-based) epoch 38 is the official one before epoch 40
+    late = _frl()
+    late.on_validation(summary, Progress(epoch=38))
+    assert late.lam[0].tolist() == pytest.approx([0.0, 0.0, 0.005])
+
+
+def test_frl_loss_is_the_weighted_trades_loss():
+    method = _frl()
+    method.ctx.attack = type(method.ctx.attack)(eps=0.0, step_size=0.01, steps=1)  # x_adv = x: the KL term vanishes
+    method.lam[0] = torch.tensor([0.3, 0.0, 0.1])
+    x, y = torch.rand(6, 1, 8, 8), torch.tensor([0, 0, 1, 1, 2, 2])
+    method.student.eval()  # the same logits for every pass
+    loss, _ = method.loss(x, y)
+    w = method.weights()[0][y]
+    ce = F.cross_entropy(method.student(x), y, reduction="none")
+    assert loss.item() == pytest.approx(((ce * w).sum() / w.sum()).item(), rel=1e-5)
+    remargin = _frl("method.variant=remargin")
+    remargin.lam[2] = torch.tensor([0.2, 0.0, -0.1])  # class budgets 0.1 * [1.49, 1, 0.98], step max / 4
+    loss, _ = remargin.loss(x, y)
+    assert torch.isfinite(loss)
+
+
+def test_frl_needs_a_validation_every_epoch(tmp_path):
+    from robustdistill.errors import ConfigError
+    from robustdistill.train import train
+
+    for override in ("train__eval_every=2", "train__select_on=test"):
+        key, value = override.split("=")
+        cfg = digits_config(tmp_path, "frl", **{key: value})
+        with pytest.raises(ConfigError, match="needs train.eval_every=1 and train.select_on=val"):
+            train(cfg)
+    assert not (tmp_path / "runs").exists()

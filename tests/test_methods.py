@@ -40,6 +40,15 @@ def _moved(name):
         progress.step += 1
         method.on_step_end(progress)
     method.on_epoch_end(progress)
+    if method.needs_validation:  # the per-epoch validation drives its state: a summary with unequal classes
+        clean, robust = torch.linspace(0.6, 1.0, 10), torch.linspace(0.1, 0.6, 10)
+        summary = {
+            "attacks": {
+                name: {"accuracy": acc.mean().item(), "class_accuracy": acc.tolist()}
+                for name, acc in (("clean", clean), ("pgd20", robust))
+            }
+        }
+        method.on_validation(summary, progress)
     return method
 
 

@@ -75,6 +75,11 @@ def _preflight(cfg: Config, run_dir: Path, force: bool, resume: bool) -> dict[st
             )
     for role, tcfg in cfg.teachers.items():
         resolve_teacher(role, tcfg, cfg.data.name)
+    if method_cls.needs_validation and (cfg.train.eval_every != 1 or cfg.train.select_on != "val"):
+        raise ConfigError(
+            f"method '{cfg.method.name}' adapts to the validation split every epoch: "
+            "it needs train.eval_every=1 and train.select_on=val"
+        )
     if needs_surrogate(cfg.eval.attacks) and cfg.eval.surrogate is None and "robust" not in cfg.teachers:
         raise ConfigError(
             "eval.attacks has transfer: set eval.surrogate to a run folder or checkpoint (no robust teacher to use)"
@@ -368,10 +373,12 @@ def _step(run: Run, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[torch
 def validate_and_select(run: Run, epoch: int, record: dict[str, Any]) -> None:
     """Evaluate on the selection split; a better score makes this epoch's model the best checkpoint."""
     cfg = run.cfg
-    settings = replace(run.settings, attacks=needed_attacks(run.select_metric), checks=False)
+    attacks = tuple(dict.fromkeys(needed_attacks(run.select_metric) + run.method.validation_attacks))
+    settings = replace(run.settings, attacks=attacks, checks=False)
     summary = evaluate(
         run.student, run.select_split, settings, run.dataset.num_classes, run.dist.rank, run.dist.world_size
     )
+    run.method.on_validation(summary, run.progress)
     score = selection_score(summary, run.select_metric)
     where = cfg.train.select_on
     record[f"{where}_{run.select_metric}"] = score

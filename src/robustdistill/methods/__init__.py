@@ -72,6 +72,8 @@ class Method:
     teachers: ClassVar[tuple[str, ...]] = ()
     selection_metric: ClassVar[str] = "robust"
     default_start: ClassVar[Start] = "gaussian"
+    needs_validation: ClassVar[bool] = False  # its adaptive state reads the per-epoch validation evaluation
+    validation_attacks: ClassVar[tuple[str, ...]] = ()  # attacks it needs in that evaluation
 
     def __init__(self, options: MethodOptions, ctx: Context):
         self.options = options
@@ -102,6 +104,10 @@ class Method:
     def on_epoch_end(self, progress: Progress) -> None:
         pass
 
+    def on_validation(self, summary: dict[str, Any], progress: Progress) -> None:
+        """Called with the validation evaluation that ends each epoch (`needs_validation` methods:
+        every epoch, on the validation split, with `validation_attacks` among the attacks)."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -117,6 +123,6 @@ def create_method(options: MethodOptions, ctx: Context) -> Method:
     return METHODS.get(options.name)(options, ctx)
 
 
-from . import absld, adaad, ard, fair_ard, iad, mart, mtard, natural, pgd_at, rslad, trades  # noqa: E402,F401  (register the methods)
+from . import absld, adaad, ard, fair_ard, frl, iad, mart, mtard, natural, pgd_at, rslad, trades  # noqa: E402,F401  (register the methods)
 
 __all__ = ["METHODS", "Context", "Method", "MethodOptions", "Progress", "create_method"]
