@@ -222,3 +222,25 @@ def test_select_on_test_is_possible_but_explicit(tmp_path):
     run = train(digits_config(tmp_path, "natural", train__epochs=1, train__select_on="test"))
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["select_on"] == "test"
     assert "test_clean" in read_metrics(run)[-1]
+
+
+def test_init_from_starts_the_student_from_given_weights(trained_runs, tmp_path):
+    """`train.init_from` (fine-tuning, as the FRL scripts do): the student's first weights are the
+    given run's best ones; weights of another architecture are refused before anything is written."""
+    from robustdistill.checkpoint import load_model
+    from robustdistill.errors import CheckpointError
+    from robustdistill.train import setup
+
+    source = trained_runs["natural"]
+    cfg = digits_config(tmp_path, "natural", name="finetune", **{"train.init_from": str(source)})
+    run = setup(cfg, force=False, resume=False)
+    expected, _ = load_model(source / "checkpoints" / "best.safetensors")
+    assert all(torch.equal(v, expected.state_dict()[k]) for k, v in run.student.state_dict().items())
+    wrong = digits_config(
+        tmp_path, "trades", name="wrong", model__kwargs="{width: 8}", **{"train.init_from": str(source)}
+    )
+    with pytest.raises(CheckpointError, match="train.init_from"):
+        train(wrong)
+    assert not (tmp_path / "runs" / "wrong").exists()
+    with pytest.raises(CheckpointError, match="train.init_from: no run folder or checkpoint file"):
+        train(digits_config(tmp_path, "natural", name="missing", **{"train.init_from": str(tmp_path / "nowhere")}))

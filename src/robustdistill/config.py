@@ -83,6 +83,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = False  # bf16 autocast on CUDA
     channels_last: bool = False
+    init_from: Optional[str] = (
+        None  # start from these weights (run folder, checkpoint or robustbench:<Name>): fine-tuning
+    )
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")

@@ -45,7 +45,7 @@ from .distributed import (
     init_distributed,
     resolve_device,
 )
-from .errors import ConfigError, TrainingError
+from .errors import CheckpointError, ConfigError, TrainingError
 from .evaluate import evaluate
 from .files import atomic_write
 from .methods import METHODS, Context, Method, Progress, create_method
@@ -53,7 +53,7 @@ from .metrics import needed_attacks, selection_score
 from .models import Classifier, ModelSpec, create_model
 from .report import build_report, now, write_report
 from .runs import CHECKPOINTS, MetricsLog, check_run_dir, create_run_dir
-from .teachers import load_surrogate, load_teacher, model_spec, resolve_teacher
+from .teachers import load_source, load_surrogate, load_teacher, model_spec, resolve_model_source, resolve_teacher
 
 log = logging.getLogger("robustdistill")
 
@@ -75,6 +75,8 @@ def _preflight(cfg: Config, run_dir: Path, force: bool, resume: bool) -> dict[st
             )
     for role, tcfg in cfg.teachers.items():
         resolve_teacher(role, tcfg, cfg.data.name)
+    if cfg.train.init_from is not None:
+        _init_source(cfg)
     if method_cls.needs_validation and (cfg.train.eval_every != 1 or cfg.train.select_on != "val"):
         raise ConfigError(
             f"method '{cfg.method.name}' adapts to the validation split every epoch: "
@@ -98,6 +100,28 @@ def _preflight(cfg: Config, run_dir: Path, force: bool, resume: bool) -> dict[st
             f"{', '.join(RESUMABLE)} may change; start a new run (name=...) instead"
         )
     return changes
+
+
+def _init_source(cfg: Config):
+    try:
+        return resolve_model_source(cfg.train.init_from, "best", cfg.data.name)
+    except CheckpointError as exc:
+        raise CheckpointError(f"train.init_from: {exc}") from None
+
+
+def _initialise(student: Classifier, cfg: Config, dataset: Dataset, spec: ModelSpec) -> None:
+    """The student starts from the weights of `train.init_from` (the FRL scripts fine-tune a
+    pre-trained robust model); they must be the student's own architecture."""
+    source = _init_source(cfg)
+    weights, _ = load_source(source, dataset, spec)
+    own, given = student.state_dict(), weights.state_dict()
+    if own.keys() != given.keys() or any(own[k].shape != given[k].shape for k in own):
+        raise CheckpointError(
+            f"train.init_from: {source.checkpoint} does not fit the student ({cfg.model.name}); "
+            "give weights of the same architecture"
+        )
+    student.load_state_dict(given)
+    log.info("student initialised from %s", source.checkpoint)
 
 
 def _record_changes(run_dir: Path, cfg: Config, changes: dict[str, tuple[Any, Any]], epoch: int) -> None:
@@ -230,7 +254,10 @@ def setup(cfg: Config, force: bool, resume: bool) -> Run:
     teachers = {role: load_teacher(role, t, dataset, device) for role, t in cfg.teachers.items()}
     spec = model_spec(cfg.model, dataset)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    student = create_model(spec).to(device).to(memory_format=memory_format)
+    student = create_model(spec)
+    if cfg.train.init_from is not None and not resume:
+        _initialise(student, cfg, dataset, spec)
+    student = student.to(device).to(memory_format=memory_format)
     forward: nn.Module = student
     if dist_info.world_size > 1:
         forward = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
