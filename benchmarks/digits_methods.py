@@ -2,7 +2,7 @@
 
     python benchmarks/digits_methods.py                 # the papers' ablations, 5 seeds: ~20 min of training, 2 cores
     python benchmarks/digits_methods.py --investigate   # and 5 investigation variants: about 15 min more
-    python benchmarks/digits_methods.py --baselines     # and MART, ARD, IAD, AdaAD, Fair-ARD: about 15 min more
+    python benchmarks/digits_methods.py --baselines     # and six baselines: about 15 min more
     python benchmarks/digits_methods.py --investigate --update-readme   # rewrite the README's results section
     python benchmarks/digits_methods.py --seeds 0 1 2 --out runs/quick
 
@@ -27,7 +27,7 @@ MTARD's Baseline differs from RSLAD in four places; each variant changes one of 
     rslad_ce     RSLAD whose inner max is the cross-entropy with the hard label (MTARD's attack)
     rslad_tadv   RSLAD whose adversarial target is the teacher on the adversarial input, t(x_adv)
 Baselines (`--baselines`; their digits recipes, the TRADES teacher where they need one):
-    mart, ard, iad, adaad, fair_ard
+    mart, ard, iad, adaad, fair_ard, frl
 
 Intervals: a hierarchical bootstrap (2000 draws): each draw resamples the seeds and the test images
 (within each class, so class sizes stay fixed; the same images for every method), so an interval
@@ -82,10 +82,11 @@ VARIANTS = {
     "iad": ("iad", [], {}),
     "adaad": ("adaad", [], {}),
     "fair_ard": ("fair_ard", [], {}),
+    "frl": ("frl", [], {}),
 }
 PAPER = ["rslad", "absld", "absld_fixed", "baseline", "mtard", "ebb", "bmtard"]
 INVESTIGATION = ["bmtard_rt", "baseline_rt", "rslad_half", "rslad_ce", "rslad_tadv"]
-BASELINES = ["mart", "ard", "iad", "adaad", "fair_ard"]
+BASELINES = ["mart", "ard", "iad", "adaad", "fair_ard", "frl"]
 # (variant, reference): the comparisons the papers make
 PAIRS = [
     ("absld", "rslad"),
@@ -108,6 +109,7 @@ PAIRS = [
     ("bmtard", "ard"),
     ("bmtard", "adaad"),
     ("fair_ard", "ard"),
+    ("absld", "frl"),
 ]
 METRICS = ["clean", "pgd20", "worst pgd20", "NSD pgd20", "W-Robust"]
 README_BEGIN, README_END = "<!-- digits-experiment:begin -->", "<!-- digits-experiment:end -->"
@@ -262,7 +264,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: the papers' ablations")
     parser.add_argument("--investigate", action="store_true", help="add the investigation variants")
-    parser.add_argument("--baselines", action="store_true", help="add the baselines (MART, ARD, IAD, AdaAD, Fair-ARD)")
+    parser.add_argument(
+        "--baselines", action="store_true", help="add the baselines (MART, ARD, IAD, AdaAD, Fair-ARD, FRL)"
+    )
     parser.add_argument("--out", default="runs/digits_methods")
     parser.add_argument("--force", action="store_true", help="retrain runs that already finished")
     parser.add_argument("--draws", type=int, default=2000, help="bootstrap draws")
