@@ -92,6 +92,17 @@ class Method:
         step_size = a.step_size if step_size is None else step_size
         return PGD(self.ctx.student_module, eps, step_size, a.steps, loss=loss, start=chosen)
 
+    @torch.no_grad()
+    def clean_prediction(self, x: torch.Tensor) -> torch.Tensor:
+        """The bare student's softmax on x in eval mode, without gradient: TRADES' inner-max target."""
+        module = self.ctx.student_module
+        was_training = module.training
+        module.eval()
+        try:
+            return torch.softmax(module(x), dim=1)
+        finally:
+            module.train(was_training)
+
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         raise NotImplementedError
 

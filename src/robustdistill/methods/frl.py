@@ -100,12 +100,7 @@ class FRL(Method):
         w0, w1, scale = (w[y] for w in self.weights())
         eps = self.ctx.attack.eps * scale
         step = eps.max() / 4 if self.options.variant == "remargin" else None
-        module = self.ctx.student_module
-        was_training = module.training
-        module.eval()
-        with torch.no_grad():
-            target = F.softmax(module(x), dim=1)
-        module.train(was_training)
+        target = self.clean_prediction(x)
         x_adv = self.attack("kl", eps=eps, step_size=None if step is None else step.expand(len(y)))(x, target=target)
         logits_nat = self.student(x)
         logits_adv = self.student(x_adv)

@@ -7,7 +7,6 @@ arguments. CIFAR-10 default beta = 6.
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
@@ -28,12 +27,7 @@ class TRADES(Method):
                 raise ConfigError("method.beta must be >= 0")
 
     def loss(self, x, y):
-        module = self.ctx.student_module
-        was_training = module.training
-        module.eval()
-        with torch.no_grad():
-            target = F.softmax(module(x), dim=1)
-        module.train(was_training)
+        target = self.clean_prediction(x)
         x_adv = self.attack("kl")(x, target=target)
         logits_nat = self.student(x)
         logits_adv = self.student(x_adv)
