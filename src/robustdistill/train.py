@@ -113,7 +113,10 @@ def _initialise(student: Classifier, cfg: Config, dataset: Dataset, spec: ModelS
     """The student starts from the weights of `train.init_from` (the FRL scripts fine-tune a
     pre-trained robust model); they must be the student's own architecture."""
     source = _init_source(cfg)
-    weights, _ = load_source(source, dataset, spec)
+    try:
+        weights, _ = load_source(source, dataset, spec)
+    except CheckpointError as exc:
+        raise CheckpointError(f"train.init_from: {exc}") from None
     own, given = student.state_dict(), weights.state_dict()
     if own.keys() != given.keys() or any(own[k].shape != given[k].shape for k in own):
         raise CheckpointError(
