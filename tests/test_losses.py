@@ -15,6 +15,9 @@ def test_elementwise_mean_is_the_published_reduction_by_hand():
     exact = sum(qi * (math.log(qi) - lp) for qi, lp in zip([0.7, 0.2, 0.1], log_p[0].tolist()))
     assert kl_div(q, logits, "batchmean").item() == pytest.approx(exact, abs=1e-6)
     assert kl_div(q.repeat(4, 1), logits.repeat(4, 1), "sum").item() == pytest.approx(4 * exact, abs=4e-6)
+    assert kl_div(q, logits, "mean").item() == pytest.approx(exact / 3, abs=1e-6)  # torch's KLDivLoss() default
+    per_sample = kl_div(q.repeat(4, 1), logits.repeat(4, 1), "none")
+    assert per_sample.shape == (4,) and per_sample.tolist() == pytest.approx([exact] * 4, abs=1e-6)
 
 
 @pytest.mark.parametrize("reduction", ["elementwise_mean", "batchmean", "sum"])

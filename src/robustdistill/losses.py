@@ -8,7 +8,8 @@
 - `mean`: the exact KL terms averaged over all B x C entries (torch's `KLDivLoss()` default, which
   ARD, IAD-era and AdaAD's CIFAR-10 code use): `batchmean` / C without RSLAD's 1e-5;
 - `batchmean`: the exact per-sample KL summed over classes and averaged over the batch;
-- `sum`: the exact KL summed over the batch (what an attack maximises).
+- `sum`: the exact KL summed over the batch (what an attack maximises);
+- `none`: the exact per-sample KL, shape (B,), for methods that weight samples (IAD, Fair-ARD, FRL).
 
 Reduction conventions changed published numbers in earlier ARD work, so it is an explicit option.
 """
@@ -20,8 +21,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-Reduction = Literal["elementwise_mean", "mean", "batchmean", "sum"]
-REDUCTIONS = ("elementwise_mean", "mean", "batchmean", "sum")
+Reduction = Literal["elementwise_mean", "mean", "batchmean", "sum", "none"]
+REDUCTIONS = ("elementwise_mean", "mean", "batchmean", "sum", "none")
 
 
 def kl_div(q: torch.Tensor, logits: torch.Tensor, reduction: Reduction = "elementwise_mean") -> torch.Tensor:
@@ -36,6 +37,8 @@ def kl_div(q: torch.Tensor, logits: torch.Tensor, reduction: Reduction = "elemen
         return terms.sum() / q.shape[0]
     if reduction == "sum":
         return terms.sum()
+    if reduction == "none":
+        return terms.sum(dim=1)
     raise ValueError(f"unknown KL reduction '{reduction}'; use one of {', '.join(REDUCTIONS)}")
 
 

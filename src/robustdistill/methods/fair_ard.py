@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..distributed import all_reduce_sum
 from ..errors import ConfigError
+from ..losses import kl_div
 from . import METHODS, Method, MethodOptions
 
 
@@ -37,8 +38,7 @@ def class_weights(kappa: torch.Tensor, beta: float, lo: float = 5 / 6, hi: float
 def weighted_distillation(teacher_logits, student_adv, student_clean, y, weight, temperature):
     """(tau^2 * weighted mean of the per-sample KL / C, weighted mean of the per-sample CE)."""
     q = F.softmax(teacher_logits / temperature, dim=1)
-    log_p = F.log_softmax(student_adv / temperature, dim=1)
-    per_sample_kl = (torch.xlogy(q, q) - q * log_p).mean(dim=1)  # KLDivLoss()'s default on one sample
+    per_sample_kl = kl_div(q, student_adv / temperature, "none") / q.shape[1]  # KLDivLoss()'s default on one sample
     w = weight[y]
     distill = temperature**2 * (w * per_sample_kl).mean()
     natural = (w * F.cross_entropy(student_clean, y, reduction="none")).mean()

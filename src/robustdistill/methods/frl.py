@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..losses import kl_div
 from . import METHODS, Method, MethodOptions
 
 DEFAULTS = {  # variant -> (delta, margin rate r2, margin clip m)
@@ -105,7 +106,7 @@ class FRL(Method):
         logits_nat = self.student(x)
         logits_adv = self.student(x_adv)
         natural = F.cross_entropy(logits_nat, y, reduction="none")
-        boundary = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1), reduction="none").sum(1)
+        boundary = kl_div(F.softmax(logits_nat, dim=1), logits_adv, "none")  # gradients through both sides
         loss = (natural * w0).sum() / w0.sum() + self.options.beta * (boundary * w1).sum() / w1.sum()
         return loss, {"loss_natural": natural.mean().detach(), "loss_boundary": boundary.mean().detach()}
 

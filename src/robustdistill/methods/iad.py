@@ -36,8 +36,7 @@ def iad_loss(teacher_clean, teacher_adv, student_clean, student_adv, y, *, tempe
         if introspect
         else torch.ones_like(y, dtype=q.dtype)
     )
-    own = F.softmax(student_clean, dim=1)
-    per_sample = F.kl_div(F.log_softmax(student_adv, dim=1), own, reduction="none").sum(dim=1)
+    per_sample = kl_div(F.softmax(student_clean, dim=1), student_adv, "none")  # gradients through both sides
     introspection = (per_sample * (1 - trust)).mean()
     natural = F.cross_entropy(student_clean, y)
     return distill, introspection, natural, trust
