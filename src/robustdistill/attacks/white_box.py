@@ -8,6 +8,11 @@ from .base import Attack, batches, register, run_pgd
 from .pgd import FGSM
 
 
+def _pgd_label(prefix: str, steps: int, s) -> str:
+    """The name with the steps run and, if more than one, the restarts: pgd50, cw30x5."""
+    return f"{prefix}{steps}" + (f"x{s.restarts}" if s.restarts > 1 else "")
+
+
 def _pgd_parameters(s, steps: int, loss: str) -> dict:
     return {
         "eps": s.eps,
@@ -59,7 +64,7 @@ class ProjectedGradientDescent(Attack):
         return _pgd_parameters(s, s.pgd_steps, "ce")
 
     def label(self, s):
-        return f"pgd{s.pgd_steps}" + (f"x{s.restarts}" if s.restarts > 1 else "")
+        return _pgd_label("pgd", s.pgd_steps, s)
 
     def run(self, model, x, y, env):
         return run_pgd(model, x, y, env, self.name, steps=env.settings.pgd_steps), None
@@ -74,7 +79,7 @@ class CarliniWagner(Attack):
         return _pgd_parameters(s, s.cw_steps, "cw margin")
 
     def label(self, s):
-        return f"cw{s.cw_steps}" + (f"x{s.restarts}" if s.restarts > 1 else "")
+        return _pgd_label("cw", s.cw_steps, s)
 
     def run(self, model, x, y, env):
         return run_pgd(model, x, y, env, self.name, steps=env.settings.cw_steps, loss="cw"), None
