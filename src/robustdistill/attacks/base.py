@@ -126,6 +126,22 @@ def needs_surrogate(attacks: tuple[str, ...] | list[str]) -> bool:
     return any(ATTACKS.get(a).needs_surrogate for a in attacks)
 
 
+def pgd_label(prefix: str, steps: int, s) -> str:
+    """The name with the steps run and, if more than one, the restarts: pgd50, cw30x5."""
+    return f"{prefix}{steps}" + (f"x{s.restarts}" if s.restarts > 1 else "")
+
+
+def pgd_parameters(s, steps: int, loss: str) -> dict:
+    return {
+        "eps": s.eps,
+        "step_size": s.step_size,
+        "start": "uniform",
+        "restarts": s.restarts,
+        "steps": steps,
+        "loss": loss,
+    }
+
+
 def batches(n: int, size: int, desc: str, progress: bool):
     return tqdm(range(0, n, size), desc=desc, leave=False, disable=None if progress else True)
 

@@ -7,7 +7,7 @@ import torch
 from pyautoattack.square import SquareAttack
 
 from ..errors import UserError
-from .base import Attack, batches, register, run_pgd
+from .base import Attack, batches, pgd_parameters, register, run_pgd
 
 
 @register
@@ -54,14 +54,7 @@ class Transfer(Attack):
     help = "PGD crafted on eval.surrogate (default: the robust teacher), judged on the model"
 
     def parameters(self, s):
-        return {
-            "eps": s.eps,
-            "step_size": s.step_size,
-            "start": "uniform",
-            "restarts": s.restarts,
-            "steps": s.pgd_steps,
-            "loss": "ce on the surrogate",
-        }
+        return pgd_parameters(s, s.pgd_steps, "ce on the surrogate")
 
     def run(self, model, x, y, env):
         if env.surrogate is None:

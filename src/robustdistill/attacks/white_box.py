@@ -4,24 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Attack, batches, register, run_pgd
+from .base import Attack, batches, pgd_label, pgd_parameters, register, run_pgd
 from .pgd import FGSM
-
-
-def _pgd_label(prefix: str, steps: int, s) -> str:
-    """The name with the steps run and, if more than one, the restarts: pgd50, cw30x5."""
-    return f"{prefix}{steps}" + (f"x{s.restarts}" if s.restarts > 1 else "")
-
-
-def _pgd_parameters(s, steps: int, loss: str) -> dict:
-    return {
-        "eps": s.eps,
-        "step_size": s.step_size,
-        "start": "uniform",
-        "restarts": s.restarts,
-        "steps": steps,
-        "loss": loss,
-    }
 
 
 @register
@@ -61,10 +45,10 @@ class ProjectedGradientDescent(Attack):
     help = "PGD on the cross-entropy, eval.pgd_steps steps (20), uniform start, eval.restarts"
 
     def parameters(self, s):
-        return _pgd_parameters(s, s.pgd_steps, "ce")
+        return pgd_parameters(s, s.pgd_steps, "ce")
 
     def label(self, s):
-        return _pgd_label("pgd", s.pgd_steps, s)
+        return pgd_label("pgd", s.pgd_steps, s)
 
     def run(self, model, x, y, env):
         return run_pgd(model, x, y, env, self.name, steps=env.settings.pgd_steps), None
@@ -76,10 +60,10 @@ class CarliniWagner(Attack):
     help = "PGD on the Carlini-Wagner margin, eval.cw_steps steps (30)"
 
     def parameters(self, s):
-        return _pgd_parameters(s, s.cw_steps, "cw margin")
+        return pgd_parameters(s, s.cw_steps, "cw margin")
 
     def label(self, s):
-        return _pgd_label("cw", s.cw_steps, s)
+        return pgd_label("cw", s.cw_steps, s)
 
     def run(self, model, x, y, env):
         return run_pgd(model, x, y, env, self.name, steps=env.settings.cw_steps, loss="cw"), None
