@@ -37,6 +37,15 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, monkeypatch, capsys
     assert not (tmp_path / "runs").exists()
 
 
+def test_list_describes_methods_and_attacks(capsys):
+    assert main(["list", "methods"]) == 0
+    out = capsys.readouterr().out
+    assert "bmtard   teachers: robust, clean" in out and "Goldblum et al., AAAI 2020" in out
+    assert main(["-v", "list", "attacks"]) == 0
+    out = capsys.readouterr().out
+    assert "transfer" in out and "black-box" in out and "white-box" in out
+
+
 def test_malformed_yaml_exit_code_2(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: {epochs: 3\n")
