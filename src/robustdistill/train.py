@@ -15,6 +15,7 @@ Under DDP the global batch is split over the ranks and only rank 0 writes files.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -77,7 +78,7 @@ def _preflight(cfg: Config, run_dir: Path, force: bool, resume: bool) -> dict[st
         resolve_teacher(role, tcfg, cfg.data.name)
     if cfg.train.init_from is not None:
         _init_source(cfg)
-    if method_cls.needs_validation and (cfg.train.eval_every != 1 or cfg.train.select_on != "val"):
+    if method_cls.validates(cfg.method) and (cfg.train.eval_every != 1 or cfg.train.select_on != "val"):
         raise ConfigError(
             f"method '{cfg.method.name}' adapts to the validation split every epoch: "
             "it needs train.eval_every=1 and train.select_on=val"
@@ -205,6 +206,7 @@ class Run:
     best_epoch: Optional[int] = None
     memory_format: torch.memory_format = torch.contiguous_format
     flops_per_step: Optional[int] = None  # counted on the run's first step (attack, teachers, backward)
+    average: Optional[Classifier] = None  # the method's weight average of the student, once it has started
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -327,6 +329,9 @@ def _restore(run: Run) -> None:
     run.student.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.method.load_state_dict(state["method"])
+    if state.get("average") is not None:
+        run.average = copy.deepcopy(run.student)
+        run.average.load_state_dict(state["average"])
     run.start_epoch, run.best_score, run.best_epoch = state["epoch"] + 1, state["best_score"], state["best_epoch"]
     run.progress.step = state["step"]
     _restore_rng(state, run.dist, run.device)
@@ -400,27 +405,56 @@ def _step(run: Run, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[torch
     return loss.detach(), stats
 
 
+@torch.no_grad()
+def update_average(average: nn.Module, model: nn.Module, decay: float) -> None:
+    """average <- decay * average + (1 - decay) * model, for every parameter and floating-point
+    buffer (BatchNorm statistics too); integer buffers (batch counters) are copied."""
+    for a, b in zip(average.state_dict().values(), model.state_dict().values()):
+        if a.is_floating_point():
+            a.mul_(decay).add_(b.detach(), alpha=1 - decay)
+        else:
+            a.copy_(b)
+
+
 def validate_and_select(run: Run, epoch: int, record: dict[str, Any]) -> None:
-    """Evaluate on the selection split; a better score makes this epoch's model the best checkpoint."""
-    cfg = run.cfg
-    attacks = tuple(dict.fromkeys(needed_attacks(run.select_metric) + run.method.validation_attacks))
+    """Evaluate on the selection split; a better score makes this epoch's model the best checkpoint.
+    A weight-averaging method updates its average from the student's validation, and the average
+    (the student until the average has started) is then validated and selected instead."""
+    cfg, method = run.cfg, run.method
+    attacks = tuple(dict.fromkeys(needed_attacks(run.select_metric) + method.validation_attacks))
     settings = replace(run.settings, attacks=attacks, checks=False)
-    summary = evaluate(
-        run.student, run.select_split, settings, run.dataset.num_classes, run.dist.rank, run.dist.world_size
-    )
-    run.method.on_validation(summary, run.progress)
-    score = selection_score(summary, run.select_metric)
+
+    def validate(model: nn.Module) -> dict[str, Any]:
+        return evaluate(model, run.select_split, settings, run.dataset.num_classes, run.dist.rank, run.dist.world_size)
+
+    summary = validate(run.student)
+    method.on_validation(summary, run.progress)
     where = cfg.train.select_on
+    _record_validation(record, summary, where)
+    candidate = run.student
+    if method.averages_weights(method.options):
+        decay = method.average_decay(summary, run.progress)
+        if decay is not None:
+            if run.average is None:
+                run.average = copy.deepcopy(run.student).eval()
+            else:
+                update_average(run.average, run.student, decay)
+        record["average_updated"] = decay is not None
+        if run.average is not None:
+            candidate, summary = run.average, validate(run.average)
+            _record_validation(record, summary, f"{where}_average")
+    score = selection_score(summary, run.select_metric)
     record[f"{where}_{run.select_metric}"] = score
-    for name, result in summary["attacks"].items():
-        record[f"{where}_{name}_acc"] = result["accuracy"]
-        record[f"{where}_{name}_worst_class_acc"] = result["worst_class_accuracy"]
     if score > run.best_score:
         run.best_score, run.best_epoch = score, epoch + 1
         if run.dist.is_main:
-            save_model(
-                run.run_dir / CHECKPOINTS / "best.safetensors", run.student, run.spec, epoch=epoch + 1, **run.meta
-            )
+            save_model(run.run_dir / CHECKPOINTS / "best.safetensors", candidate, run.spec, epoch=epoch + 1, **run.meta)
+
+
+def _record_validation(record: dict[str, Any], summary: dict[str, Any], prefix: str) -> None:
+    for name, result in summary["attacks"].items():
+        record[f"{prefix}_{name}_acc"] = result["accuracy"]
+        record[f"{prefix}_{name}_worst_class_acc"] = result["worst_class_accuracy"]
 
 
 def save(run: Run, epoch: int, record: dict[str, Any]) -> None:
@@ -429,11 +463,16 @@ def save(run: Run, epoch: int, record: dict[str, Any]) -> None:
     if run.dist.is_main:
         run.metrics.write(**record)
         save_model(run.run_dir / CHECKPOINTS / "last.safetensors", run.student, run.spec, epoch=epoch + 1, **run.meta)
+        if run.average is not None:
+            save_model(
+                run.run_dir / CHECKPOINTS / "average.safetensors", run.average, run.spec, epoch=epoch + 1, **run.meta
+            )
         save_torch(
             {
                 "model": run.student.state_dict(),
                 "optimizer": run.optimizer.state_dict(),
                 "method": run.method.state_dict(),
+                "average": None if run.average is None else run.average.state_dict(),
                 "epoch": epoch,
                 "step": run.progress.step,
                 "best_score": run.best_score,

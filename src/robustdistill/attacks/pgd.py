@@ -32,6 +32,7 @@ from ..errors import check
 
 Loss = Literal["ce", "kl", "cw"]
 Start = Literal["uniform", "gaussian", "none"]
+EarlyStop = Literal["first_adversarial", "last_clean"]
 
 
 @dataclass
@@ -90,6 +91,13 @@ class PGD:
     and TRADES, sigma=0.001) or `none`.
     `eps` and `alpha` are floats or tensors of one value per sample (shape (B,)), for the methods
     with class-wise or per-sample budgets (CFA, FRL's remargin): each sample stays in its own ball.
+
+    early_stop (needs labels; a stopped sample keeps its point while the others go on):
+    - `first_adversarial`: a sample stops on the first iterate the model misclassifies, after `tau`
+      further steps (friendly adversarial training's tau; BAT's x_adv with tau = 1);
+    - `last_clean`: a sample returns the last iterate the model still classified right (the start
+      itself when that is already misclassified): BAT's point just inside the decision boundary.
+    A sample that never stops returns the last iterate (after the final step, unchecked).
     """
 
     def __init__(
@@ -103,12 +111,17 @@ class PGD:
         sigma: float = 0.001,
         generator: Optional[torch.Generator] = None,
         count_correct: bool = False,
+        early_stop: Optional[EarlyStop] = None,
+        tau: int = 0,
     ):
         if torch.as_tensor(eps).min() < 0 or torch.as_tensor(alpha).min() < 0 or steps < 1:
             raise ValueError(f"PGD needs eps >= 0, alpha >= 0, steps >= 1 (got {eps}, {alpha}, {steps})")
         self.model, self.eps, self.alpha, self.steps = model, eps, alpha, steps
         self.loss, self.start, self.sigma, self.generator = loss, start, sigma, generator
         self.count_correct = count_correct
+        if early_stop not in (None, "first_adversarial", "last_clean") or tau < 0:
+            raise ValueError(f"PGD early_stop must be first_adversarial or last_clean and tau >= 0 (got {early_stop}, {tau})")
+        self.early_stop, self.tau = early_stop, tau
         self.correct: Optional[torch.Tensor] = (
             None  # with count_correct: per sample, the iterates still classified right
         )
@@ -149,8 +162,8 @@ class PGD:
         softmax on each iterate is the target."""
         if self.loss == "kl" and target is None:
             raise ValueError("the kl attack loss needs a target distribution")
-        if self.loss != "kl" and y is None:
-            raise ValueError(f"the {self.loss} attack loss needs labels y")
+        if (self.loss != "kl" or self.early_stop or self.count_correct) and y is None:
+            raise ValueError(f"the {self.loss} attack loss, early_stop and count_correct need labels y")
         x = x.detach()
         reference = target if isinstance(target, nn.Module) else None
         if reference is None and target is not None:
@@ -161,21 +174,58 @@ class PGD:
         self.model.eval()
         try:
             x_adv = self._init(x, noise, eps)
+            stop = _EarlyStop(self.early_stop, self.tau, x_adv) if self.early_stop else None
             with torch.enable_grad():
                 for _ in range(self.steps):
                     x_adv.requires_grad_(True)
                     if reference is not None:
                         target = F.softmax(reference(x_adv), dim=1)
                     logits = self.model(x_adv)
+                    if self.count_correct or stop is not None:
+                        hits = logits.argmax(dim=1) == y
                     if self.count_correct:  # Fair-ARD's robustness degree: counted on each iterate before its step
-                        hits = (logits.argmax(dim=1) == y).long()
-                        self.correct = hits if self.correct is None else self.correct + hits
+                        self.correct = hits.long() if self.correct is None else self.correct + hits.long()
                     loss = attack_loss(logits, self.loss, y, target)
                     (grad,) = torch.autograd.grad(loss, x_adv)
-                    x_adv = project(x_adv.detach() + alpha * grad.sign(), x, eps)
+                    x_next = project(x_adv.detach() + alpha * grad.sign(), x, eps)
+                    x_adv = x_next if stop is None else stop.update(x_adv.detach(), x_next, hits)
+            if stop is not None:
+                x_adv = stop.result(x_adv)
         finally:
             self.model.train(was_training)
         return x_adv.detach()
+
+
+class _EarlyStop:
+    """Per-sample stopping of PGD as tensor operations: which samples still move, what the stopped
+    ones return, and (first_adversarial) how many steps past their first misclassification remain."""
+
+    def __init__(self, rule: EarlyStop, tau: int, start: torch.Tensor):
+        self.rule = rule
+        self.moving = torch.ones(len(start), dtype=torch.bool, device=start.device)
+        self.budget = torch.full((len(start),), tau, device=start.device)
+        self.out = start.detach().clone()  # what a stopped sample returns
+        self.previous = start.detach()  # last_clean: the iterate before the current one
+
+    def _rows(self, mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return mask.view(-1, *[1] * (like.dim() - 1))
+
+    def update(self, current: torch.Tensor, proposed: torch.Tensor, hits: torch.Tensor) -> torch.Tensor:
+        """`current`: this step's iterate, `hits`: whether the model classifies it right; returns the next iterates."""
+        wrong = self.moving & ~hits
+        if self.rule == "first_adversarial":
+            stopped = wrong & (self.budget == 0)
+            self.budget = self.budget - (wrong & (self.budget > 0)).long()
+            self.out = torch.where(self._rows(stopped, current), current, self.out)
+        else:  # last_clean: the iterate before this (misclassified) one
+            stopped = wrong
+            self.out = torch.where(self._rows(stopped, current), self.previous, self.out)
+        self.moving = self.moving & ~stopped
+        self.previous = current
+        return torch.where(self._rows(self.moving, current), proposed, current)
+
+    def result(self, last: torch.Tensor) -> torch.Tensor:
+        return torch.where(self._rows(self.moving, last), last, self.out)
 
 
 class FGSM(PGD):

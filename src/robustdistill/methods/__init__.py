@@ -119,6 +119,23 @@ class Method:
         """Called with the validation evaluation that ends each epoch (`needs_validation` methods:
         every epoch, on the validation split, with `validation_attacks` among the attacks)."""
 
+    @classmethod
+    def validates(cls, options: MethodOptions) -> bool:
+        """Whether a run with these options adapts to a validation every epoch (the preflight then
+        requires train.eval_every=1 and train.select_on=val)."""
+        return cls.needs_validation
+
+    @classmethod
+    def averages_weights(cls, options: MethodOptions) -> bool:
+        """Whether the loop keeps a weight average of the student, updated by `average_decay`, and
+        validates, selects and reports the average instead of the student."""
+        return False
+
+    def average_decay(self, summary: dict[str, Any], progress: Progress) -> Optional[float]:
+        """After `on_validation` (the student's summary): d for theta_avg <- d theta_avg + (1 - d) theta,
+        or None to leave the average as it is this epoch (`averages_weights` methods)."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -134,6 +151,6 @@ def create_method(options: MethodOptions, ctx: Context) -> Method:
     return METHODS.get(options.name)(options, ctx)
 
 
-from . import absld, adaad, ard, fair_ard, frl, iad, mart, mtard, natural, pgd_at, rslad, trades  # noqa: E402,F401  (register the methods)
+from . import absld, adaad, ard, cfa, fair_ard, frl, iad, mart, mtard, natural, pgd_at, rslad, trades  # noqa: E402,F401  (register the methods)
 
 __all__ = ["METHODS", "Context", "Method", "MethodOptions", "Progress", "create_method"]
