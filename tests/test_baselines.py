@@ -154,7 +154,7 @@ def test_fair_ard_reweights_the_less_robust_class_after_an_epoch():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mart", "ard", "iad", "adaad", "fair_ard", "frl"])
+@pytest.mark.parametrize("name", ["mart", "ard", "iad", "adaad", "fair_ard", "frl", "cfa", "bat"])
 def test_a_short_digits_run_beats_an_untrained_model(name, tmp_path, trained_runs, digits):
     from robustdistill.train import train
 
@@ -164,7 +164,7 @@ def test_a_short_digits_run_beats_an_untrained_model(name, tmp_path, trained_run
         train__epochs=16,
         train__milestones="[]",
         eval__checks="false",
-        **({} if name in ("mart", "frl") else {"teachers.robust.path": str(trained_runs["trades"])}),
+        **({} if name in ("mart", "frl", "cfa", "bat") else {"teachers.robust.path": str(trained_runs["trades"])}),
     )
     run = train(cfg)
     trained = json.loads((run / "report.json").read_text())["attacks"]["pgd20"]["accuracy"]

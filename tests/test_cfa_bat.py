@@ -181,7 +181,8 @@ def test_cfa_weight_average_through_the_loop_and_resume(tmp_path):
     first = _weights(ckpt / "last.safetensors")
     for key, value in _weights(ckpt / "average.safetensors").items():  # the first update copies the student
         torch.testing.assert_close(value, first[key])
-    train(digits_config(tmp_path, "cfa", train__epochs=2, method__fawa_threshold=0.0, eval__attacks="[clean]"), resume=True)
+    cfg = digits_config(tmp_path, "cfa", train__epochs=2, method__fawa_threshold=0.0, eval__attacks="[clean]")
+    train(cfg, resume=True)
     second, average = _weights(ckpt / "last.safetensors"), _weights(ckpt / "average.safetensors")
     for key, value in average.items():
         if value.is_floating_point():
@@ -202,5 +203,50 @@ def test_cfa_without_a_qualifying_epoch_keeps_no_average(tmp_path):
 
     run = train(digits_config(tmp_path, "cfa", train__epochs=1, method__fawa_threshold=1.0, eval__attacks="[clean]"))
     assert not (run / "checkpoints" / "average.safetensors").exists()
-    (epoch,) = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"epoch"' in x and '"type": "epoch"' in x]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (epoch,) = [r for r in records if r["type"] == "epoch"]
     assert epoch["average_updated"] is False and "val_average_pgd20_acc" not in epoch
+
+
+def test_bat_loss_against_its_equations():
+    from robustdistill.methods.bat import bat_loss, kl_to_uniform
+
+    torch.manual_seed(0)
+    lc, fa, nat, y = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 2, 1, 1])
+    loss, natural, robust, uniform = bat_loss(lc, fa, nat, y, beta=6.0, gamma=0.5)
+    p_lc, p_fa, p_nat = (F.softmax(z.double(), dim=1).numpy() for z in (lc, fa, nat))
+    ce = -np.log(p_lc[np.arange(4), y.numpy()]).mean()
+    kl = (p_nat * np.log(p_nat / p_fa)).sum(axis=1).mean()
+    to_uniform = ((p_lc * np.log(p_lc * 3)).sum(axis=1) + (p_fa * np.log(p_fa * 3)).sum(axis=1)).mean()
+    assert (natural.item(), robust.item(), uniform.item()) == pytest.approx((ce, kl, to_uniform), rel=1e-5)
+    assert loss.item() == pytest.approx(ce + 6 * kl + 0.5 * to_uniform, rel=1e-5)
+    # zero at the uniform prediction, log C at a one-hot one
+    assert kl_to_uniform(torch.zeros(2, 5)).abs().max() < 1e-6
+    assert kl_to_uniform(torch.tensor([[100.0, 0.0, 0.0, 0.0]])).item() == pytest.approx(np.log(4), rel=1e-5)
+
+
+def test_bat_trains_on_the_last_clean_and_first_adversarial_iterates():
+    from robustdistill.models import ModelSpec, create_model
+
+    torch.manual_seed(0)
+    student = create_model(ModelSpec("small_cnn", 10, 1, {"width": 4}))
+    ctx = Context(student, student, 10, AttackConfig(eps=0.3, step_size=0.05, steps=5))
+    method = create_method(load_config(None, ["method=bat", "method.tau=2"]).method, ctx)
+    x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    seen, before = [], {k: v.clone() for k, v in student.state_dict().items()}
+    hook = student.register_forward_hook(lambda m, args, out: seen.append((m.training, args[0].detach().clone())))
+    torch.manual_seed(1)
+    method.loss(x, y)
+    hook.remove()
+    trained = [inp for training, inp in seen if training]  # the three training passes, in order
+    assert len(trained) == 3
+    student.load_state_dict(before)  # the training passes moved the BatchNorm statistics
+    with torch.no_grad():
+        target = F.softmax(student.eval()(x), dim=1)
+    torch.manual_seed(1)
+    pgd = dict(eps=0.3, alpha=0.05, steps=5, loss="kl", start="gaussian")
+    expected_lc = PGD(student, early_stop="last_clean", **pgd)(x, y, target=target)
+    expected_fa = PGD(student, early_stop="first_adversarial", tau=2, **pgd)(x, y, target=target)
+    torch.testing.assert_close(trained[0], expected_lc)
+    torch.testing.assert_close(trained[1], expected_fa)
+    torch.testing.assert_close(trained[2], x)

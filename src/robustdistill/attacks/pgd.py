@@ -120,7 +120,7 @@ class PGD:
         self.loss, self.start, self.sigma, self.generator = loss, start, sigma, generator
         self.count_correct = count_correct
         if early_stop not in (None, "first_adversarial", "last_clean") or tau < 0:
-            raise ValueError(f"PGD early_stop must be first_adversarial or last_clean and tau >= 0 (got {early_stop}, {tau})")
+            raise ValueError(f"PGD early_stop: first_adversarial or last_clean, and tau >= 0 (got {early_stop}, {tau})")
         self.early_stop, self.tau = early_stop, tau
         self.correct: Optional[torch.Tensor] = (
             None  # with count_correct: per sample, the iterates still classified right

@@ -82,15 +82,18 @@ class Method:
         self.device = next(ctx.student_module.parameters()).device
         self.progress = Progress()
 
-    def attack(self, loss: Loss, eps: Optional[torch.Tensor] = None, step_size: Optional[torch.Tensor] = None) -> PGD:
+    def attack(
+        self, loss: Loss, eps: Optional[torch.Tensor] = None, step_size: Optional[torch.Tensor] = None, **options
+    ) -> PGD:
         """The training-time inner maximisation on the bare student, from the config's settings
         (`attack.start: auto` is the method's `default_start`); `eps` / `step_size`: per-sample
-        budgets (shape (B,)) for methods with class-wise ones, else the config's."""
+        budgets (shape (B,)) for methods with class-wise ones, else the config's; `options`: PGD's
+        (count_correct, early_stop, tau)."""
         a = self.ctx.attack
         chosen = a.start if a.start != "auto" else self.default_start
         eps = a.eps if eps is None else eps
         step_size = a.step_size if step_size is None else step_size
-        return PGD(self.ctx.student_module, eps, step_size, a.steps, loss=loss, start=chosen)
+        return PGD(self.ctx.student_module, eps, step_size, a.steps, loss=loss, start=chosen, **options)
 
     @torch.no_grad()
     def clean_prediction(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,6 +154,6 @@ def create_method(options: MethodOptions, ctx: Context) -> Method:
     return METHODS.get(options.name)(options, ctx)
 
 
-from . import absld, adaad, ard, cfa, fair_ard, frl, iad, mart, mtard, natural, pgd_at, rslad, trades  # noqa: E402,F401  (register the methods)
+from . import absld, adaad, ard, bat, cfa, fair_ard, frl, iad, mart, mtard, natural, pgd_at, rslad, trades  # noqa: E402,F401  (register the methods)
 
 __all__ = ["METHODS", "Context", "Method", "MethodOptions", "Progress", "create_method"]

@@ -79,8 +79,7 @@ class FairARD(Method):
 
     def loss(self, x, y):
         o = self.options
-        attack = self.attack("ce")
-        attack.count_correct = True
+        attack = self.attack("ce", count_correct=True)
         x_adv = attack(x, y)
         with torch.no_grad():
             self.kappa_sum.index_add_(0, y, attack.correct.float())
