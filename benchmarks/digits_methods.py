@@ -2,7 +2,7 @@
 
     python benchmarks/digits_methods.py                 # the papers' ablations, 5 seeds: ~20 min of training, 2 cores
     python benchmarks/digits_methods.py --investigate   # and 5 investigation variants: about 15 min more
-    python benchmarks/digits_methods.py --baselines     # and six baselines: about 15 min more
+    python benchmarks/digits_methods.py --baselines     # and eight baselines: about 25 min more
     python benchmarks/digits_methods.py --investigate --update-readme   # rewrite the README's results section
     python benchmarks/digits_methods.py --seeds 0 1 2 --out runs/quick
 
@@ -27,7 +27,8 @@ MTARD's Baseline differs from RSLAD in four places; each variant changes one of 
     rslad_ce     RSLAD whose inner max is the cross-entropy with the hard label (MTARD's attack)
     rslad_tadv   RSLAD whose adversarial target is the teacher on the adversarial input, t(x_adv)
 Baselines (`--baselines`; their digits recipes, the TRADES teacher where they need one):
-    mart, ard, iad, adaad, fair_ard, frl
+    mart, ard, iad, adaad, fair_ard, frl, cfa, bat
+--variants picks any subset of all of these.
 
 Intervals: a hierarchical bootstrap (2000 draws): each draw resamples the seeds and the test images
 (within each class, so class sizes stay fixed; the same images for every method), so an interval
@@ -83,10 +84,12 @@ VARIANTS = {
     "adaad": ("adaad", [], {}),
     "fair_ard": ("fair_ard", [], {}),
     "frl": ("frl", [], {}),
+    "cfa": ("cfa", [], {}),
+    "bat": ("bat", [], {}),
 }
 PAPER = ["rslad", "absld", "absld_fixed", "baseline", "mtard", "ebb", "bmtard"]
 INVESTIGATION = ["bmtard_rt", "baseline_rt", "rslad_half", "rslad_ce", "rslad_tadv"]
-BASELINES = ["mart", "ard", "iad", "adaad", "fair_ard", "frl"]
+BASELINES = ["mart", "ard", "iad", "adaad", "fair_ard", "frl", "cfa", "bat"]
 # (variant, reference): the comparisons the papers make
 PAIRS = [
     ("absld", "rslad"),
@@ -110,6 +113,8 @@ PAIRS = [
     ("bmtard", "adaad"),
     ("fair_ard", "ard"),
     ("absld", "frl"),
+    ("absld", "cfa"),
+    ("absld", "bat"),
 ]
 METRICS = ["clean", "pgd20", "worst pgd20", "NSD pgd20", "W-Robust"]
 README_BEGIN, README_END = "<!-- digits-experiment:begin -->", "<!-- digits-experiment:end -->"
@@ -265,7 +270,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: the papers' ablations")
     parser.add_argument("--investigate", action="store_true", help="add the investigation variants")
     parser.add_argument(
-        "--baselines", action="store_true", help="add the baselines (MART, ARD, IAD, AdaAD, Fair-ARD, FRL)"
+        "--baselines", action="store_true", help="add the baselines (MART, ARD, IAD, AdaAD, Fair-ARD, FRL, CFA, BAT)"
     )
     parser.add_argument("--out", default="runs/digits_methods")
     parser.add_argument("--force", action="store_true", help="retrain runs that already finished")
