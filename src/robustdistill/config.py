@@ -81,8 +81,11 @@ class TrainConfig:
     select_on: Literal["val", "test"] = "val"  # "test" reproduces reference code; never default
     log_every: int = 20  # steps between metrics.jsonl step records
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = False  # bf16 autocast on CUDA
-    channels_last: bool = False
+    amp: bool = False  # bf16 autocast (fp32 master weights); on CPU too, where it is mostly slower
+    channels_last: bool = False  # student and teachers in channels-last memory format
+    compile: bool = False  # torch.compile the student (training passes and attacks) and the teachers
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    compile_backend: str = "inductor"  # a torch._dynamo backend ("eager", "aot_eager": for debugging)
     init_from: Optional[str] = (
         None  # start from these weights (run folder, checkpoint or robustbench:<Name>): fine-tuning
     )
@@ -98,6 +101,11 @@ class TrainConfig:
         _check(self.eval_subset is None or self.eval_subset >= 1, "train.eval_subset", "must be >= 1")
         _check(self.momentum >= 0 and self.lr_gamma > 0, "train.momentum", "must be >= 0 (and train.lr_gamma > 0)")
         check_device(self.device, "train.device")
+        if self.compile:
+            import torch._dynamo
+
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            _check(self.compile_backend in backends, "train.compile_backend", f"must be one of {', '.join(backends)}")
         _check(
             self.select_metric is None or self.select_metric in SELECTION_METRICS,
             "train.select_metric",

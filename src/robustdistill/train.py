@@ -158,9 +158,17 @@ def _restore_rng(state: dict[str, Any], dist_info: DistInfo, device: torch.devic
 
 
 def _autocast(cfg: Config, device: torch.device):
-    if cfg.train.amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast around the method's loss (attacks, teachers, training passes); the weights,
+    the optimizer and the backward's accumulation stay fp32."""
+    if cfg.train.amp:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _compiled(model: nn.Module, cfg: Config) -> nn.Module:
+    if not cfg.train.compile:
+        return model
+    return torch.compile(model, mode=cfg.train.compile_mode, backend=cfg.train.compile_backend)
 
 
 class FlopCount(TorchDispatchMode):
@@ -256,9 +264,11 @@ def setup(cfg: Config, force: bool, resume: bool) -> Run:
     torch.manual_seed(cfg.seed * 1000 + dist_info.rank)
 
     dataset = load_dataset(cfg.data, device)
-    teachers = {role: load_teacher(role, t, dataset, device) for role, t in cfg.teachers.items()}
-    spec = model_spec(cfg.model, dataset)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    teachers = {
+        role: load_teacher(role, t, dataset, device).to(memory_format=memory_format) for role, t in cfg.teachers.items()
+    }
+    spec = model_spec(cfg.model, dataset)
     student = create_model(spec)
     if cfg.train.init_from is not None and not resume:
         _initialise(student, cfg, dataset, spec)
@@ -266,7 +276,18 @@ def setup(cfg: Config, force: bool, resume: bool) -> Run:
     forward: nn.Module = student
     if dist_info.world_size > 1:
         forward = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    method = create_method(cfg.method, Context(forward, student, dataset.num_classes, cfg.attack, teachers))
+    # compiled (train.compile): the training passes, the attacks' model and the teachers; checkpoints,
+    # validation and the final evaluation keep the bare student
+    forward = _compiled(forward, cfg)
+    attacked = _compiled(student, cfg) if dist_info.world_size > 1 else forward  # never through DDP
+    context = Context(
+        forward,
+        attacked,
+        dataset.num_classes,
+        cfg.attack,
+        {role: _compiled(t, cfg) for role, t in teachers.items()},
+    )
+    method = create_method(cfg.method, context)
     optimizer = torch.optim.SGD(
         student.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
     )
@@ -358,17 +379,23 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
         leave=False,
         disable=None if run.dist.is_main else True,
     )
+    # the first non-finite loss's step (-1: none), kept on the device: reading it back synchronises
+    # host and device, so it is read only every log_every steps and at the end of the epoch
+    first_bad = torch.full((), -1, dtype=torch.long, device=run.device)
     for x, y in bar:
         counter = FlopCount() if run.flops_per_step is None else contextlib.nullcontext()
         with counter:
-            loss, stats = _step(run, x.contiguous(memory_format=run.memory_format), y, epoch)
+            loss, stats = _step(run, x.contiguous(memory_format=run.memory_format), y)
         if run.flops_per_step is None:
             run.flops_per_step = counter.total
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), progress.step, first_bad)
         loss_sum += loss
         if progress.step % cfg.train.log_every == 0:
+            _stop_if_non_finite(run, first_bad, epoch)
             run.metrics.write(
                 type="step", epoch=epoch + 1, step=progress.step, lr=lr, loss=loss, **stats, **method.log_state()
             )
+    _stop_if_non_finite(run, first_bad, epoch)  # before anything of this epoch is saved
     broadcast_buffers(run.student)
     method.on_epoch_end(progress)
     check_ranks_agree(method.log_state(), f"the {cfg.method.name} state after epoch {epoch + 1}")
@@ -388,15 +415,23 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
     }
 
 
-def _step(run: Run, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[torch.Tensor, dict[str, Any]]:
-    """One optimisation step of the method's loss; a non-finite loss stops every rank."""
-    with _autocast(run.cfg, run.device):
-        loss, stats = run.method.loss(x, y)
-    if any_rank(not torch.isfinite(loss).item(), run.device):  # every rank stops, none waits forever
+def _stop_if_non_finite(run: Run, first_bad: torch.Tensor, epoch: int) -> None:
+    """Raise on every rank (none waits forever) if any rank has seen a non-finite loss; nothing of
+    the epoch has been saved yet, so the last checkpoint on disk is the last good one."""
+    step = int(first_bad.item())
+    if any_rank(step >= 0, run.device):
+        where = f"step {step}" if step >= 0 else "a step on another rank"
         raise TrainingError(
-            f"non-finite loss at epoch {epoch + 1}, step {run.progress.step + 1}; "
+            f"non-finite loss at epoch {epoch + 1}, {where}; "
             f"the last good checkpoint is in {run.run_dir / CHECKPOINTS} (try a lower train.lr)"
         )
+
+
+def _step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One optimisation step of the method's loss, with no host-device synchronisation (the loop
+    checks the returned loss for non-finite values every log_every steps)."""
+    with _autocast(run.cfg, run.device):
+        loss, stats = run.method.loss(x, y)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()

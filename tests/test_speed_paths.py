@@ -1,0 +1,78 @@
+"""The fast paths of the training loop: bf16 autocast numerics, torch.compile wiring, channels-last
+teachers, and the non-finite-loss guard that reads the device back only every log_every steps."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import digits_config
+from robustdistill.config import load_config
+from robustdistill.errors import ConfigError, TrainingError
+from robustdistill.methods import create_method
+from test_methods import _context
+
+
+@pytest.mark.parametrize("name", ["rslad", "absld", "bmtard", "trades"])
+def test_bf16_autocast_stays_within_tolerance_of_fp32(name):
+    """The same step under CPU bf16 autocast and in fp32 (same data, same attack noise): the loss within
+    1 %, the student's gradient within 0.98 cosine, and the weights and the loss stay fp32."""
+    results = []
+    for amp in (False, True):
+        ctx = _context()
+        method = create_method(load_config(None, [f"method={name}"]).method, ctx)
+        ctx.student.train()
+        torch.manual_seed(3)
+        x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
+        torch.manual_seed(4)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss, _ = method.loss(x, y)
+        loss.backward()
+        assert loss.dtype == torch.float32 and all(p.dtype == torch.float32 for p in ctx.student.parameters())
+        results.append((loss.item(), torch.cat([p.grad.flatten() for p in ctx.student.parameters()])))
+    (loss_32, grad_32), (loss_16, grad_16) = results
+    assert loss_16 == pytest.approx(loss_32, rel=1e-2)
+    assert F.cosine_similarity(grad_32, grad_16, dim=0).item() > 0.98
+
+
+def test_an_unknown_compile_backend_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.compile_backend"):
+        load_config(None, ["train.compile=true", "train.compile_backend=nonesuch"])
+
+
+@pytest.mark.slow
+def test_a_compiled_run_trains_and_saves_a_plain_checkpoint(tmp_path, trained_runs):
+    """train.compile on a teacher-using method, with AOTAutograd (the backward graph) but no code
+    generation, to keep the test short; the checkpoints hold the bare student's keys."""
+    from robustdistill.checkpoint import load_model
+    from robustdistill.train import train
+
+    cfg = digits_config(
+        tmp_path,
+        "rslad",
+        train__epochs=1,
+        train__compile="true",
+        train__compile_backend="aot_eager",
+        train__channels_last="true",
+        eval__attacks="[clean]",
+        **{"teachers.robust.path": str(trained_runs["trades"])},
+    )
+    run = train(cfg)
+    model, _ = load_model(run / "checkpoints" / "best.safetensors")
+    assert not any("_orig_mod" in k for k in model.state_dict())
+    epoch = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert epoch["type"] == "epoch" and epoch["loss"] > 0 and epoch["gflop_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_between_log_steps_stops_before_the_epoch_is_saved(tmp_path):
+    from robustdistill.train import train
+
+    cfg = digits_config(tmp_path, "natural", train__epochs=2, train__lr=1e30, train__log_every=10_000)
+    with pytest.raises(TrainingError, match=r"non-finite loss at epoch 1, step \d+"):
+        train(cfg)
+    run = tmp_path / "runs" / cfg.name
+    assert (run / "config.yaml").is_file()  # the run folder was written, its first epoch's checkpoints were not
+    checkpoints = run / "checkpoints"
+    assert not (checkpoints / "last.safetensors").exists() and not (checkpoints / "train_state.pt").exists()
