@@ -371,7 +371,7 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
     run.loader.set_epoch(epoch)
     method.on_epoch_start(progress)
     run.student.train()
-    loss_sum = torch.zeros((), device=run.device)
+    tally = Tally(run.device)
     started = time.perf_counter()
     bar = tqdm(
         run.loader,
@@ -379,23 +379,18 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
         leave=False,
         disable=None if run.dist.is_main else True,
     )
-    # the first non-finite loss's step (-1: none), kept on the device: reading it back synchronises
-    # host and device, so it is read only every log_every steps and at the end of the epoch
-    first_bad = torch.full((), -1, dtype=torch.long, device=run.device)
     for x, y in bar:
         counter = FlopCount() if run.flops_per_step is None else contextlib.nullcontext()
         with counter:
-            loss, stats = _step(run, x.contiguous(memory_format=run.memory_format), y)
+            loss, stats = train_batch(run, x, y, tally)
         if run.flops_per_step is None:
             run.flops_per_step = counter.total
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), progress.step, first_bad)
-        loss_sum += loss
         if progress.step % cfg.train.log_every == 0:
-            _stop_if_non_finite(run, first_bad, epoch)
+            _stop_if_non_finite(run, tally.first_bad, epoch)
             run.metrics.write(
                 type="step", epoch=epoch + 1, step=progress.step, lr=lr, loss=loss, **stats, **method.log_state()
             )
-    _stop_if_non_finite(run, first_bad, epoch)  # before anything of this epoch is saved
+    _stop_if_non_finite(run, tally.first_bad, epoch)  # before anything of this epoch is saved
     broadcast_buffers(run.student)
     method.on_epoch_end(progress)
     check_ranks_agree(method.log_state(), f"the {cfg.method.name} state after epoch {epoch + 1}")
@@ -406,13 +401,30 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
         "epoch": epoch + 1,
         "step": progress.step,
         "lr": lr,
-        "loss": (loss_sum / steps).item(),
+        "loss": (tally.loss_sum / steps).item(),
         "seconds": seconds,
         "images_per_s": steps * run.loader.local_batch * world / seconds,
         # every FLOP of a step (inner maximisation, teachers, student forward and backward), all ranks
         "gflop_per_s": run.flops_per_step * steps * world / seconds / 1e9,
         **method.log_state(),
     }
+
+
+class Tally:
+    """What an epoch accumulates on the device, read back only at log steps and at its end: the
+    loss sum and the step of the first non-finite loss (-1: none)."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+
+def train_batch(run: Run, x: torch.Tensor, y: torch.Tensor, tally: Tally) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One batch of the loop, without host-device synchronisation: the step and the tally."""
+    loss, stats = _step(run, x.contiguous(memory_format=run.memory_format), y)
+    tally.first_bad = torch.where((tally.first_bad < 0) & ~torch.isfinite(loss), run.progress.step, tally.first_bad)
+    tally.loss_sum += loss
+    return loss, stats
 
 
 def _stop_if_non_finite(run: Run, first_bad: torch.Tensor, epoch: int) -> None:

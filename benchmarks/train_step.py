@@ -1,0 +1,326 @@
+"""Benchmark: robustdistill's training step against a reference-style step (benchmarks/reference.py)
+on the same model, data, batch and hyperparameters, measured side by side in one run.
+
+    python benchmarks/train_step.py                                   # CPU: digits CNN and ResNet-18, 3 methods
+    python benchmarks/train_step.py --workloads digits --methods absld --repeats 9
+    python benchmarks/train_step.py --compile                         # robustdistill with train.compile
+    python benchmarks/train_step.py --device cuda                     # CIFAR-10 shapes, WRN-34-10 / ResNet-56 teachers
+
+Workloads (synthetic data where no dataset is at hand; the numbers are about speed, not accuracy):
+    digits    the digits recipes: small CNN student (width 16), teachers width 32, batch 64, 8x8 images
+    resnet18  ResNet-18 student on CIFAR-shaped 32x32 random images; on CPU at batch 8 with a ResNet-18
+              robust teacher and a ResNet-56 clean teacher (a WRN-34-10 teacher would take seconds a
+              step), on CUDA at batch 128 with the papers' WRN-34-10 and ResNet-56 teachers
+Per (workload, method): `repeats` rounds, each timing `steps` consecutive steps of one side then the
+other (the order alternates between rounds); the median and the range of the per-step times; the
+ratio reference / robustdistill (above 1: robustdistill is faster); FLOPs of one step of each side
+counted by operator (matmul, convolution: torch's flop formulas) and the achieved GFLOP/s, also as
+a fraction of the best dense kernel measured in the same run (a large matmul and a large
+convolution); the peak memory of each side (CUDA: allocator peak; CPU: growth of the process's peak
+resident set over a few steps, each side in a fresh process). The thread settings are printed;
+OMP_WAIT_POLICY is set to PASSIVE unless given (the spinning default made contended steps many
+times slower on a shared machine). Its last line is the summary:
+    slowest ratio: 1.02x compute-bound (bmtard, resnet18 cpu), 1.61x overhead-bound (absld, digits cpu)
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import multiprocessing  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference import REFERENCES  # noqa: E402
+
+from robustdistill.checkpoint import load_model, save_model  # noqa: E402
+from robustdistill.config import from_dict  # noqa: E402
+from robustdistill.methods import METHODS  # noqa: E402
+from robustdistill.models import ModelSpec, create_model  # noqa: E402
+from robustdistill.train import FlopCount, Tally, setup, train_batch  # noqa: E402
+
+METHOD_NAMES = ("rslad", "absld", "bmtard")
+COMPUTE_BOUND = 0.35  # fraction of the best dense kernel's GFLOP/s above which a workload counts as compute-bound
+
+
+def workload(name: str, device: str) -> dict:
+    cuda = device.startswith("cuda")
+    if name == "digits":
+        return {
+            "data": {"name": "digits", "val_fraction": 0.2, "test_fraction": 0.2, "crop_padding": 1, "flip": False},
+            "student": ModelSpec("small_cnn", 10, 1, {"width": 16}),
+            "robust": ModelSpec("small_cnn", 10, 1, {"width": 32}),
+            "clean": ModelSpec("small_cnn", 10, 1, {"width": 32}),
+            "batch": 64,
+            "attack": {"eps": 0.2, "step_size": 0.05, "steps": 10},
+            "lr": 0.5,
+        }
+    if name == "resnet18":
+        return {
+            "data": {"name": "cifar10", "val_fraction": 0.02, "crop_padding": 4, "flip": True},
+            "student": ModelSpec("resnet18", 10, 3, {}),
+            "robust": ModelSpec("wrn34_10", 10, 3, {}) if cuda else ModelSpec("resnet18", 10, 3, {}),
+            "clean": ModelSpec("resnet56", 10, 3, {}),
+            "batch": 128 if cuda else 8,
+            "attack": {"eps": 8 / 255, "step_size": 2 / 255, "steps": 10},
+            "lr": 0.1,
+        }
+    raise SystemExit(f"unknown workload {name}")
+
+
+def fake_cifar10(root: Path, per_batch: int) -> None:
+    """CIFAR-10's python layout with random images: the reader, the split and the loader are real."""
+    import pickle
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8), b"labels": [j % 10 for j in range(per_batch)]}
+        (folder / name).write_bytes(pickle.dumps(data))
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
+
+
+def build(side: str, method: str, w: dict, tmp: Path, args) -> tuple:
+    """(step function, batch iterator factory, bare student) of one side, from identical initial weights."""
+    torch.manual_seed(0)
+    for role in ("robust", "clean"):
+        path = tmp / f"{role}.safetensors"
+        if not path.exists():
+            save_model(path, create_model(w[role]), w[role])
+    raw = {
+        "seed": 0,
+        "name": f"{side}_{method}",
+        "out_dir": str(tmp / "runs"),
+        "method": {"name": method},
+        "model": {"name": w["student"].name, "kwargs": w["student"].kwargs},
+        "data": {**w["data"], **({"root": str(tmp / "data")} if w["data"]["name"] == "cifar10" else {})},
+        "attack": w["attack"],
+        "teachers": {role: {"path": str(tmp / f"{role}.safetensors")} for role in METHODS.get(method).teachers},
+        "train": {
+            "batch_size": w["batch"],
+            "lr": w["lr"],
+            "device": args.device,
+            "compile": args.compile,
+            "amp": args.amp,
+            "channels_last": args.channels_last,
+        },
+    }
+    run = setup(from_dict(raw), force=True, resume=False)
+    if side == "ours":
+        tally = Tally(run.device)
+        run.student.train()
+
+        def step(x, y):
+            train_batch(run, x, y, tally)
+
+        return step, (lambda: iter(run.loader)), run.student
+    teachers = {role: load_model(tmp / f"{role}.safetensors")[0].to(run.device).eval() for role in raw["teachers"]}
+    student = create_model(run.spec).to(run.device)
+    student.load_state_dict(run.student.state_dict())  # the same initial weights as robustdistill's
+    hp = {
+        **{k: w["attack"][k] for k in ("eps", "step_size", "steps")},
+        "lr": w["lr"],
+        "weight_decay": 2e-4,
+        "batch_size": w["batch"],
+        "padding": w["data"]["crop_padding"],
+        "flip": w["data"]["flip"],
+        "num_classes": run.dataset.num_classes,
+    }
+    train_split = run.dataset.train
+    ref = REFERENCES[method](student, teachers, (train_split.images().cpu(), train_split.y.cpu()), hp, run.device)
+    return ref.step, (lambda: iter(ref.loader())), student
+
+
+class Batches:
+    def __init__(self, factory):
+        self.factory, self.it = factory, factory()
+
+    def next(self):
+        try:
+            return next(self.it)
+        except StopIteration:
+            self.it = self.factory()
+            return next(self.it)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(step, batches: Batches, steps: int, device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(*batches.next())
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def count_flops(step, batches: Batches) -> int:
+    counter = FlopCount()
+    with counter:
+        step(*batches.next())
+    return counter.total
+
+
+def dense_peak(device: str) -> float:
+    """The best GFLOP/s of a large fp32 matmul and a large convolution on this device (median of 5)."""
+    best = 0.0
+    n = 2048 if device.startswith("cuda") else 1024
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    x = torch.randn(32, 64, 32, 32, device=device)
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False).to(device)
+    kernels = [
+        (lambda: a @ b, 2 * n**3),
+        (lambda: conv(x), 2 * 32 * 64 * 32 * 32 * 64 * 9),
+    ]
+    with torch.no_grad():
+        for fn, flops in kernels:
+            fn()
+            times = []
+            for _ in range(5):
+                sync(device)
+                t = time.perf_counter()
+                fn()
+                sync(device)
+                times.append(time.perf_counter() - t)
+            best = max(best, flops / statistics.median(times) / 1e9)
+    return best
+
+
+def _memory_child(side, method, wname, tmp, args, queue):
+    torch.set_num_threads(args.threads)
+    w = workload(wname, args.device)
+    step, factory, _ = build(side, method, w, Path(tmp), args)
+    batches = Batches(factory)
+    step(*batches.next())  # warm-up (allocations of the first step are part of the steady state)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/statm") as f:
+            base = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    for _ in range(3):
+        step(*batches.next())
+    if args.device.startswith("cuda"):
+        queue.put((torch.cuda.max_memory_allocated() - base) / 2**20)
+    else:  # ru_maxrss: KiB on Linux
+        queue.put(max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**20)
+
+
+def peak_memory(side, method, wname, tmp, args) -> float:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_memory_child, args=(side, method, wname, str(tmp), args, queue))
+    proc.start()
+    value = queue.get()
+    proc.join()
+    return value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", nargs="+", default=["digits", "resnet18"], choices=["digits", "resnet18"])
+    parser.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), choices=list(METHOD_NAMES))
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds per side")
+    parser.add_argument("--steps", type=int, default=0, help="steps per round (default: 10 digits, 2 resnet18 cpu)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--compile", action="store_true", help="robustdistill with train.compile=true")
+    parser.add_argument("--amp", action="store_true", help="robustdistill with bf16 autocast")
+    parser.add_argument("--channels-last", action="store_true", help="robustdistill with train.channels_last")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+        f"interop {torch.get_num_interop_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, cpus {os.cpu_count()}; "
+        f"robustdistill options: compile={args.compile} amp={args.amp} channels_last={args.channels_last}"
+    )
+    peak = dense_peak(args.device)
+    print(f"best dense kernel: {peak:.1f} GFLOP/s")
+    rows, results = [], []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        fake_cifar10(tmp / "data", per_batch=200)
+        for wname in args.workloads:
+            w = workload(wname, args.device)
+            steps = args.steps or (10 if wname == "digits" else (2 if args.device == "cpu" else 10))
+            for method in args.methods:
+                sides = {side: build(side, method, w, tmp, args) for side in ("ours", "ref")}
+                batches = {side: Batches(sides[side][1]) for side in sides}
+                flops = {side: count_flops(sides[side][0], batches[side]) for side in sides}
+                for side in sides:  # warm-up (compilation, allocator, caches)
+                    timed(sides[side][0], batches[side], 2, args.device)
+                times = {"ours": [], "ref": []}
+                for r in range(args.repeats):
+                    order = ("ours", "ref") if r % 2 == 0 else ("ref", "ours")
+                    for side in order:
+                        times[side].append(timed(sides[side][0], batches[side], steps, args.device))
+                med = {side: statistics.median(t) for side, t in times.items()}
+                memory = (
+                    {side: float("nan") for side in sides}
+                    if args.no_memory
+                    else {side: peak_memory(side, method, wname, tmp, args) for side in sides}
+                )
+                ratio = med["ref"] / med["ours"]
+                gflops = {side: flops[side] / med[side] / 1e9 for side in sides}
+                frac = gflops["ours"] / peak
+                results.append((ratio, frac, method, f"{wname} {args.device.split(':')[0]}"))
+                rows.append(
+                    [
+                        wname,
+                        method,
+                        f"{1e3 * med['ours']:.1f} [{1e3 * min(times['ours']):.1f}, {1e3 * max(times['ours']):.1f}]",
+                        f"{1e3 * med['ref']:.1f} [{1e3 * min(times['ref']):.1f}, {1e3 * max(times['ref']):.1f}]",
+                        f"{ratio:.2f}x",
+                        f"{flops['ours'] / 1e9:.2f} / {flops['ref'] / 1e9:.2f}",
+                        f"{gflops['ours']:.1f} / {gflops['ref']:.1f}",
+                        f"{frac:.2f} / {gflops['ref'] / peak:.2f}",
+                        f"{memory['ours']:.0f} / {memory['ref']:.0f}",
+                    ]
+                )
+                print(" | ".join(rows[-1]), flush=True)
+    header = [
+        "workload",
+        "method",
+        "ours ms/step [range]",
+        "reference ms/step [range]",
+        "ratio",
+        "GFLOP/step ours / ref",
+        "GFLOP/s ours / ref",
+        "of best dense",
+        "peak MiB ours / ref",
+    ]
+    print()
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    parts = []
+    for kind, pick in (("compute-bound", lambda f: f >= COMPUTE_BOUND), ("overhead-bound", lambda f: f < COMPUTE_BOUND)):
+        chosen = [r for r in results if pick(r[1])]
+        if chosen:
+            ratio, _, method, where = min(chosen)
+            parts.append(f"{ratio:.2f}x {kind} ({method}, {where})")
+    print("slowest ratio: " + ", ".join(parts))
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
