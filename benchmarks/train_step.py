@@ -44,7 +44,6 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference import REFERENCES  # noqa: E402
-
 from robustdistill.checkpoint import load_model, save_model  # noqa: E402
 from robustdistill.config import from_dict  # noqa: E402
 from robustdistill.methods import METHODS  # noqa: E402
@@ -88,7 +87,8 @@ def fake_cifar10(root: Path, per_batch: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        data = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8), b"labels": [j % 10 for j in range(per_batch)]}
+        images = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        data = {b"data": images, b"labels": [j % 10 for j in range(per_batch)]}
         (folder / name).write_bytes(pickle.dumps(data))
     (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
 
@@ -313,8 +313,8 @@ def main() -> None:
     for row in rows:
         print("| " + " | ".join(row) + " |")
     parts = []
-    for kind, pick in (("compute-bound", lambda f: f >= COMPUTE_BOUND), ("overhead-bound", lambda f: f < COMPUTE_BOUND)):
-        chosen = [r for r in results if pick(r[1])]
+    for kind, compute in (("compute-bound", True), ("overhead-bound", False)):
+        chosen = [r for r in results if (r[1] >= COMPUTE_BOUND) == compute]
         if chosen:
             ratio, _, method, where = min(chosen)
             parts.append(f"{ratio:.2f}x {kind} ({method}, {where})")
