@@ -76,3 +76,16 @@ def test_a_non_finite_loss_between_log_steps_stops_before_the_epoch_is_saved(tmp
     assert (run / "config.yaml").is_file()  # the run folder was written, its first epoch's checkpoints were not
     checkpoints = run / "checkpoints"
     assert not (checkpoints / "last.safetensors").exists() and not (checkpoints / "train_state.pt").exists()
+
+
+def test_the_precomputed_ball_bounds_project_exactly_like_project():
+    from robustdistill.attacks.pgd import ball_bounds, project
+
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 4, 4)
+    x[0] = 0.0  # images touching both ends of [0, 1]
+    x[1] = 1.0
+    candidate = x + 0.5 * torch.randn_like(x)
+    for eps in (8 / 255, 0.3, torch.rand(64).view(-1, 1, 1, 1) * 0.2):
+        lo, hi = ball_bounds(x, eps)
+        assert torch.equal(candidate.clamp(lo, hi), project(candidate, x, eps))
