@@ -194,3 +194,23 @@ class ReferenceBMTARD(_Reference):
 
 
 REFERENCES = {"rslad": ReferenceRSLAD, "absld": ReferenceABSLD, "bmtard": ReferenceBMTARD}
+
+
+def reference_robust_eval(student, images, labels, eps, step_size, steps=20, batch=100):
+    """The scripts' per-epoch robust accuracy: `attack_pgd` (uniform start, step, clamp to [0, 1],
+    then project) on every batch of 100, predictions read back with numpy."""
+    student.eval()
+    right = 0
+    for i in range(0, len(labels), batch):
+        x, y = images[i : i + batch], labels[i : i + batch]
+        x_adv = (x + torch.zeros_like(x).uniform_(-eps, eps)).clamp(0, 1)
+        for _ in range(steps):
+            x_adv.requires_grad_()
+            loss = F.cross_entropy(student(x_adv), y)
+            (grad,) = torch.autograd.grad(loss, [x_adv])
+            x_adv = (x_adv.detach() + step_size * torch.sign(grad)).clamp(0, 1)
+            x_adv = (x + (x_adv - x).clamp(-eps, eps)).detach()
+        with torch.no_grad():
+            right += int((student(x_adv).argmax(1).cpu().numpy() == y.cpu().numpy()).sum())
+    student.train()
+    return right / len(labels)

@@ -37,6 +37,8 @@ import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -48,7 +50,7 @@ from robustdistill.checkpoint import load_model, save_model  # noqa: E402
 from robustdistill.config import from_dict  # noqa: E402
 from robustdistill.methods import METHODS  # noqa: E402
 from robustdistill.models import ModelSpec, create_model  # noqa: E402
-from robustdistill.train import FlopCount, Tally, setup, train_batch  # noqa: E402
+from robustdistill.train import FlopCount, Run, Tally, setup, train_batch  # noqa: E402
 
 METHOD_NAMES = ("rslad", "absld", "bmtard")
 COMPUTE_BOUND = 0.35  # fraction of the best dense kernel's GFLOP/s above which a workload counts as compute-bound
@@ -93,8 +95,16 @@ def fake_cifar10(root: Path, per_batch: int) -> None:
     (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
 
 
-def build(side: str, method: str, w: dict, tmp: Path, args) -> tuple:
-    """(step function, batch iterator factory, bare student) of one side, from identical initial weights."""
+@dataclass
+class Side:
+    step: Callable  # one optimisation step on (x, y)
+    batches: Callable  # a fresh iterator over one epoch's batches
+    student: torch.nn.Module
+    run: Run  # robustdistill's run (the reference side's supplies the data and the model spec)
+
+
+def build(side: str, method: str, w: dict, tmp: Path, args) -> Side:
+    """One side ("ours" or "ref") of a comparison, both from identical initial weights."""
     torch.manual_seed(0)
     for role in ("robust", "clean"):
         path = tmp / f"{role}.safetensors"
@@ -126,7 +136,7 @@ def build(side: str, method: str, w: dict, tmp: Path, args) -> tuple:
         def step(x, y):
             train_batch(run, x, y, tally)
 
-        return step, (lambda: iter(run.loader)), run.student
+        return Side(step, lambda: iter(run.loader), run.student, run)
     teachers = {role: load_model(tmp / f"{role}.safetensors")[0].to(run.device).eval() for role in raw["teachers"]}
     student = create_model(run.spec).to(run.device)
     student.load_state_dict(run.student.state_dict())  # the same initial weights as robustdistill's
@@ -141,7 +151,7 @@ def build(side: str, method: str, w: dict, tmp: Path, args) -> tuple:
     }
     train_split = run.dataset.train
     ref = REFERENCES[method](student, teachers, (train_split.images().cpu(), train_split.y.cpu()), hp, run.device)
-    return ref.step, (lambda: iter(ref.loader())), student
+    return Side(ref.step, lambda: iter(ref.loader()), student, run)
 
 
 class Batches:
@@ -205,8 +215,8 @@ def dense_peak(device: str) -> float:
 def _memory_child(side, method, wname, tmp, args, queue):
     torch.set_num_threads(args.threads)
     w = workload(wname, args.device)
-    step, factory, _ = build(side, method, w, Path(tmp), args)
-    batches = Batches(factory)
+    built = build(side, method, w, Path(tmp), args)
+    step, batches = built.step, Batches(built.batches)
     step(*batches.next())  # warm-up (allocations of the first step are part of the steady state)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -263,15 +273,15 @@ def main() -> None:
             steps = args.steps or (10 if wname == "digits" else (2 if args.device == "cpu" else 10))
             for method in args.methods:
                 sides = {side: build(side, method, w, tmp, args) for side in ("ours", "ref")}
-                batches = {side: Batches(sides[side][1]) for side in sides}
-                flops = {side: count_flops(sides[side][0], batches[side]) for side in sides}
+                batches = {side: Batches(sides[side].batches) for side in sides}
+                flops = {side: count_flops(sides[side].step, batches[side]) for side in sides}
                 for side in sides:  # warm-up (compilation, allocator, caches)
-                    timed(sides[side][0], batches[side], 2, args.device)
+                    timed(sides[side].step, batches[side], 2, args.device)
                 times = {"ours": [], "ref": []}
                 for r in range(args.repeats):
                     order = ("ours", "ref") if r % 2 == 0 else ("ref", "ours")
                     for side in order:
-                        times[side].append(timed(sides[side][0], batches[side], steps, args.device))
+                        times[side].append(timed(sides[side].step, batches[side], steps, args.device))
                 med = {side: statistics.median(t) for side, t in times.items()}
                 memory = (
                     {side: float("nan") for side in sides}

@@ -1,0 +1,107 @@
+"""Benchmark: one training epoch of robustdistill's loop against a reference-style epoch
+(benchmarks/reference.py), side by side in one run: every step of the epoch, then the per-epoch
+robust evaluation (robustdistill: its validation and model selection, checkpoints written;
+reference: the scripts' PGD-20 loop on the same images), interleaved rounds, medians.
+
+    python benchmarks/epoch.py                         # digits, RSLAD / ABSLD / B-MTARD, CPU
+    python benchmarks/epoch.py --methods absld --repeats 5 --channels-last
+    python benchmarks/epoch.py --device cuda --workloads resnet18      # CIFAR-10 shapes, 50 000 random images
+
+The same workloads and options as benchmarks/train_step.py; on CPU the ResNet-18 epoch runs on the
+1 000 random images of its small fake CIFAR-10 (the digits epoch is the real digits training split).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference import reference_robust_eval  # noqa: E402
+from robustdistill.train import save, train_epoch, validate_and_select  # noqa: E402
+from train_step import METHOD_NAMES, build, fake_cifar10, sync, workload  # noqa: E402
+
+
+def compare(wname: str, method: str, w: dict, tmp: Path, args) -> list[str]:
+    """One table row: `repeats` interleaved epochs of each side after one warm-up epoch each."""
+    run = build("ours", method, w, tmp, args).run
+    ref = build("ref", method, w, tmp, args)
+    val = run.select_split
+    images, labels, eps = val.images(), val.y, w["attack"]["eps"]
+
+    def ours(epoch):
+        record = train_epoch(run, epoch)
+        validate_and_select(run, epoch, record)
+        save(run, epoch, record)
+
+    def reference(epoch):
+        for x, y in ref.batches():
+            ref.step(x, y)
+        reference_robust_eval(ref.student, images, labels, eps, eps / 4)
+
+    times = {"ours": [], "ref": []}
+    for r in range(args.repeats + 1):  # round 0 warms both sides up
+        for side in ("ours", "ref") if r % 2 == 0 else ("ref", "ours"):
+            sync(args.device)
+            start = time.perf_counter()
+            (ours if side == "ours" else reference)(r)
+            sync(args.device)
+            if r:
+                times[side].append(time.perf_counter() - start)
+    med = {side: statistics.median(t) for side, t in times.items()}
+    return [
+        wname,
+        method,
+        f"{med['ours']:.2f} [{min(times['ours']):.2f}, {max(times['ours']):.2f}]",
+        f"{med['ref']:.2f} [{min(times['ref']):.2f}, {max(times['ref']):.2f}]",
+        f"{med['ref'] / med['ours']:.2f}x",
+        f"{len(run.loader)} steps + {len(labels)} validation images",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", nargs="+", default=["digits"], choices=["digits", "resnet18"])
+    parser.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), choices=list(METHOD_NAMES))
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved epochs per side")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--amp", action="store_true")
+    parser.add_argument("--channels-last", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, cpus {os.cpu_count()}; "
+        f"robustdistill options: compile={args.compile} amp={args.amp} channels_last={args.channels_last}"
+    )
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        fake_cifar10(tmp / "data", per_batch=10_000 if args.device.startswith("cuda") else 200)
+        for wname in args.workloads:
+            w = workload(wname, args.device)
+            for method in args.methods:
+                rows.append(compare(wname, method, w, tmp, args))
+                print(" | ".join(rows[-1]), flush=True)
+    header = ["workload", "method", "ours s/epoch [range]", "reference s/epoch [range]", "ratio", "epoch"]
+    print()
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
