@@ -78,7 +78,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--amp", action="store_true")
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument(
+        "--channels-last", choices=["auto", "on", "off"], default="auto", help="train.channels_last (auto: on CUDA)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(

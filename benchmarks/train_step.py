@@ -125,7 +125,7 @@ def build(side: str, method: str, w: dict, tmp: Path, args) -> Side:
             "device": args.device,
             "compile": args.compile,
             "amp": args.amp,
-            "channels_last": args.channels_last,
+            "channels_last": {"auto": None, "on": True, "off": False}[args.channels_last],
         },
     }
     run = setup(from_dict(raw), force=True, resume=False)
@@ -252,7 +252,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--compile", action="store_true", help="robustdistill with train.compile=true")
     parser.add_argument("--amp", action="store_true", help="robustdistill with bf16 autocast")
-    parser.add_argument("--channels-last", action="store_true", help="robustdistill with train.channels_last")
+    parser.add_argument(
+        "--channels-last", choices=["auto", "on", "off"], default="auto", help="train.channels_last (auto: on CUDA)"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -82,7 +82,7 @@ class TrainConfig:
     log_every: int = 20  # steps between metrics.jsonl step records
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = False  # bf16 autocast (fp32 master weights); on CPU too, where it is mostly slower
-    channels_last: bool = False  # student and teachers in channels-last memory format
+    channels_last: Optional[bool] = None  # student and teachers channels-last; None: on CUDA only
     compile: bool = False  # torch.compile the student (training passes and attacks) and the teachers
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     compile_backend: str = "inductor"  # a torch._dynamo backend ("eager", "aot_eager": for debugging)
