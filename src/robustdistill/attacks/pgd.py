@@ -120,7 +120,9 @@ class PGD:
         early_stop: Optional[EarlyStop] = None,
         tau: int = 0,
     ):
-        if torch.as_tensor(eps).min() < 0 or torch.as_tensor(alpha).min() < 0 or steps < 1:
+        # per-sample tensors are not checked here: reading them back would stall the device every step
+        negative = [v for v in (eps, alpha) if not isinstance(v, torch.Tensor) and v < 0]
+        if negative or steps < 1:
             raise ValueError(f"PGD needs eps >= 0, alpha >= 0, steps >= 1 (got {eps}, {alpha}, {steps})")
         self.model, self.eps, self.alpha, self.steps = model, eps, alpha, steps
         self.loss, self.start, self.sigma, self.generator = loss, start, sigma, generator
