@@ -135,7 +135,7 @@ def test_svhn_reader_maps_label_10_to_0(tmp_path):
     assert torch.equal(ds.test.x[0], torch.from_numpy(x[:, :, :, 0]).permute(2, 0, 1))
 
 
-def test_tinyimagenet_reader(tmp_path):
+def _fake_tinyimagenet(tmp_path):
     from PIL import Image
 
     folder = tmp_path / "tiny-imagenet-200"
@@ -152,9 +152,43 @@ def test_tinyimagenet_reader(tmp_path):
         Image.new("L", (64, 64), 7).save(folder / "val" / "images" / f"val_{k}.JPEG")  # greyscale too
         lines.append(f"val_{k}.JPEG\t{w}\t0\t0\t63\t63")
     (folder / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_tinyimagenet_reader(tmp_path):
+    _fake_tinyimagenet(tmp_path)
     ds = load_dataset(DataConfig(name="tinyimagenet", root=str(tmp_path), val_fraction=0.0))
     assert ds.class_names == ["cat", "dog"] and ds.train.x.shape == (6, 3, 64, 64)
     assert ds.test.y.tolist() == [0, 1]
+
+
+def test_tinyimagenet_is_decoded_once_then_read_from_its_cache(tmp_path, monkeypatch):
+    import os
+
+    from robustdistill.data import sources
+
+    folder = _fake_tinyimagenet(tmp_path)
+    cfg = DataConfig(name="tinyimagenet", root=str(tmp_path), val_fraction=0.0)
+    first = load_dataset(cfg)
+    (cache,) = (tmp_path / ".robustdistill-cache").glob("tinyimagenet-*.pt")
+
+    def no_decoding(paths):
+        raise AssertionError("decoded JPEGs although the cache is valid")
+
+    monkeypatch.setattr(sources, "_read_images", no_decoding)
+    second = load_dataset(cfg)
+    assert torch.equal(first.train.x, second.train.x) and torch.equal(first.test.y, second.test.y)
+    # a changed image file is a new cache key: decoded again (and the old cache stays untouched)
+    image = next((folder / "train" / "n001" / "images").glob("*.JPEG"))
+    os.utime(image, ns=(1, 1))
+    with pytest.raises(AssertionError, match="decoded JPEGs"):
+        load_dataset(cfg)
+    assert cache.is_file()
+    # data.cache=false never reads nor writes a cache
+    monkeypatch.undo()
+    off = tmp_path / "off"
+    load_dataset(DataConfig(name="tinyimagenet", root=str(tmp_path), val_fraction=0.0, cache=False, cache_dir=str(off)))
+    assert not off.exists()
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,8 @@ class DataConfig:
     train_subset: Optional[int] = None  # use only the first N (shuffled) training images
     crop_padding: int = 4  # random crop with this zero padding; 0 disables
     flip: bool = True  # random horizontal flip
+    cache: bool = True  # keep decoded images of JPEG datasets (Tiny-ImageNet) as one tensor file
+    cache_dir: Optional[str] = None  # where (default: <root>/.robustdistill-cache)
 
     def validate(self) -> None:
         DATASETS.get(self.name)

@@ -6,6 +6,8 @@ raises a `DataError` that names the path and the layout expected there.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import pickle
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..files import atomic_write
 from . import DATASETS, Source, Split
 
 
@@ -119,6 +122,41 @@ def svhn(cfg) -> Source:
     return Source(train, test, [str(c) for c in range(10)])
 
 
+log = logging.getLogger("robustdistill")
+
+
+def _files_digest(folder: Path, paths: list[Path]) -> str:
+    """A digest of the files' names, sizes and modification times: any change makes a new cache."""
+    h = hashlib.sha256()
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _cached_splits(cfg, root: Path, name: str, digest: str, decode) -> tuple[Split, Split]:
+    """(train, test) decoded once and then read from `<cache_dir>/<name>-<digest>.pt`; a cache that
+    cannot be written (a read-only data folder) is skipped with a warning, never an error."""
+    if not cfg.cache:
+        return decode()
+    folder = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else root / ".robustdistill-cache"
+    path = folder / f"{name}-{digest}.pt"
+    if path.is_file():
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+            return Split(raw["train_x"], raw["train_y"]), Split(raw["test_x"], raw["test_y"])
+        except Exception as exc:  # a damaged cache is decoded again and replaced
+            log.warning("ignoring the unreadable cache %s (%s)", path, exc)
+    train, test = decode()
+    raw = {"train_x": train.x, "train_y": train.y, "test_x": test.x, "test_y": test.y}
+    try:
+        atomic_write(path, lambda tmp: torch.save(raw, tmp))
+        log.info("decoded %s once; cached as %s", name, path)
+    except OSError as exc:
+        log.warning("could not write the decoded-image cache %s (%s); set data.cache_dir", path, exc)
+    return train, test
+
+
 def _read_images(paths: list[Path]) -> torch.Tensor:
     from PIL import Image
 
@@ -136,7 +174,8 @@ def tinyimagenet(cfg) -> Source:
         "tiny-imagenet-200/{wnids.txt, words.txt, train/<wnid>/images/*.JPEG, "
         "val/images/*.JPEG, val/val_annotations.txt}"
     )
-    folder = _need(_root(cfg, layout) / "tiny-imagenet-200", layout)
+    root = _root(cfg, layout)
+    folder = _need(root / "tiny-imagenet-200", layout)
     wnids = _need(folder / "wnids.txt", layout).read_text().split()
     index = {w: i for i, w in enumerate(wnids)}
     train_paths, train_labels = [], []
@@ -156,6 +195,11 @@ def tinyimagenet(cfg) -> Source:
             wnid, _, text = line.partition("\t")
             words[wnid] = text.split(",")[0].strip()
     names = [words.get(w, w) for w in wnids]
-    train = Split(_read_images(train_paths), torch.tensor(train_labels, dtype=torch.int64))
-    test = Split(_read_images(val_paths), torch.tensor(val_labels, dtype=torch.int64))
+
+    def decode() -> tuple[Split, Split]:
+        train = Split(_read_images(train_paths), torch.tensor(train_labels, dtype=torch.int64))
+        return train, Split(_read_images(val_paths), torch.tensor(val_labels, dtype=torch.int64))
+
+    listing = [folder / "wnids.txt", folder / "val" / "val_annotations.txt", *train_paths, *val_paths]
+    train, test = _cached_splits(cfg, root, "tinyimagenet", _files_digest(folder, listing), decode)
     return Source(train, test, names)
