@@ -49,6 +49,7 @@ import platform
 import re
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -58,6 +59,7 @@ from robustdistill.checkpoint import load_model
 from robustdistill.config import from_dict
 from robustdistill.data import load_dataset
 from robustdistill.demo import TEACHERS, recipe
+from robustdistill.methods import METHODS
 from robustdistill.metrics import unpack_verdicts
 from robustdistill.report import markdown_table
 from robustdistill.runs import read_metrics
@@ -117,6 +119,13 @@ PAIRS = [
     ("absld", "bat"),
 ]
 METRICS = ["clean", "pgd20", "worst pgd20", "NSD pgd20", "W-Robust"]
+# What each method's paper reports on CIFAR-10, for the day a GPU run of configs/cifar10/ can be set
+# beside it: method -> (where in the paper, the numbers as printed there). Only numbers read off the
+# paper itself belong here, with the table they come from; None: not transcribed yet.
+PAPER_CIFAR10: dict[str, Optional[tuple[str, str]]] = {
+    name: None
+    for name in ["rslad", "absld", "mtard", "bmtard", "mart", "ard", "iad", "adaad", "fair_ard", "frl", "cfa", "bat"]
+}
 README_BEGIN, README_END = "<!-- digits-experiment:begin -->", "<!-- digits-experiment:end -->"
 
 
@@ -204,6 +213,26 @@ def tables(boot: dict[str, np.ndarray]) -> tuple[str, str, list[str]]:
         diff_rows.append([f"{a} - {b}"] + cells)
     diffs = markdown_table(["difference"] + METRICS, diff_rows)
     return main, diffs, findings
+
+
+def paper_table(boot: dict[str, np.ndarray]) -> str:
+    """One row per method (the variants that are a method's default recipe): its digits result beside
+    its paper, the CIFAR-10 config that reproduces the paper's setting here, and what the paper reports."""
+    configs = Path(__file__).resolve().parents[1] / "configs" / "cifar10"
+    rows = []
+    for name, reported in PAPER_CIFAR10.items():
+        if name not in boot:
+            continue
+        paper = METHODS.get(name).summary
+        paper = paper[paper.rfind("(") + 1 : -1] if paper.endswith(")") else paper
+        config = ", ".join(f"`{c.name}`" for c in sorted(configs.glob(f"{name}_*.yaml"))) or "-"
+        if name == "mtard":  # MTARD is B-MTARD without EBB
+            config = "`bmtard_resnet18.yaml` method.ebb=false"
+        shown = f"{reported[1]} ({reported[0]})" if reported else "not transcribed yet"
+        digits = [cell(boot[name], j, METRICS[j].startswith("NSD")) for j in range(len(METRICS))]
+        rows.append([name, *digits, paper, config, shown])
+    header = ["method", *[f"digits {m}{'' if m.startswith('NSD') else ' %'}" for m in METRICS]]
+    return markdown_table(header + ["paper", "CIFAR-10 config", "paper's CIFAR-10 numbers"], rows)
 
 
 def teacher_entropies(teachers: dict[str, Path], x: torch.Tensor, settled: dict[str, float]) -> str:
@@ -333,6 +362,12 @@ def main() -> None:
             diff_table,
             "",
             "Significant differences: " + ("; ".join(findings) if findings else "none") + ".",
+            "",
+            "Every method with its paper: the digits result above (the `mtard` row is the MTARD ablation, NLB "
+            "without EBB) beside the CIFAR-10 config that sets up the paper's experiment here and the numbers "
+            "the paper reports for it.",
+            "",
+            paper_table(boot),
             "",
             f"Mean soft-label entropy on the training split (nats; uniform over 10 classes: {np.log(10):.2f}; "
             f"tau other than 1: where EBB settles in the B-MTARD runs): {entropies}.",
