@@ -4,7 +4,7 @@ robust evaluation (robustdistill: its validation and model selection, checkpoint
 reference: the scripts' PGD-20 loop on the same images), interleaved rounds, medians.
 
     python benchmarks/epoch.py                         # digits, RSLAD / ABSLD / B-MTARD, CPU
-    python benchmarks/epoch.py --methods absld --repeats 5 --channels-last
+    python benchmarks/epoch.py --methods absld --repeats 5 --channels-last on
     python benchmarks/epoch.py --device cuda --workloads resnet18      # CIFAR-10 shapes, 50 000 random images
 
 The same workloads and options as benchmarks/train_step.py; on CPU the ResNet-18 epoch runs on the

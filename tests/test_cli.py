@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +58,9 @@ def test_malformed_yaml_exit_code_2(tmp_path, capsys):
 def test_cli_train_then_eval_end_to_end(tmp_path):
     """The console script as a user runs it: teacher, student, evaluation, refusal to overwrite."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    run = lambda *a: subprocess.run(["robustdistill", *a], cwd=tmp_path, env=env, capture_output=True, text=True)  # noqa: E731
+    # the console script installed beside this interpreter (found without activating its environment)
+    script = shutil.which("robustdistill", path=str(Path(sys.executable).parent)) or "robustdistill"
+    run = lambda *a: subprocess.run([script, *a], cwd=tmp_path, env=env, capture_output=True, text=True)  # noqa: E731
     cfg = ROOT / "configs" / "digits"
     r = run("train", str(cfg / "trades.yaml"), "train.epochs=2", "train.milestones=[]", "attack.steps=3")
     assert r.returncode == 0, r.stderr
