@@ -89,3 +89,25 @@ def test_the_precomputed_ball_bounds_project_exactly_like_project():
     for eps in (8 / 255, 0.3, torch.rand(64).view(-1, 1, 1, 1) * 0.2):
         lo, hi = ball_bounds(x, eps)
         assert torch.equal(candidate.clamp(lo, hi), project(candidate, x, eps))
+
+
+def test_a_frozen_teacher_infers_under_inference_mode_and_keeps_input_gradients():
+    from robustdistill.losses import kl_div
+    from robustdistill.models import ModelSpec, create_model
+    from robustdistill.teachers import FrozenTeacher
+
+    torch.manual_seed(0)
+    model = create_model(ModelSpec("small_cnn", 10, 1, {"width": 4})).eval().requires_grad_(False)
+    modes = []
+    model.register_forward_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
+    teacher, x = FrozenTeacher(model), torch.rand(5, 1, 8, 8)
+    with torch.no_grad():  # soft labels, the way every method computes them
+        out, plain = teacher(x), model(x)
+    assert modes == [True, False] and torch.equal(out, plain) and not out.is_inference()
+    student = create_model(ModelSpec("small_cnn", 10, 1, {"width": 4}))
+    kl_div(torch.softmax(out, dim=1), student(x), "batchmean").backward()  # saved for backward: no error
+    assert all(p.grad is not None for p in student.parameters())
+    # with gradient enabled (AdaAD's inner maximisation) the teacher is differentiable in its input
+    xg = x.clone().requires_grad_(True)
+    teacher(xg).logsumexp(dim=1).sum().backward()
+    assert modes[-1] is False and xg.grad is not None and xg.grad.abs().sum() > 0

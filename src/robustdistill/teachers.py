@@ -108,6 +108,26 @@ def load_teacher(role: str, tcfg: TeacherConfig, dataset: Dataset, device: torch
     return model
 
 
+class FrozenTeacher(nn.Module):
+    """A teacher as the methods call it. Without gradient (its soft labels: every method computes
+    them under `torch.no_grad()`) the forward runs under `torch.inference_mode()`, which also skips
+    autograd's version counters and view tracking, and the logits are cloned out of it (a (B, C)
+    copy) so that they may enter the student's loss, whose backward saves them. With gradient enabled
+    (AdaAD's inner maximisation differentiates through the teacher with respect to the input) it is
+    the plain module."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return self.module(x)
+        with torch.inference_mode():
+            out = self.module(x)
+        return out.clone()
+
+
 def load_surrogate(
     eval_cfg: EvalConfig,
     teacher_cfgs: dict[str, TeacherConfig],

@@ -54,7 +54,15 @@ from .metrics import needed_attacks, selection_score
 from .models import Classifier, ModelSpec, create_model
 from .report import build_report, now, write_report
 from .runs import CHECKPOINTS, MetricsLog, check_run_dir, create_run_dir
-from .teachers import load_source, load_surrogate, load_teacher, model_spec, resolve_model_source, resolve_teacher
+from .teachers import (
+    FrozenTeacher,
+    load_source,
+    load_surrogate,
+    load_teacher,
+    model_spec,
+    resolve_model_source,
+    resolve_teacher,
+)
 
 log = logging.getLogger("robustdistill")
 
@@ -286,7 +294,7 @@ def setup(cfg: Config, force: bool, resume: bool) -> Run:
         attacked,
         dataset.num_classes,
         cfg.attack,
-        {role: _compiled(t, cfg) for role, t in teachers.items()},
+        {role: FrozenTeacher(_compiled(t, cfg)) for role, t in teachers.items()},
     )
     method = create_method(cfg.method, context)
     optimizer = torch.optim.SGD(
