@@ -4,6 +4,7 @@ processes and a sustained FLOP rate.
 
     python benchmarks/flops.py                       # both settings, PGD 5 / 10 / 20 steps
     python benchmarks/flops.py --rate 93             # also the epoch time at 93 GFLOP/s (e.g. this CPU's best kernel)
+                                                     # and how it grows with images, PGD steps and processes
 
 Settings: `digits` (small CNN student width 16, teachers width 32, 8x8 images) and `cifar10` (ResNet-18
 student, WRN-34-10 robust teacher, ResNet-56 clean teacher, 32x32 images), the methods' default
@@ -82,6 +83,30 @@ def main() -> None:
             if args.rate:
                 row.append(f"{epoch / (args.rate * 1e9):.3g}")
             print("| " + " | ".join(row) + " |")
+        if args.rate:
+            growth(setting, n, args.rate)
+
+
+def growth(setting: str, n: int, rate: float, method: str = "bmtard") -> None:
+    """How one epoch's time grows with each factor, from the cost model: time = images x FLOPs per
+    sample (at the PGD steps) / (processes x rate). FLOPs per sample do not depend on the batch size;
+    the rate does (small batches leave the device idle), which this model cannot know: the measured
+    rates are benchmarks/train_step.py's. Processes: ideal data-parallel scaling, gradient all-reduce
+    and stragglers not counted (each process has its own rate)."""
+    base = flops_per_sample(setting, method, 10)
+    cases = [("as above", n, 10, 1)]
+    cases += [(f"{k:g}x the images", int(n * k), 10, 1) for k in (0.5, 2, 4)]
+    cases += [(f"PGD-{k}", n, k, 1) for k in (5, 20)]
+    cases += [(f"{p} processes", n, 10, p) for p in (2, 4, 8)]
+    print(f"\n{setting}, {method}: epoch time from the cost model at {rate:g} GFLOP/s per process\n")
+    print("| change | images | PGD steps | processes | epoch PFLOP | epoch s | vs as above |")
+    print("|---|---|---|---|---|---|---|")
+    reference = n * base / (rate * 1e9)
+    for label, images, steps, procs in cases:
+        per = base if steps == 10 else flops_per_sample(setting, method, steps)
+        seconds = images * per / (procs * rate * 1e9)
+        cells = [label, str(images), str(steps), str(procs), f"{images * per / 1e15:.3g}", f"{seconds:.3g}"]
+        print("| " + " | ".join(cells + [f"{seconds / reference:.2f}x"]) + " |")
 
 
 if __name__ == "__main__":

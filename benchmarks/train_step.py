@@ -56,7 +56,7 @@ METHOD_NAMES = ("rslad", "absld", "bmtard")
 COMPUTE_BOUND = 0.35  # fraction of the best dense kernel's GFLOP/s above which a workload counts as compute-bound
 
 
-def workload(name: str, device: str) -> dict:
+def _workload(name: str, device: str) -> dict:
     cuda = device.startswith("cuda")
     if name == "digits":
         return {
@@ -79,6 +79,14 @@ def workload(name: str, device: str) -> dict:
             "lr": 0.1,
         }
     raise SystemExit(f"unknown workload {name}")
+
+
+def workload(name: str, device: str, batch: int = 0) -> dict:
+    """The workload's settings; `batch` (if given) replaces its batch size."""
+    w = _workload(name, device)
+    if batch:
+        w["batch"] = batch
+    return w
 
 
 def fake_cifar10(root: Path, per_batch: int) -> None:
@@ -106,8 +114,9 @@ class Side:
 def build(side: str, method: str, w: dict, tmp: Path, args) -> Side:
     """One side ("ours" or "ref") of a comparison, both from identical initial weights."""
     torch.manual_seed(0)
+    teacher_file = lambda role: tmp / f"{w['data']['name']}_{role}.safetensors"  # noqa: E731 (one per workload)
     for role in ("robust", "clean"):
-        path = tmp / f"{role}.safetensors"
+        path = teacher_file(role)
         if not path.exists():
             save_model(path, create_model(w[role]), w[role])
     raw = {
@@ -118,7 +127,7 @@ def build(side: str, method: str, w: dict, tmp: Path, args) -> Side:
         "model": {"name": w["student"].name, "kwargs": w["student"].kwargs},
         "data": {**w["data"], **({"root": str(tmp / "data")} if w["data"]["name"] == "cifar10" else {})},
         "attack": w["attack"],
-        "teachers": {role: {"path": str(tmp / f"{role}.safetensors")} for role in METHODS.get(method).teachers},
+        "teachers": {role: {"path": str(teacher_file(role))} for role in METHODS.get(method).teachers},
         "train": {
             "batch_size": w["batch"],
             "lr": w["lr"],
@@ -137,7 +146,7 @@ def build(side: str, method: str, w: dict, tmp: Path, args) -> Side:
             train_batch(run, x, y, tally)
 
         return Side(step, lambda: iter(run.loader), run.student, run)
-    teachers = {role: load_model(tmp / f"{role}.safetensors")[0].to(run.device).eval() for role in raw["teachers"]}
+    teachers = {role: load_model(teacher_file(role))[0].to(run.device).eval() for role in raw["teachers"]}
     student = create_model(run.spec).to(run.device)
     student.load_state_dict(run.student.state_dict())  # the same initial weights as robustdistill's
     hp = {
@@ -214,7 +223,7 @@ def dense_peak(device: str) -> float:
 
 def _memory_child(side, method, wname, tmp, args, queue):
     torch.set_num_threads(args.threads)
-    w = workload(wname, args.device)
+    w = workload(wname, args.device, getattr(args, "batch", 0))
     built = build(side, method, w, Path(tmp), args)
     step, batches = built.step, Batches(built.batches)
     step(*batches.next())  # warm-up (allocations of the first step are part of the steady state)
@@ -255,6 +264,7 @@ def main() -> None:
     parser.add_argument(
         "--channels-last", choices=["auto", "on", "off"], default="auto", help="train.channels_last (auto: on CUDA)"
     )
+    parser.add_argument("--batch", type=int, default=0, help="batch size (default: the workload's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -271,7 +281,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         fake_cifar10(tmp / "data", per_batch=200)
         for wname in args.workloads:
-            w = workload(wname, args.device)
+            w = workload(wname, args.device, getattr(args, "batch", 0))
             steps = args.steps or (10 if wname == "digits" else (2 if args.device == "cpu" else 10))
             for method in args.methods:
                 sides = {side: build(side, method, w, tmp, args) for side in ("ours", "ref")}
@@ -297,6 +307,7 @@ def main() -> None:
                 rows.append(
                     [
                         wname,
+                        str(w["batch"]),
                         method,
                         f"{1e3 * med['ours']:.1f} [{1e3 * min(times['ours']):.1f}, {1e3 * max(times['ours']):.1f}]",
                         f"{1e3 * med['ref']:.1f} [{1e3 * min(times['ref']):.1f}, {1e3 * max(times['ref']):.1f}]",
@@ -310,6 +321,7 @@ def main() -> None:
                 print(" | ".join(rows[-1]), flush=True)
     header = [
         "workload",
+        "batch",
         "method",
         "ours ms/step [range]",
         "reference ms/step [range]",
