@@ -1,6 +1,6 @@
-"""Runs the speed benchmarks and writes their output, verbatim, into benchmarks/README.md, each
-between its own markers, with the command, the machine and the wall time: the README's figures are
-never typed by hand.
+"""Runs the speed benchmarks and writes their output verbatim (less the progress rows the final table
+repeats) into benchmarks/README.md, each between its own markers, with the command, the commit, the
+machine and the wall time: the README's figures are never typed by hand.
 
     python benchmarks/record.py                        # every benchmark below, one after another (~45 min, 2 CPU cores)
     python benchmarks/record.py --only eval flops      # some of them; the other blocks are kept
@@ -68,12 +68,19 @@ def commit() -> str:
     return f"commit {head.stdout.strip()}{'+changes' if dirty else ''}"
 
 
+def tidy(output: str) -> str:
+    """The output without its progress rows (`a | b | c` printed as each row finishes), which the
+    benchmarks print again as the markdown table (`| a | b | c |`) at the end."""
+    lines = output.strip().splitlines()
+    return "\n".join(line for line in lines if line.startswith("|") or " | " not in line)
+
+
 def block(key: str, command: str, output: str, seconds: float | None, source: str) -> str:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     took = f", {seconds / 60:.1f} min" if seconds is not None else ""
     return (
         f"<!-- bench:{key}:begin -->\n`{command}` ({when}, {source}; {machine()}{took}):\n\n"
-        f"```text\n{output.strip()}\n```\n<!-- bench:{key}:end -->"
+        f"```text\n{tidy(output)}\n```\n<!-- bench:{key}:end -->"
     )
 
 
