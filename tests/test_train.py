@@ -27,6 +27,17 @@ def test_flop_count_by_hand_and_through_autograd_grad():
     assert count.total == 800  # forward 400 + the weight's gradient 400
 
 
+def test_flop_count_sees_composite_operators_under_inference_mode():
+    """Inference mode (the teachers' soft labels) dispatches conv2d and linear undecomposed."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(144, 3)).eval()
+    x = torch.rand(2, 1, 8, 8)
+    by_hand = 2 * 2 * 4 * 36 * 9 + 2 * 2 * 144 * 3  # 2 FLOP per MAC x batch x (conv: 4 x 36 x 9; linear: 144 x 3)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with FlopCount() as count, mode():
+            out = model(x)
+        assert count.total == by_hand and torch.allclose(out, model(x)), mode.__name__
+
+
 def test_a_run_folder_has_everything(trained_runs):
     run = trained_runs["trades"]
     assert (run / "config.yaml").is_file() and (run / "report.md").is_file()
