@@ -43,7 +43,7 @@ COMMANDS = {
     "eval": "python benchmarks/eval.py",
     "flops": "python benchmarks/flops.py --rate {rate}",
 }
-DENSE = re.compile(r"best dense kernel: ([0-9.]+) GFLOP/s")
+DENSE = re.compile(r"best dense kernel: .*used: ([0-9.]+) GFLOP/s")
 
 
 def machine() -> str:
@@ -107,7 +107,7 @@ def main() -> None:
             source = (args.outputs / "train_step.txt").read_text() if args.outputs else text
             found = DENSE.search(source)
             if not found:
-                raise SystemExit("flops needs train_step's 'best dense kernel' line: record train_step first")
+                raise SystemExit("flops needs train_step's 'best dense kernel ... used:' line: record train_step first")
             rate = round(float(found.group(1)))
             command = command.format(rate=rate)
         if args.outputs:
