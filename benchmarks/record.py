@@ -104,8 +104,8 @@ def main() -> None:
     for key in args.only:
         command = COMMANDS[key]
         if "{rate}" in command:
-            source = (args.outputs / "train_step.txt").read_text() if args.outputs else text
-            found = DENSE.search(source)
+            step_output = (args.outputs / "train_step.txt").read_text() if args.outputs else text
+            found = DENSE.search(step_output)
             if not found:
                 raise SystemExit("flops needs train_step's 'best dense kernel ... used:' line: record train_step first")
             rate = round(float(found.group(1)))
