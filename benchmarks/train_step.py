@@ -17,7 +17,8 @@ ratio reference / robustdistill (above 1: robustdistill is faster); FLOPs of one
 counted by operator (matmul, convolution: torch's flop formulas) and the achieved GFLOP/s, also as
 a fraction of the best dense kernel measured in the same run, before and after (a large matmul and a large
 convolution); the peak memory of each side (CUDA: allocator peak; CPU: growth of the process's peak
-resident set over a few steps, each side in a fresh process). The thread settings are printed;
+resident set over a few steps after a warm-up step, its peak reset first where Linux allows, each side
+in a fresh process). The thread settings are printed;
 OMP_WAIT_POLICY is set to PASSIVE unless given (the spinning default made contended steps many
 times slower on a shared machine). Its last line is the summary:
     slowest ratio: 1.02x compute-bound (bmtard, resnet18 cpu), 1.61x overhead-bound (absld, digits cpu)
@@ -232,12 +233,23 @@ def _memory_child(side, method, wname, tmp, args, queue):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
+        # Linux: writing 5 to clear_refs resets the peak resident set (VmHWM) to the current one, so
+        # the setup's transients do not count; elsewhere the lifetime peak (ru_maxrss) stands in
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            reset = True
+        except OSError:
+            reset = False
         with open("/proc/self/statm") as f:
             base = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     for _ in range(3):
         step(*batches.next())
     if args.device.startswith("cuda"):
         queue.put((torch.cuda.max_memory_allocated() - base) / 2**20)
+    elif reset:
+        status = Path("/proc/self/status").read_text()
+        hwm = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+        queue.put(max(0, hwm - base) / 2**20)
     else:  # ru_maxrss: KiB on Linux
         queue.put(max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**20)
 
