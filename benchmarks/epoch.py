@@ -93,7 +93,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         fake_cifar10(tmp / "data", per_batch=10_000 if args.device.startswith("cuda") else 200)
         for wname in args.workloads:
-            w = workload(wname, args.device, getattr(args, "batch", 0))
+            w = workload(wname, args.device)
             for method in args.methods:
                 rows.append(compare(wname, method, w, tmp, args))
                 print(" | ".join(rows[-1]), flush=True)

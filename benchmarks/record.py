@@ -98,7 +98,6 @@ def main() -> None:
     parser.add_argument("--commit", default="commit not stated", help="with --outputs: the code they ran at")
     args = parser.parse_args()
     text = README.read_text()
-    rate = None
     # where --outputs are recorded, the commit they ran at is the user's to state (--commit)
     source = f"recorded from {args.outputs.name}/, {args.commit}" if args.outputs else commit()
     for key in args.only:

@@ -225,7 +225,7 @@ def dense_peak(device: str) -> float:
 
 def _memory_child(side, method, wname, tmp, args, queue):
     torch.set_num_threads(args.threads)
-    w = workload(wname, args.device, getattr(args, "batch", 0))
+    w = workload(wname, args.device, args.batch)
     built = build(side, method, w, Path(tmp), args)
     step, batches = built.step, Batches(built.batches)
     step(*batches.next())  # warm-up (allocations of the first step are part of the steady state)
@@ -264,6 +264,12 @@ def peak_memory(side, method, wname, tmp, args) -> float:
     return value
 
 
+def cells(row: tuple, peak: float) -> list[str]:
+    """A table row, its fraction of the best dense kernel taken at `peak` (GFLOP/s)."""
+    measured, gflops, memory = row
+    return [*measured, f"{gflops['ours'] / peak:.2f} / {gflops['ref'] / peak:.2f}", memory]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", nargs="+", default=["digits", "resnet18"], choices=["digits", "resnet18"])
@@ -296,7 +302,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         fake_cifar10(tmp / "data", per_batch=200)
         for wname in args.workloads:
-            w = workload(wname, args.device, getattr(args, "batch", 0))
+            w = workload(wname, args.device, args.batch)
             steps = args.steps or (10 if wname == "digits" else (2 if args.device == "cpu" else 10))
             for method in args.methods:
                 sides = {side: build(side, method, w, tmp, args) for side in ("ours", "ref")}
@@ -318,27 +324,21 @@ def main() -> None:
                 ratio = med["ref"] / med["ours"]
                 gflops = {side: flops[side] / med[side] / 1e9 for side in sides}
                 results.append((ratio, gflops, method, f"{wname} {args.device.split(':')[0]}"))
-                rows.append(
-                    [
-                        wname,
-                        str(w["batch"]),
-                        method,
-                        f"{1e3 * med['ours']:.1f} [{1e3 * min(times['ours']):.1f}, {1e3 * max(times['ours']):.1f}]",
-                        f"{1e3 * med['ref']:.1f} [{1e3 * min(times['ref']):.1f}, {1e3 * max(times['ref']):.1f}]",
-                        f"{ratio:.2f}x",
-                        f"{flops['ours'] / 1e9:.2f} / {flops['ref'] / 1e9:.2f}",
-                        f"{gflops['ours']:.1f} / {gflops['ref']:.1f}",
-                        "{ours:.2f} / {ref:.2f}",  # of the best dense kernel, filled in at the end
-                        f"{memory['ours']:.0f} / {memory['ref']:.0f}",
-                    ]
-                )
-                fractions = {side: gflops[side] / peaks[0] for side in ("ours", "ref")}
-                print(" | ".join(rows[-1]).format(**fractions), flush=True)
+                measured = [
+                    wname,
+                    str(w["batch"]),
+                    method,
+                    f"{1e3 * med['ours']:.1f} [{1e3 * min(times['ours']):.1f}, {1e3 * max(times['ours']):.1f}]",
+                    f"{1e3 * med['ref']:.1f} [{1e3 * min(times['ref']):.1f}, {1e3 * max(times['ref']):.1f}]",
+                    f"{ratio:.2f}x",
+                    f"{flops['ours'] / 1e9:.2f} / {flops['ref'] / 1e9:.2f}",
+                    f"{gflops['ours']:.1f} / {gflops['ref']:.1f}",
+                ]
+                rows.append((measured, gflops, f"{memory['ours']:.0f} / {memory['ref']:.0f}"))
+                print(" | ".join(cells(rows[-1], peaks[0])), flush=True)
     peaks.append(dense_peak(args.device))
     peak = max(peaks)
     print(f"best dense kernel: {peaks[1]:.1f} GFLOP/s (after); used: {peak:.1f} GFLOP/s")
-    for row, (_, gflops, _, _) in zip(rows, results):
-        row[8] = row[8].format(ours=gflops["ours"] / peak, ref=gflops["ref"] / peak)
     results = [(ratio, gflops["ours"] / peak, method, where) for ratio, gflops, method, where in results]
     header = [
         "workload",
@@ -356,7 +356,7 @@ def main() -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
     for row in rows:
-        print("| " + " | ".join(row) + " |")
+        print("| " + " | ".join(cells(row, peak)) + " |")
     parts = []
     for kind, compute in (("compute-bound", True), ("overhead-bound", False)):
         chosen = [r for r in results if (r[1] >= COMPUTE_BOUND) == compute]
