@@ -78,15 +78,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--amp", action="store_true")
+    parser.add_argument("--channels-last", choices=["on", "off"], default="on", help="train.channels_last")
     parser.add_argument(
-        "--channels-last", choices=["auto", "on", "off"], default="auto", help="train.channels_last (auto: on CUDA)"
+        "--fold-batchnorm", choices=["on", "off"], default="on", help="attack.fold_batchnorm (the PGD steps)"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, cpus {os.cpu_count()}; "
-        f"robustdistill options: compile={args.compile} amp={args.amp} channels_last={args.channels_last}"
+        f"robustdistill options: compile={args.compile} amp={args.amp} channels_last={args.channels_last} "
+        f"fold_batchnorm={args.fold_batchnorm}"
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -8,7 +8,8 @@ machine and the wall time: the README's figures are never typed by hand.
 
 Keys and commands:
     train_step          python benchmarks/train_step.py
-    train_step_cl       python benchmarks/train_step.py --channels-last on
+    train_step_nchw     python benchmarks/train_step.py --channels-last off --fold-batchnorm off
+    train_step_1thread  python benchmarks/train_step.py --workloads digits --threads 1 --no-memory
     train_step_compile  python benchmarks/train_step.py --workloads digits --compile
     batch32, batch128   python benchmarks/train_step.py --workloads digits --methods bmtard --no-memory --batch N
     epoch               python benchmarks/epoch.py
@@ -35,7 +36,8 @@ HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
 COMMANDS = {
     "train_step": "python benchmarks/train_step.py",
-    "train_step_cl": "python benchmarks/train_step.py --channels-last on",
+    "train_step_nchw": "python benchmarks/train_step.py --channels-last off --fold-batchnorm off",
+    "train_step_1thread": "python benchmarks/train_step.py --workloads digits --threads 1 --no-memory",
     "train_step_compile": "python benchmarks/train_step.py --workloads digits --compile",
     "batch32": "python benchmarks/train_step.py --workloads digits --methods bmtard --no-memory --batch 32",
     "batch128": "python benchmarks/train_step.py --workloads digits --methods bmtard --no-memory --batch 128",

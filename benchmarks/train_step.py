@@ -127,7 +127,7 @@ def build(side: str, method: str, w: dict, tmp: Path, args) -> Side:
         "method": {"name": method},
         "model": {"name": w["student"].name, "kwargs": w["student"].kwargs},
         "data": {**w["data"], **({"root": str(tmp / "data")} if w["data"]["name"] == "cifar10" else {})},
-        "attack": w["attack"],
+        "attack": {**w["attack"], "fold_batchnorm": args.fold_batchnorm == "on"},
         "teachers": {role: {"path": str(teacher_file(role))} for role in METHODS.get(method).teachers},
         "train": {
             "batch_size": w["batch"],
@@ -135,7 +135,7 @@ def build(side: str, method: str, w: dict, tmp: Path, args) -> Side:
             "device": args.device,
             "compile": args.compile,
             "amp": args.amp,
-            "channels_last": {"auto": None, "on": True, "off": False}[args.channels_last],
+            "channels_last": args.channels_last == "on",
         },
     }
     run = setup(from_dict(raw), force=True, resume=False)
@@ -280,8 +280,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--compile", action="store_true", help="robustdistill with train.compile=true")
     parser.add_argument("--amp", action="store_true", help="robustdistill with bf16 autocast")
+    parser.add_argument("--channels-last", choices=["on", "off"], default="on", help="train.channels_last")
     parser.add_argument(
-        "--channels-last", choices=["auto", "on", "off"], default="auto", help="train.channels_last (auto: on CUDA)"
+        "--fold-batchnorm", choices=["on", "off"], default="on", help="attack.fold_batchnorm (the PGD steps)"
     )
     parser.add_argument("--batch", type=int, default=0, help="batch size (default: the workload's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -291,7 +292,8 @@ def main() -> None:
         f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
         f"interop {torch.get_num_interop_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, cpus {os.cpu_count()}; "
-        f"robustdistill options: compile={args.compile} amp={args.amp} channels_last={args.channels_last}"
+        f"robustdistill options: compile={args.compile} amp={args.amp} channels_last={args.channels_last} "
+        f"fold_batchnorm={args.fold_batchnorm}"
     )
     # measured before and after the workloads; the better of the two is the reference (a busy
     # moment on a shared machine lowers one measurement, never raises it)

@@ -111,3 +111,98 @@ def test_a_frozen_teacher_infers_under_inference_mode_and_keeps_input_gradients(
     xg = x.clone().requires_grad_(True)
     teacher(xg).logsumexp(dim=1).sum().backward()
     assert modes[-1] is False and xg.grad is not None and xg.grad.abs().sum() > 0
+
+
+def _random_statistics(model):
+    """Batch norms with non-trivial running statistics and affine parameters (fresh ones are identity maps)."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(0.3 * torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(0.5 + 1.5 * torch.rand(m.num_features, generator=g))
+            m.weight.data.copy_(0.5 + torch.rand(m.num_features, generator=g))
+            m.bias.data.copy_(0.2 * torch.randn(m.num_features, generator=g))
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "name, pairs, norms", [("small_cnn", 4, 4), ("resnet18", 20, 20), ("preact_resnet18", 8, 17), ("resnet56", 55, 55)]
+)
+def test_the_folded_view_computes_the_model_and_its_input_gradient(name, pairs, norms):
+    """Every conv -> bn pair folded (PreAct's bn -> conv cannot be), logits and input gradients equal to
+    the model's within float rounding; the view follows the model's weights after they change and owns
+    no parameter, so no gradient reaches the model's parameters through it."""
+    from robustdistill.models import ModelSpec, create_model, fold
+
+    torch.manual_seed(0)
+    in_ch = 1 if name == "small_cnn" else 3
+    model = _random_statistics(create_model(ModelSpec(name, 10, in_ch, {})))
+    view = fold.eval_view(model)
+    assert view is not model and len(fold._VIEWS[model].units) == pairs
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == norms
+    assert {id(p) for p in view.parameters()} <= {id(p) for p in model.parameters()}  # shared, none of its own
+    for _ in range(2):
+        x = torch.rand(3, in_ch, 16, 16, requires_grad=True)
+        out, folded = model(x), view(x)
+        assert torch.allclose(out, folded, rtol=1e-5, atol=1e-5)
+        (g,) = torch.autograd.grad(out.logsumexp(1).sum(), x)
+        (gf,) = torch.autograd.grad(folded.logsumexp(1).sum(), x)
+        assert torch.allclose(g, gf, rtol=1e-4, atol=1e-6)
+        assert all(p.grad is None for p in model.parameters())
+        with torch.no_grad():  # the optimiser moves the weights: the next view must follow them
+            for p in model.parameters():
+                p.mul_(1.1)
+        view = fold.eval_view(model)
+    with torch.no_grad():
+        for m in model.modules():  # a wrong fold (e.g. a stale one) would now differ
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.mul_(4.0)
+        assert torch.allclose(model(x), fold.eval_view(model)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_no_folding_in_train_mode_or_for_an_untraceable_model():
+    from robustdistill.models import ModelSpec, create_model
+    from robustdistill.models.fold import eval_view
+
+    model = create_model(ModelSpec("small_cnn", 10, 1, {"width": 4}))
+    assert eval_view(model.train()) is model  # batch statistics: nothing to fold
+
+    class Branchy(torch.nn.Module):  # control flow on a value: torch.fx cannot trace it
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > 0 else x
+
+    branchy = Branchy().eval()
+    assert eval_view(branchy) is branchy and eval_view(branchy) is branchy
+
+
+def test_pgd_on_the_folded_view_finds_the_unfolded_attacks_examples():
+    """On a model with non-trivial batch norms the PGD iterates with and without folding agree (a
+    sign flip of a near-zero gradient component could move one pixel: at most a few of 64 x 64)."""
+    from robustdistill.attacks import PGD
+    from robustdistill.models import ModelSpec, create_model
+
+    torch.manual_seed(0)
+    model = _random_statistics(create_model(ModelSpec("small_cnn", 10, 1, {"width": 8})))
+    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    noise = torch.rand_like(x)
+    runs = [PGD(model, 0.2, 0.05, 10, fold_batchnorm=f)(x, y, noise=noise) for f in (False, True)]
+    assert (runs[0] != runs[1]).sum().item() <= 8
+    assert ((runs[0] - x).abs().max() > 0.19) and model.training is False
+
+
+def test_global_average_pooling_matches_adaptive_pooling_and_keeps_the_memory_format():
+    from robustdistill.models.layers import GlobalAvgPool
+
+    torch.manual_seed(0)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(4, 6, 5, 5).contiguous(memory_format=fmt).requires_grad_(True)
+        w = torch.randn(4, 6)
+        (expected,) = torch.autograd.grad((F.adaptive_avg_pool2d(x, 1).flatten(1) * w).sum(), x)
+        out = GlobalAvgPool()(x)
+        assert torch.equal(out, F.adaptive_avg_pool2d(x, 1).flatten(1))
+        (got,) = torch.autograd.grad((out * w).sum(), x)
+        assert torch.equal(got, expected) and got.stride()[2:] == (0, 0)  # an expanded view, no copy

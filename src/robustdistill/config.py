@@ -84,7 +84,7 @@ class TrainConfig:
     log_every: int = 20  # steps between metrics.jsonl step records
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = False  # bf16 autocast (fp32 master weights); on CPU too, where it is mostly slower
-    channels_last: Optional[bool] = None  # student and teachers channels-last; None: on CUDA only
+    channels_last: bool = True  # student and teachers channels-last (faster on CPU and CUDA: benchmarks/README.md)
     compile: bool = False  # torch.compile the student (training passes and attacks) and the teachers
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     compile_backend: str = "inductor"  # a torch._dynamo backend ("eager", "aot_eager": for debugging)
@@ -134,6 +134,7 @@ class EvalConfig:
     batch_size: int = 256
     subset: Optional[int] = None  # evaluate on the first N test images
     seed: int = 0
+    fold_batchnorm: bool = True  # PGD / CW steps on the model with batch norm folded into its convolutions
 
     def validate(self) -> None:
         for name in self.attacks:

@@ -279,8 +279,7 @@ def setup(cfg: Config, force: bool, resume: bool) -> Run:
     torch.manual_seed(cfg.seed * 1000 + dist_info.rank)
 
     dataset = load_dataset(cfg.data, device)
-    channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else device.type == "cuda"
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     teachers = {
         role: load_teacher(role, t, dataset, device).to(memory_format=memory_format) for role, t in cfg.teachers.items()
     }

@@ -35,6 +35,7 @@ class EvalSettings:
     checks: bool = False
     checks_subset: int = 500
     large_eps: float = 1.0
+    fold_batchnorm: bool = True
 
     @property
     def block(self) -> int:
@@ -171,7 +172,7 @@ def run_pgd(
     `model`. Restart r of sample i starts from noise drawn for (seed, r, i)."""
     s = env.settings
     index = env.sample_index(len(x))
-    attack = PGD(source or model, s.eps, s.step_size, steps, loss=loss, start=start)
+    attack = PGD(source or model, s.eps, s.step_size, steps, loss=loss, start=start, fold_batchnorm=s.fold_batchnorm)
     out = torch.empty_like(x)
     for i in batches(len(x), s.batch_size, desc, env.progress):
         xb, yb = x[i : i + s.batch_size], y[i : i + s.batch_size]

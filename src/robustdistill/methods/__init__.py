@@ -93,7 +93,16 @@ class Method:
         chosen = a.start if a.start != "auto" else self.default_start
         eps = a.eps if eps is None else eps
         step_size = a.step_size if step_size is None else step_size
-        return PGD(self.ctx.student_module, eps, step_size, a.steps, loss=loss, start=chosen, **options)
+        return PGD(
+            self.ctx.student_module,
+            eps,
+            step_size,
+            a.steps,
+            loss=loss,
+            start=chosen,
+            fold_batchnorm=a.fold_batchnorm,
+            **options,
+        )
 
     @torch.no_grad()
     def clean_prediction(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import MODELS
+from .layers import GlobalAvgPool
 
 # (expansion, out_channels, num_blocks, stride)
 _CIFAR_CFG = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
@@ -50,12 +51,13 @@ class MobileNetV2(nn.Module):
         last = int(1280 * max(1.0, width_mult))
         self.conv2 = nn.Conv2d(cin, last, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(last)
+        self.pool = GlobalAvgPool()
         self.linear = nn.Linear(last, num_classes)
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(self.layers(out))))
-        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+        return self.linear(self.pool(out))
 
 
 @MODELS.register("mobilenet_v2")

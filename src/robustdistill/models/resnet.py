@@ -7,11 +7,11 @@ Module names follow the CIFAR code the distillation papers build on (`conv1`, `b
 Global average pooling is adaptive, so the same networks also run on small inputs (digits).
 """
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import MODELS
+from .layers import GlobalAvgPool
 
 
 class BasicBlock(nn.Module):
@@ -72,6 +72,7 @@ class ResNet(nn.Module):
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         if preact:
             self.bn = nn.BatchNorm2d(cin)
+        self.pool = GlobalAvgPool()
         self.linear = nn.Linear(cin, num_classes)
 
     def forward(self, x):
@@ -81,7 +82,7 @@ class ResNet(nn.Module):
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         if self.preact:
             out = F.relu(self.bn(out))
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        out = self.pool(out)
         return self.linear(out)
 
 
@@ -130,12 +131,13 @@ class ThinResNet(nn.Module):
                 blocks.append(_ThinBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
                 cin = cout
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.pool = GlobalAvgPool()
         self.linear = nn.Linear(cin, num_classes)
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
-        return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+        return self.linear(self.pool(out))
 
 
 @MODELS.register("resnet56")

@@ -3,6 +3,7 @@
 from torch import nn
 
 from . import MODELS
+from .layers import GlobalAvgPool
 
 
 def _block(cin: int, cout: int) -> list[nn.Module]:
@@ -18,7 +19,7 @@ def small_cnn(num_classes: int = 10, in_channels: int = 1, width: int = 32) -> n
         nn.MaxPool2d(2),
         *_block(width, 2 * width),
         *_block(2 * width, 2 * width),
-        nn.AdaptiveAvgPool2d(1),
+        GlobalAvgPool(),
         nn.Flatten(),
         nn.Linear(2 * width, num_classes),
     )

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import MODELS
+from .layers import GlobalAvgPool
 
 
 class WideBlock(nn.Module):
@@ -54,12 +55,13 @@ class WideResNet(nn.Module):
         self.block2 = NetworkBlock(n, widths[1], widths[2], 2)
         self.block3 = NetworkBlock(n, widths[2], widths[3], 2)
         self.bn1 = nn.BatchNorm2d(widths[3])
+        self.pool = GlobalAvgPool()
         self.fc = nn.Linear(widths[3], num_classes)
 
     def forward(self, x):
         out = self.block3(self.block2(self.block1(self.conv1(x))))
         out = F.relu(self.bn1(out))
-        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+        return self.fc(self.pool(out))
 
 
 @MODELS.register("wrn34_10")
