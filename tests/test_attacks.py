@@ -133,3 +133,20 @@ def test_per_sample_budgets_keep_each_sample_in_its_own_ball(start):
     assert torch.equal(per_sample, PGD(model, 0.1, 0.025, 3, "ce", "none")(x, y))
     with pytest.raises(ValueError, match="one value per sample"):
         PGD(model, torch.full((5,), 0.1), 0.025, 3)(x, y)
+
+
+def test_random_starts_depend_on_the_seed_and_the_restart_but_not_on_the_batch():
+    """Each (seed, restart, sample) has its own start: an earlier version packed the three into one
+    integer whose high bits torch's generator dropped, so every seed and every restart started alike."""
+    from robustdistill.attacks.pgd import sample_noise
+
+    index = torch.arange(6)
+    base = sample_noise(index, (1, 4, 4), seed=0, stream=0)
+    assert base.min() >= 0 and base.max() < 1 and base.dtype == torch.float32
+    assert not torch.equal(base, sample_noise(index, (1, 4, 4), seed=1, stream=0))
+    assert not torch.equal(base, sample_noise(index, (1, 4, 4), seed=0, stream=1))
+    other_restart = sample_noise(index, (1, 4, 4), seed=0, stream=1)
+    assert all(not torch.equal(a, b) for a, b in zip(base, other_restart))  # every sample moves
+    # a sample's start is the same whichever batch (and rank) it is drawn in
+    assert torch.equal(sample_noise(index[3:5], (1, 4, 4), seed=0, stream=0), base[3:5])
+    assert not torch.equal(base[0], base[1])

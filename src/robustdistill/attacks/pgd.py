@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -84,11 +85,12 @@ def ball_bounds(x: torch.Tensor, eps: float | torch.Tensor) -> tuple[torch.Tenso
 def sample_noise(index: torch.Tensor, shape: tuple[int, ...], seed: int, stream: int = 0) -> torch.Tensor:
     """U[0, 1) noise of `shape` for each sample in `index` (CPU float32), a pure function of
     (seed, stream, sample index): the same whatever the batch, the rank or the number of ranks."""
+    # numpy's SeedSequence takes the three numbers whole; torch's CPU generator keeps only the low
+    # 32 bits of a seed, which made an earlier packing of (seed, stream, i) into one integer ignore
+    # seed and stream: every restart started from the same point
     out = torch.empty((len(index), *shape))
-    generator = torch.Generator()
     for row, i in zip(out, index.tolist()):
-        generator.manual_seed(((seed * 1_000_003 + stream) * 2**32 + i) % 2**63)
-        torch.rand(shape, generator=generator, out=row)
+        row.copy_(torch.from_numpy(np.random.default_rng([seed, stream, i]).random(shape, dtype=np.float32)))
     return out
 
 
