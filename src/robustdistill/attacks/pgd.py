@@ -190,8 +190,8 @@ class PGD:
         self.correct = None
         was_training = self.model.training
         self.model.eval()
-        model = eval_view(self.model) if self.fold_batchnorm else self.model
         try:
+            model = eval_view(self.model) if self.fold_batchnorm else self.model
             x_adv = self._init(x, noise, eps)
             lo, hi = ball_bounds(x, eps)
             stop = _EarlyStop(self.early_stop, self.tau, x_adv) if self.early_stop else None
