@@ -61,6 +61,24 @@ def test_evaluate_is_deterministic_under_its_seed(natural_model, digits):
     assert runs[0]["attacks"] == runs[1]["attacks"]
 
 
+def test_folding_is_recorded_and_moves_a_verdict_at_most_by_rounding(natural_model, digits):
+    """The attacks craft on the folded model (eval.fold_batchnorm), verdicts are the model's own: the
+    accuracy with and without folding agrees within a sample or two; the report says which ran."""
+    from robustdistill.metrics import unpack_verdicts
+
+    test = digits.test.take(slice(0, 150))
+    out = {
+        fold: evaluate(
+            natural_model, test, EvalSettings(eps=0.1, step_size=0.025, attacks=("pgd20",), fold_batchnorm=fold), 10
+        )
+        for fold in (True, False)
+    }
+    assert [out[f]["settings"]["common"]["fold_batchnorm"] for f in (True, False)] == [True, False]
+    verdicts = [unpack_verdicts(out[f]["attacks"]["pgd20"]["verdicts"], 150) for f in (True, False)]
+    assert (verdicts[0] != verdicts[1]).sum().item() <= 2
+    assert 0 < out[True]["attacks"]["pgd20"]["accuracy"] < 0.9  # the attack did work
+
+
 def test_eps_zero_attack_equals_clean(natural_model, digits):
     settings = EvalSettings(eps=0.0, step_size=0.0, batch_size=64, attacks=("clean", "pgd20", "fgsm"))
     out = evaluate(natural_model, digits.test, settings, 10)
