@@ -255,3 +255,17 @@ def test_init_from_starts_the_student_from_given_weights(trained_runs, tmp_path)
     assert not (tmp_path / "runs" / "wrong").exists()
     with pytest.raises(CheckpointError, match="train.init_from: no run folder or checkpoint file"):
         train(digits_config(tmp_path, "natural", name="missing", **{"train.init_from": str(tmp_path / "nowhere")}))
+
+
+def test_eval_of_a_run_reproduces_its_final_report(trained_runs):
+    """`robustdistill eval RUN` (api.evaluate_path) evaluates the run's best checkpoint with the run's
+    settings, memory format and surrogate: every attack's per-sample verdicts equal the report the
+    training wrote."""
+    from robustdistill.api import evaluate_path
+
+    run = trained_runs["trades"]
+    trained = json.loads((run / "report.json").read_text())
+    again = evaluate_path(run, progress=False)
+    assert list(again["attacks"]) == list(trained["attacks"]) and len(trained["attacks"]) >= 2
+    for name, result in trained["attacks"].items():
+        assert again["attacks"][name]["verdicts"] == result["verdicts"], name

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .checkpoint import read_model_meta
-from .config import DataConfig, EvalConfig, apply_overrides, build, load_config
+from .config import Config, DataConfig, EvalConfig, apply_overrides, build, load_config
 from .data import load_dataset, subset_of
 from .distributed import DistInfo, resolve_device
 from .errors import ConfigError, UserError
@@ -25,7 +25,7 @@ from .models import ModelSpec
 from .report import build_report
 from .robustbench import is_robustbench
 from .teachers import load_source, load_surrogate, resolve_model_source
-from .train import train
+from .train import memory_format_of, train
 
 __all__ = ["evaluate_path", "eval_config", "load_config", "resolve_model_source", "train"]
 
@@ -64,12 +64,14 @@ def evaluate_path(
     """
     target = str(target)
     base, data_cfg, default_eps, teachers = EvalConfig(), None, None, {}
+    memory_format = memory_format_of(Config())  # a run's own (below), else the training default
     source = None
     if not is_robustbench(target):
         source = resolve_model_source(target, which)
         if source.kind == "run":
             cfg = load_config(source.run_dir / "config.yaml")
             data_cfg, base, default_eps, teachers = cfg.data, cfg.eval, cfg.attack.eps, cfg.teachers
+            memory_format = memory_format_of(cfg)
         else:
             meta = read_model_meta(source.checkpoint) if source.checkpoint.suffix == ".safetensors" else None
             data_cfg = build(DataConfig, meta["data"], "data") if meta and "data" in meta else None
@@ -89,8 +91,10 @@ def evaluate_path(
     dataset = load_dataset(data_cfg, dev)
     spec = ModelSpec(model, dataset.num_classes, dataset.channels) if model is not None else None
     net, spec = load_source(source, dataset, spec)
-    net = net.to(dev)
+    net = net.to(dev).to(memory_format=memory_format)
     surrogate = load_surrogate(eval_cfg, teachers, dataset, dev)
+    if surrogate is not None:
+        surrogate = surrogate.to(memory_format=memory_format)
     chosen = subset_of(dataset.split(split), eval_cfg.subset, f"the {split} split", "eval.subset (--subset)")
     summary = evaluate(
         net, chosen, settings, dataset.num_classes, progress=progress, surrogate=surrogate, state_dir=state_dir

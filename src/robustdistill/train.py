@@ -279,7 +279,7 @@ def setup(cfg: Config, force: bool, resume: bool) -> Run:
     torch.manual_seed(cfg.seed * 1000 + dist_info.rank)
 
     dataset = load_dataset(cfg.data, device)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    memory_format = memory_format_of(cfg)
     teachers = {
         role: load_teacher(role, t, dataset, device).to(memory_format=memory_format) for role, t in cfg.teachers.items()
     }
@@ -556,6 +556,12 @@ def save(run: Run, epoch: int, record: dict[str, Any]) -> None:
     barrier()
 
 
+def memory_format_of(cfg: Config) -> torch.memory_format:
+    """The memory format of a run's models (`train.channels_last`): training, its final report and
+    `robustdistill eval` of the run all use it, so the three compute the same verdicts."""
+    return torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+
+
 def final_report(
     cfg: Config,
     run_dir: Path,
@@ -569,7 +575,8 @@ def final_report(
     write report.json/.md. The transfer attack's surrogate defaults to the robust teacher."""
     ckpt = run_dir / CHECKPOINTS / "best.safetensors"
     model, meta = load_model(ckpt)
-    model = model.to(dataset.test.y.device)
+    # the memory format training used, as `robustdistill eval` of the run uses: the same verdicts
+    model = model.to(dataset.test.y.device).to(memory_format=memory_format_of(cfg))
     test = subset_of(dataset.test, cfg.eval.subset, "the test split", "eval.subset")
     surrogate = load_surrogate(cfg.eval, cfg.teachers, dataset, dataset.test.y.device, loaded=teachers)
     summary = evaluate(
