@@ -29,7 +29,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference import reference_robust_eval  # noqa: E402
 from robustdistill.train import save, train_epoch, validate_and_select  # noqa: E402
-from train_step import METHOD_NAMES, build, fake_cifar10, sync, workload  # noqa: E402
+from train_step import METHOD_NAMES, add_build_options, build, build_options, fake_cifar10, sync, workload  # noqa: E402
 
 
 def compare(wname: str, method: str, w: dict, tmp: Path, args) -> list[str]:
@@ -76,19 +76,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved epochs per side")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--amp", action="store_true")
-    parser.add_argument("--channels-last", choices=["on", "off"], default="on", help="train.channels_last")
-    parser.add_argument(
-        "--fold-batchnorm", choices=["on", "off"], default="on", help="attack.fold_batchnorm (the PGD steps)"
-    )
+    add_build_options(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, cpus {os.cpu_count()}; "
-        f"robustdistill options: compile={args.compile} amp={args.amp} channels_last={args.channels_last} "
-        f"fold_batchnorm={args.fold_batchnorm}"
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, cpus {os.cpu_count()}; " + build_options(args)
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -112,6 +112,24 @@ class Side:
     run: Run  # robustdistill's run (the reference side's supplies the data and the model spec)
 
 
+def add_build_options(parser: argparse.ArgumentParser) -> None:
+    """The robustdistill options `build` reads from `args` (train_step.py and epoch.py)."""
+    parser.add_argument("--compile", action="store_true", help="robustdistill with train.compile=true")
+    parser.add_argument("--amp", action="store_true", help="robustdistill with bf16 autocast")
+    parser.add_argument("--channels-last", choices=["on", "off"], default="on", help="train.channels_last")
+    parser.add_argument(
+        "--fold-batchnorm", choices=["on", "off"], default="on", help="attack.fold_batchnorm (the PGD steps)"
+    )
+
+
+def build_options(args) -> str:
+    """The options of `add_build_options` as the benchmarks' first line prints them."""
+    return (
+        f"robustdistill options: compile={args.compile} amp={args.amp} channels_last={args.channels_last} "
+        f"fold_batchnorm={args.fold_batchnorm}"
+    )
+
+
 def build(side: str, method: str, w: dict, tmp: Path, args) -> Side:
     """One side ("ours" or "ref") of a comparison, both from identical initial weights."""
     torch.manual_seed(0)
@@ -278,12 +296,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="steps per round (default: 10 digits, 2 resnet18 cpu)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--compile", action="store_true", help="robustdistill with train.compile=true")
-    parser.add_argument("--amp", action="store_true", help="robustdistill with bf16 autocast")
-    parser.add_argument("--channels-last", choices=["on", "off"], default="on", help="train.channels_last")
-    parser.add_argument(
-        "--fold-batchnorm", choices=["on", "off"], default="on", help="attack.fold_batchnorm (the PGD steps)"
-    )
+    add_build_options(parser)
     parser.add_argument("--batch", type=int, default=0, help="batch size (default: the workload's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     args = parser.parse_args()
@@ -291,9 +304,7 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
         f"interop {torch.get_num_interop_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
-        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, cpus {os.cpu_count()}; "
-        f"robustdistill options: compile={args.compile} amp={args.amp} channels_last={args.channels_last} "
-        f"fold_batchnorm={args.fold_batchnorm}"
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, cpus {os.cpu_count()}; " + build_options(args)
     )
     # measured before and after the workloads; the better of the two is the reference (a busy
     # moment on a shared machine lowers one measurement, never raises it)
