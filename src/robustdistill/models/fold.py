@@ -28,8 +28,6 @@ from typing import Optional
 import torch
 from torch import fx, nn
 
-from .layers import GlobalAvgPool
-
 
 class _ConvBN(nn.Module):
     """One conv -> eval-mode bn pair as a single convolution. Holds the pair without registering
@@ -58,14 +56,9 @@ class _ConvBN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, bn = self.pair
-        if bn.training or self.weight is None:
+        if bn.training:  # the view is made in eval mode; a model put back in train mode uses its batch statistics
             return bn(conv(x))
         return conv._conv_forward(x, self.weight, self.bias)
-
-
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, GlobalAvgPool) or super().is_leaf_module(m, qualname)
 
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
@@ -94,7 +87,7 @@ def _build(model: nn.Module, signature: tuple) -> _View:
     """The folded graph of `model` (traced in its current, eval, mode); a view without a module where
     it cannot be traced or has nothing to fold."""
     try:
-        graph = _Tracer().trace(model)
+        graph = fx.Tracer().trace(model)
     except Exception:  # any tracing failure (control flow on values, untraceable calls): no folding
         return _View(None, [], signature)
     module = fx.GraphModule(model, graph)  # shares the model's submodules, parameters and buffers
