@@ -16,7 +16,10 @@ other (the order alternates between rounds); the median and the range of the per
 ratio reference / robustdistill (above 1: robustdistill is faster); FLOPs of one step of each side
 counted by operator (matmul, convolution: torch's flop formulas) and the achieved GFLOP/s, also as
 a fraction of the best dense kernel measured in the same run, before and after (a large matmul and a large
-convolution); the peak memory of each side (CUDA: allocator peak; CPU: growth of the process's peak
+convolution); the step's own matmuls and convolutions replayed alone, back to back with nothing
+between them (`Kernels`: the time the step would take if every other operator cost nothing, so
+its fraction of the best dense kernel bounds what any implementation calling the same kernels can
+reach), interleaved like the steps; the peak memory of each side (CUDA: allocator peak; CPU: growth of the process's peak
 resident set over a few steps after a warm-up step, its peak reset first where Linux allows, each side
 in a fresh process). The thread settings are printed;
 OMP_WAIT_POLICY is set to PASSIVE unless given (the spinning default made contended steps many
@@ -44,6 +47,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch.utils.flop_counter import flop_registry  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference import REFERENCES  # noqa: E402
@@ -208,11 +212,56 @@ def timed(step, batches: Batches, steps: int, device: str) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def count_flops(step, batches: Batches) -> int:
-    counter = FlopCount()
+class Kernels(FlopCount):
+    """FlopCount that also records the sequence of counted calls (the matmuls and convolutions of
+    a step, forward and backward), to time them alone: `replay` runs exactly those calls back to back
+    and nothing else, so its time is what the step would take if everything but its dense kernels
+    cost nothing; no implementation calling the same kernels can run the step faster. Calls with
+    the same operator and argument layouts (the PGD iterations repeat theirs) share one set of
+    arguments, the step's own tensors of the first such call, so memory stays that of one pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.sequence: list = []  # the key of each call, in order
+        self.arguments: dict = {}  # key -> (func, args, kwargs) of its first call
+
+    @staticmethod
+    def _layout(value):
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape), value.stride(), value.dtype, str(value.device))
+        if isinstance(value, (list, tuple)):
+            return tuple(Kernels._layout(v) for v in value)
+        return value
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if flop_registry.get(func._overloadpacket) is not None:
+            key = (func, self._layout(args), self._layout(sorted(kwargs.items())))
+            detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
+            self.arguments.setdefault(
+                key, (func, [detach(a) for a in args], {k: detach(v) for k, v in kwargs.items()})
+            )
+            self.sequence.append(key)
+        return out
+
+    def replay(self, device: str) -> float:
+        """Seconds to run the recorded calls once, in the step's order."""
+        calls = [self.arguments[key] for key in self.sequence]
+        with torch.inference_mode():
+            sync(device)
+            start = time.perf_counter()
+            for func, args, kwargs in calls:
+                func(*args, **kwargs)
+            sync(device)
+        return time.perf_counter() - start
+
+
+def count_flops(step, batches: Batches) -> Kernels:
+    counter = Kernels()
     with counter:
         step(*batches.next())
-    return counter.total
+    return counter
 
 
 def dense_peak(device: str) -> float:
@@ -283,9 +332,11 @@ def peak_memory(side, method, wname, tmp, args) -> float:
 
 
 def cells(row: tuple, peak: float) -> list[str]:
-    """A table row, its fraction of the best dense kernel taken at `peak` (GFLOP/s)."""
+    """A table row, its fractions of the best dense kernel taken at `peak` (GFLOP/s)."""
     measured, gflops, memory = row
-    return [*measured, f"{gflops['ours'] / peak:.2f} / {gflops['ref'] / peak:.2f}", memory]
+    *timed, alone = measured
+    fraction = lambda a, b: f"{gflops[a] / peak:.2f} / {gflops[b] / peak:.2f}"  # noqa: E731
+    return [*timed, fraction("ours", "ref"), alone, fraction("ours alone", "ref alone"), memory]
 
 
 def main() -> None:
@@ -320,7 +371,8 @@ def main() -> None:
             for method in args.methods:
                 sides = {side: build(side, method, w, tmp, args) for side in ("ours", "ref")}
                 batches = {side: Batches(sides[side].batches) for side in sides}
-                flops = {side: count_flops(sides[side].step, batches[side]) for side in sides}
+                kernels = {side: count_flops(sides[side].step, batches[side]) for side in sides}
+                flops = {side: kernels[side].total for side in sides}
                 for side in sides:  # warm-up (compilation, allocator, caches)
                     timed(sides[side].step, batches[side], 2, args.device)
                 times = {"ours": [], "ref": []}
@@ -329,6 +381,14 @@ def main() -> None:
                     for side in order:
                         times[side].append(timed(sides[side].step, batches[side], steps, args.device))
                 med = {side: statistics.median(t) for side, t in times.items()}
+                alone = {side: [] for side in sides}  # the step's dense kernels alone, interleaved likewise
+                for r in range(args.repeats + 1):
+                    for side in ("ours", "ref") if r % 2 == 0 else ("ref", "ours"):
+                        seconds = kernels[side].replay(args.device)
+                        if r:  # the first replay warms up
+                            alone[side].append(seconds)
+                alone = {side: statistics.median(t) for side, t in alone.items()}
+                del kernels
                 memory = (
                     {side: float("nan") for side in sides}
                     if args.no_memory
@@ -336,6 +396,7 @@ def main() -> None:
                 )
                 ratio = med["ref"] / med["ours"]
                 gflops = {side: flops[side] / med[side] / 1e9 for side in sides}
+                gflops.update({f"{side} alone": flops[side] / alone[side] / 1e9 for side in sides})
                 results.append((ratio, gflops, method, f"{wname} {args.device.split(':')[0]}"))
                 measured = [
                     wname,
@@ -346,6 +407,7 @@ def main() -> None:
                     f"{ratio:.2f}x",
                     f"{flops['ours'] / 1e9:.2f} / {flops['ref'] / 1e9:.2f}",
                     f"{gflops['ours']:.1f} / {gflops['ref']:.1f}",
+                    f"{1e3 * alone['ours']:.1f} / {1e3 * alone['ref']:.1f}",
                 ]
                 rows.append((measured, gflops, f"{memory['ours']:.0f} / {memory['ref']:.0f}"))
                 print(" | ".join(cells(rows[-1], peaks[0])), flush=True)
@@ -363,6 +425,8 @@ def main() -> None:
         "GFLOP/step ours / ref",
         "GFLOP/s ours / ref",
         "of best dense",
+        "kernels alone ms/step ours / ref",
+        "kernels alone of best dense",
         "peak MiB ours / ref",
     ]
     print()
