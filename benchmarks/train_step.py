@@ -19,11 +19,11 @@ a fraction of the best dense kernel measured in the same run, before and after (
 convolution); the step's own matmuls and convolutions replayed alone, back to back with nothing
 between them (`Kernels`: the time the step would take if every other operator cost nothing, so
 its fraction of the best dense kernel bounds what any implementation calling the same kernels can
-reach), interleaved like the steps; the peak memory of each side (CUDA: allocator peak; CPU: growth of the process's peak
-resident set over a few steps after a warm-up step, its peak reset first where Linux allows, each side
-in a fresh process). The thread settings are printed;
-OMP_WAIT_POLICY is set to PASSIVE unless given (the spinning default made contended steps many
-times slower on a shared machine). Its last line is the summary:
+reach), interleaved like the steps; the peak memory of each side (CUDA: allocator peak; CPU: growth
+of the process's peak resident set over a few steps after a warm-up step, its peak reset first where
+Linux allows, each side in a fresh process). The thread settings are printed; OMP_WAIT_POLICY is
+set to PASSIVE unless given (the spinning default made contended steps many times slower on a
+shared machine). Its last line is the summary:
     slowest ratio: 1.02x compute-bound (bmtard, resnet18 cpu), 1.61x overhead-bound (absld, digits cpu)
 """
 
@@ -239,9 +239,7 @@ class Kernels(FlopCount):
         if flop_registry.get(func._overloadpacket) is not None:
             key = (func, self._layout(args), self._layout(sorted(kwargs.items())))
             detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
-            self.arguments.setdefault(
-                key, (func, [detach(a) for a in args], {k: detach(v) for k, v in kwargs.items()})
-            )
+            self.arguments.setdefault(key, (func, [detach(a) for a in args], {k: detach(v) for k, v in kwargs.items()}))
             self.sequence.append(key)
         return out
 
