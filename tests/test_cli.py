@@ -60,7 +60,9 @@ def test_cli_train_then_eval_end_to_end(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # the console script installed beside this interpreter (found without activating its environment)
     script = shutil.which("robustdistill", path=str(Path(sys.executable).parent)) or "robustdistill"
-    run = lambda *a: subprocess.run([script, *a], cwd=tmp_path, env=env, capture_output=True, text=True)  # noqa: E731
+    run = lambda *a, **extra: subprocess.run(  # noqa: E731
+        [script, *a], cwd=tmp_path, env={**env, **extra}, capture_output=True, text=True
+    )
     cfg = ROOT / "configs" / "digits"
     r = run("train", str(cfg / "trades.yaml"), "train.epochs=2", "train.milestones=[]", "attack.steps=3")
     assert r.returncode == 0, r.stderr
@@ -73,8 +75,10 @@ def test_cli_train_then_eval_end_to_end(tmp_path):
     report = json.loads((tmp_path / report_path).read_text())
     assert report["data"]["num_samples"] == 100 and list(report["attacks"]) == ["clean", "fgsm", "pgd20"]
     assert "W-Robust Acc" in r.stdout
-    r = run("eval", "runs/rslad/checkpoints/best.safetensors", "--subset", "50")  # the file alone suffices
+    r = run("eval", "runs/rslad/checkpoints/best.safetensors", "--subset", "50", OMP_NUM_THREADS="1")  # the file alone
     assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / r.stdout.strip().splitlines()[-1].split("report: ")[1]).read_text())
+    assert report["threads"] == 1  # the thread count the verdicts were computed with (their rounding depends on it)
     # dotted overrides, as for train (the flags are their aliases); tables name PGD by its steps
     r = run("eval", "runs/rslad", "eval.subset=30", "eval.pgd_steps=5", "--no-checks", "eval.attacks=[clean,pgd20]")
     assert r.returncode == 0, r.stderr

@@ -4,6 +4,8 @@ report.json schema (version 1):
     schema_version: 1
     created: ISO-8601 UTC time
     versions: {robustdistill, torch, numpy, python, pyautoattack}
+    threads: intra-op CPU threads of the evaluating process (on CPU the attacks' float rounding, so a
+             verdict at the edge, can depend on it)
     model: ModelSpec of the evaluated model;  checkpoint: path
     data: {name, split, num_samples, class_names}
     seed: int
@@ -48,6 +50,7 @@ def build_report(summary: dict[str, Any], spec, checkpoint, dataset, split: str,
         "schema_version": SCHEMA_VERSION,
         "created": now(),
         "versions": versions(),
+        "threads": torch.get_num_threads(),
         "model": spec.to_dict(),
         "checkpoint": str(checkpoint),
         "data": {"name": dataset.name, "split": split, "num_samples": n, "class_names": dataset.class_names},
