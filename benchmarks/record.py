@@ -10,6 +10,7 @@ Keys and commands:
     train_step          python benchmarks/train_step.py
     train_step_nchw     python benchmarks/train_step.py --channels-last off --fold-batchnorm off
     train_step_1thread  python benchmarks/train_step.py --workloads digits --threads 1 --no-memory
+    train_step_active   OMP_WAIT_POLICY=ACTIVE python benchmarks/train_step.py --workloads digits --no-memory
     train_step_compile  python benchmarks/train_step.py --workloads digits --compile
     batch32, batch128   python benchmarks/train_step.py --workloads digits --methods bmtard --no-memory --batch N
     epoch               python benchmarks/epoch.py
@@ -38,6 +39,7 @@ COMMANDS = {
     "train_step": "python benchmarks/train_step.py",
     "train_step_nchw": "python benchmarks/train_step.py --channels-last off --fold-batchnorm off",
     "train_step_1thread": "python benchmarks/train_step.py --workloads digits --threads 1 --no-memory",
+    "train_step_active": "OMP_WAIT_POLICY=ACTIVE python benchmarks/train_step.py --workloads digits --no-memory",
     "train_step_compile": "python benchmarks/train_step.py --workloads digits --compile",
     "batch32": "python benchmarks/train_step.py --workloads digits --methods bmtard --no-memory --batch 32",
     "batch128": "python benchmarks/train_step.py --workloads digits --methods bmtard --no-memory --batch 128",
@@ -122,8 +124,13 @@ def main() -> None:
         else:
             print(f"record: {command}", flush=True)
             start = time.perf_counter()
-            argv = [sys.executable, *shlex.split(command)[1:]]
-            done = subprocess.run(argv, cwd=HERE.parent, capture_output=True, text=True)
+            words = shlex.split(command)
+            env = dict(os.environ)
+            while "=" in words[0]:  # leading NAME=value words, as a shell takes them
+                name, value = words.pop(0).split("=", 1)
+                env[name] = value
+            argv = [sys.executable, *words[1:]]
+            done = subprocess.run(argv, cwd=HERE.parent, env=env, capture_output=True, text=True)
             seconds = time.perf_counter() - start
             if done.returncode:
                 sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
