@@ -1,4 +1,6 @@
 import json
+import logging
+import math
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ from conftest import digits_config, snapshot
 from robustdistill.config import load_config
 from robustdistill.errors import ConfigError, TrainingError, UserError
 from robustdistill.runs import read_metrics
-from robustdistill.train import FlopCount, lr_decays, train
+from robustdistill.train import FlopCount, duration, lr_decays, time_left, train
 
 
 def test_lr_decays_counts_milestones_reached():
@@ -112,11 +114,24 @@ def test_force_replaces_only_what_the_tool_wrote(tmp_path):
     assert not (run / "eval-20260101-000000").exists() and (run / ".robustdistill-run").is_file()
 
 
+def test_time_left_and_durations_by_hand():
+    assert time_left(30.0, 3, 7) == pytest.approx(70.0)  # 10 s an epoch, 7 to go
+    assert time_left(30.0, 3, 0) == 0.0 and math.isnan(time_left(0.0, 0, 5))
+    shown = [duration(s) for s in (0.4, 42, 59.6, 60, 725, 3599, 3600, 11220)]
+    assert shown == ["0s", "42s", "1m 00s", "1m 00s", "12m 05s", "59m 59s", "1h 00m", "3h 07m"]
+
+
 @pytest.mark.slow
-def test_resume_continues_to_the_same_weights(tmp_path):
-    straight = train(
-        digits_config(tmp_path, "pgd_at", name="straight", train__epochs=2, attack__steps=2, train__milestones="[1]")
-    )
+def test_resume_continues_to_the_same_weights(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="robustdistill"):
+        straight = train(
+            digits_config(
+                tmp_path, "pgd_at", name="straight", train__epochs=2, attack__steps=2, train__milestones="[1]"
+            )
+        )
+    epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    # the first epoch's line estimates the time the other takes, the last one has nothing left to estimate
+    assert len(epochs) == 2 and "to go before the final evaluation)" in epochs[0] and "to go" not in epochs[1]
     cfg = digits_config(tmp_path, "pgd_at", name="resumed", train__epochs=1, attack__steps=2, train__milestones="[1]")
     run = train(cfg)
     cfg.train.epochs = 2

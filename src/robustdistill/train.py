@@ -245,11 +245,13 @@ class Run:
 def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
     """Train `cfg` into `cfg.out_dir/cfg.name`; returns the run folder."""
     run = setup(cfg, force, resume)
+    started = time.perf_counter()
     for epoch in range(run.start_epoch, cfg.train.epochs):
         record = train_epoch(run, epoch)
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
             validate_and_select(run, epoch, record)
-        save(run, epoch, record)
+        done, remaining = epoch + 1 - run.start_epoch, cfg.train.epochs - epoch - 1
+        save(run, epoch, record, left=time_left(time.perf_counter() - started, done, remaining))
     final_report(
         cfg,
         run.run_dir,
@@ -519,8 +521,25 @@ def _record_validation(record: dict[str, Any], summary: dict[str, Any], prefix: 
         record[f"{prefix}_{name}_worst_class_acc"] = result["worst_class_accuracy"]
 
 
-def save(run: Run, epoch: int, record: dict[str, Any]) -> None:
-    """The epoch's record, the last model and the full state for `--resume`, all written atomically."""
+def time_left(elapsed: float, done: int, remaining: int) -> float:
+    """Seconds the `remaining` epochs take at the mean wall time of the `done` ones (validation and
+    checkpoints included, as often as they ran so far)."""
+    return elapsed / done * remaining if done else float("nan")
+
+
+def duration(seconds: float) -> str:
+    """A duration for people: 42s, 12m 05s, 3h 07m."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+
+
+def save(run: Run, epoch: int, record: dict[str, Any], left: float = float("nan")) -> None:
+    """The epoch's record, the last model and the full state for `--resume`, all written atomically;
+    the log line ends with the time the run's other epochs are estimated to take (`left`)."""
     rng = _rng_states(run.device)
     if run.dist.is_main:
         run.metrics.write(**record)
@@ -544,14 +563,16 @@ def save(run: Run, epoch: int, record: dict[str, Any]) -> None:
             run.run_dir / CHECKPOINTS / "train_state.pt",
         )
         metric = f"{run.cfg.train.select_on}_{run.select_metric}"
+        estimate = f", about {duration(left)} to go before the final evaluation" if math.isfinite(left) and left else ""
         log.info(
-            "epoch %d/%d  loss %.4f  %s %.4f  (%.1fs)",
+            "epoch %d/%d  loss %.4f  %s %.4f  (%.1fs%s)",
             epoch + 1,
             run.cfg.train.epochs,
             record["loss"],
             run.select_metric,
             record.get(metric, float("nan")),
             record["seconds"],
+            estimate,
         )
     barrier()
 
