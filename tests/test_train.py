@@ -10,7 +10,7 @@ from conftest import digits_config, snapshot
 from robustdistill.config import load_config
 from robustdistill.errors import ConfigError, TrainingError, UserError
 from robustdistill.runs import read_metrics
-from robustdistill.train import FlopCount, duration, lr_decays, time_left, train
+from robustdistill.train import FlopCount, duration, estimate, lr_decays, setup, time_left, train
 
 
 def test_lr_decays_counts_milestones_reached():
@@ -117,8 +117,8 @@ def test_force_replaces_only_what_the_tool_wrote(tmp_path):
 def test_time_left_and_durations_by_hand():
     assert time_left(30.0, 3, 7) == pytest.approx(70.0)  # 10 s an epoch, 7 to go
     assert time_left(30.0, 3, 0) == 0.0 and math.isnan(time_left(0.0, 0, 5))
-    shown = [duration(s) for s in (0.4, 42, 59.6, 60, 725, 3599, 3600, 11220)]
-    assert shown == ["0s", "42s", "1m 00s", "1m 00s", "12m 05s", "59m 59s", "1h 00m", "3h 07m"]
+    shown = [duration(s) for s in (0.44, 9.96, 42, 59.6, 60, 725, 3599, 3600, 11220)]
+    assert shown == ["0.4s", "10s", "42s", "1m 00s", "1m 00s", "12m 05s", "59m 59s", "1h 00m", "3h 07m"]
 
 
 @pytest.mark.slow
@@ -145,6 +145,32 @@ def test_resume_continues_to_the_same_weights(tmp_path, caplog):
     history = [json.loads(line) for line in (run / "config_history.jsonl").read_text().splitlines()]
     assert history[0]["changes"] == {"train.epochs": [1, 2]} and history[0]["resumed_after_epoch"] == 1
     assert load_config(run / "config.yaml").train.epochs == 2
+
+
+@pytest.mark.slow
+def test_estimate_times_the_run_and_writes_nothing(tmp_path, capsys):
+    from robustdistill.cli import main
+
+    cfg = digits_config(tmp_path, "pgd_at", train__epochs=5, train__eval_every=2, attack__steps=2)
+    e = estimate(cfg, steps=3)
+    assert not (tmp_path / "runs").exists() and e.folder_note == ""
+    assert e.epochs == 5 and e.validations == 3  # after epochs 2, 4 and the last, 5
+    assert e.steps_per_epoch == len(setup(cfg, force=False, resume=False, write=False).loader)
+    assert e.step > 0 and e.validation > 0
+    assert e.total == pytest.approx(5 * e.steps_per_epoch * e.step + 3 * e.validation)
+    assert e.final_attacks == tuple(cfg.eval.attacks)
+    # an existing run: the estimate says train would refuse it, and leaves it as it was; --resume
+    # estimates the epochs still to train
+    cfg.train.epochs = 1
+    run = train(cfg)
+    before = snapshot(run)
+    assert "already exists" in estimate(cfg, steps=1).folder_note
+    cfg.train.epochs = 3
+    assert estimate(cfg, resume=True, steps=1).epochs == 2
+    assert main(["train", str(run), "--resume", "--estimate", "train.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    assert "2 epochs" in out and "nothing was written" in out
+    assert snapshot(run) == before
 
 
 @pytest.mark.slow

@@ -1,7 +1,9 @@
 """The library's front door: train a config, evaluate any model path.
 
-    from robustdistill.api import load_config, train, evaluate_path
-    run = train(load_config("configs/digits/rslad.yaml", ["train.epochs=5"]))
+    from robustdistill.api import load_config, train, estimate, evaluate_path
+    cfg = load_config("configs/digits/rslad.yaml", ["train.epochs=5"])
+    print(estimate(cfg).total)        # seconds the training will take, from 10 timed steps; writes nothing
+    run = train(cfg)
     report = evaluate_path(run, ["eval.attacks=[clean,pgd20,autoattack_fast]", "eval.subset=200"])
 
 `evaluate_path` takes a run folder, a checkpoint file or `robustbench:<Name>` (resolved by
@@ -25,9 +27,9 @@ from .models import ModelSpec
 from .report import build_report
 from .robustbench import is_robustbench
 from .teachers import load_source, load_surrogate, resolve_model_source
-from .train import memory_format_of, train
+from .train import estimate, memory_format_of, train
 
-__all__ = ["evaluate_path", "eval_config", "load_config", "resolve_model_source", "train"]
+__all__ = ["estimate", "evaluate_path", "eval_config", "load_config", "resolve_model_source", "train"]
 
 
 def eval_config(base: EvalConfig, overrides: list[str]) -> EvalConfig:

@@ -3,6 +3,7 @@
     robustdistill demo                                   the tour on the embedded digits
     robustdistill train CONFIG [key=value ...]           one run into runs/<name>/
     robustdistill train CONFIG --print-config            show the resolved config, train nothing
+    robustdistill train CONFIG --estimate                time a few steps: how long the run will take
     robustdistill eval RUN_OR_CHECKPOINT [eval.key=value ...] [--attacks clean,pgd20,autoattack_fast] [--strict]
     robustdistill report RUN1 RUN2 ...                   comparison table + robustness-fairness scatter
     robustdistill plot RUN                               temperature / weight trajectories to PNG
@@ -36,7 +37,7 @@ from .models import MODELS
 from .plots import plot_classwise, plot_run, plot_scatter
 from .report import attack_table, comparison_table, read_report, to_markdown, write_report
 from .runs import check_writable
-from .train import train
+from .train import Estimate, duration, estimate, train
 
 log = logging.getLogger("robustdistill")
 
@@ -47,6 +48,25 @@ def _setup_logging(verbose: bool) -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
+
+
+def _print_estimate(cfg, e: Estimate) -> int:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    run = Path(cfg.out_dir) / (cfg.name or "run")
+    print(f"estimate for {run} ({cfg.method.name}, {cfg.model.name} on {cfg.data.name}, {e.device}):")
+    print(f"  one step        {1e3 * e.step:.1f} ms (median of the timed steps, after 2 warm-up steps)")
+    print(f"  one epoch       {duration(e.epoch)} ({e.steps_per_epoch} steps)")
+    print(f"  one validation  {duration(e.validation)}")
+    print(f"  training        about {duration(e.total)}: {e.epochs} epochs, {e.validations} validations")
+    print(
+        "  not included: compilation (train.compile), checkpoint writes, "
+        f"the final evaluation ({', '.join(e.final_attacks)})"
+    )
+    if e.folder_note:
+        print(f"note: {e.folder_note}")
+    print("nothing was written")
+    return 0
 
 
 def _cmd_train(args) -> int:
@@ -61,6 +81,8 @@ def _cmd_train(args) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
+    if args.estimate:
+        return _print_estimate(cfg, estimate(cfg, resume=args.resume))
     run_dir = train(cfg, force=args.force, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for the run
         return 0
@@ -246,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file (or, with --resume, a run folder)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=5 attack.eps=8/255")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument(
+        "--estimate",
+        action="store_true",
+        help="time 10 training steps and one validation, print how long the run will take; write nothing",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing run folder of the same name")
     p.add_argument("--resume", action="store_true", help="continue the run folder given instead of a config")
     p.set_defaults(func=_cmd_train)

@@ -19,6 +19,7 @@ import copy
 import json
 import logging
 import math
+import statistics
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,7 +47,7 @@ from .distributed import (
     init_distributed,
     resolve_device,
 )
-from .errors import CheckpointError, ConfigError, TrainingError
+from .errors import CheckpointError, ConfigError, TrainingError, UserError
 from .evaluate import evaluate
 from .files import atomic_write
 from .methods import METHODS, Context, Method, Progress, create_method
@@ -72,7 +73,9 @@ def lr_decays(epoch: int, milestones: list[int]) -> int:
     return sum(epoch >= m for m in milestones)
 
 
-def _preflight(cfg: Config, run_dir: Path, force: bool, resume: bool) -> dict[str, tuple[Any, Any]]:
+def _preflight(
+    cfg: Config, run_dir: Path, force: bool, resume: bool, check_folder: bool = True
+) -> dict[str, tuple[Any, Any]]:
     """Every check that can fail on user input, before anything is read or written; returns the
     config keys a resume changes (only those of RESUMABLE are accepted)."""
     method_cls = METHODS.get(cfg.method.name)
@@ -97,7 +100,8 @@ def _preflight(cfg: Config, run_dir: Path, force: bool, resume: bool) -> dict[st
         )
     if cfg.train.select_on == "val" and cfg.data.val_fraction <= 0:
         raise ConfigError("train.select_on=val needs data.val_fraction > 0 (a validation split)")
-    check_run_dir(run_dir, force, resume)
+    if check_folder:
+        check_run_dir(run_dir, force, resume)
     if not resume:
         return {}
     changes = config_changes(load_config(run_dir / "config.yaml"), cfg)
@@ -270,12 +274,84 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
     return run.run_dir
 
 
-def setup(cfg: Config, force: bool, resume: bool) -> Run:
+@dataclass
+class Estimate:
+    """What `estimate` measured (seconds) and the training time it extrapolates to."""
+
+    step: float  # median wall time of one training step, its batch's loading included
+    steps_per_epoch: int
+    validation: float  # one validation (twice over for weight-averaging methods: student and average)
+    epochs: int  # epochs still to train
+    validations: int  # validations among them (train.eval_every, and the last epoch)
+    final_attacks: tuple[str, ...]  # the final report's attacks, not timed
+    device: str  # where it was measured (with the thread count on CPU)
+    folder_note: str = ""  # why `train` would refuse the run folder as configured ("" if it would not)
+
+    @property
+    def epoch(self) -> float:
+        return self.steps_per_epoch * self.step
+
+    @property
+    def total(self) -> float:
+        """The training epochs and their validations; neither compilation nor the final evaluation."""
+        return self.epochs * self.epoch + self.validations * self.validation
+
+
+def estimate(cfg: Config, *, resume: bool = False, steps: int = 10, warmup: int = 2) -> Estimate:
+    """How long `train(cfg)` will take: `warmup` training steps, then `steps` timed one by one
+    (median; each waits for the device, so a pipelined loop is if anything faster), and one timed
+    validation, on the run as `train` builds it (config, data, teachers and a resumed state checked
+    as for training). The steps change only the student in memory; nothing is written."""
+    run_dir = Path(cfg.out_dir) / (cfg.name or "run")
+    note = ""
+    if not resume:
+        try:
+            check_run_dir(run_dir, force=False, resume=False)
+        except UserError as error:
+            note = str(error)
+    run = setup(cfg, force=False, resume=resume, write=False)
+    _start_epoch(run, run.start_epoch)
+    tally, times = Tally(run.device), []
+    batches = iter(run.loader)
+    for i in range(warmup + steps):
+        _synchronize(run.device)
+        started = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:  # an epoch shorter than the timed steps: the next one
+            batches = iter(run.loader)
+            batch = next(batches)
+        train_batch(run, *batch, tally)
+        _synchronize(run.device)
+        if i >= warmup:
+            times.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    _validate(run, run.student)
+    validation = (time.perf_counter() - started) * (2 if run.method.averages_weights(run.method.options) else 1)
+    epochs = range(run.start_epoch, cfg.train.epochs)
+    return Estimate(
+        step=statistics.median(times),
+        steps_per_epoch=len(run.loader),
+        validation=validation,
+        epochs=len(epochs),
+        validations=sum((e + 1) % cfg.train.eval_every == 0 or e + 1 == cfg.train.epochs for e in epochs),
+        final_attacks=tuple(run.settings.attacks),
+        device=str(run.device) + (f", {torch.get_num_threads()} threads" if run.device.type == "cpu" else ""),
+        folder_note=note,
+    )
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def setup(cfg: Config, force: bool, resume: bool, write: bool = True) -> Run:
     """Check everything that can fail on the user's input, then build data, teachers, student,
-    method and optimizer, restore a resumed run's state, and only then create the run folder."""
+    method and optimizer, restore a resumed run's state, and only then create the run folder.
+    `write=False` (`estimate`): a new run's folder is neither checked nor created, nothing is written."""
     run_dir = Path(cfg.out_dir) / (cfg.name or "run")
     dist_info = init_distributed(cfg.train.device)
-    changes = _preflight(cfg, run_dir, force, resume)
+    changes = _preflight(cfg, run_dir, force, resume, check_folder=write or resume)
     barrier()  # every rank has checked the folder before rank 0 may create it
     device = resolve_device(cfg.train.device, dist_info)
     torch.manual_seed(cfg.seed * 1000 + dist_info.rank)
@@ -341,7 +417,7 @@ def setup(cfg: Config, force: bool, resume: bool) -> Run:
         optimizer,
         loader,
         Progress(),
-        MetricsLog(run_dir / "metrics.jsonl" if dist_info.is_main else None),
+        MetricsLog(run_dir / "metrics.jsonl" if dist_info.is_main and write else None),
         select_split,
         cfg.train.select_metric or method.selection_metric,
         cfg.eval.resolve(cfg.attack.eps),
@@ -350,7 +426,7 @@ def setup(cfg: Config, force: bool, resume: bool) -> Run:
     if resume:
         _restore(run)
     # Everything that can fail on the user's input has run: only now is the run folder written.
-    if dist_info.is_main:
+    if dist_info.is_main and write:
         create_run_dir(run_dir, force, resume)
         if not resume:
             atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(cfg.to_yaml()))
@@ -379,15 +455,7 @@ def _restore(run: Run) -> None:
 def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
     """One pass over the training split; returns the epoch's metrics record."""
     cfg, progress, method = run.cfg, run.progress, run.method
-    progress.epoch = epoch
-    progress.lr_decays = lr_decays(epoch, cfg.train.milestones)
-    progress.next_lr_decays = lr_decays(epoch + 1, cfg.train.milestones)
-    lr = cfg.train.lr * cfg.train.lr_gamma**progress.lr_decays
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    run.loader.set_epoch(epoch)
-    method.on_epoch_start(progress)
-    run.student.train()
+    lr = _start_epoch(run, epoch)
     tally = Tally(run.device)
     started = time.perf_counter()
     bar = tqdm(
@@ -425,6 +493,21 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
         "gflop_per_s": run.flops_per_step * steps * world / seconds / 1e9,
         **method.log_state(),
     }
+
+
+def _start_epoch(run: Run, epoch: int) -> float:
+    """The method's progress, the learning rate and the loader set for `epoch`; returns the lr."""
+    cfg, progress = run.cfg, run.progress
+    progress.epoch = epoch
+    progress.lr_decays = lr_decays(epoch, cfg.train.milestones)
+    progress.next_lr_decays = lr_decays(epoch + 1, cfg.train.milestones)
+    lr = cfg.train.lr * cfg.train.lr_gamma**progress.lr_decays
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.loader.set_epoch(epoch)
+    run.method.on_epoch_start(progress)
+    run.student.train()
+    return lr
 
 
 class Tally:
@@ -485,13 +568,7 @@ def validate_and_select(run: Run, epoch: int, record: dict[str, Any]) -> None:
     A weight-averaging method updates its average from the student's validation, and the average
     (the student until the average has started) is then validated and selected instead."""
     cfg, method = run.cfg, run.method
-    attacks = tuple(dict.fromkeys(needed_attacks(run.select_metric) + method.validation_attacks))
-    settings = replace(run.settings, attacks=attacks, checks=False)
-
-    def validate(model: nn.Module) -> dict[str, Any]:
-        return evaluate(model, run.select_split, settings, run.dataset.num_classes, run.dist.rank, run.dist.world_size)
-
-    summary = validate(run.student)
+    summary = _validate(run, run.student)
     method.on_validation(summary, run.progress)
     where = cfg.train.select_on
     _record_validation(record, summary, where)
@@ -505,7 +582,7 @@ def validate_and_select(run: Run, epoch: int, record: dict[str, Any]) -> None:
                 update_average(run.average, run.student, decay)
         record["average_updated"] = decay is not None
         if run.average is not None:
-            candidate, summary = run.average, validate(run.average)
+            candidate, summary = run.average, _validate(run, run.average)
             _record_validation(record, summary, f"{where}_average")
     score = selection_score(summary, run.select_metric)
     record[f"{where}_{run.select_metric}"] = score
@@ -513,6 +590,13 @@ def validate_and_select(run: Run, epoch: int, record: dict[str, Any]) -> None:
         run.best_score, run.best_epoch = score, epoch + 1
         if run.dist.is_main:
             save_model(run.run_dir / CHECKPOINTS / "best.safetensors", candidate, run.spec, epoch=epoch + 1, **run.meta)
+
+
+def _validate(run: Run, model: nn.Module) -> dict[str, Any]:
+    """One validation of `model`: the attacks the selection metric and the method need, no checks."""
+    attacks = tuple(dict.fromkeys(needed_attacks(run.select_metric) + run.method.validation_attacks))
+    settings = replace(run.settings, attacks=attacks, checks=False)
+    return evaluate(model, run.select_split, settings, run.dataset.num_classes, run.dist.rank, run.dist.world_size)
 
 
 def _record_validation(record: dict[str, Any], summary: dict[str, Any], prefix: str) -> None:
@@ -528,7 +612,9 @@ def time_left(elapsed: float, done: int, remaining: int) -> float:
 
 
 def duration(seconds: float) -> str:
-    """A duration for people: 42s, 12m 05s, 3h 07m."""
+    """A duration for people: 0.4s, 42s, 12m 05s, 3h 07m."""
+    if seconds < 9.95:
+        return f"{seconds:.1f}s"
     seconds = round(seconds)
     if seconds < 60:
         return f"{seconds}s"
