@@ -82,7 +82,7 @@ def _cmd_train(args) -> int:
         print(cfg.to_yaml(), end="")
         return 0
     if args.estimate:
-        return _print_estimate(cfg, estimate(cfg, resume=args.resume))
+        return _print_estimate(cfg, estimate(cfg, force=args.force, resume=args.resume))
     run_dir = train(cfg, force=args.force, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for the run
         return 0

@@ -297,7 +297,7 @@ class Estimate:
         return self.epochs * self.epoch + self.validations * self.validation
 
 
-def estimate(cfg: Config, *, resume: bool = False, steps: int = 10, warmup: int = 2) -> Estimate:
+def estimate(cfg: Config, *, force: bool = False, resume: bool = False, steps: int = 10, warmup: int = 2) -> Estimate:
     """How long `train(cfg)` will take: `warmup` training steps, then `steps` timed one by one
     (median; each waits for the device, so a pipelined loop is if anything faster), and one timed
     validation, on the run as `train` builds it (config, data, teachers and a resumed state checked
@@ -306,10 +306,10 @@ def estimate(cfg: Config, *, resume: bool = False, steps: int = 10, warmup: int 
     note = ""
     if not resume:
         try:
-            check_run_dir(run_dir, force=False, resume=False)
+            check_run_dir(run_dir, force=force, resume=False)
         except UserError as error:
             note = str(error)
-    run = setup(cfg, force=False, resume=resume, write=False)
+    run = setup(cfg, force=force, resume=resume, write=False)
     _start_epoch(run, run.start_epoch)
     tally, times = Tally(run.device), []
     batches = iter(run.loader)
