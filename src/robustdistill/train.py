@@ -313,6 +313,7 @@ def estimate(cfg: Config, *, force: bool = False, resume: bool = False, steps: i
     _start_epoch(run, run.start_epoch)
     tally, times = Tally(run.device), []
     batches = iter(run.loader)
+    log.info("estimate: %d training steps (%d of them warm-up)", warmup + steps, warmup)
     for i in range(warmup + steps):
         _synchronize(run.device)
         started = time.perf_counter()
@@ -324,6 +325,7 @@ def estimate(cfg: Config, *, force: bool = False, resume: bool = False, steps: i
         _synchronize(run.device)
         if i >= warmup:
             times.append(time.perf_counter() - started)
+    log.info("estimate: one validation (%d images of the %s split)", len(run.select_split), cfg.train.select_on)
     started = time.perf_counter()
     _validate(run, run.student)
     validation = (time.perf_counter() - started) * (2 if run.method.averages_weights(run.method.options) else 1)
