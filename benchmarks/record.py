@@ -15,6 +15,7 @@ Keys and commands:
     batch32, batch128   python benchmarks/train_step.py --workloads digits --methods bmtard --no-memory --batch N
     epoch               python benchmarks/epoch.py
     eval                python benchmarks/eval.py
+    estimate            python benchmarks/estimate.py
     flops               python benchmarks/flops.py --rate R   (R: train_step's best dense kernel, GFLOP/s)
 """
 
@@ -45,6 +46,7 @@ COMMANDS = {
     "batch128": "python benchmarks/train_step.py --workloads digits --methods bmtard --no-memory --batch 128",
     "epoch": "python benchmarks/epoch.py",
     "eval": "python benchmarks/eval.py",
+    "estimate": "python benchmarks/estimate.py",
     "flops": "python benchmarks/flops.py --rate {rate}",
 }
 DENSE = re.compile(r"best dense kernel: .*used: ([0-9.]+) GFLOP/s")

@@ -1,0 +1,114 @@
+"""Benchmark: how close `robustdistill train --estimate` comes to the training time it predicts.
+
+For each digits recipe: the estimate (10 timed steps after 2 warm-up steps, one validation), then
+the run itself, timed from the end of its setup to the start of its final evaluation (what the
+estimate covers: every epoch's steps, validations and checkpoint writes), `repeats` times in
+alternating order; the ratio estimate / measured (below 1: the estimate is short of the run).
+
+    python benchmarks/estimate.py                           # rslad, absld, bmtard, pgd_at; 3 rounds
+    python benchmarks/estimate.py --recipes trades --repeats 5 --epochs 10
+
+The teachers (the natural and TRADES recipes, a few epochs: their accuracy does not change the
+time) are trained once in a temporary folder first.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import logging  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+import robustdistill.train as training  # noqa: E402
+from robustdistill.config import from_dict  # noqa: E402
+from robustdistill.demo import TEACHERS, recipe  # noqa: E402
+
+
+def config(name: str, out: Path, epochs: int, run_name: str):
+    raw = recipe(name)
+    for role in raw.get("teachers", {}):
+        raw["teachers"][role]["path"] = str(out / TEACHERS[role])
+    extra = [f"out_dir={out}", f"name={run_name}"] + (
+        [f"train.epochs={epochs}", "train.milestones=[]"] if epochs else []
+    )
+    return from_dict(raw, extra)
+
+
+def measured_training(cfg) -> float:
+    """Seconds from the end of `train`'s setup to the start of its final evaluation."""
+    marks: dict[str, float] = {}
+    setup, final_report = training.setup, training.final_report
+
+    def timed_setup(*args, **kwargs):
+        run = setup(*args, **kwargs)
+        marks["start"] = time.perf_counter()
+        return run
+
+    def timed_final_report(*args, **kwargs):
+        marks["end"] = time.perf_counter()
+        return final_report(*args, **kwargs)
+
+    training.setup, training.final_report = timed_setup, timed_final_report
+    try:
+        training.train(cfg, force=True)
+    finally:
+        training.setup, training.final_report = setup, final_report
+    return marks["end"] - marks["start"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", nargs="+", default=["rslad", "absld", "bmtard", "pgd_at"])
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of (estimate, run) per recipe")
+    parser.add_argument("--epochs", type=int, default=0, help="train.epochs (default: the recipe's)")
+    args = parser.parse_args()
+    logging.getLogger("robustdistill").setLevel(logging.WARNING)
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, cpus {os.cpu_count()}"
+    )
+    header = ["recipe", "epochs", "estimate s [range]", "measured s [range]", "estimate / measured [range]"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        out = Path(tmp_name)
+        for name in TEACHERS.values():
+            training.train(config(name, out, 3, name))
+        for name in args.recipes:
+            cfg = config(name, out, args.epochs, f"{name}_timed")
+            estimates, runs = [], []
+            for r in range(args.repeats):
+                for what in ("estimate", "run") if r % 2 == 0 else ("run", "estimate"):
+                    if what == "estimate":
+                        estimates.append(training.estimate(cfg, force=True).total)
+                    else:
+                        runs.append(measured_training(cfg))
+            ratios = [e / m for e, m in zip(estimates, runs)]
+            rows.append(
+                [
+                    name,
+                    str(cfg.train.epochs),
+                    f"{statistics.median(estimates):.1f} [{min(estimates):.1f}, {max(estimates):.1f}]",
+                    f"{statistics.median(runs):.1f} [{min(runs):.1f}, {max(runs):.1f}]",
+                    f"{statistics.median(ratios):.2f} [{min(ratios):.2f}, {max(ratios):.2f}]",
+                ]
+            )
+            print(" | ".join(rows[-1]), flush=True)
+    print()
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
