@@ -26,6 +26,7 @@ MTARD's Baseline differs from RSLAD in four places; each variant changes one of 
     rslad_half   RSLAD weighted 1/2 : 1/2 (the Baseline's weights) instead of 5/6 : 1/6
     rslad_ce     RSLAD whose inner max is the cross-entropy with the hard label (MTARD's attack)
     rslad_tadv   RSLAD whose adversarial target is the teacher on the adversarial input, t(x_adv)
+    bmtard_tx    B-MTARD whose adversarial target is the robust teacher on the clean input, t(x) (RSLAD's)
 Baselines (`--baselines`; their digits recipes, the TRADES teacher where they need one):
     mart, ard, iad, adaad, fair_ard, frl, cfa, bat
 --variants picks any subset of all of these.
@@ -79,6 +80,7 @@ VARIANTS = {
     "rslad_half": ("rslad", ["method.adv_weight=0.5"], {}),
     "rslad_ce": ("rslad", ["method.attack_loss=ce"], {}),
     "rslad_tadv": ("rslad", ["method.adversarial_target=adversarial"], {}),
+    "bmtard_tx": ("bmtard", ["method.ebb=true", "method.nlb=true", "method.adversarial_target=clean"], {}),
     # the baselines the seed papers compare against (their digits recipes)
     "mart": ("mart", [], {}),
     "ard": ("ard", [], {}),
@@ -90,7 +92,7 @@ VARIANTS = {
     "bat": ("bat", [], {}),
 }
 PAPER = ["rslad", "absld", "absld_fixed", "baseline", "mtard", "ebb", "bmtard"]
-INVESTIGATION = ["bmtard_rt", "baseline_rt", "rslad_half", "rslad_ce", "rslad_tadv"]
+INVESTIGATION = ["bmtard_rt", "baseline_rt", "rslad_half", "rslad_ce", "rslad_tadv", "bmtard_tx"]
 BASELINES = ["mart", "ard", "iad", "adaad", "fair_ard", "frl", "cfa", "bat"]
 # (variant, reference): the comparisons the papers make
 PAIRS = [
@@ -108,6 +110,8 @@ PAIRS = [
     ("rslad_half", "rslad"),
     ("rslad_ce", "rslad"),
     ("rslad_tadv", "rslad"),
+    ("bmtard_tx", "bmtard"),
+    ("bmtard_tx", "rslad"),
     # the seed methods against the baselines of their papers' tables
     ("absld", "fair_ard"),
     ("absld", "ard"),

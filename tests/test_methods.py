@@ -148,6 +148,21 @@ def test_rslad_with_mtards_three_choices_is_mtards_baseline_with_one_teacher():
         assert changed.item() != pytest.approx(plain.item(), rel=2e-5), option
 
 
+def test_mtard_with_the_clean_adversarial_target_is_rslad_with_mtards_two_other_choices():
+    """MTARD's investigation option `adversarial_target: clean` is RSLAD's target: with the robust
+    teacher in both roles, the Baseline with it equals RSLAD with MTARD's attack and weights."""
+    torch.manual_seed(4)
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    rslad = ["method=rslad", "method.attack_loss=ce", "method.adv_weight=0.5"]
+    baseline = ["method=mtard", "method.ebb=false", "method.nlb=false", "method.adversarial_target=clean"]
+    loss_a, grads_a = _loss_and_grads(rslad, x, y)
+    loss_b, grads_b = _loss_and_grads(baseline, x, y)
+    assert loss_a.item() == pytest.approx(loss_b.item(), rel=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads_a, grads_b))
+    official, _ = _loss_and_grads(baseline[:-1], x, y)  # t(x_adv): the option is not ignored
+    assert official.item() != pytest.approx(loss_b.item(), rel=2e-5)
+
+
 def test_trades_is_cross_entropy_when_beta_is_zero():
     ctx = _context()
     method = create_method(load_config(None, ["method=trades", "method.beta=0"]).method, ctx)

@@ -16,6 +16,10 @@ adversarial inputs:
 Both rates are multiplied by 0.1 at every lr decay. Ablations: Baseline (ebb: false, nlb: false,
 so w = 1/2, tau = 1), +NLB (= MTARD), +EBB, both (= B-MTARD). Model selection: W-Robust Acc,
 (clean + PGD-20) / 2, on the validation split. CIFAR-100 reference scripts use loss_scale 10.
+
+Investigation option (not the papers'; its default is theirs): `adversarial_target: clean` makes the
+adversarial term's target the robust teacher on the clean input, softmax(t_adv(x) / tau_adv) (RSLAD's
+target), instead of on the student's adversarial example; EBB then balances that target's entropy.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class MTARDOptions(MethodOptions):
     temperature_min: float = 1.0
     temperature_max: float = 10.0
     rate_decay: float = 0.1  # both rates are multiplied by this at every lr milestone
+    adversarial_target: Literal["adversarial", "clean"] = "adversarial"  # the robust teacher's input in L_adv
 
     def validate(self):
         if not 0 < self.temperature_min <= 1.0 <= self.temperature_max:
@@ -73,7 +78,9 @@ class MTARD(Method):
         x_adv = self.attack("ce")(x, y)
         with torch.no_grad():
             tau_adv, tau_nat = self.entropy.tau[0], self.entropy.tau[1]
-            q_adv = soft_targets(self.ctx.teachers["robust"](x_adv), tau_adv)
+            q_adv = soft_targets(
+                self.ctx.teachers["robust"](x_adv if o.adversarial_target == "adversarial" else x), tau_adv
+            )
             q_nat = soft_targets(self.ctx.teachers["clean"](x), tau_nat)
         adv = kl_div(q_adv, self.student(x_adv), o.reduction)
         nat = kl_div(q_nat, self.student(x), o.reduction)
