@@ -1,7 +1,7 @@
 """Experiment: the seed methods and their papers' ablations on digits, with 95 % intervals.
 
     python benchmarks/digits_methods.py                 # the papers' ablations, 5 seeds: ~10 min, 2 cores
-    python benchmarks/digits_methods.py --investigate   # and 5 investigation variants: about 7 min more
+    python benchmarks/digits_methods.py --investigate   # and 6 investigation variants: about 8 min more
     python benchmarks/digits_methods.py --baselines     # and eight baselines: about 12 min more
     python benchmarks/digits_methods.py --investigate --update-readme   # rewrite the README's results section
     python benchmarks/digits_methods.py --seeds 0 1 2 --out runs/quick
