@@ -29,6 +29,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference import reference_robust_eval  # noqa: E402
 from robustdistill.train import save, train_epoch, validate_and_select  # noqa: E402
+from tables import print_table  # noqa: E402
 from train_step import METHOD_NAMES, add_build_options, build, build_options, fake_cifar10, sync, workload  # noqa: E402
 
 
@@ -94,10 +95,7 @@ def main() -> None:
                 print(" | ".join(rows[-1]), flush=True)
     header = ["workload", "method", "ours s/epoch [range]", "reference s/epoch [range]", "ratio", "epoch"]
     print()
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(header, rows)
 
 
 if __name__ == "__main__":

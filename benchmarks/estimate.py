@@ -31,6 +31,7 @@ import torch  # noqa: E402
 import robustdistill.train as training  # noqa: E402
 from robustdistill.config import from_dict  # noqa: E402
 from robustdistill.demo import TEACHERS, recipe  # noqa: E402
+from tables import print_table  # noqa: E402
 
 
 def config(name: str, out: Path, epochs: int, run_name: str):
@@ -103,10 +104,7 @@ def main() -> None:
             )
             print(" | ".join(rows[-1]), flush=True)
     print()
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(header, rows)
 
 
 if __name__ == "__main__":

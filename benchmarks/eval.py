@@ -34,6 +34,7 @@ from robustdistill.demo import recipe  # noqa: E402
 from robustdistill.evaluate import evaluate  # noqa: E402
 from robustdistill.teachers import load_source, resolve_model_source  # noqa: E402
 from robustdistill.train import train  # noqa: E402
+from tables import print_table  # noqa: E402
 
 try:
     import torchattacks
@@ -142,10 +143,7 @@ def main() -> None:
             print(" | ".join(rows[-1]), flush=True)
     header = ["attack", "ours images/s [range]", "direct images/s [range]", "ratio", "accuracy % ours / direct"]
     print()
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(header, rows)
     print(f"model: {source.checkpoint}; {len(y)} test images; eps {base.eps:.4f}; {args.repeats} interleaved rounds")
 
 

@@ -56,6 +56,7 @@ from robustdistill.config import from_dict  # noqa: E402
 from robustdistill.methods import METHODS  # noqa: E402
 from robustdistill.models import ModelSpec, create_model  # noqa: E402
 from robustdistill.train import FlopCount, Run, Tally, setup, train_batch  # noqa: E402
+from tables import print_table  # noqa: E402
 
 METHOD_NAMES = ("rslad", "absld", "bmtard")
 COMPUTE_BOUND = 0.35  # fraction of the best dense kernel's GFLOP/s above which a workload counts as compute-bound
@@ -428,10 +429,7 @@ def main() -> None:
         "peak MiB ours / ref",
     ]
     print()
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    for row in rows:
-        print("| " + " | ".join(cells(row, peak)) + " |")
+    print_table(header, [cells(row, peak) for row in rows])
     parts = []
     for kind, compute in (("compute-bound", True), ("overhead-bound", False)):
         chosen = [r for r in results if (r[1] >= COMPUTE_BOUND) == compute]
