@@ -192,6 +192,11 @@ def test_pgd_on_the_folded_view_finds_the_unfolded_attacks_examples():
     runs = [PGD(model, 0.2, 0.05, 10, fold_batchnorm=f)(x, y, noise=noise) for f in (False, True)]
     assert (runs[0] != runs[1]).sum().item() <= 8
     assert ((runs[0] - x).abs().max() > 0.19) and model.training is False
+    # the folded weights live only during an attack; the next attack folds them again, the same way
+    from robustdistill.models import fold
+
+    assert all(u.weight is None and u.bias is None for u in fold._VIEWS[model].units)
+    assert torch.equal(PGD(model, 0.2, 0.05, 10, fold_batchnorm=True)(x, y, noise=noise), runs[1])
 
 
 def test_global_average_pooling_matches_adaptive_pooling_and_keeps_the_memory_format():

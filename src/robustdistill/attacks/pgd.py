@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import check
-from ..models.fold import eval_view
+from ..models.fold import eval_view, release
 
 Loss = Literal["ce", "kl", "cw"]
 Start = Literal["uniform", "gaussian", "none"]
@@ -212,6 +212,8 @@ class PGD:
             if stop is not None:
                 x_adv = stop.result(x_adv)
         finally:
+            if self.fold_batchnorm:
+                release(self.model)  # the folded weights live only during the attack
             self.model.train(was_training)
         return x_adv.detach()
 

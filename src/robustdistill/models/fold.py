@@ -14,7 +14,8 @@ weights are detached, so no gradient reaches the model's parameters through it. 
 equal the model's up to float rounding (a few ulps), so the adversarial examples found with it
 can differ from those found on the unfolded model where a gradient component is near zero;
 `attack.fold_batchnorm=false` / `eval.fold_batchnorm=false` turn it off. The folded weights are a
-copy of the folded convolutions' weights (about the model's size in memory, e.g. 45 MB for ResNet-18).
+copy of the folded convolutions' weights (about the model's size in memory, e.g. 45 MB for ResNet-18);
+`release(model)` frees them until the next `eval_view` (the attacks release them when they end).
 
 A model that torch.fx cannot trace (data-dependent control flow), a model in train mode, a
 compiled model, or one without foldable pairs is returned as it is.
@@ -135,3 +136,11 @@ def eval_view(model: nn.Module) -> nn.Module:
     for unit in view.units:
         unit.refresh()
     return view.module
+
+
+def release(model: nn.Module) -> None:
+    """Free the folded weights of `model`'s view (the next `eval_view` recomputes them, as it
+    always does), so that they take no memory outside an attack."""
+    view = _VIEWS.get(model)
+    for unit in view.units if view is not None else ():
+        unit.weight = unit.bias = None
