@@ -37,7 +37,7 @@ from .models import MODELS
 from .plots import plot_classwise, plot_run, plot_scatter
 from .report import attack_table, comparison_table, read_report, to_markdown, write_report
 from .runs import check_writable
-from .train import Estimate, duration, estimate, train
+from .train import Estimate, duration, estimate, run_dir_of, train
 
 log = logging.getLogger("robustdistill")
 
@@ -53,8 +53,7 @@ def _setup_logging(verbose: bool) -> None:
 def _print_estimate(cfg, e: Estimate) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
-    run = Path(cfg.out_dir) / (cfg.name or "run")
-    print(f"estimate for {run} ({cfg.method.name}, {cfg.model.name} on {cfg.data.name}, {e.device}):")
+    print(f"estimate for {run_dir_of(cfg)} ({cfg.method.name}, {cfg.model.name} on {cfg.data.name}, {e.device}):")
     print(f"  one step        {1e3 * e.step:.1f} ms (median of the timed steps, after 2 warm-up steps)")
     print(f"  one epoch       {duration(e.epoch)} ({e.steps_per_epoch} steps)")
     print(f"  one validation  {duration(e.validation)}")

@@ -252,7 +252,7 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
     started = time.perf_counter()
     for epoch in range(run.start_epoch, cfg.train.epochs):
         record = train_epoch(run, epoch)
-        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+        if _validates_after(cfg, epoch):
             validate_and_select(run, epoch, record)
         done, remaining = epoch + 1 - run.start_epoch, cfg.train.epochs - epoch - 1
         save(run, epoch, record, left=time_left(time.perf_counter() - started, done, remaining))
@@ -302,11 +302,10 @@ def estimate(cfg: Config, *, force: bool = False, resume: bool = False, steps: i
     (median; each waits for the device, so a pipelined loop is if anything faster), and one timed
     validation, on the run as `train` builds it (config, data, teachers and a resumed state checked
     as for training). The steps change only the student in memory; nothing is written."""
-    run_dir = Path(cfg.out_dir) / (cfg.name or "run")
     note = ""
     if not resume:
         try:
-            check_run_dir(run_dir, force=force, resume=False)
+            check_run_dir(run_dir_of(cfg), force=force, resume=False)
         except UserError as error:
             note = str(error)
     run = setup(cfg, force=force, resume=resume, write=False)
@@ -335,11 +334,22 @@ def estimate(cfg: Config, *, force: bool = False, resume: bool = False, steps: i
         steps_per_epoch=len(run.loader),
         validation=validation,
         epochs=len(epochs),
-        validations=sum((e + 1) % cfg.train.eval_every == 0 or e + 1 == cfg.train.epochs for e in epochs),
+        validations=sum(_validates_after(cfg, e) for e in epochs),
         final_attacks=tuple(run.settings.attacks),
         device=str(run.device) + (f", {torch.get_num_threads()} threads" if run.device.type == "cpu" else ""),
         folder_note=note,
     )
+
+
+def run_dir_of(cfg: Config) -> Path:
+    """The folder `train(cfg)` writes: `out_dir/name`."""
+    return Path(cfg.out_dir) / (cfg.name or "run")
+
+
+def _validates_after(cfg: Config, epoch: int) -> bool:
+    """Whether the loop validates (and selects) after `epoch` (0-based): every `train.eval_every`
+    epochs, and after the last."""
+    return (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs
 
 
 def _synchronize(device: torch.device) -> None:
@@ -351,7 +361,7 @@ def setup(cfg: Config, force: bool, resume: bool, write: bool = True) -> Run:
     """Check everything that can fail on the user's input, then build data, teachers, student,
     method and optimizer, restore a resumed run's state, and only then create the run folder.
     `write=False` (`estimate`): a new run's folder is neither checked nor created, nothing is written."""
-    run_dir = Path(cfg.out_dir) / (cfg.name or "run")
+    run_dir = run_dir_of(cfg)
     dist_info = init_distributed(cfg.train.device)
     changes = _preflight(cfg, run_dir, force, resume, check_folder=write or resume)
     barrier()  # every rank has checked the folder before rank 0 may create it
@@ -651,7 +661,7 @@ def save(run: Run, epoch: int, record: dict[str, Any], left: float = float("nan"
             run.run_dir / CHECKPOINTS / "train_state.pt",
         )
         metric = f"{run.cfg.train.select_on}_{run.select_metric}"
-        estimate = f", about {duration(left)} to go before the final evaluation" if math.isfinite(left) and left else ""
+        to_go = f", about {duration(left)} to go before the final evaluation" if math.isfinite(left) and left else ""
         log.info(
             "epoch %d/%d  loss %.4f  %s %.4f  (%.1fs%s)",
             epoch + 1,
@@ -660,7 +670,7 @@ def save(run: Run, epoch: int, record: dict[str, Any], left: float = float("nan"
             run.select_metric,
             record.get(metric, float("nan")),
             record["seconds"],
-            estimate,
+            to_go,
         )
     barrier()
 
