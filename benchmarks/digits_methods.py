@@ -150,10 +150,8 @@ def run_variant(name: str, seed: int, teachers: dict[str, Path], out: Path, forc
     run = out / f"{name}_seed{seed}"
     if (run / "report.json").is_file() and not force:
         return run
-    raw = recipe(base)
-    for role in raw.get("teachers", {}):
-        raw["teachers"][role]["path"] = str(teachers[swap.get(role, role)])
-    cfg = from_dict(raw, [f"out_dir={out}", f"seed={seed}", f"name={run.name}", *overrides])
+    roles = {role: teachers[swap.get(role, role)] for role in teachers}
+    cfg = from_dict(recipe(base, roles), [f"out_dir={out}", f"seed={seed}", f"name={run.name}", *overrides])
     return train(cfg, force=force or run.exists())
 
 

@@ -35,9 +35,7 @@ from tables import print_table  # noqa: E402
 
 
 def config(name: str, out: Path, epochs: int, run_name: str):
-    raw = recipe(name)
-    for role in raw.get("teachers", {}):
-        raw["teachers"][role]["path"] = str(out / TEACHERS[role])
+    raw = recipe(name, {role: out / teacher for role, teacher in TEACHERS.items()})
     extra = [f"out_dir={out}", f"name={run_name}"] + (
         [f"train.epochs={epochs}", "train.milestones=[]"] if epochs else []
     )

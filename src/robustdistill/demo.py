@@ -11,9 +11,10 @@ checkout links to it), so the demo works from any install.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from importlib.resources import as_file, files
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .config import from_dict, read_yaml
 from .errors import UserError
@@ -31,13 +32,17 @@ def recipe_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in RECIPES.iterdir() if p.name.endswith(".yaml"))
 
 
-def recipe(name: str) -> dict[str, Any]:
-    """The raw config mapping of digits recipe `name` (recipes/digits/<name>.yaml), named after it."""
+def recipe(name: str, teachers: Optional[Mapping[str, str | Path]] = None) -> dict[str, Any]:
+    """The raw config mapping of digits recipe `name` (recipes/digits/<name>.yaml), named after it;
+    `teachers` (role -> run folder or checkpoint) replaces the paths of the teachers it uses."""
     path = RECIPES / f"{name}.yaml"
     if not path.is_file():
         raise UserError(f"no digits recipe '{name}'; available: {', '.join(recipe_names())}")
     with as_file(path) as local:
-        return read_yaml(local) | {"name": name}
+        raw = read_yaml(local) | {"name": name}
+    for role in raw.get("teachers", {}) if teachers is not None else ():
+        raw["teachers"][role]["path"] = str(teachers[role])
+    return raw
 
 
 def run_demo(out_dir: str | Path = "runs/demo", force: bool = False, epochs: int | None = None) -> str:
@@ -46,15 +51,12 @@ def run_demo(out_dir: str | Path = "runs/demo", force: bool = False, epochs: int
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise UserError(f"{out_dir} already exists; pass --force to replace the demo runs, or --out another folder")
     extra = [f"out_dir={out_dir}"] + ([f"train.epochs={epochs}", "train.milestones=[]"] if epochs else [])
-    teacher_paths = {role: str(out_dir / name) for role, name in TEACHERS.items()}
+    teacher_paths = {role: out_dir / name for role, name in TEACHERS.items()}
     rows = []
     for label, name in [("clean teacher (natural)", "natural"), ("robust teacher (TRADES)", "trades")] + [
         (f"student ({s})", s) for s in STUDENTS
     ]:
-        raw = recipe(name)
-        for role in raw.get("teachers", {}):
-            raw["teachers"][role]["path"] = teacher_paths[role]
-        cfg = from_dict(raw, extra)
+        cfg = from_dict(recipe(name, teacher_paths), extra)
         log.info("demo: training %s -> %s", label, out_dir / name)
         run_dir = train(cfg, force=force)
         rows.append((label, read_report(run_dir / "report.json")))
