@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import snapshot
-from robustdistill.checkpoint import save_model
+from robustdistill.checkpoint import ModelMeta, save_model
 from robustdistill.cli import main
 from robustdistill.models import ModelSpec, create_model
 from robustdistill.runs import MARKER
@@ -33,7 +33,7 @@ def workspace(tmp_path_factory):
     ws = tmp_path_factory.mktemp("workspace")
     spec = ModelSpec("small_cnn", 10, 1, {"width": 4})
     model = create_model(spec)
-    save_model(ws / "model.safetensors", model, spec, data={"name": "digits", "val_fraction": 0.2}, eps=0.2)
+    save_model(ws / "model.safetensors", model, ModelMeta(spec, data={"name": "digits", "val_fraction": 0.2}, eps=0.2))
     torch.save(model.net.state_dict(), ws / "state.pt")
     data = (ws / "state.pt").read_bytes()
     (ws / "truncated.pt").write_bytes(data[: len(data) // 2])
@@ -152,7 +152,7 @@ CASES = [
         evaluate("train.epochs=3"),
         "eval takes eval.<key>=<value> overrides (e.g. eval.subset=100), got 'train.epochs=3'",
     ),
-    (evaluate("--subset", "100000"), "eval.subset (--subset) = 100000 is larger than the test split (359 images)"),
+    (evaluate("--subset", "100000"), "eval.subset = 100000 is larger than the test split (359 images)"),
     (evaluate("--attacks", "clean,bogus"), "unknown attack 'bogus'"),
     (evaluate("--attacks", "clean,transfer"), "the transfer attack needs a surrogate"),
     (evaluate("--device", "tpu"), "device=tpu is not a device"),

@@ -13,9 +13,8 @@ from conftest import digits_config
 from robustdistill.attacks import PGD, AttackConfig
 from robustdistill.checkpoint import load_model
 from robustdistill.config import load_config
-from robustdistill.methods import Context, Progress, create_method
+from robustdistill.methods import Context, Progress, create_method, update_average
 from robustdistill.methods.cfa import calibrated_beta, calibrated_eps, weighted_trades
-from robustdistill.train import update_average
 
 
 def _mlp():

@@ -12,14 +12,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "robustdistill"
 # lowest first; a module may import from earlier layers only (a package counts as one module)
 LAYERS = [
     {"errors", "files", "metrics"},
-    {"registry", "distributed", "runs", "report"},
+    {"registry", "distributed", "runs", "report", "timing"},
     {"models", "losses", "data", "plots"},
     {"attacks", "checkpoint"},
     {"methods", "robustbench", "checks"},
     {"evaluate"},
     {"config"},
     {"teachers"},
+    {"pipeline", "preflight"},
     {"train"},
+    {"estimate"},
     {"api", "demo"},
     {"cli"},
     {"__main__"},

@@ -8,9 +8,12 @@ import yaml
 
 from conftest import digits_config, snapshot
 from robustdistill.config import load_config
+from robustdistill.data import load_dataset
 from robustdistill.errors import ConfigError, TrainingError, UserError
+from robustdistill.estimate import estimate
 from robustdistill.runs import read_metrics
-from robustdistill.train import FlopCount, duration, estimate, lr_decays, setup, time_left, train
+from robustdistill.timing import FlopCount, duration, time_left
+from robustdistill.train import lr_decays, setup, train
 
 
 def test_lr_decays_counts_milestones_reached():
@@ -298,15 +301,26 @@ def test_init_from_starts_the_student_from_given_weights(trained_runs, tmp_path)
         train(digits_config(tmp_path, "natural", name="missing", **{"train.init_from": str(tmp_path / "nowhere")}))
 
 
-def test_eval_of_a_run_reproduces_its_final_report(trained_runs):
-    """`robustdistill eval RUN` (api.evaluate_path) evaluates the run's best checkpoint with the run's
-    settings, memory format and surrogate: every attack's per-sample verdicts equal the report the
-    training wrote."""
+def test_the_final_report_is_the_one_evaluation_pipeline(trained_runs):
+    """A run's report.json is `pipeline.evaluate_source` of its best checkpoint with its config's
+    settings and memory format (the only evaluation path), and `robustdistill eval RUN`
+    (api.evaluate_path) resolves those same settings from the run folder: every attack's per-sample
+    verdicts agree."""
     from robustdistill.api import evaluate_path
+    from robustdistill.pipeline import evaluate_source
+    from robustdistill.teachers import resolve_model_source
 
     run = trained_runs["trades"]
     trained = json.loads((run / "report.json").read_text())
+    cfg = load_config(run / "config.yaml")
+    dataset = load_dataset(cfg.data)
+    settings = cfg.eval.resolve(cfg.default_eps)
+    direct = evaluate_source(
+        resolve_model_source(run), dataset, "test", cfg.eval, settings, memory_format=cfg.train.memory_format
+    )
     again = evaluate_path(run, progress=False)
-    assert list(again["attacks"]) == list(trained["attacks"]) and len(trained["attacks"]) >= 2
+    assert list(direct["attacks"]) == list(again["attacks"]) == list(trained["attacks"])
+    assert len(trained["attacks"]) >= 2 and cfg.train.memory_format == torch.channels_last
     for name, result in trained["attacks"].items():
-        assert again["attacks"][name]["verdicts"] == result["verdicts"], name
+        assert direct["attacks"][name]["verdicts"] == again["attacks"][name]["verdicts"] == result["verdicts"], name
+    assert direct["checks"] == trained["checks"]

@@ -18,16 +18,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .checkpoint import read_model_meta
-from .config import Config, DataConfig, EvalConfig, apply_overrides, build, load_config
-from .data import load_dataset, subset_of
+from .config import DataConfig, EvalConfig, TrainConfig, apply_overrides, build, load_config
+from .data import load_dataset
 from .distributed import DistInfo, resolve_device
 from .errors import ConfigError, UserError
-from .evaluate import evaluate
+from .estimate import estimate
 from .models import ModelSpec
-from .report import build_report
+from .pipeline import evaluate_source
 from .robustbench import is_robustbench
-from .teachers import load_source, load_surrogate, resolve_model_source
-from .train import estimate, memory_format_of, train
+from .teachers import resolve_model_source
+from .train import train
 
 __all__ = ["estimate", "evaluate_path", "eval_config", "load_config", "resolve_model_source", "train"]
 
@@ -66,18 +66,18 @@ def evaluate_path(
     """
     target = str(target)
     base, data_cfg, default_eps, teachers = EvalConfig(), None, None, {}
-    memory_format = memory_format_of(Config())  # a run's own (below), else the training default
+    memory_format = TrainConfig().memory_format  # a run's own (below), else the training default
     source = None
     if not is_robustbench(target):
         source = resolve_model_source(target, which)
         if source.kind == "run":
             cfg = load_config(source.run_dir / "config.yaml")
-            data_cfg, base, default_eps, teachers = cfg.data, cfg.eval, cfg.attack.eps, cfg.teachers
-            memory_format = memory_format_of(cfg)
+            data_cfg, base, default_eps, teachers = cfg.data, cfg.eval, cfg.default_eps, cfg.teachers
+            memory_format = cfg.train.memory_format
         else:
             meta = read_model_meta(source.checkpoint) if source.checkpoint.suffix == ".safetensors" else None
-            data_cfg = build(DataConfig, meta["data"], "data") if meta and "data" in meta else None
-            default_eps = meta.get("eps") if meta else None
+            data_cfg = build(DataConfig, meta.data, "data") if meta and meta.data is not None else None
+            default_eps = meta.eps if meta else None
     if data is not None and (data_cfg is None or data_cfg.name != data):
         data_cfg = DataConfig(name=data)
     if data_cfg is None:
@@ -92,13 +92,15 @@ def evaluate_path(
     dev = resolve_device(device, DistInfo())
     dataset = load_dataset(data_cfg, dev)
     spec = ModelSpec(model, dataset.num_classes, dataset.channels) if model is not None else None
-    net, spec = load_source(source, dataset, spec)
-    net = net.to(dev).to(memory_format=memory_format)
-    surrogate = load_surrogate(eval_cfg, teachers, dataset, dev)
-    if surrogate is not None:
-        surrogate = surrogate.to(memory_format=memory_format)
-    chosen = subset_of(dataset.split(split), eval_cfg.subset, f"the {split} split", "eval.subset (--subset)")
-    summary = evaluate(
-        net, chosen, settings, dataset.num_classes, progress=progress, surrogate=surrogate, state_dir=state_dir
+    return evaluate_source(
+        source,
+        dataset,
+        split,
+        eval_cfg,
+        settings,
+        spec=spec,
+        memory_format=memory_format,
+        teachers=teachers,
+        progress=progress,
+        state_dir=state_dir,
     )
-    return build_report(summary, spec, source.checkpoint, dataset, split, len(chosen), settings.seed)

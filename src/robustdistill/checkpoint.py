@@ -1,13 +1,16 @@
 """Checkpoint I/O: safetensors model files that carry their architecture, atomic writes,
 and loading of foreign state dicts with `torch.load(weights_only=True)` only.
 
-A model file written here is `<name>.safetensors` whose header metadata holds the `ModelSpec`
-(and any extra facts, e.g. the dataset) as JSON, so `load_model(path)` needs nothing else.
+A model file written here is `<name>.safetensors` whose header metadata holds its `ModelMeta`
+(the `ModelSpec`, and for a training run's files its epoch, dataset, eps and method) as JSON, so
+`load_model(path)` needs nothing else.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -55,13 +58,40 @@ def load_torch(path: str | Path) -> Any:
     ) from None
 
 
-def save_model(path: str | Path, model: torch.nn.Module, spec: ModelSpec, **meta: Any) -> None:
+@dataclass(frozen=True)
+class ModelMeta:
+    """What a model file of this tool records beside its weights. A training run's files say which
+    run, epoch, dataset and training budget they come from, so `robustdistill eval FILE` needs no
+    config; a file written by hand may hold the spec alone."""
+
+    spec: ModelSpec
+    epoch: Optional[int] = None  # the epoch after which it was saved (1-based)
+    data: Optional[dict[str, Any]] = None  # the run's `data` config section (typed by config.DataConfig)
+    eps: Optional[float] = None  # the run's training eps: the default budget of its evaluation
+    method: Optional[str] = None
+    run: Optional[str] = None  # the run folder it was written to
+
+    def to_json(self) -> str:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return json.dumps({k: v.to_dict() if k == "spec" else v for k, v in fields.items() if v is not None})
+
+    @classmethod
+    def from_mapping(cls, raw: dict[str, Any]) -> ModelMeta:
+        """Typed from the header's JSON; keys this version does not know are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"spec"}
+        return cls(ModelSpec(**raw["spec"]), **{k: v for k, v in raw.items() if k in known})
+
+
+def save_model(path: str | Path, model: torch.nn.Module, meta: ModelMeta | ModelSpec) -> None:
+    """Write the model's state dict and its metadata (a bare `ModelSpec`: the architecture only)."""
+    if isinstance(meta, ModelSpec):
+        meta = ModelMeta(meta)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    header = {META_KEY: json.dumps({"spec": spec.to_dict(), **meta})}
+    header = {META_KEY: meta.to_json()}
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=header))
 
 
-def read_model_meta(path: str | Path) -> Optional[dict[str, Any]]:
+def read_model_meta(path: str | Path) -> Optional[ModelMeta]:
     """The metadata this tool stored in a safetensors file, or None for a foreign file."""
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -71,11 +101,10 @@ def read_model_meta(path: str | Path) -> Optional[dict[str, Any]]:
     if META_KEY not in header:
         return None
     try:
-        meta = json.loads(header[META_KEY])
-        if not isinstance(meta, dict):
-            raise ValueError("not a mapping")
-        if "spec" in meta:
-            ModelSpec(**meta["spec"])
+        raw = json.loads(header[META_KEY])
+        if not isinstance(raw, dict) or not isinstance(raw.get("spec"), dict):
+            raise ValueError("not a mapping with a spec")
+        meta = ModelMeta.from_mapping(raw)
     except (ValueError, TypeError) as exc:
         raise CheckpointError(
             f"{path} has broken '{META_KEY}' metadata in its header ({exc}); re-save it with this tool"
@@ -134,19 +163,20 @@ def load_into(model: Classifier, state: dict[str, torch.Tensor], path: str | Pat
     model.load_state_dict(state)
 
 
-def load_model(path: str | Path, spec: Optional[ModelSpec] = None) -> tuple[Classifier, dict[str, Any]]:
-    """Rebuild and load a model. A file of this tool needs no `spec`; a foreign one does."""
+def load_model(path: str | Path, spec: Optional[ModelSpec] = None) -> tuple[Classifier, Optional[ModelMeta]]:
+    """Rebuild and load a model, with its metadata (None for a foreign file). A file of this tool
+    needs no `spec`; a foreign one does."""
     path = Path(path)
-    meta: dict[str, Any] = {}
+    meta = None
     if path.suffix == ".safetensors" and path.is_file():
-        meta = read_model_meta(path) or {}
+        meta = read_model_meta(path)
     if spec is None:
-        if "spec" not in meta:
+        if meta is None:
             raise CheckpointError(
                 f"{path} does not say which architecture it holds; give the model (name and kwargs) "
                 "in the config (e.g. teachers.robust.model.name=wrn34_10)"
             )
-        spec = ModelSpec(**meta["spec"])
+        spec = meta.spec
     model = create_model(spec)
     load_into(model, read_state_dict(path), path)
     return model, meta

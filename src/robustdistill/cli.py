@@ -32,12 +32,14 @@ from .data import DATASETS
 from .demo import run_demo
 from .distributed import cleanup
 from .errors import UserError
+from .estimate import Estimate, estimate
 from .methods import METHODS
 from .models import MODELS
 from .plots import plot_classwise, plot_run, plot_scatter
 from .report import attack_table, comparison_table, read_report, to_markdown, write_report
 from .runs import check_writable
-from .train import Estimate, duration, estimate, run_dir_of, train
+from .timing import duration
+from .train import train
 
 log = logging.getLogger("robustdistill")
 
@@ -53,7 +55,7 @@ def _setup_logging(verbose: bool) -> None:
 def _print_estimate(cfg, e: Estimate) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
-    print(f"estimate for {run_dir_of(cfg)} ({cfg.method.name}, {cfg.model.name} on {cfg.data.name}, {e.device}):")
+    print(f"estimate for {cfg.run_dir} ({cfg.method.name}, {cfg.model.name} on {cfg.data.name}, {e.device}):")
     print(f"  one step        {1e3 * e.step:.1f} ms (median of the timed steps, after 2 warm-up steps)")
     print(f"  one epoch       {duration(e.epoch)} ({e.steps_per_epoch} steps)")
     print(f"  one validation  {duration(e.validation)}")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+import torch
 import yaml
 
 from .attacks import ATTACKS, AttackConfig, EvalSettings
@@ -91,6 +92,12 @@ class TrainConfig:
     init_from: Optional[str] = (
         None  # start from these weights (run folder, checkpoint or robustbench:<Name>): fine-tuning
     )
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The run's models' memory format (`channels_last`): training, its final report and
+        `robustdistill eval` of the run all use it, so the three compute the same verdicts."""
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
@@ -196,6 +203,16 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     method: MethodOptions = field(default_factory=MethodOptions)
     teachers: dict[str, TeacherConfig] = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        """The folder training writes: `out_dir/name`."""
+        return Path(self.out_dir) / (self.name or "run")
+
+    @property
+    def default_eps(self) -> float:
+        """The budget evaluations of this run default to (`eval.eps` unset): the training attack's."""
+        return self.attack.eps
 
     def validate(self) -> None:
         _check(0 <= self.seed < SEED_LIMIT, "seed", "must be an integer in [0, 2**32)")

@@ -7,6 +7,7 @@ that every rank holds identical temperatures and weights.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ import torch
 import torch.distributed as dist
 
 from .errors import ConfigError, TrainingError
+
+log = logging.getLogger("robustdistill")
 
 
 @dataclass
@@ -141,3 +144,25 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def rng_states(device: torch.device) -> dict[str, list]:
+    """Every rank's random state (collective: all ranks call it), so a DDP resume continues each stream."""
+    states = {"rng": gather_objects(torch.get_rng_state())}
+    if device.type == "cuda":
+        states["cuda_rng"] = gather_objects(torch.cuda.get_rng_state(device))
+    return states
+
+
+def restore_rng(states: dict[str, list], dist_info: DistInfo, device: torch.device) -> None:
+    """This rank's stream of `rng_states`; on another number of processes, a warning."""
+    saved = len(states["rng"])
+    if saved != dist_info.world_size:
+        log.warning(
+            "resuming on %d process(es) a run trained on %d: random streams differ from an uninterrupted run",
+            dist_info.world_size,
+            saved,
+        )
+    torch.set_rng_state(states["rng"][dist_info.rank % saved])
+    if device.type == "cuda" and "cuda_rng" in states:
+        torch.cuda.set_rng_state(states["cuda_rng"][dist_info.rank % len(states["cuda_rng"])], device)

@@ -64,7 +64,7 @@ def load_source(
         model, spec, _ = load_robustbench(source.target, dataset, source.model_dir)
         return model, spec
     model, meta = load_model(source.checkpoint, spec)
-    return model, spec or ModelSpec(**meta["spec"])
+    return model, spec or meta.spec
 
 
 def model_spec(model_cfg: ModelConfig, dataset: Dataset) -> ModelSpec:

@@ -163,6 +163,17 @@ def create_method(options: MethodOptions, ctx: Context) -> Method:
     return METHODS.get(options.name)(options, ctx)
 
 
+@torch.no_grad()
+def update_average(average: nn.Module, model: nn.Module, decay: float) -> None:
+    """average <- decay * average + (1 - decay) * model, for every parameter and floating-point
+    buffer (BatchNorm statistics too); integer buffers (batch counters) are copied."""
+    for a, b in zip(average.state_dict().values(), model.state_dict().values()):
+        if a.is_floating_point():
+            a.mul_(decay).add_(b.detach(), alpha=1 - decay)
+        else:
+            a.copy_(b)
+
+
 from . import absld, adaad, ard, bat, cfa, fair_ard, frl, iad, mart, mtard, natural, pgd_at, rslad, trades  # noqa: E402,F401  (register the methods)
 
-__all__ = ["METHODS", "Context", "Method", "MethodOptions", "Progress", "create_method"]
+__all__ = ["METHODS", "Context", "Method", "MethodOptions", "Progress", "create_method", "update_average"]

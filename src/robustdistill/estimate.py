@@ -1,0 +1,92 @@
+"""How long a training run will take, measured on the run itself before it starts.
+
+    robustdistill train configs/digits/rslad.yaml --estimate
+    e = estimate(cfg); print(e.step, e.epoch, e.total)      # seconds; nothing is written
+
+The run is built exactly as `train` builds it (every input check, a resumed state included); a few
+steps and one validation are timed, and the epochs still to train extrapolate from them.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .config import Config
+from .errors import UserError
+from .runs import check_run_dir
+from .timing import synchronize
+from .train import Tally, setup, start_epoch, train_batch, validate, validates_after
+
+log = logging.getLogger("robustdistill")
+
+
+@dataclass
+class Estimate:
+    """What `estimate` measured (seconds) and the training time it extrapolates to."""
+
+    step: float  # median wall time of one training step, its batch's loading included
+    steps_per_epoch: int
+    validation: float  # one validation (twice over for weight-averaging methods: student and average)
+    epochs: int  # epochs still to train
+    validations: int  # validations among them (train.eval_every, and the last epoch)
+    final_attacks: tuple[str, ...]  # the final report's attacks, not timed
+    device: str  # where it was measured (with the thread count on CPU)
+    folder_note: str = ""  # why `train` would refuse the run folder as configured ("" if it would not)
+
+    @property
+    def epoch(self) -> float:
+        return self.steps_per_epoch * self.step
+
+    @property
+    def total(self) -> float:
+        """The training epochs and their validations; neither compilation nor the final evaluation."""
+        return self.epochs * self.epoch + self.validations * self.validation
+
+
+def estimate(cfg: Config, *, force: bool = False, resume: bool = False, steps: int = 10, warmup: int = 2) -> Estimate:
+    """How long `train(cfg)` will take: `warmup` training steps, then `steps` timed one by one
+    (median; each waits for the device, so a pipelined loop is if anything faster), and one timed
+    validation, on the run as `train` builds it (config, data, teachers and a resumed state checked
+    as for training). The steps change only the student in memory; nothing is written."""
+    note = ""
+    if not resume:
+        try:
+            check_run_dir(cfg.run_dir, force=force, resume=False)
+        except UserError as error:
+            note = str(error)
+    run = setup(cfg, force=force, resume=resume, write=False)
+    start_epoch(run, run.start_epoch)
+    tally, times = Tally(run.device), []
+    batches = iter(run.loader)
+    log.info("estimate: %d training steps (%d of them warm-up)", warmup + steps, warmup)
+    for i in range(warmup + steps):
+        synchronize(run.device)
+        started = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:  # an epoch shorter than the timed steps: the next one
+            batches = iter(run.loader)
+            batch = next(batches)
+        train_batch(run, *batch, tally)
+        synchronize(run.device)
+        if i >= warmup:
+            times.append(time.perf_counter() - started)
+    log.info("estimate: one validation (%d images of the %s split)", len(run.select_split), cfg.train.select_on)
+    started = time.perf_counter()
+    validate(run, run.student)
+    validation = (time.perf_counter() - started) * (2 if run.method.averages_weights(run.method.options) else 1)
+    epochs = range(run.start_epoch, cfg.train.epochs)
+    return Estimate(
+        step=statistics.median(times),
+        steps_per_epoch=len(run.loader),
+        validation=validation,
+        epochs=len(epochs),
+        validations=sum(validates_after(cfg, e) for e in epochs),
+        final_attacks=tuple(run.settings.attacks),
+        device=str(run.device) + (f", {torch.get_num_threads()} threads" if run.device.type == "cpu" else ""),
+        folder_note=note,
+    )
