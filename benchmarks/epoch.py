@@ -3,9 +3,9 @@
 robust evaluation (robustdistill: its validation and model selection, checkpoints written;
 reference: the scripts' PGD-20 loop on the same images), interleaved rounds, medians.
 
-    python benchmarks/epoch.py                         # digits, RSLAD / ABSLD / B-MTARD, CPU
-    python benchmarks/epoch.py --methods absld --repeats 5 --channels-last on
-    python benchmarks/epoch.py --device cuda --workloads resnet18      # CIFAR-10 shapes, 50 000 random images
+    python -m benchmarks.epoch                         # digits, RSLAD / ABSLD / B-MTARD, CPU
+    python -m benchmarks.epoch --methods absld --repeats 5 --channels-last on
+    python -m benchmarks.epoch --device cuda --workloads resnet18      # CIFAR-10 shapes, 50 000 random images
 
 The same workloads and options as benchmarks/train_step.py; on CPU the ResNet-18 epoch runs on the
 1 000 random images of its small fake CIFAR-10 (the digits epoch is the real digits training split).
@@ -13,24 +13,18 @@ The same workloads and options as benchmarks/train_step.py; on CPU the ResNet-18
 
 from __future__ import annotations
 
-import os
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference import reference_robust_eval  # noqa: E402
-from robustdistill.train import save, train_epoch, validate_and_select  # noqa: E402
-from tables import print_table  # noqa: E402
-from train_step import METHOD_NAMES, add_build_options, build, build_options, fake_cifar10, sync, workload  # noqa: E402
+from benchmarks.common import print_table, settings_line
+from benchmarks.reference import reference_robust_eval
+from benchmarks.workloads import METHOD_NAMES, add_build_options, build, build_options, fake_cifar10, sync, workload
+from robustdistill.train import save, train_epoch, validate_and_select
 
 
 def compare(wname: str, method: str, w: dict, tmp: Path, args) -> list[str]:
@@ -43,7 +37,7 @@ def compare(wname: str, method: str, w: dict, tmp: Path, args) -> list[str]:
     def ours(epoch):
         record = train_epoch(run, epoch)
         validate_and_select(run, epoch, record)
-        save(run, epoch, record)
+        save(run, record)
 
     def reference(epoch):
         for x, y in ref.batches():
@@ -80,10 +74,7 @@ def main() -> None:
     add_build_options(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(
-        f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, cpus {os.cpu_count()}; " + build_options(args)
-    )
+    print(settings_line(args.device) + "; " + build_options(args))
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

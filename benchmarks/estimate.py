@@ -5,8 +5,8 @@ the run itself, timed from the end of its setup to the start of its final evalua
 estimate covers: every epoch's steps, validations and checkpoint writes), `repeats` times in
 alternating order; the ratio estimate / measured (below 1: the estimate is short of the run).
 
-    python benchmarks/estimate.py                           # rslad, absld, bmtard, pgd_at; 3 rounds
-    python benchmarks/estimate.py --recipes trades --repeats 5 --epochs 10
+    python -m benchmarks.estimate                           # rslad, absld, bmtard, pgd_at; 3 rounds
+    python -m benchmarks.estimate --recipes trades --repeats 5 --epochs 10
 
 The teachers (the natural and TRADES recipes, a few epochs: their accuracy does not change the
 time) are trained once in a temporary folder first.
@@ -14,24 +14,19 @@ time) are trained once in a temporary folder first.
 
 from __future__ import annotations
 
-import os
+import argparse
+import contextlib
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import logging  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-
-import robustdistill.train as training  # noqa: E402
-from robustdistill.config import from_dict  # noqa: E402
-from robustdistill.demo import TEACHERS, recipe  # noqa: E402
-from tables import print_table  # noqa: E402
+from benchmarks.common import print_table, settings_line
+from robustdistill.config import from_dict
+from robustdistill.demo import TEACHERS, recipe
+from robustdistill.estimate import estimate
+from robustdistill.train import finish, fit, setup, train
 
 
 def config(name: str, out: Path, epochs: int, run_name: str):
@@ -43,25 +38,14 @@ def config(name: str, out: Path, epochs: int, run_name: str):
 
 
 def measured_training(cfg) -> float:
-    """Seconds from the end of `train`'s setup to the start of its final evaluation."""
-    marks: dict[str, float] = {}
-    setup, final_report = training.setup, training.final_report
-
-    def timed_setup(*args, **kwargs):
-        run = setup(*args, **kwargs)
-        marks["start"] = time.perf_counter()
-        return run
-
-    def timed_final_report(*args, **kwargs):
-        marks["end"] = time.perf_counter()
-        return final_report(*args, **kwargs)
-
-    training.setup, training.final_report = timed_setup, timed_final_report
-    try:
-        training.train(cfg, force=True)
-    finally:
-        training.setup, training.final_report = setup, final_report
-    return marks["end"] - marks["start"]
+    """Seconds from the end of `train`'s setup to the start of its final evaluation: `train`'s
+    three phases called one by one, the middle one timed."""
+    run = setup(cfg, force=True, resume=False)
+    start = time.perf_counter()
+    fit(run)
+    seconds = time.perf_counter() - start
+    finish(run)
+    return seconds
 
 
 def main() -> None:
@@ -71,23 +55,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=0, help="train.epochs (default: the recipe's)")
     args = parser.parse_args()
     logging.getLogger("robustdistill").setLevel(logging.WARNING)
-    print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, cpus {os.cpu_count()}"
-    )
+    print(settings_line())
     header = ["recipe", "epochs", "estimate s [range]", "measured s [range]", "estimate / measured [range]"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:
         out = Path(tmp_name)
         for name in TEACHERS.values():
-            training.train(config(name, out, 3, name))
+            train(config(name, out, 3, name))
         for name in args.recipes:
             cfg = config(name, out, args.epochs, f"{name}_timed")
             estimates, runs = [], []
             for r in range(args.repeats):
                 for what in ("estimate", "run") if r % 2 == 0 else ("run", "estimate"):
                     if what == "estimate":
-                        estimates.append(training.estimate(cfg, force=True).total)
+                        estimates.append(estimate(cfg, force=True).total)
                     else:
                         runs.append(measured_training(cfg))
             ratios = [e / m for e, m in zip(estimates, runs)]

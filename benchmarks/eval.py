@@ -1,8 +1,8 @@
 """Benchmark: images/s of robustdistill's evaluation against calling the attack libraries directly
 on the same model, images and settings, side by side (interleaved rounds, medians).
 
-    python benchmarks/eval.py                      # trains a digits TRADES model for 5 epochs first (~20 s)
-    python benchmarks/eval.py --run runs/demo/trades --repeats 5
+    python -m benchmarks.eval                      # trains a digits TRADES model for 5 epochs first (~20 s)
+    python -m benchmarks.eval --run runs/demo/trades --repeats 5
 
 Rows: pgd20 (torchattacks.PGD), cw (CW-inf: PGD on the Carlini-Wagner margin; torchattacks has no
 L-inf CW, so the direct side is a plain loop in torchattacks' style), autoattack_fast (pyautoattack,
@@ -15,26 +15,22 @@ which this project cannot depend on): `pip install --no-deps torchattacks`.
 
 from __future__ import annotations
 
-import os
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-
-from robustdistill.attacks import EvalSettings, cw_margin  # noqa: E402
-from robustdistill.config import from_dict, load_config  # noqa: E402
-from robustdistill.data import load_dataset  # noqa: E402
-from robustdistill.demo import recipe  # noqa: E402
-from robustdistill.evaluate import evaluate  # noqa: E402
-from robustdistill.teachers import load_source, resolve_model_source  # noqa: E402
-from robustdistill.train import train  # noqa: E402
-from tables import print_table  # noqa: E402
+from benchmarks.common import print_table, settings_line
+from robustdistill.attacks import EvalSettings, cw_margin
+from robustdistill.config import from_dict, load_config
+from robustdistill.data import load_dataset
+from robustdistill.demo import recipe
+from robustdistill.evaluate import evaluate
+from robustdistill.teachers import load_source, resolve_model_source
+from robustdistill.train import train
 
 try:
     import torchattacks
@@ -102,10 +98,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if torchattacks is None:
         raise SystemExit("benchmarks/eval.py compares against torchattacks: pip install --no-deps torchattacks")
-    print(
-        f"torch {torch.__version__}, torchattacks {torchattacks.__version__}, threads {torch.get_num_threads()}, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, cpus {os.cpu_count()}"
-    )
+    print(f"{settings_line()}; torchattacks {torchattacks.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         run = args.run or train(from_dict(recipe("trades"), [f"out_dir={tmp}", "train.epochs=5", "eval.checks=false"]))
         source = resolve_model_source(str(run))

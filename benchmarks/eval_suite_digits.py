@@ -1,6 +1,6 @@
 """Time the full evaluation suite on a digits model on this machine's CPU (target: under a minute).
 
-    python benchmarks/eval_suite_digits.py RUN_FOLDER        # e.g. runs/demo/trades after `robustdistill demo`
+    python -m benchmarks.eval_suite_digits RUN_FOLDER        # e.g. runs/demo/trades after `robustdistill demo`
 
 Runs clean, fgsm, pgd20, cw, autoattack_fast, square (5000 queries) and transfer (from the run's
 robust teacher, or the run itself when it has none) on the whole digits test split, then the

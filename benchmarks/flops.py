@@ -2,8 +2,8 @@
 nothing computed), and the cost model built on them: time per epoch from dataset size, PGD steps,
 processes and a sustained FLOP rate.
 
-    python benchmarks/flops.py                       # both settings, PGD 5 / 10 / 20 steps
-    python benchmarks/flops.py --rate 93             # also the epoch time at 93 GFLOP/s (e.g. this CPU's best kernel)
+    python -m benchmarks.flops                       # both settings, PGD 5 / 10 / 20 steps
+    python -m benchmarks.flops --rate 93             # also the epoch time at 93 GFLOP/s (e.g. this CPU's best kernel)
                                                      # and how it grows with images, PGD steps and processes
 
 Settings: `digits` (small CNN student width 16, teachers width 32, 8x8 images) and `cifar10` (ResNet-18
@@ -22,7 +22,7 @@ import torch
 from robustdistill.config import AttackConfig, load_config
 from robustdistill.methods import METHODS, Context, create_method
 from robustdistill.models import ModelSpec, create_model
-from robustdistill.train import FlopCount
+from robustdistill.timing import FlopCount
 
 SETTINGS = {
     "digits": (

@@ -2,21 +2,21 @@
 repeats) into benchmarks/README.md, each between its own markers, with the command, the commit, the
 machine and the wall time: the README's figures are never typed by hand.
 
-    python benchmarks/record.py                        # every benchmark below, one after another (~45 min, 2 CPU cores)
-    python benchmarks/record.py --only eval flops      # some of them; the other blocks are kept
-    python benchmarks/record.py --outputs DIR --commit "commit abc1234"   # DIR/<key>.txt, written by these commands
+    python -m benchmarks.record                        # every benchmark below, one after another (~45 min, 2 CPU cores)
+    python -m benchmarks.record --only eval flops      # some of them; the other blocks are kept
+    python -m benchmarks.record --outputs DIR --commit "commit abc1234"   # DIR/<key>.txt, written by these commands
 
 Keys and commands:
-    train_step          python benchmarks/train_step.py
-    train_step_nchw     python benchmarks/train_step.py --channels-last off --fold-batchnorm off
-    train_step_1thread  python benchmarks/train_step.py --workloads digits --threads 1 --no-memory
-    train_step_active   OMP_WAIT_POLICY=ACTIVE python benchmarks/train_step.py --workloads digits --no-memory
-    train_step_compile  python benchmarks/train_step.py --workloads digits --compile
-    batch32, batch128   python benchmarks/train_step.py --workloads digits --methods bmtard --no-memory --batch N
-    epoch               python benchmarks/epoch.py
-    eval                python benchmarks/eval.py
-    estimate            python benchmarks/estimate.py
-    flops               python benchmarks/flops.py --rate R   (R: train_step's best dense kernel, GFLOP/s)
+    train_step          python -m benchmarks.train_step
+    train_step_nchw     python -m benchmarks.train_step --channels-last off --fold-batchnorm off
+    train_step_1thread  python -m benchmarks.train_step --workloads digits --threads 1 --no-memory
+    train_step_active   OMP_WAIT_POLICY=ACTIVE python -m benchmarks.train_step --workloads digits --no-memory
+    train_step_compile  python -m benchmarks.train_step --workloads digits --compile
+    batch32, batch128   python -m benchmarks.train_step --workloads digits --methods bmtard --no-memory --batch N
+    epoch               python -m benchmarks.epoch
+    eval                python -m benchmarks.eval
+    estimate            python -m benchmarks.estimate
+    flops               python -m benchmarks.flops --rate R   (R: train_step's best dense kernel, GFLOP/s)
 """
 
 from __future__ import annotations
@@ -37,17 +37,17 @@ import torch
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
 COMMANDS = {
-    "train_step": "python benchmarks/train_step.py",
-    "train_step_nchw": "python benchmarks/train_step.py --channels-last off --fold-batchnorm off",
-    "train_step_1thread": "python benchmarks/train_step.py --workloads digits --threads 1 --no-memory",
-    "train_step_active": "OMP_WAIT_POLICY=ACTIVE python benchmarks/train_step.py --workloads digits --no-memory",
-    "train_step_compile": "python benchmarks/train_step.py --workloads digits --compile",
-    "batch32": "python benchmarks/train_step.py --workloads digits --methods bmtard --no-memory --batch 32",
-    "batch128": "python benchmarks/train_step.py --workloads digits --methods bmtard --no-memory --batch 128",
-    "epoch": "python benchmarks/epoch.py",
-    "eval": "python benchmarks/eval.py",
-    "estimate": "python benchmarks/estimate.py",
-    "flops": "python benchmarks/flops.py --rate {rate}",
+    "train_step": "python -m benchmarks.train_step",
+    "train_step_nchw": "python -m benchmarks.train_step --channels-last off --fold-batchnorm off",
+    "train_step_1thread": "python -m benchmarks.train_step --workloads digits --threads 1 --no-memory",
+    "train_step_active": "OMP_WAIT_POLICY=ACTIVE python -m benchmarks.train_step --workloads digits --no-memory",
+    "train_step_compile": "python -m benchmarks.train_step --workloads digits --compile",
+    "batch32": "python -m benchmarks.train_step --workloads digits --methods bmtard --no-memory --batch 32",
+    "batch128": "python -m benchmarks.train_step --workloads digits --methods bmtard --no-memory --batch 128",
+    "epoch": "python -m benchmarks.epoch",
+    "eval": "python -m benchmarks.eval",
+    "estimate": "python -m benchmarks.estimate",
+    "flops": "python -m benchmarks.flops --rate {rate}",
 }
 DENSE = re.compile(r"best dense kernel: .*used: ([0-9.]+) GFLOP/s")
 

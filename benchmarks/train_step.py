@@ -1,10 +1,10 @@
 """Benchmark: robustdistill's training step against a reference-style step (benchmarks/reference.py)
 on the same model, data, batch and hyperparameters, measured side by side in one run.
 
-    python benchmarks/train_step.py                                   # CPU: digits CNN and ResNet-18, 3 methods
-    python benchmarks/train_step.py --workloads digits --methods absld --repeats 9
-    python benchmarks/train_step.py --compile                         # robustdistill with train.compile
-    python benchmarks/train_step.py --device cuda                     # CIFAR-10 shapes, WRN-34-10 / ResNet-56 teachers
+    python -m benchmarks.train_step                                   # CPU: digits CNN and ResNet-18, 3 methods
+    python -m benchmarks.train_step --workloads digits --methods absld --repeats 9
+    python -m benchmarks.train_step --compile                         # robustdistill with train.compile
+    python -m benchmarks.train_step --device cuda                     # CIFAR-10 shapes, WRN-34-10 / ResNet-56 teachers
 
 Workloads (synthetic data where no dataset is at hand; the numbers are about speed, not accuracy):
     digits    the digits recipes: small CNN student (width 16), teachers width 32, batch 64, 8x8 images
@@ -29,162 +29,32 @@ shared machine). Its last line is the summary:
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import multiprocessing
 import os
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
+from torch.utils.flop_counter import flop_registry
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import multiprocessing  # noqa: E402
-import resource  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
+from benchmarks.common import print_table, settings_line
+from benchmarks.workloads import (
+    METHOD_NAMES,
+    add_build_options,
+    build,
+    build_options,
+    fake_cifar10,
+    sync,
+    workload,
+)
+from robustdistill.timing import FlopCount
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.flop_counter import flop_registry  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference import REFERENCES  # noqa: E402
-from robustdistill.checkpoint import load_model, save_model  # noqa: E402
-from robustdistill.config import from_dict  # noqa: E402
-from robustdistill.methods import METHODS  # noqa: E402
-from robustdistill.models import ModelSpec, create_model  # noqa: E402
-from robustdistill.train import FlopCount, Run, Tally, setup, train_batch  # noqa: E402
-from tables import print_table  # noqa: E402
-
-METHOD_NAMES = ("rslad", "absld", "bmtard")
 COMPUTE_BOUND = 0.35  # fraction of the best dense kernel's GFLOP/s above which a workload counts as compute-bound
-
-
-def _workload(name: str, device: str) -> dict:
-    cuda = device.startswith("cuda")
-    if name == "digits":
-        return {
-            "data": {"name": "digits", "val_fraction": 0.2, "test_fraction": 0.2, "crop_padding": 1, "flip": False},
-            "student": ModelSpec("small_cnn", 10, 1, {"width": 16}),
-            "robust": ModelSpec("small_cnn", 10, 1, {"width": 32}),
-            "clean": ModelSpec("small_cnn", 10, 1, {"width": 32}),
-            "batch": 64,
-            "attack": {"eps": 0.2, "step_size": 0.05, "steps": 10},
-            "lr": 0.5,
-        }
-    if name == "resnet18":
-        return {
-            "data": {"name": "cifar10", "val_fraction": 0.02, "crop_padding": 4, "flip": True},
-            "student": ModelSpec("resnet18", 10, 3, {}),
-            "robust": ModelSpec("wrn34_10", 10, 3, {}) if cuda else ModelSpec("resnet18", 10, 3, {}),
-            "clean": ModelSpec("resnet56", 10, 3, {}),
-            "batch": 128 if cuda else 8,
-            "attack": {"eps": 8 / 255, "step_size": 2 / 255, "steps": 10},
-            "lr": 0.1,
-        }
-    raise SystemExit(f"unknown workload {name}")
-
-
-def workload(name: str, device: str, batch: int = 0) -> dict:
-    """The workload's settings; `batch` (if given) replaces its batch size."""
-    w = _workload(name, device)
-    if batch:
-        w["batch"] = batch
-    return w
-
-
-def fake_cifar10(root: Path, per_batch: int) -> None:
-    """CIFAR-10's python layout with random images: the reader, the split and the loader are real."""
-    import pickle
-
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        images = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
-        data = {b"data": images, b"labels": [j % 10 for j in range(per_batch)]}
-        (folder / name).write_bytes(pickle.dumps(data))
-    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
-
-
-@dataclass
-class Side:
-    step: Callable  # one optimisation step on (x, y)
-    batches: Callable  # a fresh iterator over one epoch's batches
-    student: torch.nn.Module
-    run: Run  # robustdistill's run (the reference side's supplies the data and the model spec)
-
-
-def add_build_options(parser: argparse.ArgumentParser) -> None:
-    """The robustdistill options `build` reads from `args` (train_step.py and epoch.py)."""
-    parser.add_argument("--compile", action="store_true", help="robustdistill with train.compile=true")
-    parser.add_argument("--amp", action="store_true", help="robustdistill with bf16 autocast")
-    parser.add_argument("--channels-last", choices=["on", "off"], default="on", help="train.channels_last")
-    parser.add_argument(
-        "--fold-batchnorm", choices=["on", "off"], default="on", help="attack.fold_batchnorm (the PGD steps)"
-    )
-
-
-def build_options(args) -> str:
-    """The options of `add_build_options` as the benchmarks' first line prints them."""
-    return (
-        f"robustdistill options: compile={args.compile} amp={args.amp} channels_last={args.channels_last} "
-        f"fold_batchnorm={args.fold_batchnorm}"
-    )
-
-
-def build(side: str, method: str, w: dict, tmp: Path, args) -> Side:
-    """One side ("ours" or "ref") of a comparison, both from identical initial weights."""
-    torch.manual_seed(0)
-    teacher_file = lambda role: tmp / f"{w['data']['name']}_{role}.safetensors"  # noqa: E731 (one per workload)
-    for role in ("robust", "clean"):
-        path = teacher_file(role)
-        if not path.exists():
-            save_model(path, create_model(w[role]), w[role])
-    raw = {
-        "seed": 0,
-        "name": f"{side}_{method}",
-        "out_dir": str(tmp / "runs"),
-        "method": {"name": method},
-        "model": {"name": w["student"].name, "kwargs": w["student"].kwargs},
-        "data": {**w["data"], **({"root": str(tmp / "data")} if w["data"]["name"] == "cifar10" else {})},
-        "attack": {**w["attack"], "fold_batchnorm": args.fold_batchnorm == "on"},
-        "teachers": {role: {"path": str(teacher_file(role))} for role in METHODS.get(method).teachers},
-        "train": {
-            "batch_size": w["batch"],
-            "lr": w["lr"],
-            "device": args.device,
-            "compile": args.compile,
-            "amp": args.amp,
-            "channels_last": args.channels_last == "on",
-        },
-    }
-    run = setup(from_dict(raw), force=True, resume=False)
-    if side == "ours":
-        tally = Tally(run.device)
-        run.student.train()
-
-        def step(x, y):
-            train_batch(run, x, y, tally)
-
-        return Side(step, lambda: iter(run.loader), run.student, run)
-    teachers = {role: load_model(teacher_file(role))[0].to(run.device).eval() for role in raw["teachers"]}
-    student = create_model(run.spec).to(run.device)
-    student.load_state_dict(run.student.state_dict())  # the same initial weights as robustdistill's
-    hp = {
-        **{k: w["attack"][k] for k in ("eps", "step_size", "steps")},
-        "lr": w["lr"],
-        "weight_decay": 2e-4,
-        "batch_size": w["batch"],
-        "padding": w["data"]["crop_padding"],
-        "flip": w["data"]["flip"],
-        "num_classes": run.dataset.num_classes,
-    }
-    train_split = run.dataset.train
-    ref = REFERENCES[method](student, teachers, (train_split.images().cpu(), train_split.y.cpu()), hp, run.device)
-    return Side(ref.step, lambda: iter(ref.loader()), student, run)
 
 
 class Batches:
@@ -197,11 +67,6 @@ class Batches:
         except StopIteration:
             self.it = self.factory()
             return next(self.it)
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def timed(step, batches: Batches, steps: int, device: str) -> float:
@@ -351,11 +216,7 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(
-        f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-        f"interop {torch.get_num_interop_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
-        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, cpus {os.cpu_count()}; " + build_options(args)
-    )
+    print(settings_line(args.device) + "; " + build_options(args))
     # measured before and after the workloads; the better of the two is the reference (a busy
     # moment on a shared machine lowers one measurement, never raises it)
     peaks = [dense_peak(args.device)]

@@ -1,10 +1,10 @@
 """Experiment: the seed methods and their papers' ablations on digits, with 95 % intervals.
 
-    python benchmarks/digits_methods.py                 # the papers' ablations, 5 seeds: ~10 min, 2 cores
-    python benchmarks/digits_methods.py --investigate   # and 6 investigation variants: about 8 min more
-    python benchmarks/digits_methods.py --baselines     # and eight baselines: about 12 min more
-    python benchmarks/digits_methods.py --investigate --update-readme   # rewrite the README's results section
-    python benchmarks/digits_methods.py --seeds 0 1 2 --out runs/quick
+    python experiments/digits_methods.py                 # the papers' ablations, 5 seeds: ~10 min, 2 cores
+    python experiments/digits_methods.py --investigate   # and 6 investigation variants: about 8 min more
+    python experiments/digits_methods.py --baselines     # and eight baselines: about 12 min more
+    python experiments/digits_methods.py --investigate --update-readme   # rewrite the README's results section
+    python experiments/digits_methods.py --seeds 0 1 2 --out runs/quick
 
 The demo's clean (natural) and robust (TRADES) teachers are trained once (seed 0); every variant
 below is trained with each seed (student initialisation, data order and attack noise change; the
@@ -350,7 +350,7 @@ def main() -> None:
     minutes = (time.perf_counter() - started) / 60
     text = "\n".join(
         [
-            f"`python benchmarks/digits_methods.py --seeds {' '.join(map(str, args.seeds))}"
+            f"`python experiments/digits_methods.py --seeds {' '.join(map(str, args.seeds))}"
             f"{' --investigate' if args.investigate else ''}{' --baselines' if args.baselines else ''}` "
             f"({len(args.seeds)} seeds, teachers fixed; digits test split, {len(labels)} images, eps = 0.2; "
             f"{os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}; the runs' training epochs "
