@@ -11,6 +11,7 @@ from torch import nn
 
 from robustdistill.attacks import ATTACKS, Attack, AttackEnv, EvalSettings, get_attack
 from robustdistill.checkpoint import load_model
+from robustdistill.checks import CHECKS, CheckContext, Outcome, check, registered
 from robustdistill.cli import main
 from robustdistill.errors import UserError
 from robustdistill.evaluate import evaluate
@@ -120,6 +121,70 @@ def test_unchanged_check_catches_a_model_that_changes(natural_model, digits, mon
     net.forward = counting
     out = evaluate(net.eval(), digits.test.take(slice(0, 30)), _settings(["clean"]), 10)
     assert _status(out)["unchanged"] == "failed"
+
+
+def _context(correct, settings, pgd=None):
+    """A CheckContext over `correct` (per-sample verdicts) with no model; `pgd(eps, steps, start)`
+    stands in for the checks' extra PGD runs."""
+    n = len(next(iter(correct.values())))
+    env = AttackEnv(settings, index=torch.arange(n), x_all=torch.zeros(n, 1, 2, 2), y_all=torch.zeros(n).long())
+
+    class Canned(CheckContext):
+        def pgd(self, eps, steps, start="uniform"):
+            return pgd(eps, steps, start)
+
+    return Canned(None, correct, {}, env, 10, None)
+
+
+def _verdicts(correct, n=100):
+    return torch.arange(n) < correct
+
+
+def test_monotone_check_fails_when_a_weaker_attack_is_stronger():
+    """Check 2 on canned PGD results: a smaller budget (or fewer steps) that lowers accuracy below
+    the full attack's fails it; the full attack's accuracy comes from the suite's own pgd20 run."""
+    settings = _settings(["clean", "pgd20"], checks_subset=100)
+    monotone = CHECKS.get("monotone")
+    correct = {"clean": _verdicts(90), "pgd20": _verdicts(50)}
+    sound = monotone.evaluate(_context(correct, settings, lambda eps, steps, start: 0.7))
+    assert sound["status"] == "passed" and sound["numbers"]["eps"] == 0.5 and sound["numbers"]["eps/2"] == 0.7
+    half_stronger = lambda eps, steps, start: 0.3 if eps < settings.eps else 0.7  # noqa: E731
+    assert monotone.evaluate(_context(correct, settings, half_stronger))["status"] == "failed"
+    few_stronger = lambda eps, steps, start: 0.3 if steps < settings.pgd_steps else 0.7  # noqa: E731
+    out = monotone.evaluate(_context(correct, settings, few_stronger))
+    assert out["status"] == "failed" and out["numbers"]["steps=5"] == 0.3
+    assert out["message"] == "accuracy must not increase with eps or with the number of steps"
+
+
+def test_worst_case_check_fails_when_autoattack_is_above_pgd_or_the_worst_case_is_not_lowest():
+    settings = _settings(["pgd20", "autoattack_fast"])
+    worst_case = CHECKS.get("worst_case")
+    fine = {"pgd20": _verdicts(50), "autoattack_fast": _verdicts(45)}
+    assert worst_case.evaluate(_context(fine, settings))["status"] == "passed"
+    above = {"pgd20": _verdicts(50), "autoattack_fast": _verdicts(60)}  # 10 points above PGD-20: beyond noise
+    out = worst_case.evaluate(_context(above, settings))
+    assert out["status"] == "failed" and out["numbers"]["autoattack_fast"] == 0.6
+    within_noise = {"pgd20": _verdicts(50), "autoattack_fast": _verdicts(50) | (torch.arange(100) == 99)}
+    assert worst_case.evaluate(_context(within_noise, settings))["status"] == "passed"  # one sample: tolerated
+    one = worst_case.evaluate(_context({"pgd20": _verdicts(50)}, settings))
+    assert one["status"] == "skipped" and one["message"] == "needs at least two attacks"
+
+
+def test_the_checks_are_one_registry_with_unique_ids():
+    checks = registered()
+    assert [c.id for c in checks] == list(range(1, 9))
+    assert [c.name for c in checks][:3] == ["eps_zero", "monotone", "large_eps"]
+    assert all(c.asserts for c in checks)
+    with pytest.raises(ValueError, match="id 2 is registered twice"):
+        check(2, "again", "anything")(lambda c: Outcome(True))
+    assert "again" not in CHECKS.names()
+
+
+def test_list_checks_prints_the_registry(capsys):
+    assert main(["list", "checks"]) == 0
+    out = capsys.readouterr().out
+    for c in registered():
+        assert f"{c.id} {c.name}" in " ".join(out.split()) and c.asserts in out
 
 
 def _aa(model, x, y, settings, state_dir, name="autoattack_fast"):

@@ -1,25 +1,22 @@
 """The sanity checks of spec/evaluation.md, run with every evaluation.
 
-Each check returns {"id", "name", "status": passed | failed | skipped, "numbers", "message"}.
+Each check is one small function registered in `CHECKS` with its id, its name and what it asserts
+(`robustdistill list checks` prints them); `run_checks` runs them all, in id order, and each gives
+one report entry {"id", "name", "status": passed | failed | skipped, "numbers", "message"}.
 A failed check is a warning in the report and on the terminal (`--strict` makes it an error):
 it says the numbers may overestimate robustness, typically through gradient masking.
-
-1 eps_zero      PGD with eps = 0 gives exactly the clean accuracy
-2 monotone      accuracy does not increase with eps (eps/2 vs eps) or with steps (steps/4 vs steps)
-3 large_eps     PGD from x (no random start) with eps = large_eps drives accuracy to chance or below
-4 worst_case    the per-sample worst case is below every attack; AutoAttack is not above PGD-20
-5 black_box     black-box attacks (square, transfer) are not stronger than the white-box ones
-6 perturbation  every adversarial example lies in the eps-ball and in [0, 1]
-7 unchanged     parameters and BatchNorm buffers are bit-identical before and after
-8 autoattack_flags  pyautoattack's own checks raised no warning (randomised or dynamic model,
-                probabilities instead of logits, zero gradients, "Square Attack has decreased the
-                robust accuracy"), the flags the untouched package prints
 Comparisons allow sampling noise of one sample or 0.5 %, whichever is larger.
+
+    @check(9, "my_check", "what must hold, in one sentence")
+    def my_check(c: CheckContext) -> Outcome:
+        return Outcome(c.accuracy("clean") > 0, {"clean": c.accuracy("clean")})
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -28,6 +25,51 @@ from .attacks import ATTACKS, AttackEnv, names_of, predict, run_pgd
 from .distributed import assemble
 from .metrics import ROBUST_ATTACK
 from .models import fingerprint
+from .registry import Registry
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a check found: `passed` (None: skipped), its numbers, and a detail: the reason it was
+    skipped, or what a failure adds to the check's statement."""
+
+    passed: Optional[bool]
+    numbers: dict[str, Any] = field(default_factory=dict)
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Check:
+    id: int
+    name: str
+    asserts: str  # what must hold, in one sentence (the report's message)
+    run: Callable[[CheckContext], Outcome]
+
+    def evaluate(self, context: CheckContext) -> dict[str, Any]:
+        """The report entry."""
+        out = self.run(context)
+        status = "skipped" if out.passed is None else ("passed" if out.passed else "failed")
+        message = out.detail if out.passed is None else self.asserts + (f"; {out.detail}" if out.detail else "")
+        return {"id": self.id, "name": self.name, "status": status, "numbers": out.numbers, "message": message}
+
+
+CHECKS: Registry[Check] = Registry("check")
+
+
+def check(id_: int, name: str, asserts: str) -> Callable[[Callable[[CheckContext], Outcome]], Check]:
+    """Register a check function under `name` with its report id and statement."""
+
+    def add(fn: Callable[[CheckContext], Outcome]) -> Check:
+        if any(CHECKS.get(n).id == id_ for n in CHECKS.names()):
+            raise ValueError(f"check id {id_} is registered twice")
+        return CHECKS.register(name)(Check(id_, name, asserts, fn))
+
+    return add
+
+
+def registered() -> list[Check]:
+    """Every check, in id order."""
+    return sorted((CHECKS.get(n) for n in CHECKS.names()), key=lambda c: c.id)
 
 
 def _accuracy(correct: torch.Tensor) -> float:
@@ -35,9 +77,44 @@ def _accuracy(correct: torch.Tensor) -> float:
     return correct.double().mean().item() if len(correct) else 0.0
 
 
-def _result(id_: int, name: str, passed: Optional[bool], numbers: dict[str, Any], message: str) -> dict[str, Any]:
-    status = "skipped" if passed is None else ("passed" if passed else "failed")
-    return {"id": id_, "name": name, "status": status, "numbers": numbers, "message": message}
+class CheckContext:
+    """What a check may look at: the suite's per-sample verdicts (`correct`, assembled from every
+    rank) and adversarial-example bounds, and extra PGD runs on the first `checks_subset` samples,
+    each rank attacking the ones it owns."""
+
+    def __init__(
+        self,
+        model,
+        correct: dict[str, torch.Tensor],
+        bounds: dict[str, dict[str, float]],
+        env: AttackEnv,
+        num_classes: int,
+        before: Optional[str],
+    ):
+        s = env.settings
+        self.model, self.correct, self.bounds, self.env = model, correct, bounds, env
+        self.num_classes, self.before, self.settings = num_classes, before, s
+        self.n = min(len(env.y_all), s.checks_subset)
+        self.mine = env.index[env.index < self.n]
+        on_device = self.mine.to(env.y_all.device)
+        self.xs, self.ys = env.x_all[on_device], env.y_all[on_device]
+        self.tol = max(1.0 / max(self.n, 1), 0.005)
+
+    def accuracy(self, name: str, first: Optional[int] = None) -> float:
+        """Accuracy of the suite's attack `name` over the whole split, or its first `first` samples."""
+        return _accuracy(self.correct[name][:first] if first is not None else self.correct[name])
+
+    def accuracy_on(self, x_adv: torch.Tensor) -> float:
+        """Accuracy on the checks' samples of examples crafted for the ones this rank owns."""
+        s = self.settings
+        return _accuracy(assemble(predict(self.model, x_adv, s.batch_size) == self.ys, self.mine, self.n))
+
+    def pgd(self, eps: float, steps: int, start: str = "uniform") -> float:
+        """Accuracy under one PGD run (one restart) on the checks' samples."""
+        at = dataclasses.replace(self.env, index=self.mine, settings=self.settings.at_eps(eps))
+        return self.accuracy_on(
+            run_pgd(self.model, self.xs, self.ys, at, "checks", steps=steps, start=start, restarts=1)
+        )
 
 
 def run_checks(
@@ -48,145 +125,87 @@ def run_checks(
     num_classes: int,
     before: Optional[str],
 ) -> list[dict[str, Any]]:
-    """The checks on the first `checks_subset` samples of the split; each rank attacks the ones it owns."""
-    s = env.settings
-    n = min(len(env.y_all), s.checks_subset)
-    mine = env.index[env.index < n]
-    on_device = mine.to(env.y_all.device)
-    xs, ys = env.x_all[on_device], env.y_all[on_device]
-    sub = dataclasses.replace(env, index=mine)
-    tol = max(1.0 / max(n, 1), 0.005)
+    """Every registered check, in id order, on the first `checks_subset` samples of the split."""
+    context = CheckContext(model, correct, bounds, env, num_classes, before)
+    return [c.evaluate(context) for c in registered()]
 
-    def acc_of(x_adv) -> float:
-        return _accuracy(assemble(predict(model, x_adv, s.batch_size) == ys, mine, n))
 
-    def pgd(eps: float, steps: int, start: str = "uniform") -> float:
-        at = dataclasses.replace(sub, settings=s.at_eps(eps))
-        return acc_of(run_pgd(model, xs, ys, at, "checks", steps=steps, start=start, restarts=1))
+@check(1, "eps_zero", "PGD at eps = 0 must equal clean accuracy")
+def eps_zero(c: CheckContext) -> Outcome:
+    clean = c.accuracy("clean", c.n) if "clean" in c.correct else c.accuracy_on(c.xs)
+    zero = c.pgd(0.0, c.settings.pgd_steps)
+    return Outcome(zero == clean, {"clean": clean, "pgd_eps0": zero})
 
-    checks = []
-    clean = _accuracy(correct["clean"][:n]) if "clean" in correct else acc_of(xs)
-    zero = pgd(0.0, s.pgd_steps)
-    checks.append(
-        _result(
-            1, "eps_zero", zero == clean, {"clean": clean, "pgd_eps0": zero}, "PGD at eps = 0 must equal clean accuracy"
-        )
-    )
 
-    full = (
-        _accuracy(correct[ROBUST_ATTACK][:n])
-        if ROBUST_ATTACK in correct and s.restarts == 1
-        else pgd(s.eps, s.pgd_steps)
-    )
-    half = pgd(s.eps / 2, s.pgd_steps)
+@check(2, "monotone", "accuracy must not increase with eps or with the number of steps")
+def monotone(c: CheckContext) -> Outcome:
+    s = c.settings
+    reuse = ROBUST_ATTACK in c.correct and s.restarts == 1  # the suite's own run is this PGD
+    full = c.accuracy(ROBUST_ATTACK, c.n) if reuse else c.pgd(s.eps, s.pgd_steps)
+    half = c.pgd(s.eps / 2, s.pgd_steps)
     few_steps = max(1, s.pgd_steps // 4)
-    few = pgd(s.eps, few_steps)
-    ok = half + tol >= full and few + tol >= full
-    checks.append(
-        _result(
-            2,
-            "monotone",
-            ok,
-            {"eps/2": half, "eps": full, f"steps={few_steps}": few, f"steps={s.pgd_steps}": full},
-            "accuracy must not increase with eps or with the number of steps",
-        )
+    few = c.pgd(s.eps, few_steps)
+    numbers = {"eps/2": half, "eps": full, f"steps={few_steps}": few, f"steps={s.pgd_steps}": full}
+    return Outcome(half + c.tol >= full and few + c.tol >= full, numbers)
+
+
+@check(
+    3,
+    "large_eps",
+    "an unbounded white-box attack must reach chance accuracy or below; otherwise suspect gradient masking",
+)
+def large_eps(c: CheckContext) -> Outcome:
+    chance = 1.0 / c.num_classes
+    large = c.pgd(c.settings.large_eps, c.settings.pgd_steps, start="none")
+    return Outcome(large <= chance + c.tol, {"eps": c.settings.large_eps, "accuracy": large, "chance": chance})
+
+
+@check(4, "worst_case", "the per-sample worst case must be below every attack, and AutoAttack not above PGD-20")
+def worst_case(c: CheckContext) -> Outcome:
+    if len(c.correct) <= 1:
+        return Outcome(None, detail="needs at least two attacks")
+    accs = {k: _accuracy(v) for k, v in c.correct.items()}
+    worst = _accuracy(torch.stack(list(c.correct.values())).all(dim=0))
+    ok = all(worst <= a for a in accs.values())
+    autoattacks = [a for k, a in accs.items() if ATTACKS.get(k).autoattack]
+    if autoattacks and ROBUST_ATTACK in accs:
+        ok = ok and all(a <= accs[ROBUST_ATTACK] + c.tol for a in autoattacks)
+    return Outcome(ok, {"robust_to_all": worst, **accs})
+
+
+@check(5, "black_box", "a black-box attack stronger than every white-box one points to gradient masking")
+def black_box(c: CheckContext) -> Outcome:
+    white = {k: _accuracy(c.correct[k]) for k in names_of("white-box") if k in c.correct}
+    black = {k: _accuracy(c.correct[k]) for k in names_of("black-box") if k in c.correct}
+    if not (white and black):
+        return Outcome(None, detail=f"needs a white-box and a black-box attack ({' or '.join(names_of('black-box'))})")
+    strongest = min(white.values())
+    numbers = {**{f"white:{k}": v for k, v in white.items()}, **{f"black:{k}": v for k, v in black.items()}}
+    return Outcome(all(a + c.tol >= strongest for a in black.values()), numbers)
+
+
+@check(6, "perturbation", "every adversarial example must lie in the eps-ball and in [0, 1]")
+def perturbation(c: CheckContext) -> Outcome:
+    eps = c.settings.eps
+    bad = [k for k, b in c.bounds.items() if b["max_linf"] > eps + 1e-6 or b["min"] < 0.0 or b["max"] > 1.0]
+    return Outcome(not bad, dict(c.bounds), f"violated by {', '.join(bad)}" if bad else "")
+
+
+@check(7, "unchanged", "parameters and buffers must be bit-identical before and after the evaluation")
+def unchanged(c: CheckContext) -> Outcome:
+    after = fingerprint(c.model) if c.before is not None else None
+    return Outcome(None if c.before is None else c.before == after, {"before": c.before, "after": after})
+
+
+@check(8, "autoattack_flags", "AutoAttack's own checks must raise no warning")
+def autoattack_flags(c: CheckContext) -> Outcome:
+    flags = {k: v for k, v in c.env.notes.items() if ATTACKS.get(k).autoattack}
+    if not flags:
+        return Outcome(None, detail="needs autoattack or autoattack_fast")
+    messages = sorted({m for ms in flags.values() for m in ms})
+    return Outcome(
+        not messages, {k: len(v) for k, v in flags.items()}, f"it warned: {' | '.join(messages)}" if messages else ""
     )
-
-    chance = 1.0 / num_classes
-    large = pgd(s.large_eps, s.pgd_steps, start="none")
-    checks.append(
-        _result(
-            3,
-            "large_eps",
-            large <= chance + tol,
-            {"eps": s.large_eps, "accuracy": large, "chance": chance},
-            "an unbounded white-box attack must reach chance accuracy or below; otherwise suspect gradient masking",
-        )
-    )
-
-    if len(correct) > 1:
-        accs = {k: _accuracy(v) for k, v in correct.items()}
-        worst = _accuracy(torch.stack(list(correct.values())).all(dim=0))
-        ok = all(worst <= a for a in accs.values())
-        aa = {k: a for k, a in accs.items() if ATTACKS.get(k).autoattack}
-        if aa and ROBUST_ATTACK in accs:
-            ok = ok and all(a <= accs[ROBUST_ATTACK] + tol for a in aa.values())
-        checks.append(
-            _result(
-                4,
-                "worst_case",
-                ok,
-                {"robust_to_all": worst, **accs},
-                "the per-sample worst case must be below every attack, and AutoAttack not above PGD-20",
-            )
-        )
-    else:
-        checks.append(_result(4, "worst_case", None, {}, "needs at least two attacks"))
-
-    white = {k: _accuracy(correct[k]) for k in names_of("white-box") if k in correct}
-    black = {k: _accuracy(correct[k]) for k in names_of("black-box") if k in correct}
-    if white and black:
-        strongest = min(white.values())
-        ok = all(a + tol >= strongest for a in black.values())
-        checks.append(
-            _result(
-                5,
-                "black_box",
-                ok,
-                {**{f"white:{k}": v for k, v in white.items()}, **{f"black:{k}": v for k, v in black.items()}},
-                "a black-box attack stronger than every white-box one points to gradient masking",
-            )
-        )
-    else:
-        checks.append(
-            _result(
-                5,
-                "black_box",
-                None,
-                {},
-                f"needs a white-box and a black-box attack ({' or '.join(names_of('black-box'))})",
-            )
-        )
-
-    bad = {k: b for k, b in bounds.items() if b["max_linf"] > s.eps + 1e-6 or b["min"] < 0.0 or b["max"] > 1.0}
-    checks.append(
-        _result(
-            6,
-            "perturbation",
-            not bad,
-            {k: b for k, b in bounds.items()},
-            "every adversarial example must lie in the eps-ball and in [0, 1]"
-            + (f"; violated by {', '.join(bad)}" if bad else ""),
-        )
-    )
-
-    after = fingerprint(model) if before is not None else None
-    checks.append(
-        _result(
-            7,
-            "unchanged",
-            None if before is None else before == after,
-            {"before": before, "after": after},
-            "parameters and buffers must be bit-identical before and after the evaluation",
-        )
-    )
-
-    flags = {k: v for k, v in env.notes.items() if ATTACKS.get(k).autoattack}
-    if flags:
-        messages = sorted({m for ms in flags.values() for m in ms})
-        checks.append(
-            _result(
-                8,
-                "autoattack_flags",
-                not messages,
-                {k: len(v) for k, v in flags.items()},
-                "AutoAttack's own checks must raise no warning"
-                + (f"; it warned: {' | '.join(messages)}" if messages else ""),
-            )
-        )
-    else:
-        checks.append(_result(8, "autoattack_flags", None, {}, "needs autoattack or autoattack_fast"))
-    return checks
 
 
 def failed(checks: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -7,7 +7,7 @@
     robustdistill eval RUN_OR_CHECKPOINT [eval.key=value ...] [--attacks clean,pgd20,autoattack_fast] [--strict]
     robustdistill report RUN1 RUN2 ...                   comparison table + robustness-fairness scatter
     robustdistill plot RUN                               temperature / weight trajectories to PNG
-    robustdistill list [models|methods|datasets|attacks]
+    robustdistill list [models|methods|datasets|attacks|checks]
 
 A mistake in the input (bad key, unknown name, missing file, existing run folder) is reported
 as one line `error: ...` with exit code 2, and nothing is written.
@@ -26,7 +26,7 @@ from typing import Optional
 
 from .api import evaluate_path
 from .attacks import ATTACKS
-from .checks import failed
+from .checks import CHECKS, failed, registered
 from .config import EvalConfig, load_config
 from .data import DATASETS
 from .demo import run_demo
@@ -238,8 +238,13 @@ def _cmd_plot(args) -> int:
 
 
 def _cmd_list(args) -> int:
-    registries = {"models": MODELS, "methods": METHODS, "datasets": DATASETS, "attacks": ATTACKS}
+    registries = {"models": MODELS, "methods": METHODS, "datasets": DATASETS, "attacks": ATTACKS, "checks": CHECKS}
     for kind in [args.kind] if args.kind else registries:
+        if kind == "checks":
+            print("checks (run with every evaluation; a failure says the numbers may overestimate robustness):")
+            for c in registered():
+                print(f"  {c.id} {c.name:16s} {c.asserts}")
+            continue
         print(f"{kind}: {', '.join(registries[kind].names())}")
         if kind == "attacks" and args.verbose:
             for name in ATTACKS.names():
@@ -309,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--no-checks", action="store_true", help="skip the sanity checks")
-    p.add_argument("--strict", action="store_true", help="exit with code 1 if a sanity check fails")
+    p.add_argument(
+        "--strict", action="store_true", help="exit with code 1 if a sanity check fails (robustdistill list checks)"
+    )
     p.add_argument("--data", help="dataset name (for checkpoints that do not record it)")
     p.add_argument("--data-root", help="dataset folder (overrides the recorded one)")
     p.add_argument("--model", help="architecture name (for foreign state dicts)")
@@ -337,8 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the PNGs (default: RUN/plots)")
     p.set_defaults(func=_cmd_plot)
 
-    p = sub.add_parser("list", help="list registered models, methods, datasets, attacks")
-    p.add_argument("kind", nargs="?", choices=["models", "methods", "datasets", "attacks"])
+    p = sub.add_parser("list", help="list registered models, methods, datasets, attacks, sanity checks")
+    p.add_argument("kind", nargs="?", choices=["models", "methods", "datasets", "attacks", "checks"])
     p.set_defaults(func=_cmd_list)
     return parser
 
