@@ -126,9 +126,9 @@ def test_pgd_counts_the_iterates_each_sample_survives():
     x = torch.rand(6, 1, 8, 8)
     predicted = model(x).argmax(dim=1).detach()
     y = torch.where(torch.arange(6) < 3, predicted, (predicted + 1) % 10)  # three right, three wrong
-    attack = PGD(model, 0.0, 0.0, 4, start="none", count_correct=True)  # eps 0: every iterate is x
-    attack(x, y)
-    assert attack.correct.tolist() == [4, 4, 4, 0, 0, 0]
+    found = PGD(model, 0.0, 0.0, 4, start="none", count_correct=True).run(x, y)  # eps 0: every iterate is x
+    assert found.correct.tolist() == [4, 4, 4, 0, 0, 0] and torch.equal(found.x_adv, x)
+    assert PGD(model, 0.0, 0.0, 4, start="none").run(x, y).correct is None  # counted only when asked
 
 
 def test_fair_ard_reweights_the_less_robust_class_after_an_epoch():

@@ -55,11 +55,11 @@ def test_pgd_early_stop_matches_a_per_sample_loop(rule, tau):
     with torch.no_grad():
         y = model(x).argmax(dim=1)
     y[:8] = (y[:8] + 1) % 3  # some samples are misclassified from the start
-    attack = PGD(model, eps=0.3, alpha=0.05, steps=10, start="none", early_stop=rule, tau=tau)
+    attack = PGD(model, eps=0.3, step_size=0.05, steps=10, start="none", early_stop=rule, tau=tau)
     got = attack(x, y)
     expected = _per_sample_early_stop(model, x, y, 0.3, 0.05, 10, rule, tau)
     torch.testing.assert_close(got, expected)
-    plain = PGD(model, eps=0.3, alpha=0.05, steps=10, start="none")(x, y)
+    plain = PGD(model, eps=0.3, step_size=0.05, steps=10, start="none")(x, y)
     stopped = (got - plain).abs().amax(dim=1) > 0
     assert 0 < stopped.sum() < len(x)  # some samples stopped early, some ran every step
     with torch.no_grad():
@@ -243,7 +243,7 @@ def test_bat_trains_on_the_last_clean_and_first_adversarial_iterates():
     with torch.no_grad():
         target = F.softmax(student.eval()(x), dim=1)
     torch.manual_seed(1)
-    pgd = dict(eps=0.3, alpha=0.05, steps=5, loss="kl", start="gaussian")
+    pgd = dict(eps=0.3, step_size=0.05, steps=5, loss="kl", start="gaussian")
     expected_lc = PGD(student, early_stop="last_clean", **pgd)(x, y, target=target)
     expected_fa = PGD(student, early_stop="first_adversarial", tau=2, **pgd)(x, y, target=target)
     torch.testing.assert_close(trained[0], expected_lc)

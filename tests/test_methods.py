@@ -39,7 +39,7 @@ def _moved(name):
         # every input), so that some survive the attack and state counting them moves too
         x = torch.rand(8, 1, 8, 8)
         with torch.no_grad():
-            y = ctx.student_module.eval()(x).argmax(dim=1)
+            y = ctx.attacked.eval()(x).argmax(dim=1)
         method.loss(x, y)
         progress.step += 1
         method.on_step_end(progress)

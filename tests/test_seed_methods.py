@@ -188,7 +188,7 @@ def test_mtard_baseline_keeps_tau_one_half_weights_and_is_the_plain_loss():
     torch.manual_seed(5)
     from robustdistill.attacks import PGD
 
-    x_adv = PGD(ctx.student_module, 0.1, 0.025, 3, "ce", "gaussian")(x, y)
+    x_adv = PGD(ctx.attacked, 0.1, 0.025, 3, "ce", "gaussian")(x, y)
     with torch.no_grad():
         q_adv, q_nat = torch.softmax(ctx.teachers["robust"](x_adv), 1), torch.softmax(ctx.teachers["clean"](x), 1)
     expected = 0.5 * kl_div(q_adv, ctx.student(x_adv)) + 0.5 * kl_div(q_nat, ctx.student(x))

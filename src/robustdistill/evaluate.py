@@ -27,7 +27,7 @@ from .checks import run_checks
 from .data import Split
 from .distributed import all_reduce_max, assemble, owned_indices
 from .metrics import ROBUST_ATTACK, sample_metrics
-from .models import fingerprint
+from .models import eval_mode, fingerprint
 
 
 def _bounds(x_adv: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
@@ -55,8 +55,6 @@ def evaluate(
     assembled, so every number equals that of a single process."""
     attacks = list(settings.attacks)
     before = fingerprint(model) if settings.checks else None
-    was_training = model.training
-    model.eval()
     x_all, y_all, n = split.images(), split.y, len(split)
     mine = owned_indices(n, settings.block, rank, world_size)
     on_device = mine.to(y_all.device)
@@ -74,7 +72,7 @@ def evaluate(
     )
     correct: dict[str, torch.Tensor] = {}
     bounds: dict[str, dict[str, float]] = {}
-    try:
+    with eval_mode(model):
         for name in attacks:
             x_adv, hit = get_attack(name).run(model, x, y, env)
             hit = hit if hit is not None else predict(model, x_adv, settings.batch_size) == y
@@ -96,6 +94,4 @@ def evaluate(
             summary["autoattack_flags"] = env.notes
         if settings.checks:
             summary["checks"] = run_checks(model, correct, bounds, env, num_classes, before)
-    finally:
-        model.train(was_training)
     return summary

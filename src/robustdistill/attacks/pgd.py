@@ -3,8 +3,8 @@
 Conventions of torchattacks/AutoAttack: an attack is built once around a model that takes
 images in [0, 1] and returns logits, then called on `(x, y)`:
 
-    attack = PGD(model, eps=8/255, alpha=2/255, steps=20)
-    x_adv = attack(x, y)
+    attack = PGD(model, eps=8/255, step_size=2/255, steps=20)
+    x_adv = attack(x, y)              # or attack.run(x, y): the examples and what the attack counted
 
 The model is put in eval mode for the attack (BatchNorm statistics never move) and restored to
 its previous mode afterwards. Gradients are taken with respect to the input only
@@ -21,6 +21,7 @@ Losses (summed over the batch, so a sample's step does not depend on the batch s
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import check
+from ..models import eval_mode
 from ..models.fold import eval_view, release
 
 Loss = Literal["ce", "kl", "cw"]
@@ -94,12 +96,21 @@ def sample_noise(index: torch.Tensor, shape: tuple[int, ...], seed: int, stream:
     return out
 
 
+@dataclass(frozen=True)
+class Found:
+    """What one PGD call found: the adversarial examples and, with `count_correct`, per sample how
+    many iterates the model still classified right (Fair-ARD's robustness degree; else None)."""
+
+    x_adv: torch.Tensor
+    correct: Optional[torch.Tensor] = None
+
+
 class PGD:
     """Projected gradient ascent on `loss` inside the L-inf ball of radius `eps`.
 
     start: `uniform` (U(-eps, eps), Madry et al.), `gaussian` (x + sigma*N(0,1), the seed methods
     and TRADES, sigma=0.001) or `none`.
-    `eps` and `alpha` are floats or tensors of one value per sample (shape (B,)), for the methods
+    `eps` and `step_size` are floats or tensors of one value per sample (shape (B,)), for the methods
     with class-wise or per-sample budgets (CFA, FRL's remargin): each sample stays in its own ball.
 
     early_stop (needs labels; a stopped sample keeps its point while the others go on):
@@ -118,7 +129,7 @@ class PGD:
         self,
         model: nn.Module,
         eps: float | torch.Tensor,
-        alpha: float | torch.Tensor,
+        step_size: float | torch.Tensor,
         steps: int,
         loss: Loss = "ce",
         start: Start = "uniform",
@@ -130,19 +141,16 @@ class PGD:
         fold_batchnorm: bool = True,
     ):
         # per-sample tensors are not checked here: reading them back would stall the device every step
-        negative = [v for v in (eps, alpha) if not isinstance(v, torch.Tensor) and v < 0]
+        negative = [v for v in (eps, step_size) if not isinstance(v, torch.Tensor) and v < 0]
         if negative or steps < 1:
-            raise ValueError(f"PGD needs eps >= 0, alpha >= 0, steps >= 1 (got {eps}, {alpha}, {steps})")
-        self.model, self.eps, self.alpha, self.steps = model, eps, alpha, steps
+            raise ValueError(f"PGD needs eps >= 0, step_size >= 0, steps >= 1 (got {eps}, {step_size}, {steps})")
+        self.model, self.eps, self.step_size, self.steps = model, eps, step_size, steps
         self.loss, self.start, self.sigma, self.generator = loss, start, sigma, generator
         self.count_correct = count_correct
         if early_stop not in (None, "first_adversarial", "last_clean") or tau < 0:
             raise ValueError(f"PGD early_stop: first_adversarial or last_clean, and tau >= 0 (got {early_stop}, {tau})")
         self.early_stop, self.tau = early_stop, tau
         self.fold_batchnorm = fold_batchnorm
-        self.correct: Optional[torch.Tensor] = (
-            None  # with count_correct: per sample, the iterates still classified right
-        )
 
     @staticmethod
     def _per_sample(value: float | torch.Tensor, x: torch.Tensor) -> float | torch.Tensor:
@@ -174,10 +182,21 @@ class PGD:
         target: Optional[torch.Tensor | nn.Module] = None,
         noise: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """`noise`: U[0, 1) draws shaped like x for the uniform start (default: from `generator`);
-        evaluation passes per-sample noise so that a sample's attack does not depend on its batch.
-        `target` (kl loss): a distribution per sample, or a model (frozen, in eval mode) whose
-        softmax on each iterate is the target."""
+        """The adversarial examples (`run(...).x_adv`)."""
+        return self.run(x, y, target, noise).x_adv
+
+    def run(
+        self,
+        x: torch.Tensor,
+        y: Optional[torch.Tensor] = None,
+        target: Optional[torch.Tensor | nn.Module] = None,
+        noise: Optional[torch.Tensor] = None,
+    ) -> Found:
+        """The attack: its examples and (count_correct) per-sample counts. `noise`: U[0, 1) draws
+        shaped like x for the uniform start (default: from `generator`); evaluation passes
+        per-sample noise so that a sample's attack does not depend on its batch. `target` (kl
+        loss): a distribution per sample, or a model (frozen, in eval mode) whose softmax on each
+        iterate is the target."""
         if self.loss == "kl" and target is None:
             raise ValueError("the kl attack loss needs a target distribution")
         if (self.loss != "kl" or self.early_stop or self.count_correct) and y is None:
@@ -186,11 +205,11 @@ class PGD:
         reference = target if isinstance(target, nn.Module) else None
         if reference is None and target is not None:
             target = target.detach()
-        eps, alpha = self._per_sample(self.eps, x), self._per_sample(self.alpha, x)
-        self.correct = None
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        eps, step_size = self._per_sample(self.eps, x), self._per_sample(self.step_size, x)
+        correct = None
+        with eval_mode(self.model), contextlib.ExitStack() as cleanup:
+            if self.fold_batchnorm:
+                cleanup.callback(release, self.model)  # the folded weights live only during the attack
             model = eval_view(self.model) if self.fold_batchnorm else self.model
             x_adv = self._init(x, noise, eps)
             lo, hi = ball_bounds(x, eps)
@@ -204,18 +223,14 @@ class PGD:
                     if self.count_correct or stop is not None:
                         hits = logits.argmax(dim=1) == y
                     if self.count_correct:  # Fair-ARD's robustness degree: counted on each iterate before its step
-                        self.correct = hits.long() if self.correct is None else self.correct + hits.long()
+                        correct = hits.long() if correct is None else correct + hits.long()
                     loss = attack_loss(logits, self.loss, y, target)
                     (grad,) = torch.autograd.grad(loss, x_adv)
-                    x_next = torch.clamp(x_adv.detach() + alpha * grad.sign(), lo, hi)
+                    x_next = torch.clamp(x_adv.detach() + step_size * grad.sign(), lo, hi)
                     x_adv = x_next if stop is None else stop.update(x_adv.detach(), x_next, hits)
             if stop is not None:
                 x_adv = stop.result(x_adv)
-        finally:
-            if self.fold_batchnorm:
-                release(self.model)  # the folded weights live only during the attack
-            self.model.train(was_training)
-        return x_adv.detach()
+        return Found(x_adv.detach(), correct)
 
 
 class _EarlyStop:
@@ -254,4 +269,4 @@ class FGSM(PGD):
     """One signed-gradient step of size eps from x (Goodfellow et al.)."""
 
     def __init__(self, model: nn.Module, eps: float, loss: Loss = "ce"):
-        super().__init__(model, eps=eps, alpha=eps, steps=1, loss=loss, start="none")
+        super().__init__(model, eps=eps, step_size=eps, steps=1, loss=loss, start="none")

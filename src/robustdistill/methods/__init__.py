@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..attacks import PGD, AttackConfig, Loss, Start
+from ..models import eval_mode
 from ..registry import Registry
 
 METHODS: Registry[type[Method]] = Registry("method")
@@ -56,11 +57,12 @@ class Progress:
 
 @dataclass
 class Context:
-    """What a method may use. `student` is what to call for the training forward pass (possibly
-    DDP-wrapped); `student_module` is the bare model, which attacks use."""
+    """What a method may use. `student` is what to call for the training forward pass (DDP-wrapped
+    under DDP); `attacked` is the student the inner maximisation and the eval-mode predictions run
+    on: never DDP-wrapped (no gradient synchronisation), compiled like `student` with train.compile."""
 
     student: nn.Module
-    student_module: nn.Module
+    attacked: nn.Module
     num_classes: int
     attack: AttackConfig
     teachers: dict[str, nn.Module] = field(default_factory=dict)
@@ -79,7 +81,7 @@ class Method:
         self.options = options
         self.ctx = ctx
         self.student = ctx.student
-        self.device = next(ctx.student_module.parameters()).device
+        self.device = next(ctx.attacked.parameters()).device
         self.progress = Progress()
 
     def attack(
@@ -94,7 +96,7 @@ class Method:
         eps = a.eps if eps is None else eps
         step_size = a.step_size if step_size is None else step_size
         return PGD(
-            self.ctx.student_module,
+            self.ctx.attacked,
             eps,
             step_size,
             a.steps,
@@ -107,13 +109,8 @@ class Method:
     @torch.no_grad()
     def clean_prediction(self, x: torch.Tensor) -> torch.Tensor:
         """The bare student's softmax on x in eval mode, without gradient: TRADES' inner-max target."""
-        module = self.ctx.student_module
-        was_training = module.training
-        module.eval()
-        try:
-            return torch.softmax(module(x), dim=1)
-        finally:
-            module.train(was_training)
+        with eval_mode(self.ctx.attacked) as model:
+            return torch.softmax(model(x), dim=1)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         raise NotImplementedError

@@ -79,10 +79,10 @@ class FairARD(Method):
 
     def loss(self, x, y):
         o = self.options
-        attack = self.attack("ce", count_correct=True)
-        x_adv = attack(x, y)
+        found = self.attack("ce", count_correct=True).run(x, y)
+        x_adv = found.x_adv
         with torch.no_grad():
-            self.kappa_sum.index_add_(0, y, attack.correct.float())
+            self.kappa_sum.index_add_(0, y, found.correct.float())
             self.count.index_add_(0, y, torch.ones_like(y, dtype=torch.float32))
             teacher = self.ctx.teachers["robust"](x)
         distill, natural = weighted_distillation(

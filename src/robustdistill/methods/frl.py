@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..losses import kl_div
+from ..metrics import ROBUST_ATTACK
 from . import METHODS, Method, MethodOptions
 
 DEFAULTS = {  # variant -> (delta, margin rate r2, margin clip m)
@@ -42,7 +43,7 @@ DEFAULTS = {  # variant -> (delta, margin rate r2, margin clip m)
 
 def class_errors(summary: dict) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """(clean error per class, boundary error per class, clean error, boundary error) of a validation summary."""
-    clean, robust = summary["attacks"]["clean"], summary["attacks"]["pgd20"]
+    clean, robust = summary["attacks"]["clean"], summary["attacks"][ROBUST_ATTACK]
     acc = torch.tensor([a if a is not None else 0.0 for a in clean["class_accuracy"]])
     acc_adv = torch.tensor([a if a is not None else 0.0 for a in robust["class_accuracy"]])
     return 1 - acc, acc - acc_adv, 1 - clean["accuracy"], clean["accuracy"] - robust["accuracy"]
@@ -65,7 +66,7 @@ class FRL(Method):
 
     summary = "fair robust learning: Lagrange-multiplier class weights (and budgets) on TRADES (Xu et al., ICML 2021)"
     needs_validation = True
-    validation_attacks = ("clean", "pgd20")
+    validation_attacks = ("clean", ROBUST_ATTACK)
 
     @dataclass
     class Options(MethodOptions):

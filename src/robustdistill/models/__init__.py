@@ -6,9 +6,10 @@ normalisation lives inside the model (`Classifier.normalize`), as attack code ex
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -99,10 +100,21 @@ def fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode for the block, then back in the mode it was in (also on an error)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def list_models(pattern: str = "*") -> list[str]:
     return MODELS.names(pattern)
 
 
 from . import mobilenet, resnet, small_cnn, wide_resnet  # noqa: E402,F401  (register the models)
 
-__all__ = ["MODELS", "Classifier", "ModelSpec", "Normalize", "create_model", "fingerprint", "list_models"]
+__all__ = ["MODELS", "Classifier", "ModelSpec", "Normalize", "create_model", "eval_mode", "fingerprint", "list_models"]
