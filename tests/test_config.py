@@ -33,6 +33,22 @@ def test_method_can_be_switched_by_override():
     assert cfg.method.name == "trades" and cfg.method.beta == 6.0
 
 
+def test_any_named_section_may_be_given_by_its_name(tmp_path):
+    """`method`, `model` and `data` have a name: the name alone stands for the section, in a file or
+    an override, and a key set inside it afterwards keeps the name; a key that is not a section is
+    still refused as one."""
+    path = tmp_path / "c.yaml"
+    path.write_text("method: trades\nmodel: small_cnn\n")
+    cfg = load_config(path, ["method.beta=3", "model.kwargs={width: 8}", "data=digits", "data.flip=false"])
+    assert (cfg.method.name, cfg.method.beta) == ("trades", 3.0)
+    assert (cfg.model.name, cfg.model.kwargs) == ("small_cnn", {"width": 8})
+    assert (cfg.data.name, cfg.data.flip) == ("digits", False)
+    with pytest.raises(ConfigError, match="cannot set 'out_dir.x': 'out_dir' is not a mapping"):
+        load_config(None, ["out_dir=runs", "out_dir.x=1"])
+    with pytest.raises(ConfigError, match="method must be a mapping"):
+        load_config(None, ["method=[1, 2]"])
+
+
 @pytest.mark.parametrize(
     "override, fragment",
     [

@@ -28,7 +28,7 @@ from .data import DATASETS
 from .distributed import check_device
 from .errors import ConfigError
 from .errors import check as _check
-from .methods import METHODS, MethodOptions
+from .methods import MethodOptions
 from .metrics import SELECTION_METRICS
 from .models import check_model_builds
 
@@ -318,6 +318,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if tp is Any:
         return value
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, str) and _named(tp):
+            value = {"name": value}
+        if isinstance(value, dict) and hasattr(tp, "config_class"):
+            tp = tp.config_class(value)  # a section whose fields depend on its name (method)
         return build(tp, value, key)
     if tp is bool:
         if not isinstance(value, bool):
@@ -353,22 +357,14 @@ def build(cls: type, data: Any, key: str = "") -> Any:
     for name in names:
         if name not in data:
             continue
-        tp = hints[name]
-        if name == "method" and cls is Config:
-            kwargs[name] = _build_method(data[name])
-        else:
-            kwargs[name] = _convert(tp, data[name], prefix + name)
+        kwargs[name] = _convert(hints[name], data[name], prefix + name)
     return cls(**kwargs)
 
 
-def _build_method(data: Any) -> MethodOptions:
-    if isinstance(data, str):  # `method=trades` on the command line
-        data = {"name": data}
-    if not isinstance(data, dict):
-        raise ConfigError(f"method must be a mapping with a 'name', got {data!r}")
-    name = data.get("name", MethodOptions.name)
-    options_cls = METHODS.get(name).Options
-    return build(options_cls, data, "method")
+def _named(tp: Any) -> bool:
+    """Whether `tp` is a config section with a `name` (data, model, method): one that may be given
+    by its name alone (`method=trades`, `model: resnet18`)."""
+    return dataclasses.is_dataclass(tp) and any(f.name == "name" for f in dataclasses.fields(tp))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,14 +388,27 @@ def parse_overrides(items: list[str]) -> list[tuple[list[str], Any]]:
     return out
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def _field_type(tp: Any, part: str) -> Any:
+    """The type of key `part` inside a section of type `tp` (a dataclass, or a mapping of them); None if unknown."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        tp = next((a for a in typing.get_args(tp) if a is not type(None)), None)
+    if typing.get_origin(tp) is dict:
+        return typing.get_args(tp)[1]
+    if dataclasses.is_dataclass(tp):
+        return typing.get_type_hints(tp).get(part)
+    return None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], schema: Optional[type] = None) -> dict[str, Any]:
+    """Set each dotted `key=value` in the raw mapping; a named section given by its name
+    (`method: trades`) becomes {name: ...} when a key inside it is set (`method.beta=3`)."""
     for parts, value in parse_overrides(overrides):
-        node = raw
+        node, tp = raw, schema or Config
         for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
+            child, tp = node.get(part), _field_type(tp, part)
             if child is None:
                 child = node[part] = {}
-            elif isinstance(child, str) and part == "method":  # method: trades -> {name: trades}
+            elif isinstance(child, str) and _named(tp):
                 child = node[part] = {"name": child}
             if not isinstance(child, dict):
                 raise ConfigError(f"cannot set '{'.'.join(parts)}': '{'.'.join(parts[: i + 1])}' is not a mapping")

@@ -41,6 +41,11 @@ class MethodOptions:
 
     name: str = "natural"
 
+    @classmethod
+    def config_class(cls, raw: dict[str, Any]) -> type[MethodOptions]:
+        """The options class a raw `method` section is typed as: that of the method it names."""
+        return METHODS.get(raw.get("name", cls.name)).Options
+
 
 @dataclass
 class Progress:
