@@ -4,9 +4,9 @@ on the same model, images and settings, side by side (interleaved rounds, median
     python -m benchmarks.eval                      # trains a digits TRADES model for 5 epochs first (~20 s)
     python -m benchmarks.eval --run runs/demo/trades --repeats 5
 
-Rows: pgd20 (torchattacks.PGD), cw (CW-inf: PGD on the Carlini-Wagner margin; torchattacks has no
+Rows: pgd20 (torchattacks.PGD), cw30 (CW-inf: PGD on the Carlini-Wagner margin; torchattacks has no
 L-inf CW, so the direct side is a plain loop in torchattacks' style), autoattack_fast (pyautoattack,
-APGD-CE + APGD-T, called directly on the whole split) and the suite (clean, fgsm, pgd20, cw,
+APGD-CE + APGD-T, called directly on the whole split) and the suite (clean, fgsm, pgd20, cw30,
 autoattack_fast: robustdistill's `evaluate` against the direct calls one after the other). The
 robustdistill side includes what it adds: per-sample noise streams, the chunked and resumable
 AutoAttack, per-sample verdicts and the metrics. torchattacks is optional (it declares torchvision,
@@ -66,10 +66,10 @@ def direct(name, model, x, y, s: EvalSettings) -> float:
     if name == "fgsm":
         return accuracy(model, batched(torchattacks.FGSM(model, eps=s.eps), x, y, s.batch_size), y, s.batch_size)
     if name == "pgd20":
-        pgd = torchattacks.PGD(model, eps=s.eps, alpha=s.step_size, steps=s.pgd_steps, random_start=True)
+        pgd = torchattacks.PGD(model, eps=s.eps, alpha=s.step_size, steps=20, random_start=True)
         return accuracy(model, batched(pgd, x, y, s.batch_size), y, s.batch_size)
-    if name == "cw":
-        cw = direct_cw_inf(model, s.eps, s.step_size, s.cw_steps)
+    if name == "cw30":
+        cw = direct_cw_inf(model, s.eps, s.step_size, 30)
         return accuracy(model, batched(cw, x, y, s.batch_size), y, s.batch_size)
     if name == "autoattack_fast":
         from pyautoattack import AutoAttack
@@ -109,8 +109,8 @@ def main() -> None:
         x, y = test.images(), test.y
         base = EvalSettings(eps=cfg.attack.eps, step_size=cfg.attack.eps / 4)
         rows = []
-        suites = {"pgd20": ("pgd20",), "cw": ("cw",), "autoattack_fast": ("autoattack_fast",)}
-        suites["suite"] = ("clean", "fgsm", "pgd20", "cw", "autoattack_fast")
+        suites = {"pgd20": ("pgd20",), "cw30": ("cw30",), "autoattack_fast": ("autoattack_fast",)}
+        suites["suite"] = ("clean", "fgsm", "pgd20", "cw30", "autoattack_fast")
         for row, attacks in suites.items():
             settings = EvalSettings(eps=base.eps, step_size=base.step_size, attacks=attacks)
             times, acc = {"ours": [], "direct": []}, {}

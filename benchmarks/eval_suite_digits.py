@@ -2,7 +2,7 @@
 
     python -m benchmarks.eval_suite_digits RUN_FOLDER        # e.g. runs/demo/trades after `robustdistill demo`
 
-Runs clean, fgsm, pgd20, cw, autoattack_fast, square (5000 queries) and transfer (from the run's
+Runs clean, fgsm, pgd20, cw30, autoattack_fast, square (5000 queries) and transfer (from the run's
 robust teacher, or the run itself when it has none) on the whole digits test split, then the
 sanity checks, and prints the seconds of each attack and the total.
 """
@@ -19,7 +19,7 @@ from robustdistill.config import load_config
 from robustdistill.data import load_dataset
 from robustdistill.teachers import load_source, resolve_model_source
 
-ATTACKS = ("clean", "fgsm", "pgd20", "cw", "autoattack_fast", "square", "transfer")
+ATTACKS = ("clean", "fgsm", "pgd20", "cw30", "autoattack_fast", "square", "transfer")
 
 
 def main(run: str) -> None:
@@ -28,7 +28,7 @@ def main(run: str) -> None:
     model = load_source(resolve_model_source(run), dataset)[0].eval()
     teacher = cfg.teachers.get("robust")
     surrogate = load_source(resolve_model_source(teacher.path), dataset)[0].eval() if teacher else model
-    settings = cfg.eval.resolve(cfg.attack.eps)  # the run's own evaluation settings
+    settings = cfg.eval.resolve(cfg.default_eps)  # the run's own evaluation settings
     env = AttackEnv(settings, surrogate=surrogate)
     x, y = dataset.test.images(), dataset.test.y
     total = time.perf_counter()

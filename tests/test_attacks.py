@@ -3,6 +3,7 @@ import torch
 
 from robustdistill.attacks import ATTACKS as EVAL_ATTACKS
 from robustdistill.attacks import FGSM, PGD, AttackEnv, EvalSettings, cw_margin, get_attack
+from robustdistill.errors import UserError
 from robustdistill.models import ModelSpec, create_model, fingerprint
 
 
@@ -72,7 +73,7 @@ def test_attacks_lower_the_accuracy_of_a_trained_model(natural_model, digits):
     assert acc(PGD(natural_model, 1.0, 0.1, 20)(x, y)) < 0.05  # an unbounded budget breaks the model
 
 
-@pytest.mark.parametrize("name", EVAL_ATTACKS.names())
+@pytest.mark.parametrize("name", [n.replace("<N>", "3") for n in EVAL_ATTACKS.names()])  # families: 3 steps
 def test_every_evaluation_attack_stays_in_the_ball_and_leaves_the_model_unchanged(name, monkeypatch):
     """The registry sweep: whatever an attack does, its examples lie in the eps-ball and [0, 1],
     the model's parameters and buffers are untouched, and it says what it ran."""
@@ -109,11 +110,26 @@ def test_every_evaluation_attack_stays_in_the_ball_and_leaves_the_model_unchange
     assert described.get("eps", settings.eps) == settings.eps
 
 
-def test_attack_labels_say_the_parameters_that_vary():
-    settings = EvalSettings(eps=0.1, step_size=0.025, pgd_steps=50, restarts=3)
-    assert get_attack("pgd20").label(settings) == "pgd50x3"
-    assert get_attack("pgd20").describe(settings)["steps"] == 50
+def test_attack_names_say_the_steps_that_run_and_labels_the_restarts():
+    settings = EvalSettings(eps=0.1, step_size=0.025, restarts=3)
+    assert get_attack("pgd50").label(settings) == "pgd50x3" and get_attack("pgd50").describe(settings)["steps"] == 50
+    assert get_attack("cw7").describe(settings) | {"label": None} == {
+        "eps": 0.1,
+        "step_size": 0.025,
+        "start": "uniform",
+        "restarts": 3,
+        "steps": 7,
+        "loss": "cw margin",
+        "label": None,
+    }
     assert get_attack("pgd20").label(EvalSettings(eps=0.1, step_size=0.025)) == "pgd20"
+    assert EVAL_ATTACKS.get("pgd50") is EVAL_ATTACKS.get("pgd50") and EVAL_ATTACKS.get("pgd50").kind == "white-box"
+    assert "pgd<N>" in EVAL_ATTACKS.names() and "pgd20" not in EVAL_ATTACKS.names()
+    for bad, message in [("pgd0", "number >= 1"), ("pgd020", "without leading zeros"), ("pgdx", "unknown attack")]:
+        with pytest.raises(UserError, match=message):
+            EVAL_ATTACKS.get(bad)
+    assert EvalSettings(eps=0.1, step_size=0.025, attacks=("clean", "cw30", "pgd50", "pgd20")).check_steps == 50
+    assert EvalSettings(eps=0.1, step_size=0.025, attacks=("clean", "cw30")).check_steps == 20
 
 
 @pytest.mark.parametrize("start", ["uniform", "gaussian", "none"])

@@ -45,7 +45,7 @@ def _settings(attacks, **kw):
 def test_full_suite_and_checks_pass_on_a_sound_model(robust_model, natural_model, digits):
     test = digits.test.take(slice(0, 150))
     before = {k: v.clone() for k, v in robust_model.state_dict().items()}
-    attacks = ["clean", "fgsm", "pgd20", "cw", "autoattack_fast", "square", "transfer"]
+    attacks = ["clean", "fgsm", "pgd20", "cw30", "autoattack_fast", "square", "transfer"]
     out = evaluate(robust_model, test, _settings(attacks), 10, surrogate=natural_model)
     assert _status(out) == {
         name: "passed"
@@ -150,7 +150,7 @@ def test_monotone_check_fails_when_a_weaker_attack_is_stronger():
     assert sound["status"] == "passed" and sound["numbers"]["eps"] == 0.5 and sound["numbers"]["eps/2"] == 0.7
     half_stronger = lambda eps, steps, start: 0.3 if eps < settings.eps else 0.7  # noqa: E731
     assert monotone.evaluate(_context(correct, settings, half_stronger))["status"] == "failed"
-    few_stronger = lambda eps, steps, start: 0.3 if steps < settings.pgd_steps else 0.7  # noqa: E731
+    few_stronger = lambda eps, steps, start: 0.3 if steps < settings.check_steps else 0.7  # noqa: E731
     out = monotone.evaluate(_context(correct, settings, few_stronger))
     assert out["status"] == "failed" and out["numbers"]["steps=5"] == 0.3
     assert out["message"] == "accuracy must not increase with eps or with the number of steps"

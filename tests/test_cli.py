@@ -80,11 +80,11 @@ def test_cli_train_then_eval_end_to_end(tmp_path):
     report = json.loads((tmp_path / r.stdout.strip().splitlines()[-1].split("report: ")[1]).read_text())
     assert report["threads"] == 1  # the thread count the verdicts were computed with (their rounding depends on it)
     # dotted overrides, as for train (the flags are their aliases); tables name PGD by its steps
-    r = run("eval", "runs/rslad", "eval.subset=30", "eval.pgd_steps=5", "--no-checks", "eval.attacks=[clean,pgd20]")
+    r = run("eval", "runs/rslad", "eval.subset=30", "--no-checks", "eval.attacks=[clean,pgd5]")
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / r.stdout.strip().splitlines()[-1].split("report: ")[1]).read_text())
-    assert report["data"]["num_samples"] == 30 and report["settings"]["pgd20"]["steps"] == 5
-    assert "| pgd5 " in r.stdout and "checks" not in report
+    assert report["data"]["num_samples"] == 30 and report["settings"]["pgd5"]["steps"] == 5
+    assert "| pgd5 " in r.stdout and "checks" not in report and "w_robust" not in report  # W-Robust is PGD-20's
     r = run("train", str(cfg / "rslad.yaml"), "train.epochs=2")
     assert r.returncode == 2 and "already exists" in r.stderr
     r = run("list", "methods")

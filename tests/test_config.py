@@ -1,11 +1,13 @@
+import logging
 from pathlib import Path
 
 import pytest
 import yaml
 
-from robustdistill.config import Config, EvalConfig, from_dict, load_config, parse_float
+from robustdistill.config import Config, EvalConfig, from_dict, load_config
 from robustdistill.demo import RECIPES, recipe, recipe_names
 from robustdistill.errors import ConfigError, UserError
+from robustdistill.schema import parse_float
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -63,7 +65,7 @@ def test_any_named_section_may_be_given_by_its_name(tmp_path):
         (["model.kwargs.depth=10"], "model.kwargs.depth is not an option of model 'resnet18'"),
         (["attack.eps=abc"], "attack.eps must be a number"),
         (["train.amp=maybe"], "train.amp must be true or false"),
-        (["eval.attacks=[clean,pgd99]"], "unknown attack 'pgd99'"),
+        (["eval.attacks=[clean,pgdx]"], "unknown attack 'pgdx'"),
         (["train"], "must look like key=value"),
     ],
 )
@@ -128,3 +130,31 @@ def test_eval_settings_are_resolved_once_with_their_fallbacks():
     assert s.at_eps(0.05).step_size == pytest.approx(0.005) and s.at_eps(0.0).step_size == 0.0
     with pytest.raises(ConfigError, match="no eps known"):
         EvalConfig().resolve(None)
+
+
+def test_configs_with_the_old_eval_step_keys_still_load_with_a_note(tmp_path):
+    """Before the attacks' names carried their steps, eval.pgd_steps set pgd20's and eval.cw_steps
+    cw's: such a config (every run folder's config.yaml of that time) reads as the attacks that ran,
+    with one line saying so."""
+    old = Config().to_dict()
+    old["eval"] |= {"attacks": ["clean", "pgd20", "cw"], "pgd_steps": 50, "cw_steps": 10}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    records, log = [], logging.getLogger("robustdistill")
+    catch = logging.Handler()
+    catch.emit = records.append
+    log.addHandler(catch)
+    try:
+        cfg = load_config(path)
+    finally:
+        log.removeHandler(catch)
+    assert cfg.eval.attacks == ["clean", "pgd50", "cw10"]
+    assert "pgd_steps" not in cfg.to_dict()["eval"]
+    notes = [r.getMessage() for r in records]
+    assert len(notes) == 1 and "eval.pgd_steps=50" in notes[0] and "eval.attacks=[clean, pgd50, cw10]" in notes[0]
+    default_steps = Config().to_dict()
+    default_steps["eval"] |= {"pgd_steps": 20, "cw_steps": 30}  # what every run folder of that time holds
+    path.write_text(yaml.safe_dump(default_steps))
+    assert load_config(path).eval.attacks == ["clean", "pgd20"]
+    assert load_config(None, ["eval.pgd_steps=7"]).eval.attacks == ["clean", "pgd7"]  # the default list
+    assert load_config(None, ["eval.attacks=[cw]"]).eval.attacks == ["cw30"]

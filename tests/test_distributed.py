@@ -96,7 +96,7 @@ def _fast_autoattack():
     aa_module.APGDAttack_targeted = lambda *a, **k: APGDAttack_targeted(*a, **{**k, "n_iter": 10})
 
 
-EVAL_ATTACKS = ["clean", "fgsm", "pgd20", "cw", "autoattack_fast", "square", "transfer"]
+EVAL_ATTACKS = ["clean", "fgsm", "pgd20", "cw30", "autoattack_fast", "square", "transfer"]
 
 
 def _evaluate_digits(model_path, surrogate_path, rank=0, world_size=1):

@@ -43,7 +43,7 @@ def test_selection_scores():
 def test_evaluate_reports_every_attack_and_leaves_the_model_untouched(natural_model, digits):
     model = natural_model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    settings = EvalSettings(eps=0.1, step_size=0.025, batch_size=64, attacks=("clean", "fgsm", "pgd20", "cw"))
+    settings = EvalSettings(eps=0.1, step_size=0.025, batch_size=64, attacks=("clean", "fgsm", "pgd20", "cw30"))
     test = digits.test.take(slice(0, 150))
     out = evaluate(model, test, settings, 10)
     acc = {k: v["accuracy"] for k, v in out["attacks"].items()}

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .checkpoint import read_model_meta
-from .config import DataConfig, EvalConfig, TrainConfig, apply_overrides, build, load_config
+from .config import Config, DataConfig, EvalConfig, TrainConfig, load_config
 from .data import load_dataset
 from .distributed import DistInfo, resolve_device
 from .errors import ConfigError, UserError
@@ -26,6 +26,7 @@ from .estimate import estimate
 from .models import ModelSpec
 from .pipeline import evaluate_source
 from .robustbench import is_robustbench
+from .schema import apply_overrides, build
 from .teachers import resolve_model_source
 from .train import train
 
@@ -38,7 +39,7 @@ def eval_config(base: EvalConfig, overrides: list[str]) -> EvalConfig:
         key = item.split("=", 1)[0].strip()
         if not key.startswith("eval."):
             raise ConfigError(f"eval takes eval.<key>=<value> overrides (e.g. eval.subset=100), got '{item}'")
-    raw = apply_overrides({"eval": dataclasses.asdict(base)}, overrides)["eval"]
+    raw = apply_overrides({"eval": dataclasses.asdict(base)}, overrides, Config)["eval"]
     cfg = build(EvalConfig, raw, "eval")
     cfg.validate()
     return cfg

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from .attacks import ATTACKS, AttackEnv, names_of, predict, run_pgd
+from .attacks import ATTACKS, AttackEnv, names_of, of_kind, predict, run_pgd
 from .distributed import assemble
 from .metrics import ROBUST_ATTACK
 from .models import fingerprint
@@ -133,19 +133,20 @@ def run_checks(
 @check(1, "eps_zero", "PGD at eps = 0 must equal clean accuracy")
 def eps_zero(c: CheckContext) -> Outcome:
     clean = c.accuracy("clean", c.n) if "clean" in c.correct else c.accuracy_on(c.xs)
-    zero = c.pgd(0.0, c.settings.pgd_steps)
+    zero = c.pgd(0.0, c.settings.check_steps)
     return Outcome(zero == clean, {"clean": clean, "pgd_eps0": zero})
 
 
 @check(2, "monotone", "accuracy must not increase with eps or with the number of steps")
 def monotone(c: CheckContext) -> Outcome:
-    s = c.settings
-    reuse = ROBUST_ATTACK in c.correct and s.restarts == 1  # the suite's own run is this PGD
-    full = c.accuracy(ROBUST_ATTACK, c.n) if reuse else c.pgd(s.eps, s.pgd_steps)
-    half = c.pgd(s.eps / 2, s.pgd_steps)
-    few_steps = max(1, s.pgd_steps // 4)
+    s, steps = c.settings, c.settings.check_steps
+    suite_run = f"pgd{steps}"
+    reuse = suite_run in c.correct and s.restarts == 1  # the suite's own run is this PGD
+    full = c.accuracy(suite_run, c.n) if reuse else c.pgd(s.eps, steps)
+    half = c.pgd(s.eps / 2, steps)
+    few_steps = max(1, steps // 4)
     few = c.pgd(s.eps, few_steps)
-    numbers = {"eps/2": half, "eps": full, f"steps={few_steps}": few, f"steps={s.pgd_steps}": full}
+    numbers = {"eps/2": half, "eps": full, f"steps={few_steps}": few, f"steps={steps}": full}
     return Outcome(half + c.tol >= full and few + c.tol >= full, numbers)
 
 
@@ -156,7 +157,7 @@ def monotone(c: CheckContext) -> Outcome:
 )
 def large_eps(c: CheckContext) -> Outcome:
     chance = 1.0 / c.num_classes
-    large = c.pgd(c.settings.large_eps, c.settings.pgd_steps, start="none")
+    large = c.pgd(c.settings.large_eps, c.settings.check_steps, start="none")
     return Outcome(large <= chance + c.tol, {"eps": c.settings.large_eps, "accuracy": large, "chance": chance})
 
 
@@ -175,8 +176,8 @@ def worst_case(c: CheckContext) -> Outcome:
 
 @check(5, "black_box", "a black-box attack stronger than every white-box one points to gradient masking")
 def black_box(c: CheckContext) -> Outcome:
-    white = {k: _accuracy(c.correct[k]) for k in names_of("white-box") if k in c.correct}
-    black = {k: _accuracy(c.correct[k]) for k in names_of("black-box") if k in c.correct}
+    white = {k: _accuracy(c.correct[k]) for k in of_kind(c.correct, "white-box")}
+    black = {k: _accuracy(c.correct[k]) for k in of_kind(c.correct, "black-box")}
     if not (white and black):
         return Outcome(None, detail=f"needs a white-box and a black-box attack ({' or '.join(names_of('black-box'))})")
     strongest = min(white.values())

@@ -166,7 +166,6 @@ EVAL_FLAGS = {
     "attacks": "eval.attacks",
     "eps": "eval.eps",
     "step_size": "eval.step_size",
-    "steps": "eval.pgd_steps",
     "restarts": "eval.restarts",
     "square_queries": "eval.square_queries",
     "surrogate": "eval.surrogate",
@@ -180,6 +179,8 @@ EVAL_FLAGS = {
 def _flag_overrides(args) -> list[str]:
     """The short flags of `eval` as dotted overrides (values written as JSON, which YAML reads back
     verbatim, so a path stays a string)."""
+    if args.steps is not None:
+        raise UserError(f"--steps is gone: the steps are in the attack's name (--attacks clean,pgd{args.steps})")
     out = []
     for flag, key in EVAL_FLAGS.items():
         value = getattr(args, flag)
@@ -290,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "overrides",
         nargs="*",
-        help="dotted eval.key=value overrides, as for train (e.g. eval.subset=100 eval.pgd_steps=50); "
+        help="dotted eval.key=value overrides, as for train (e.g. eval.subset=100 eval.restarts=5); "
         "the flags below are short aliases",
     )
     p.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of a run folder")
@@ -298,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", help=f"comma-separated: {','.join(ATTACKS.names())} (robustdistill -v list attacks)")
     p.add_argument("--eps", help="eval.eps: the L-inf budget, e.g. 8/255 (default: the run's)")
     p.add_argument("--step-size", help="eval.step_size: the PGD step (default eps/4)")
-    p.add_argument("--steps", type=int, help=f"eval.pgd_steps (default {EvalConfig.pgd_steps})")
+    p.add_argument("--steps", help=argparse.SUPPRESS)  # gone: the steps are in the attack's name
     p.add_argument(
         "--restarts", type=int, help=f"eval.restarts of PGD, CW and transfer (default {EvalConfig.restarts})"
     )

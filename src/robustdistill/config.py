@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
-import types
-import typing
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import torch
 import yaml
@@ -31,6 +29,9 @@ from .errors import check as _check
 from .methods import MethodOptions
 from .metrics import SELECTION_METRICS
 from .models import check_model_builds
+from .schema import apply_overrides, build, read_yaml
+
+log = logging.getLogger("robustdistill")
 
 SEED_LIMIT = 2**32  # seeds are integers in [0, SEED_LIMIT)
 
@@ -126,11 +127,9 @@ class TrainConfig:
 class EvalConfig:
     """The evaluation run at the end of training and by `robustdistill eval` (spec/evaluation.md)."""
 
-    attacks: list[str] = field(default_factory=lambda: ["clean", "pgd20"])
+    attacks: list[str] = field(default_factory=lambda: ["clean", "pgd20"])  # pgd<N>, cw<N>: N steps
     eps: Optional[float] = None  # None: the training attack's eps
     step_size: Optional[float] = None  # None: eps / 4 (2/255 at 8/255)
-    pgd_steps: int = 20
-    cw_steps: int = 30
     restarts: int = 1  # random restarts of PGD / CW / transfer; a sample must survive all of them
     square_queries: int = 5000
     surrogate: Optional[str] = None  # transfer attack source (run folder or checkpoint); None: the robust teacher
@@ -145,10 +144,13 @@ class EvalConfig:
 
     def validate(self) -> None:
         for name in self.attacks:
-            ATTACKS.get(name)
+            attack = ATTACKS.get(name)
+            _check(
+                attack.family is None or attack.steps is not None,
+                "eval.attacks",
+                f"'{name}' needs its steps in the name, e.g. {attack.family}20",
+            )
         _check(len(set(self.attacks)) == len(self.attacks), "eval.attacks", "lists an attack twice")
-        _check(self.pgd_steps >= 1, "eval.pgd_steps", "must be >= 1")
-        _check(self.cw_steps >= 1, "eval.cw_steps", "must be >= 1")
         _check(self.restarts >= 1, "eval.restarts", "must be >= 1")
         _check(self.square_queries >= 1, "eval.square_queries", "must be >= 1")
         _check(self.checks_subset >= 1, "eval.checks_subset", "must be >= 1")
@@ -160,6 +162,32 @@ class EvalConfig:
         _check(0 <= self.seed < SEED_LIMIT, "eval.seed", "must be an integer in [0, 2**32)")
         if self.surrogate_model is not None:
             self.surrogate_model.validate("eval.surrogate_model")
+
+    @classmethod
+    def config_upgrade(cls, raw: dict[str, Any], key: str) -> dict[str, Any]:
+        """Configs written before the attacks' names carried their steps (run folders' config.yaml
+        among them) still load: `pgd_steps` and `cw_steps` become the steps in the names of `pgd20`
+        and `cw`, with a one-line note."""
+        old = {k: raw[k] for k in ("pgd_steps", "cw_steps") if k in raw}
+        for k, v in old.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{key}.{k} must be an integer >= 1 (better: the steps in the attack's name, pgd50)")
+        attacks = raw.get("attacks", cls().attacks if "pgd_steps" in old else None)
+        bare_cw = isinstance(attacks, list) and "cw" in attacks
+        if not old and not bare_cw:
+            return raw
+        raw = {k: v for k, v in raw.items() if k not in old}
+        if isinstance(attacks, list):
+            renamed = {"pgd20": f"pgd{old.get('pgd_steps', 20)}", "cw": f"cw{old.get('cw_steps', 30)}"}
+            raw["attacks"] = [renamed.get(a, a) if isinstance(a, str) else a for a in attacks]
+        given = [f"{key}.{k}={v}" for k, v in old.items()] + ([f"cw in {key}.attacks"] if bare_cw else [])
+        log.warning(
+            "note: old keys (%s) read as %s.attacks=%s: the steps are in the attack's name now (pgd50, cw30)",
+            ", ".join(given),
+            key,
+            "[" + ", ".join(map(str, raw["attacks"])) + "]" if "attacks" in raw else "its default",
+        )
+        return raw
 
     def resolve(self, default_eps: Optional[float]) -> EvalSettings:
         """The settings every evaluation runs with: eps falls back to `default_eps` (the training
@@ -241,7 +269,6 @@ RESUMABLE = (
     "train.log_every",
     "train.device",
     "eval.attacks",
-    "eval.cw_steps",
     "eval.square_queries",
     "eval.surrogate",
     "eval.surrogate_model",
@@ -270,172 +297,8 @@ def config_changes(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
     return {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
 
 
-# ---------------------------------------------------------------------------------------------
-# typing a raw mapping
-
-
-def parse_float(value: Any, key: str) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(f"{key} must be a number, got {value!r}")
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            if "/" in text:
-                num, den = text.split("/", 1)
-                value = float(num) / float(den)
-            else:
-                value = float(text)
-        except (ValueError, ZeroDivisionError):
-            raise ConfigError(f"{key} must be a number (or a fraction like 8/255), got {value!r}") from None
-    if not isinstance(value, (int, float)):
-        raise ConfigError(f"{key} must be a number (or a fraction like 8/255), got {value!r}")
-    if not math.isfinite(value):
-        raise ConfigError(f"{key} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _convert(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is Union or origin is types.UnionType:
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, key)
-    if origin is Literal:
-        if value not in args:
-            allowed = ", ".join(str(a) for a in args)
-            raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        return {str(k): _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, str) and _named(tp):
-            value = {"name": value}
-        if isinstance(value, dict) and hasattr(tp, "config_class"):
-            tp = tp.config_class(value)  # a section whose fields depend on its name (method)
-        return build(tp, value, key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        return parse_float(value, key)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {tp!r} at {key}")
-
-
-def build(cls: type, data: Any, key: str = "") -> Any:
-    """Type `data` (a mapping) as dataclass `cls`; errors name the dotted key and allowed keys."""
-    where = key or "config"
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    prefix = f"{key}." if key else ""
-    for k in data:
-        if k not in names:
-            raise ConfigError(f"unknown key '{prefix}{k}'; allowed keys: {', '.join(names)}")
-    kwargs = {}
-    for name in names:
-        if name not in data:
-            continue
-        kwargs[name] = _convert(hints[name], data[name], prefix + name)
-    return cls(**kwargs)
-
-
-def _named(tp: Any) -> bool:
-    """Whether `tp` is a config section with a `name` (data, model, method): one that may be given
-    by its name alone (`method=trades`, `model: resnet18`)."""
-    return dataclasses.is_dataclass(tp) and any(f.name == "name" for f in dataclasses.fields(tp))
-
-
-# ---------------------------------------------------------------------------------------------
-# loading
-
-
-def parse_overrides(items: list[str]) -> list[tuple[list[str], Any]]:
-    out = []
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key=value (e.g. train.epochs=5)")
-        key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError(f"override '{item}' has an empty key part")
-        try:
-            value = yaml.safe_load(text) if text != "" else None
-        except yaml.YAMLError:
-            value = text
-        out.append((parts, value))
-    return out
-
-
-def _field_type(tp: Any, part: str) -> Any:
-    """The type of key `part` inside a section of type `tp` (a dataclass, or a mapping of them); None if unknown."""
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        tp = next((a for a in typing.get_args(tp) if a is not type(None)), None)
-    if typing.get_origin(tp) is dict:
-        return typing.get_args(tp)[1]
-    if dataclasses.is_dataclass(tp):
-        return typing.get_type_hints(tp).get(part)
-    return None
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str], schema: Optional[type] = None) -> dict[str, Any]:
-    """Set each dotted `key=value` in the raw mapping; a named section given by its name
-    (`method: trades`) becomes {name: ...} when a key inside it is set (`method.beta=3`)."""
-    for parts, value in parse_overrides(overrides):
-        node, tp = raw, schema or Config
-        for i, part in enumerate(parts[:-1]):
-            child, tp = node.get(part), _field_type(tp, part)
-            if child is None:
-                child = node[part] = {}
-            elif isinstance(child, str) and _named(tp):
-                child = node[part] = {"name": child}
-            if not isinstance(child, dict):
-                raise ConfigError(f"cannot set '{'.'.join(parts)}': '{'.'.join(parts[: i + 1])}' is not a mapping")
-            node = child
-        node[parts[-1]] = value
-    return raw
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(f"malformed YAML in {path}{where}: {getattr(exc, 'problem', exc)}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a YAML mapping at the top level")
-    return raw
-
-
 def from_dict(raw: dict[str, Any], overrides: list[str] = ()) -> Config:
-    raw = apply_overrides(copy.deepcopy(raw), list(overrides))
+    raw = apply_overrides(copy.deepcopy(raw), list(overrides), Config)
     config = build(Config, raw)
     config.validate()
     return config

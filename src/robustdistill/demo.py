@@ -16,9 +16,10 @@ from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import from_dict, read_yaml
+from .config import from_dict
 from .errors import UserError
 from .report import comparison_table, read_report
+from .schema import read_yaml
 from .train import train
 
 log = logging.getLogger("robustdistill")

@@ -9,9 +9,11 @@ report.json schema (version 1):
     model: ModelSpec of the evaluated model;  checkpoint: path
     data: {name, split, num_samples, class_names}
     seed: int
-    settings: {common: {eps, step_size, pgd_steps, cw_steps, restarts, square_queries, batch_size,
-               seed, checks, checks_subset, large_eps}, <attack>: {its own settings, label}}
-              (label: the name with the parameters that vary, e.g. pgd50 for pgd20 run with 50 steps)
+    settings: {common: {eps, step_size, restarts, square_queries, batch_size, seed, checks,
+               checks_subset, large_eps, fold_batchnorm}, <attack>: {its own settings, label}}
+              (an attack's name says its steps: pgd20, cw30; label adds the restarts: pgd20x5;
+               reports written before the steps were in the names have common.pgd_steps/cw_steps
+               and the key cw)
     attacks: {<attack>: {accuracy, accuracy_interval [lo, hi], class_accuracy[C], class_interval[C] [lo, hi],
                          worst_class_accuracy, best_class_accuracy, nsd, verdicts}}
              intervals: 95 % Wilson score intervals over the test images (null for an absent class);

@@ -1,7 +1,7 @@
 """Attacks. The L-infinity primitives (`PGD`, `FGSM`) serve training's inner maximisation and
 evaluation; every evaluation attack is one registered `Attack` class:
 
-    white_box.py   clean, fgsm, pgd20 (eval.pgd_steps steps), cw
+    white_box.py   clean, fgsm, pgd<N> and cw<N> (N steps: pgd20, pgd100, cw30)
     autoattack.py  autoattack, autoattack_fast (pyautoattack, resumable, rank-independent)
     black_box.py   square, transfer (crafted on a surrogate)
 
@@ -19,6 +19,7 @@ from .base import (
     get_attack,
     names_of,
     needs_surrogate,
+    of_kind,
     predict,
     register,
     run_pgd,
@@ -39,6 +40,7 @@ __all__ = [
     "cw_margin",
     "get_attack",
     "names_of",
+    "of_kind",
     "needs_surrogate",
     "predict",
     "project",

@@ -4,6 +4,8 @@ the `Attack` base class and its registry, and batched PGD with per-sample restar
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from ..registry import Registry
 from .pgd import PGD, sample_noise
 
@@ -26,8 +29,6 @@ class EvalSettings:
     eps: float
     step_size: float
     attacks: tuple[str, ...] = ("clean", "pgd20")
-    pgd_steps: int = 20
-    cw_steps: int = 30
     restarts: int = 1
     square_queries: int = 5000
     batch_size: int = 256
@@ -36,6 +37,13 @@ class EvalSettings:
     checks_subset: int = 500
     large_eps: float = 1.0
     fold_batchnorm: bool = True
+
+    @property
+    def check_steps(self) -> int:
+        """The steps of the sanity checks' PGD runs: those of the first `pgd<N>` attack asked for,
+        else 20 (the papers' PGD-20)."""
+        steps = [ATTACKS.get(a).steps for a in self.attacks if ATTACKS.get(a).family == "pgd"]
+        return steps[0] if steps else 20
 
     @property
     def block(self) -> int:
@@ -85,6 +93,8 @@ class Attack:
     the sanity checks."""
 
     name: ClassVar[str]
+    family: ClassVar[Optional[str]] = None  # a family of attacks named by their steps: pgd -> pgd20, pgd50, ...
+    steps: ClassVar[Optional[int]] = None  # a family member's steps (its name's number)
     kind: ClassVar[Kind] = "white-box"  # the sanity checks compare black-box with white-box attacks
     needs_surrogate: ClassVar[bool] = False  # crafted on another model (eval.surrogate)
     autoattack: ClassVar[bool] = False  # an AutoAttack run: check 4 holds it below PGD, check 8 reads its flags
@@ -107,11 +117,33 @@ class Attack:
         return {**self.parameters(s), "label": self.label(s)}
 
 
-ATTACKS: Registry[type[Attack]] = Registry("attack")
+class AttackRegistry(Registry[type[Attack]]):
+    """Attack names are exact (`clean`, `square`) or a family's prefix followed by the number of
+    steps that run (`pgd20`, `pgd100`, `cw30`): the name says what runs. A family is registered
+    under `<prefix><N>`, which `names()` lists and `get` also returns (its steps unset)."""
+
+    def get(self, name: str) -> type[Attack]:
+        found = re.fullmatch(r"([a-z_]*[a-z])(\d+)", name)
+        if found and f"{found[1]}<N>" in self._items:
+            prefix, digits = found[1], found[2]
+            if digits != str(int(digits)) or int(digits) < 1:
+                raise UserError(
+                    f"attack '{name}': write the steps as a number >= 1 without leading zeros, e.g. {prefix}20"
+                )
+            return self._member(prefix, int(digits))
+        return super().get(name)
+
+    @functools.cache  # noqa: B019 - one class per member, kept for the process (the registry lives as long)
+    def _member(self, prefix: str, steps: int) -> type[Attack]:
+        family = super().get(f"{prefix}<N>")
+        return type(f"{family.__name__}{steps}", (family,), {"name": f"{prefix}{steps}", "steps": steps})
+
+
+ATTACKS = AttackRegistry("attack")
 
 
 def register(cls: type[Attack]) -> type[Attack]:
-    """Class decorator: register an `Attack` under its `name`."""
+    """Class decorator: register an `Attack` under its `name` (a family: `<prefix><N>`)."""
     return ATTACKS.register(cls.name)(cls)
 
 
@@ -120,7 +152,13 @@ def get_attack(name: str) -> Attack:
 
 
 def names_of(kind: Kind) -> list[str]:
+    """The registered names (families as `<prefix><N>`) of one kind of attack."""
     return [n for n in ATTACKS.names() if ATTACKS.get(n).kind == kind]
+
+
+def of_kind(names, kind: Kind) -> list[str]:
+    """Those of `names` (attack names, family members included) that are of `kind`, sorted."""
+    return sorted(n for n in names if ATTACKS.get(n).kind == kind)
 
 
 def needs_surrogate(attacks: tuple[str, ...] | list[str]) -> bool:

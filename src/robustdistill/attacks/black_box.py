@@ -51,10 +51,12 @@ class Transfer(Attack):
     name = "transfer"
     kind = "black-box"
     needs_surrogate = True
-    help = "PGD crafted on eval.surrogate (default: the robust teacher), judged on the model"
+    help = "PGD-20 crafted on eval.surrogate (default: the robust teacher), judged on the model"
+
+    steps = 20  # PGD-20, as the papers' transfer attacks
 
     def parameters(self, s):
-        return pgd_parameters(s, s.pgd_steps, "ce on the surrogate")
+        return pgd_parameters(s, self.steps, "ce on the surrogate")
 
     def run(self, model, x, y, env):
         if env.surrogate is None:
@@ -62,4 +64,4 @@ class Transfer(Attack):
                 "the transfer attack needs a surrogate model: "
                 "eval.surrogate (or --surrogate) = a run folder or checkpoint"
             )
-        return run_pgd(model, x, y, env, self.name, steps=env.settings.pgd_steps, source=env.surrogate), None
+        return run_pgd(model, x, y, env, self.name, steps=self.steps, source=env.surrogate), None

@@ -41,29 +41,31 @@ class FastGradientSign(Attack):
 
 @register
 class ProjectedGradientDescent(Attack):
-    name = "pgd20"  # the name reports and model selection know; `eval.pgd_steps` sets the steps
-    help = "PGD on the cross-entropy, eval.pgd_steps steps (20), uniform start, eval.restarts"
+    name = "pgd<N>"
+    family = "pgd"
+    help = "PGD on the cross-entropy, N steps (pgd20: the papers' PGD-20), uniform start, eval.restarts"
 
     def parameters(self, s):
-        return pgd_parameters(s, s.pgd_steps, "ce")
+        return pgd_parameters(s, self.steps, "ce")
 
     def label(self, s):
-        return pgd_label("pgd", s.pgd_steps, s)
+        return pgd_label("pgd", self.steps, s)
 
     def run(self, model, x, y, env):
-        return run_pgd(model, x, y, env, self.name, steps=env.settings.pgd_steps), None
+        return run_pgd(model, x, y, env, self.name, steps=self.steps), None
 
 
 @register
 class CarliniWagner(Attack):
-    name = "cw"
-    help = "PGD on the Carlini-Wagner margin, eval.cw_steps steps (30)"
+    name = "cw<N>"
+    family = "cw"
+    help = "PGD on the Carlini-Wagner margin, N steps (cw30: the papers' CW-inf), eval.restarts"
 
     def parameters(self, s):
-        return pgd_parameters(s, s.cw_steps, "cw margin")
+        return pgd_parameters(s, self.steps, "cw margin")
 
     def label(self, s):
-        return pgd_label("cw", s.cw_steps, s)
+        return pgd_label("cw", self.steps, s)
 
     def run(self, model, x, y, env):
-        return run_pgd(model, x, y, env, self.name, steps=env.settings.cw_steps, loss="cw"), None
+        return run_pgd(model, x, y, env, self.name, steps=self.steps, loss="cw"), None

@@ -1,0 +1,180 @@
+"""From YAML text and `key=value` strings to typed dataclasses, for any schema: the reading and
+typing `config` applies to its sections, with errors that name the dotted key.
+
+    raw = apply_overrides(read_yaml("c.yaml"), ["train.epochs=5"], Config)
+    cfg = build(Config, raw)       # ConfigError: "unknown key 'train.epohcs'; allowed keys: ..."
+
+A section type may declare `config_upgrade(raw, key)` (read keys of an older version) and
+`config_class(raw)` (the class a raw section stands for, e.g. the options of the method it names).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import ConfigError
+
+
+def parse_float(value: Any, key: str) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if "/" in text:
+                num, den = text.split("/", 1)
+                value = float(num) / float(den)
+            else:
+                value = float(text)
+        except (ValueError, ZeroDivisionError):
+            raise ConfigError(f"{key} must be a number (or a fraction like 8/255), got {value!r}") from None
+    if not isinstance(value, (int, float)):
+        raise ConfigError(f"{key} must be a number (or a fraction like 8/255), got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, key)
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(str(a) for a in args)
+            raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return {str(k): _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, str) and _named(tp):
+            value = {"name": value}
+        if isinstance(value, dict) and hasattr(tp, "config_class"):
+            tp = tp.config_class(value)  # a section whose fields depend on its name (method)
+        return build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        return parse_float(value, key)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {key}")
+
+
+def build(cls: type, data: Any, key: str = "") -> Any:
+    """Type `data` (a mapping) as dataclass `cls`; errors name the dotted key and allowed keys."""
+    where = key or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {data!r}")
+    if hasattr(cls, "config_upgrade"):  # a section whose keys changed reads its old ones
+        data = cls.config_upgrade(data, where)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    prefix = f"{key}." if key else ""
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"unknown key '{prefix}{k}'; allowed keys: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        kwargs[name] = _convert(hints[name], data[name], prefix + name)
+    return cls(**kwargs)
+
+
+def _named(tp: Any) -> bool:
+    """Whether `tp` is a config section with a `name` (data, model, method): one that may be given
+    by its name alone (`method=trades`, `model: resnet18`)."""
+    return dataclasses.is_dataclass(tp) and any(f.name == "name" for f in dataclasses.fields(tp))
+
+
+def parse_overrides(items: list[str]) -> list[tuple[list[str], Any]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. train.epochs=5)")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override '{item}' has an empty key part")
+        try:
+            value = yaml.safe_load(text) if text != "" else None
+        except yaml.YAMLError:
+            value = text
+        out.append((parts, value))
+    return out
+
+
+def _field_type(tp: Any, part: str) -> Any:
+    """The type of key `part` inside a section of type `tp` (a dataclass, or a mapping of them); None if unknown."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        tp = next((a for a in typing.get_args(tp) if a is not type(None)), None)
+    if typing.get_origin(tp) is dict:
+        return typing.get_args(tp)[1]
+    if dataclasses.is_dataclass(tp):
+        return typing.get_type_hints(tp).get(part)
+    return None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], schema: type) -> dict[str, Any]:
+    """Set each dotted `key=value` in the raw mapping of dataclass `schema`; a named section given
+    by its name (`method: trades`) becomes {name: ...} when a key inside it is set (`method.beta=3`)."""
+    for parts, value in parse_overrides(overrides):
+        node, tp = raw, schema
+        for i, part in enumerate(parts[:-1]):
+            child, tp = node.get(part), _field_type(tp, part)
+            if child is None:
+                child = node[part] = {}
+            elif isinstance(child, str) and _named(tp):
+                child = node[part] = {"name": child}
+            if not isinstance(child, dict):
+                raise ConfigError(f"cannot set '{'.'.join(parts)}': '{'.'.join(parts[: i + 1])}' is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"malformed YAML in {path}{where}: {getattr(exc, 'problem', exc)}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a YAML mapping at the top level")
+    return raw
