@@ -117,16 +117,8 @@ class CheckContext:
         )
 
 
-def run_checks(
-    model,
-    correct: dict[str, torch.Tensor],
-    bounds: dict[str, dict[str, float]],
-    env: AttackEnv,
-    num_classes: int,
-    before: Optional[str],
-) -> list[dict[str, Any]]:
+def run_checks(context: CheckContext) -> list[dict[str, Any]]:
     """Every registered check, in id order, on the first `checks_subset` samples of the split."""
-    context = CheckContext(model, correct, bounds, env, num_classes, before)
     return [c.evaluate(context) for c in registered()]
 
 

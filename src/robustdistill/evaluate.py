@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .attacks import AttackEnv, EvalSettings, get_attack, predict
-from .checks import run_checks
+from .checks import CheckContext, run_checks
 from .data import Split
 from .distributed import all_reduce_max, assemble, owned_indices
 from .metrics import ROBUST_ATTACK, sample_metrics
@@ -93,5 +93,5 @@ def evaluate(
         if env.notes:
             summary["autoattack_flags"] = env.notes
         if settings.checks:
-            summary["checks"] = run_checks(model, correct, bounds, env, num_classes, before)
+            summary["checks"] = run_checks(CheckContext(model, correct, bounds, env, num_classes, before))
     return summary
