@@ -31,14 +31,7 @@ Baselines (`--baselines`; their digits recipes, the TRADES teacher where they ne
     mart, ard, iad, adaad, fair_ard, frl, cfa, bat
 --variants picks any subset of all of these.
 
-Intervals: a hierarchical bootstrap (2000 draws): each draw resamples the seeds and the test images
-(within each class, so class sizes stay fixed; the same images for every method), so an interval
-covers both the training seed and the finite test set; the point estimate is the mean over seeds on
-the full test split. Worst-class accuracy and NSD are biased under resampling (resampling adds noise
-between classes: the minimum drops and the spread grows), so every interval is the percentile
-interval of the bootstrap distribution shifted by its estimated bias (bootstrap mean - estimate).
-Differences are paired (same seed, same images) and are called significant when their 95 % interval
-excludes 0.
+Intervals and paired differences: `robustdistill.stats` (2000 draws; `stats.HOW` says how they are made).
 """
 
 from __future__ import annotations
@@ -64,6 +57,7 @@ from robustdistill.methods import METHODS
 from robustdistill.metrics import unpack_verdicts
 from robustdistill.report import markdown_table
 from robustdistill.runs import read_metrics
+from robustdistill.stats import bootstrap, differences, interval, is_ratio, metric_names
 from robustdistill.train import train
 
 # name -> (recipe, overrides, teacher roles taken by another role's teacher)
@@ -122,7 +116,7 @@ PAIRS = [
     ("absld", "cfa"),
     ("absld", "bat"),
 ]
-METRICS = ["clean", "pgd20", "worst pgd20", "NSD pgd20", "W-Robust"]
+METRICS = metric_names(["clean", "pgd20"])  # clean, pgd20, worst pgd20, NSD pgd20, W-Robust
 # What each method's paper reports on CIFAR-10, for the day a GPU run of configs/cifar10/ can be set
 # beside it: method -> (where in the paper, the numbers as printed there). Only numbers read off the
 # paper itself belong here, with the table they come from; None: not transcribed yet.
@@ -131,18 +125,6 @@ PAPER_CIFAR10: dict[str, Optional[tuple[str, str]]] = {
     for name in ["rslad", "absld", "mtard", "bmtard", "mart", "ard", "iad", "adaad", "fair_ard", "frl", "cfa", "bat"]
 }
 README_BEGIN, README_END = "<!-- digits-experiment:begin -->", "<!-- digits-experiment:end -->"
-
-
-def metrics(clean: np.ndarray, robust: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """[clean %, PGD-20 %, worst-class PGD-20 %, NSD of the class-wise PGD-20 accuracies, W-Robust %]."""
-    per_class = np.bincount(labels, weights=robust, minlength=num_classes) / np.maximum(
-        np.bincount(labels, minlength=num_classes), 1
-    )
-    present = np.bincount(labels, minlength=num_classes) > 0
-    acc = per_class[present]
-    nsd = acc.std() / acc.mean() if acc.mean() > 0 else np.nan
-    c, r = clean.mean(), robust.mean()
-    return np.array([100 * c, 100 * r, 100 * acc.min(), nsd, 100 * (c + r) / 2])
 
 
 def run_variant(name: str, seed: int, teachers: dict[str, Path], out: Path, force: bool) -> Path:
@@ -155,39 +137,10 @@ def run_variant(name: str, seed: int, teachers: dict[str, Path], out: Path, forc
     return train(cfg, force=force or run.exists())
 
 
-def verdicts(run: Path) -> tuple[np.ndarray, np.ndarray]:
+def verdicts(run: Path) -> dict[str, np.ndarray]:
     report = json.loads((run / "report.json").read_text())
     n = report["data"]["num_samples"]
-    return (
-        unpack_verdicts(report["attacks"]["clean"]["verdicts"], n),
-        unpack_verdicts(report["attacks"]["pgd20"]["verdicts"], n),
-    )
-
-
-def bootstrap(
-    results: dict[str, list[tuple[np.ndarray, np.ndarray]]], labels: np.ndarray, num_classes: int, draws: int, seed: int
-) -> dict[str, np.ndarray]:
-    """Per variant: (draws, metrics) of seed-averaged metrics; the first row is the full-data estimate."""
-    rng = np.random.default_rng(seed)
-    n_seeds = len(next(iter(results.values())))
-    by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
-    out = {name: np.empty((draws + 1, len(METRICS))) for name in results}
-    for b in range(draws + 1):
-        seeds = np.arange(n_seeds) if b == 0 else rng.integers(0, n_seeds, n_seeds)
-        images = (
-            np.arange(len(labels)) if b == 0 else np.concatenate([rng.choice(i, len(i)) for i in by_class if len(i)])
-        )
-        for name, runs in results.items():
-            values = [metrics(runs[s][0][images], runs[s][1][images], labels[images], num_classes) for s in seeds]
-            out[name][b] = np.nanmean(values, axis=0)
-    return out
-
-
-def interval(samples: np.ndarray, column: int) -> tuple[float, float, float]:
-    """(estimate, lo, hi): the 95 % percentile interval of the bias-corrected bootstrap draws."""
-    point, draws = samples[0, column], samples[1:, column]
-    lo, hi = np.nanpercentile(draws - (np.nanmean(draws) - point), [2.5, 97.5])
-    return point, lo, hi
+    return {a: unpack_verdicts(report["attacks"][a]["verdicts"], n) for a in ("clean", "pgd20")}
 
 
 def cell(samples: np.ndarray, column: int, nsd: bool) -> str:
@@ -200,19 +153,19 @@ def tables(boot: dict[str, np.ndarray]) -> tuple[str, str, list[str]]:
     rows = [[name] + [cell(boot[name], j, METRICS[j].startswith("NSD")) for j in range(len(METRICS))] for name in boot]
     main = markdown_table(["variant"] + [f"{m}{'' if m.startswith('NSD') else ' %'}" for m in METRICS], rows)
     diff_rows, findings = [], []
-    for a, b in PAIRS:
-        if a not in boot or b not in boot:
-            continue
-        d = boot[a] - boot[b]
+    found = differences(boot, PAIRS, METRICS)
+    for k in range(0, len(found), len(METRICS)):
+        pair = found[k : k + len(METRICS)]
         cells = []
-        for j, m in enumerate(METRICS):
-            _, lo, hi = interval(d, j)
-            mark = "*" if lo > 0 or hi < 0 else ""
-            cells.append(cell(d, j, m.startswith("NSD")) + mark)
+        for d in pair:
+            fmt = "{:.3f}" if is_ratio(d.metric) else "{:.1f}"
+            mark = "*" if d.significant else ""
+            cells.append(f"{fmt.format(d.estimate)} [{fmt.format(d.lo)}, {fmt.format(d.hi)}]{mark}")
             if mark:
-                unit = "" if m.startswith("NSD") else " points"
-                findings.append(f"{a} vs {b}: {m} {'+' if d[0, j] > 0 else ''}{d[0, j]:.3g}{unit} [{lo:.3g}, {hi:.3g}]")
-        diff_rows.append([f"{a} - {b}"] + cells)
+                unit = "" if is_ratio(d.metric) else " points"
+                sign = "+" if d.estimate > 0 else ""
+                findings.append(f"{d.a} vs {d.b}: {d.metric} {sign}{d.estimate:.3g}{unit} [{d.lo:.3g}, {d.hi:.3g}]")
+        diff_rows.append([f"{pair[0].a} - {pair[0].b}"] + cells)
     diffs = markdown_table(["difference"] + METRICS, diff_rows)
     return main, diffs, findings
 
@@ -326,7 +279,7 @@ def main() -> None:
     }
     dataset = load_dataset(from_dict(recipe("rslad")).data)
     labels = dataset.test.y.numpy()
-    boot = bootstrap(results, labels, dataset.num_classes, args.draws, seed=0)
+    boot = bootstrap(results, labels, dataset.num_classes, METRICS, args.draws, seed=0)
     main_table, diff_table, findings = tables(boot)
     settled = {}
     if "bmtard" in args.variants:
