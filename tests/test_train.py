@@ -184,6 +184,7 @@ def test_estimate_times_the_run_and_writes_nothing(tmp_path, capsys):
         ("method=trades", "method.name"),
         ("model.kwargs.width=8", "model.kwargs.width"),
         ("attack.eps=0.1", "attack.eps"),
+        ("train.threads=1", "train.threads"),  # the thread count changes the float rounding
     ],
 )
 def test_resume_refuses_a_changed_config(tmp_path, change, key):
@@ -324,3 +325,33 @@ def test_the_final_report_is_the_one_evaluation_pipeline(trained_runs):
     for name, result in trained["attacks"].items():
         assert direct["attacks"][name]["verdicts"] == again["attacks"][name]["verdicts"] == result["verdicts"], name
     assert direct["checks"] == trained["checks"]
+
+
+def test_intra_op_threads_sets_and_restores():
+    from robustdistill.timing import intra_op_threads
+
+    before = torch.get_num_threads()
+    with intra_op_threads(1):
+        assert torch.get_num_threads() == 1
+    with intra_op_threads(None):
+        assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), intra_op_threads(1):
+        raise RuntimeError("restored on an error too")
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.slow
+def test_a_run_trains_and_is_evaluated_on_its_own_thread_count(tmp_path):
+    """train.threads: the run's config records it, its training and final report use it (report.json
+    `threads`), `robustdistill eval RUN` uses it again, and the caller's thread count is restored."""
+    from robustdistill.api import evaluate_path
+
+    before = torch.get_num_threads()
+    cfg = digits_config(tmp_path, "natural", train__epochs=1, train__threads=1, eval__checks="false")
+    run = train(cfg)
+    assert torch.get_num_threads() == before
+    assert load_config(run / "config.yaml").train.threads == 1
+    report = json.loads((run / "report.json").read_text())
+    again = evaluate_path(run, progress=False)
+    assert report["threads"] == again["threads"] == 1 and torch.get_num_threads() == before
+    assert again["attacks"]["pgd20"]["verdicts"] == report["attacks"]["pgd20"]["verdicts"]

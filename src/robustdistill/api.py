@@ -28,6 +28,7 @@ from .pipeline import evaluate_source
 from .robustbench import is_robustbench
 from .schema import apply_overrides, build
 from .teachers import resolve_model_source
+from .timing import intra_op_threads
 from .train import train
 
 __all__ = ["estimate", "evaluate_path", "eval_config", "load_config", "resolve_model_source", "train"]
@@ -66,7 +67,7 @@ def evaluate_path(
     `eval.eps`. `overrides`: dotted `eval.<key>=<value>` (attacks, eps, subset, ...).
     """
     target = str(target)
-    base, data_cfg, default_eps, teachers = EvalConfig(), None, None, {}
+    base, data_cfg, default_eps, teachers, threads = EvalConfig(), None, None, {}, None
     memory_format = TrainConfig().memory_format  # a run's own (below), else the training default
     source = None
     if not is_robustbench(target):
@@ -74,7 +75,7 @@ def evaluate_path(
         if source.kind == "run":
             cfg = load_config(source.run_dir / "config.yaml")
             data_cfg, base, default_eps, teachers = cfg.data, cfg.eval, cfg.default_eps, cfg.teachers
-            memory_format = cfg.train.memory_format
+            memory_format, threads = cfg.train.memory_format, cfg.train.threads
         else:
             meta = read_model_meta(source.checkpoint) if source.checkpoint.suffix == ".safetensors" else None
             data_cfg = build(DataConfig, meta.data, "data") if meta and meta.data is not None else None
@@ -93,15 +94,16 @@ def evaluate_path(
     dev = resolve_device(device, DistInfo())
     dataset = load_dataset(data_cfg, dev)
     spec = ModelSpec(model, dataset.num_classes, dataset.channels) if model is not None else None
-    return evaluate_source(
-        source,
-        dataset,
-        split,
-        eval_cfg,
-        settings,
-        spec=spec,
-        memory_format=memory_format,
-        teachers=teachers,
-        progress=progress,
-        state_dir=state_dir,
-    )
+    with intra_op_threads(threads):  # a run's own thread count, as its final report used
+        return evaluate_source(
+            source,
+            dataset,
+            split,
+            eval_cfg,
+            settings,
+            spec=spec,
+            memory_format=memory_format,
+            teachers=teachers,
+            progress=progress,
+            state_dir=state_dir,
+        )

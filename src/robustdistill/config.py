@@ -85,6 +85,7 @@ class TrainConfig:
     select_on: Literal["val", "test"] = "val"  # "test" reproduces reference code; never default
     log_every: int = 20  # steps between metrics.jsonl step records
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: Optional[int] = None  # intra-op CPU threads (results' bits depend on it); None: torch's default
     amp: bool = False  # bf16 autocast (fp32 master weights); on CPU too, where it is mostly slower
     channels_last: bool = True  # student and teachers channels-last (faster on CPU and CUDA: benchmarks/README.md)
     compile: bool = False  # torch.compile the student (training passes and attacks) and the teachers
@@ -108,6 +109,7 @@ class TrainConfig:
         _check(self.milestones == sorted(self.milestones), "train.milestones", "must be increasing")
         _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.threads is None or self.threads >= 1, "train.threads", "must be >= 1 (or null: all cores)")
         _check(self.eval_subset is None or self.eval_subset >= 1, "train.eval_subset", "must be >= 1")
         _check(self.momentum >= 0 and self.lr_gamma > 0, "train.momentum", "must be >= 0 (and train.lr_gamma > 0)")
         check_device(self.device, "train.device")

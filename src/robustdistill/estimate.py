@@ -19,7 +19,7 @@ import torch
 from .config import Config
 from .errors import UserError
 from .runs import check_run_dir
-from .timing import synchronize
+from .timing import intra_op_threads, synchronize
 from .train import Tally, setup, start_epoch, train_batch, validate, validates_after
 
 log = logging.getLogger("robustdistill")
@@ -52,7 +52,13 @@ def estimate(cfg: Config, *, force: bool = False, resume: bool = False, steps: i
     """How long `train(cfg)` will take: `warmup` training steps, then `steps` timed one by one
     (median; each waits for the device, so a pipelined loop is if anything faster), and one timed
     validation, on the run as `train` builds it (config, data, teachers and a resumed state checked
-    as for training). The steps change only the student in memory; nothing is written."""
+    as for training), on its thread count (`train.threads`). The steps change only the student in
+    memory; nothing is written."""
+    with intra_op_threads(cfg.train.threads):
+        return _measure(cfg, force, resume, steps, warmup)
+
+
+def _measure(cfg: Config, force: bool, resume: bool, steps: int, warmup: int) -> Estimate:
     note = ""
     if not resume:
         try:

@@ -7,6 +7,10 @@ print(count.total, duration(time_left(elapsed, done=3, remaining=7)))
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Optional
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
@@ -35,6 +39,19 @@ class FlopCount(TorchDispatchMode):
         if formula is not None:
             self.total += int(formula(*args, **kwargs, out_val=out))
         return out
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: Optional[int]) -> Iterator[None]:
+    """torch's intra-op CPU thread count set to `count` for the block (None: left as it is), then
+    restored: a run's results depend on it, so a run sets its own (`train.threads`)."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def synchronize(device: torch.device) -> None:

@@ -53,7 +53,7 @@ from .pipeline import final_report
 from .preflight import initialise, preflight, record_changes
 from .runs import CHECKPOINTS, MetricsLog, create_run_dir
 from .teachers import FrozenTeacher, load_teacher, model_spec
-from .timing import FlopCount, duration, time_left
+from .timing import FlopCount, duration, intra_op_threads, time_left
 
 log = logging.getLogger("robustdistill")
 
@@ -142,9 +142,10 @@ class Run:
 
 def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
     """Train `cfg` into `cfg.run_dir` (`out_dir/name`) and write its report; returns the run folder."""
-    run = setup(cfg, force, resume)
-    fit(run)
-    finish(run)
+    with intra_op_threads(cfg.train.threads):
+        run = setup(cfg, force, resume)
+        fit(run)
+        finish(run)
     return run.run_dir
 
 
