@@ -104,6 +104,7 @@ def test_force_replaces_only_what_the_tool_wrote(tmp_path):
     (run / "eval-20260101-000000").mkdir()
     (run / "eval-20260101-000000" / "report.json").write_text("{}")
     (run / "checkpoints" / ".last.safetensors.x1.tmp").write_text("left by a killed write")
+    (run / "checkpoints" / "average.safetensors").write_text("CFA's weight average (train.fawa)")
     (run / "notes.txt").write_text("my notes")
     (run / "plots").mkdir()
     (run / "plots" / "mine.svg").write_text("<svg/>")

@@ -37,7 +37,7 @@ _RUN_FILES = {
     "autoattack_fast_state.json",
 }
 _RUN_DIRS = {
-    CHECKPOINTS: {"best.safetensors", "last.safetensors", "train_state.pt"},
+    CHECKPOINTS: {"best.safetensors", "last.safetensors", "average.safetensors", "train_state.pt"},
     "plots": {"temperatures.png", "balance.png", "classwise.png"},
 }
 _EVAL_FILES = {"report.json", "report.md", "classwise.png", "autoattack_state.json", "autoattack_fast_state.json"}
