@@ -23,6 +23,7 @@ LAYERS = [
     {"train"},
     {"estimate"},
     {"api", "demo"},
+    {"compare"},
     {"cli"},
     {"__main__"},
 ]

@@ -6,6 +6,7 @@
     robustdistill train CONFIG --estimate                time a few steps: how long the run will take
     robustdistill eval RUN_OR_CHECKPOINT [eval.key=value ...] [--attacks clean,pgd20,autoattack_fast] [--strict]
     robustdistill report RUN1 RUN2 ...                   comparison table + robustness-fairness scatter
+    robustdistill compare GRID.yaml [--out DIR] [--dry-run]   methods x seeds (x axes), intervals, paired differences
     robustdistill plot RUN                               temperature / weight trajectories to PNG
     robustdistill list [models|methods|datasets|attacks|checks]
 
@@ -27,6 +28,7 @@ from typing import Optional
 from .api import evaluate_path
 from .attacks import ATTACKS
 from .checks import CHECKS, failed, registered
+from .compare import run_grid
 from .config import EvalConfig, load_config
 from .data import DATASETS
 from .demo import run_demo
@@ -222,6 +224,15 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    command = f"robustdistill compare {args.grid}" + (f" --out {args.out}" if args.out else "")
+    out = run_grid(args.grid, args.out, dry_run=args.dry_run, command=command)
+    if not args.dry_run:
+        print((out / "report.md").read_text())
+        print(f"comparison: {out}/ (report.md, report.json, cells.csv)")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     table = run_demo(args.out, force=args.force, epochs=args.epochs)
     print(table)
@@ -333,6 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", default="pgd20", help="the robust attack to compare on (default pgd20)")
     p.add_argument("--out", help="folder for comparison.md and scatter.png (default: reports/compare-<time>)")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("compare", help="train a grid of methods x seeds (x axes) and compare them with intervals")
+    p.add_argument("grid", help="grid file (YAML: cells, seeds, axes, teachers, eval, reference, pairs)")
+    p.add_argument("--out", help="the grid's folder: its runs and the report (default: comparisons/<grid name>)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs, which are finished, and the time to train")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("demo", help="teachers, students and a comparison on the embedded digits")
     p.add_argument("--out", default="runs/demo", help="folder for the demo runs")

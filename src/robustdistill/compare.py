@@ -1,0 +1,443 @@
+"""`robustdistill compare GRID.yaml`: a method comparison as one command.
+
+A grid file names the cells (each a method's recipe or config file, with overrides), crossed with
+seeds and optional axes (any dotted config key); the teachers the cells share (trained once by the
+grid, or given as paths); the evaluation every cell runs; a reference cell and the pairs to compare:
+
+    seeds: [0, 1, 2]
+    axes: {model.kwargs.width: [8, 16]}          # optional: every combination is one group
+    teachers:
+      robust: {recipe: trades}                    # trained by the grid (recipe or config + overrides)
+      clean: {path: runs/natural}                 # or given
+    cells:
+      rslad: {recipe: rslad}
+      absld: {recipe: absld}
+      bmtard_rt: {recipe: bmtard, teachers: {clean: robust}}   # the robust teacher in the clean role
+    eval: {attacks: [clean, pgd20]}               # eval.* keys set for every cell
+    reference: rslad
+    pairs: [[absld, rslad]]
+
+Every cell is an ordinary run folder under `OUT/runs/`, the teachers under `OUT/teachers/`: a
+finished one is reused, an interrupted one resumed (killed at any moment, the same command gives
+the same report), one whose config changed since it ran is refused with the keys named, and a cell
+that fails is reported while the others go on. The report (`OUT/report.md`, `report.json`,
+`cells.csv`) gives each cell's metrics with intervals over seeds and test images and the paired
+differences (`stats`), per group.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import yaml
+
+from .config import Config, config_changes, from_dict, load_config
+from .data import load_dataset, subset_of
+from .demo import recipe, recipe_names
+from .errors import ConfigError, UserError
+from .estimate import estimate
+from .files import atomic_write
+from .metrics import unpack_verdicts
+from .report import markdown_table, read_report, versions
+from .runs import CHECKPOINTS, MARKER, read_metrics
+from .schema import build, read_yaml
+from .stats import HOW, bootstrap, differences, interval, is_ratio, metric_names, run_metrics
+from .timing import duration
+from .train import train
+
+log = logging.getLogger("robustdistill")
+
+
+@dataclass
+class RunSpec:
+    """A run's config: a digits recipe (`recipe`) or a config file (`config`), with dotted overrides."""
+
+    recipe: Optional[str] = None
+    config: Optional[str] = None
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TeacherSpec(RunSpec):
+    """A teacher the grid trains (`recipe` / `config`) or one given as a run folder or checkpoint (`path`)."""
+
+    path: Optional[str] = None
+
+
+@dataclass
+class CellSpec(RunSpec):
+    """A compared method; `teachers` maps one of its roles to another teacher of the grid."""
+
+    teachers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Grid:
+    cells: dict[str, CellSpec] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    axes: dict[str, list[Any]] = field(default_factory=dict)
+    teachers: dict[str, TeacherSpec] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)
+    reference: Optional[str] = None
+    pairs: list[list[str]] = field(default_factory=list)
+    draws: int = 2000  # bootstrap draws
+
+
+@dataclass
+class Run:
+    """One run of the grid: a teacher (`cell` None) or a cell at one axis setting and seed."""
+
+    name: str
+    folder: Path
+    cfg: Config
+    cell: Optional[str] = None
+    group: int = 0  # the index of its axis setting in `groups(grid)`
+    seed: Optional[int] = None
+
+
+def _yaml_value(value: Any) -> str:
+    """A value as an override's right-hand side (YAML flow style reads it back as it was)."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
+
+
+def _base(spec: RunSpec, where: str, folder: Path) -> dict[str, Any]:
+    if (spec.recipe is None) == (spec.config is None):
+        raise ConfigError(f"{where}: give either recipe (one of {', '.join(recipe_names())}) or config (a file)")
+    if spec.recipe is not None:
+        return recipe(spec.recipe)
+    path = Path(spec.config)
+    return read_yaml(path if path.is_absolute() else folder / path)
+
+
+def load_grid(path: str | Path) -> Grid:
+    """The grid file, typed and checked (unknown keys, names, pairs) before anything runs."""
+    path = Path(path)
+    grid = build(Grid, read_yaml(path), "grid")
+    if not grid.cells:
+        raise ConfigError(f"{path}: the grid has no cells (cells: {{name: {{recipe: ...}}}})")
+    if not grid.seeds or len(set(grid.seeds)) != len(grid.seeds):
+        raise ConfigError(f"{path}: seeds must be a list of distinct integers")
+    for key, values in grid.axes.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: axes.{key} must be a non-empty list of values")
+    named = set(grid.cells)
+    if grid.reference is not None and grid.reference not in named:
+        raise ConfigError(f"{path}: reference '{grid.reference}' is not a cell ({', '.join(grid.cells)})")
+    for pair in grid.pairs:
+        if len(pair) != 2 or not set(pair) <= named:
+            raise ConfigError(f"{path}: pairs must be [cell, cell] of the grid's cells, got {pair}")
+    for name, cell in grid.cells.items():
+        for role, other in cell.teachers.items():
+            if other not in grid.teachers:
+                raise ConfigError(f"{path}: cells.{name}.teachers.{role}: '{other}' is not a teacher of the grid")
+    if grid.draws < 100:
+        raise ConfigError(f"{path}: draws must be >= 100")
+    return grid
+
+
+def plan(grid: Grid, grid_path: Path, out: Path) -> tuple[list[Run], list[Run]]:
+    """The teachers' runs and the cells' runs, every config built and validated."""
+    folder = grid_path.parent
+    teachers, paths = [], {}
+    for role, spec in grid.teachers.items():
+        if spec.path is not None:
+            if spec.recipe or spec.config:
+                raise ConfigError(f"{grid_path}: teachers.{role}: give path, or recipe / config, not both")
+            paths[role] = spec.path
+            continue
+        where = f"{grid_path}: teachers.{role}"
+        raw = _base(spec, where, folder)
+        cfg = _config(raw, [*spec.overrides, f"out_dir={out / 'teachers'}", f"name={role}"], where)
+        teachers.append(Run(role, cfg.run_dir, cfg))
+        paths[role] = str(cfg.run_dir)
+    evals = [f"eval.{k}={_yaml_value(v)}" for k, v in grid.eval.items()]
+    cells = []
+    for name, spec in grid.cells.items():
+        where = f"{grid_path}: cells.{name}"
+        raw = _base(spec, where, folder)
+        # the grid's teachers replace the recipe's paths; a role the grid has none for keeps its own
+        roles = {r: paths[spec.teachers.get(r, r)] for r in raw.get("teachers", {}) if spec.teachers.get(r, r) in paths}
+        for index, group in enumerate(groups(grid)):
+            axes = [f"{k}={_yaml_value(v)}" for k, v in group]
+            label = "".join(f"__{k}={v}" for k, v in group)
+            for seed in grid.seeds:
+                run_name = f"{name}{label}__seed{seed}"
+                teacher_paths = [f"teachers.{role}.path={_yaml_value(p)}" for role, p in roles.items()]
+                extra = [*spec.overrides, *axes, *evals, *teacher_paths, f"seed={seed}"]
+                cfg = _config(raw, [*extra, f"out_dir={out / 'runs'}", f"name={run_name}"], f"{where} ({run_name})")
+                cells.append(Run(run_name, cfg.run_dir, cfg, name, index, seed))
+    return teachers, cells
+
+
+def groups(grid: Grid) -> list[tuple[tuple[str, Any], ...]]:
+    """Every combination of the axes' values, as ((key, value), ...); one empty group without axes."""
+    return list(itertools.product(*[[(k, v) for v in vs] for k, vs in grid.axes.items()]))
+
+
+def _config(raw: dict[str, Any], overrides: list[str], where: str) -> Config:
+    try:
+        return from_dict(raw, overrides)
+    except UserError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def status(run: Run) -> str:
+    """finished (report written), partial (a checkpoint to resume from) or new."""
+    if (run.folder / "report.json").is_file():
+        return "finished"
+    if (run.folder / CHECKPOINTS / "train_state.pt").is_file():
+        return "partial"
+    return "new"
+
+
+def _train(run: Run) -> None:
+    """Train or finish one run; a finished run whose config changed since is refused."""
+    state = status(run)
+    if state == "finished":
+        changes = config_changes(load_config(run.folder / "config.yaml"), run.cfg)
+        if changes:
+            keys = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:4])
+            raise ConfigError(f"{run.folder} was trained with another config ({keys}); move it away to train it again")
+        return
+    if state == "partial":
+        train(run.cfg, resume=True)
+    else:  # a folder with nothing to resume from (killed before its first checkpoint) is replaced
+        train(run.cfg, force=(run.folder / MARKER).is_file())
+
+
+def run_grid(grid_path: str | Path, out: Optional[str | Path] = None, dry_run: bool = False, command: str = "") -> Path:
+    """Train what is missing and write the comparison into `out` (default: comparisons/<grid name>)."""
+    grid_path = Path(grid_path)
+    grid = load_grid(grid_path)
+    out = Path(out) if out is not None else Path("comparisons") / grid_path.stem
+    teachers, cells = plan(grid, grid_path, out)
+    if dry_run:
+        print(dry_run_table(teachers, cells))
+        return out
+    failed: dict[str, str] = {}
+    for run in teachers:
+        _train(run)  # a teacher that fails stops the grid: every cell needs it
+    started, trained = time.perf_counter(), 0
+    for i, run in enumerate(cells):
+        state = status(run)
+        left = sum(status(r) != "finished" for r in cells[i:])
+        to_go = (time.perf_counter() - started) / trained * left if trained else math.nan
+        log.info(
+            "compare: %s (%d/%d, %s; %d to train%s)",
+            run.name,
+            i + 1,
+            len(cells),
+            state,
+            left,
+            f", about {duration(to_go)} to go" if math.isfinite(to_go) else "",
+        )
+        try:
+            _train(run)
+        except UserError as exc:
+            failed[run.name] = str(exc)
+            log.warning("compare: %s failed: %s", run.name, exc)
+        trained += state != "finished"
+    write_report(grid, grid_path, out, cells, failed, command)
+    return out
+
+
+def dry_run_table(teachers: list[Run], cells: list[Run]) -> str:
+    """Each run, its status and, for runs still to train, the estimated training time."""
+    rows, total = [], 0.0
+    known: dict[str, float] = {}
+    for run in teachers + cells:
+        state, seconds = status(run), None
+        if state != "finished":
+            key = f"{run.cell or run.name}/{run.group}"  # one estimate per cell and group: seeds cost the same
+            if key not in known:
+                try:
+                    known[key] = estimate(run.cfg, force=True, resume=state == "partial").total
+                except UserError as exc:
+                    log.info("compare: no estimate for %s: %s", run.name, exc)
+                    known[key] = math.nan
+            seconds = known[key]
+            total += seconds if math.isfinite(seconds) else 0.0
+        shown = "-" if seconds is None else duration(seconds) if math.isfinite(seconds) else "unknown (teachers?)"
+        rows.append([run.name, "teacher" if run.cell is None else run.cell, state, shown])
+    unknown = any(math.isnan(v) for v in known.values())
+    tail = (
+        f"at least {duration(total)} (runs whose teachers are not trained yet not counted)"
+        if unknown
+        else duration(total)
+    )
+    return markdown_table(["run", "cell", "status", "training time"], rows) + f"\n\nto train: about {tail}"
+
+
+def _verdicts(run: Run, attacks: list[str]) -> dict[str, np.ndarray]:
+    report = read_report(run.folder / "report.json")
+    n = report["data"]["num_samples"]
+    return {a: unpack_verdicts(report["attacks"][a]["verdicts"], n) for a in attacks}
+
+
+def _seconds(run: Run) -> float:
+    return sum(r.get("seconds", 0.0) for r in read_metrics(run.folder) if r["type"] == "epoch")
+
+
+def write_report(grid: Grid, grid_path: Path, out: Path, cells: list[Run], failed: dict[str, str], command: str):
+    """report.json, report.md and cells.csv of the finished cells, per group."""
+    done = [r for r in cells if status(r) == "finished" and r.name not in failed]
+    if not done:
+        raise UserError(f"no cell of {grid_path} finished; nothing to compare (failed: {', '.join(failed) or 'none'})")
+    reports = {r.name: read_report(r.folder / "report.json") for r in done}
+    attacks = [a for a in reports[done[0].name]["attacks"] if all(a in rep["attacks"] for rep in reports.values())]
+    names = metric_names(attacks)
+    first = done[0].cfg
+    dataset = load_dataset(first.data)
+    test = subset_of(dataset.test, first.eval.subset, "the test split", "eval.subset")
+    labels = test.y.numpy()
+    pairs = [tuple(p) for p in grid.pairs]
+    if grid.reference is not None:
+        pairs = [(c, grid.reference) for c in grid.cells if c != grid.reference] + pairs
+    groups_out, rows_csv, seconds = [], [], {}
+    for index, group in enumerate(groups(grid)):
+        in_group = [r for r in cells if r.group == index]
+        complete, missing = {}, {}
+        for cell in grid.cells:
+            runs = [r for r in in_group if r.cell == cell]
+            absent = [r.name for r in runs if r not in done]
+            if absent:
+                missing[cell] = absent
+            else:
+                complete[cell] = runs
+        boot = (
+            bootstrap(
+                {c: [_verdicts(r, attacks) for r in runs] for c, runs in complete.items()},
+                labels,
+                dataset.num_classes,
+                names,
+                grid.draws,
+            )
+            if complete
+            else {}
+        )
+        summary = {
+            cell: {
+                "seeds": [r.seed for r in complete[cell]],
+                "metrics": {m: list(map(_number, interval(boot[cell], j))) for j, m in enumerate(names)},
+            }
+            for cell in complete
+        }
+        # wall time is a measurement, not a result: in report.md only, so that report.json and
+        # cells.csv come out bit for bit the same after an interruption
+        seconds[index] = {cell: sum(_seconds(r) for r in runs) for cell, runs in complete.items()}
+        diffs = [
+            {
+                "a": d.a,
+                "b": d.b,
+                "metric": d.metric,
+                "estimate": _number(d.estimate),
+                "interval": [_number(d.lo), _number(d.hi)],
+                "significant": bool(d.significant),
+            }
+            for d in differences(boot, pairs, names)
+        ]
+        groups_out.append({"axes": dict(group), "cells": summary, "differences": diffs, "missing": missing})
+        for run in [r for runs in complete.values() for r in runs]:
+            values = run_metrics(_verdicts(run, attacks), labels, dataset.num_classes, names)
+            for metric, value in zip(names, values):
+                rows_csv.append({**dict(group), "cell": run.cell, "seed": run.seed, "metric": metric, "value": value})
+    document = {
+        "grid": str(grid_path),
+        "command": command,
+        "versions": versions(),
+        "data": {"name": dataset.name, "split": "test", "num_samples": len(labels)},
+        "attacks": attacks,
+        "metrics": names,
+        "intervals": HOW,
+        "draws": grid.draws,
+        "groups": groups_out,
+        "failed": failed,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(document, indent=1) + "\n"))
+    atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(to_markdown(document, grid_path, seconds)))
+    atomic_write(out / "cells.csv", lambda tmp: Path(tmp).write_text(_csv(rows_csv, list(grid.axes))))
+    return document
+
+
+def _number(value: float) -> Optional[float]:
+    """A float for JSON; NaN (an NSD with no accuracy to divide by) as null."""
+    return None if math.isnan(value) else float(value)
+
+
+def _csv(rows: list[dict[str, Any]], axes: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[*axes, "cell", "seed", "metric", "value"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _fmt(metric: str, value: Optional[float]) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" if is_ratio(metric) else f"{value:.1f}"
+
+
+def to_markdown(document: dict[str, Any], grid_path: Path, seconds: dict[int, dict[str, float]]) -> str:
+    """The report for people: per group, the cells with intervals, the paired differences, what is
+    missing; the cells' training time (all seeds, from their metrics.jsonl)."""
+    names = document["metrics"]
+    lines = [
+        f"# Comparison: {grid_path.name}",
+        "",
+        f"`{document['command'] or 'robustdistill compare ' + str(grid_path)}`; {document['data']['name']} test split, "
+        f"{document['data']['num_samples']} images; "
+        + ", ".join(f"{k} {v}" for k, v in document["versions"].items() if v)
+        + ".",
+        "",
+        "Each cell: mean over seeds [95 % interval]. " + document["intervals"],
+    ]
+    for index, group in enumerate(document["groups"]):
+        title = ", ".join(f"{k} = {v}" for k, v in group["axes"].items()) or "all cells"
+        header = ["cell", "seeds", *[m if is_ratio(m) else f"{m} %" for m in names], "training"]
+        rows = [
+            [
+                cell,
+                str(len(s["seeds"])),
+                *[
+                    f"{_fmt(m, s['metrics'][m][0])} [{_fmt(m, s['metrics'][m][1])}, {_fmt(m, s['metrics'][m][2])}]"
+                    for m in names
+                ],
+                duration(seconds[index][cell]),
+            ]
+            for cell, s in group["cells"].items()
+        ]
+        lines += ["", f"## {title}", "", markdown_table(header, rows)]
+        if group["differences"]:
+            diff_rows = {}
+            for d in group["differences"]:
+                lo, hi = d["interval"]
+                mark = "*" if d["significant"] else ""
+                diff_rows.setdefault(f"{d['a']} - {d['b']}", []).append(
+                    f"{_fmt(d['metric'], d['estimate'])} [{_fmt(d['metric'], lo)}, {_fmt(d['metric'], hi)}]{mark}"
+                )
+            lines += [
+                "",
+                "Paired differences (same seed, same images); `*`: the 95 % interval excludes 0.",
+                "",
+                markdown_table(["difference", *names], [[k, *v] for k, v in diff_rows.items()]),
+            ]
+        if group["missing"]:
+            lines += [
+                "",
+                "Missing (not finished): " + "; ".join(f"{c}: {', '.join(r)}" for c, r in group["missing"].items()),
+            ]
+    if document["failed"]:
+        lines += ["", "## Failed cells", ""] + [f"- {name}: {why}" for name, why in document["failed"].items()]
+    return "\n".join(lines) + "\n"

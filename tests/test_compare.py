@@ -1,0 +1,136 @@
+"""`robustdistill compare`: the grid file's checks (one error line before anything runs), and a tiny
+digits grid end to end: reused when finished, the same report after a kill -9, a changed cell
+refused, a failing cell reported while the others go on."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import snapshot
+from robustdistill.cli import main
+from robustdistill.compare import load_grid, plan
+
+SHORT = '[train.epochs=1, "train.milestones=[]", attack.steps=2, train.batch_size=128]'
+GRID = f"""
+seeds: [0, 1]
+teachers:
+  robust: {{recipe: trades, overrides: {SHORT}}}
+cells:
+  rslad: {{recipe: rslad, overrides: {SHORT}}}
+  pgd_at: {{recipe: pgd_at, overrides: {SHORT}}}
+eval: {{attacks: [clean, pgd20], checks: false, subset: 120}}
+reference: pgd_at
+draws: 200
+"""
+
+
+def _grid(folder: Path, text: str = GRID) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "grid.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("cells:\n  x: {recipe: nothing}\n", "no digits recipe 'nothing'"),
+        ("cells:\n  x: {recipe: rslad, config: a.yaml}\n", "cells.x: give either recipe"),
+        ("cells:\n  x: {recipe: natural, overrides: [train.epohcs=1]}\n", "unknown key 'train.epohcs'"),
+        ("cells:\n  x: {recipe: natural}\naxes: {train.lr: [0.1, -1]}\n", "train.lr must be > 0"),
+        ("cells:\n  x: {recipe: natural}\nreference: y\n", "reference 'y' is not a cell"),
+        ("cells:\n  x: {recipe: natural}\npairs: [[x, z]]\n", "pairs must be [cell, cell]"),
+        ("cells:\n  x: {recipe: natural}\nseed: [1]\n", "unknown key 'grid.seed'"),
+        ("cells: {}\n", "the grid has no cells"),
+        ("cells:\n  x: {recipe: rslad, teachers: {robust: nobody}}\n", "'nobody' is not a teacher of the grid"),
+    ],
+)
+def test_a_bad_grid_is_one_error_line_and_nothing_runs(tmp_path, capsys, monkeypatch, change, message):
+    monkeypatch.chdir(tmp_path)
+    _grid(tmp_path, change)
+    assert main(["compare", "grid.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml"]
+
+
+def test_the_plan_crosses_cells_axes_and_seeds_and_wires_the_teachers(tmp_path):
+    path = _grid(tmp_path, GRID + "axes: {model.kwargs.width: [8, 16]}\n")
+    teachers, cells = plan(load_grid(path), path, tmp_path / "out")
+    assert [t.name for t in teachers] == ["robust"]
+    assert len(cells) == 2 * 2 * 2 and cells[0].name == "rslad__model.kwargs.width=8__seed0"
+    first = cells[0].cfg
+    assert first.model.kwargs == {"width": 8} and first.seed == 0 and first.eval.subset == 120
+    assert first.teachers["robust"].path == str(tmp_path / "out" / "teachers" / "robust")
+    assert {c.group for c in cells} == {0, 1} and cells[-1].cfg.model.kwargs == {"width": 16}
+
+
+def _compare(cwd: Path, *extra: str, **popen):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "robustdistill", "compare", "grid.yaml", "--out", "out", *extra]
+    return subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+@pytest.mark.slow
+def test_a_grid_runs_resumes_after_kill_9_to_the_same_report_and_reuses_what_is_finished(tmp_path):
+    straight = tmp_path / "straight"
+    _grid(straight)
+    done = _compare(straight)
+    out, err = done.communicate(timeout=600)
+    assert done.returncode == 0, err
+    report = json.loads((straight / "out" / "report.json").read_text())
+    cells = report["groups"][0]["cells"]
+    assert set(cells) == {"rslad", "pgd_at"} and cells["rslad"]["seeds"] == [0, 1]
+    assert {(d["a"], d["b"]) for d in report["groups"][0]["differences"]} == {("rslad", "pgd_at")}
+    assert "Paired differences" in (straight / "out" / "report.md").read_text()
+    csv = (straight / "out" / "cells.csv").read_text().splitlines()
+    assert csv[0] == "cell,seed,metric,value" and len(csv) == 1 + 2 * 2 * 5
+
+    killed = tmp_path / "killed"
+    _grid(killed)
+    for delay in (4.0, 4.0):  # each time further on: finished runs are reused
+        process = _compare(killed, start_new_session=True)
+        time.sleep(delay)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not (killed / "out" / "report.json").exists()  # it was interrupted
+    assert (killed / "out" / "teachers" / "robust" / "report.json").exists()  # after the teacher
+    again = _compare(killed)
+    _, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err
+    for name in ("report.json", "cells.csv"):
+        assert (killed / "out" / name).read_bytes() == (straight / "out" / name).read_bytes(), name
+
+    # run again: everything is finished, nothing is trained or rewritten but the report
+    runs = snapshot(straight / "out" / "runs")
+    rerun = _compare(straight)
+    _, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0 and "0 to train" in err, err
+    assert snapshot(straight / "out" / "runs") == runs
+
+
+@pytest.mark.slow
+def test_a_changed_cell_is_refused_and_a_failing_cell_does_not_stop_the_others(tmp_path):
+    _grid(tmp_path)
+    first = _compare(tmp_path)
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    changed = GRID.replace(
+        "pgd_at: {recipe: pgd_at, overrides: [", "pgd_at: {recipe: pgd_at, overrides: [train.lr=0.05, "
+    )
+    changed = changed.replace("seeds: [0, 1]", "seeds: [0, 1]\n")
+    _grid(tmp_path, changed)
+    again = _compare(tmp_path)
+    _, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(report["failed"]) == {"pgd_at__seed0", "pgd_at__seed1"}
+    assert "train.lr: 0.1 -> 0.05" in report["failed"]["pgd_at__seed0"]
+    assert set(report["groups"][0]["cells"]) == {"rslad"} and report["groups"][0]["differences"] == []
+    assert "Failed cells" in (tmp_path / "out" / "report.md").read_text()
