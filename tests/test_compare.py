@@ -17,13 +17,15 @@ from robustdistill.cli import main
 from robustdistill.compare import load_grid, plan
 
 SHORT = '[train.epochs=1, "train.milestones=[]", attack.steps=2, train.batch_size=128]'
+CELL = SHORT.replace("train.epochs=1", "train.epochs=2")  # two epochs: a kill can fall between them
 GRID = f"""
 seeds: [0, 1]
+threads: 1
 teachers:
   robust: {{recipe: trades, overrides: {SHORT}}}
 cells:
-  rslad: {{recipe: rslad, overrides: {SHORT}}}
-  pgd_at: {{recipe: pgd_at, overrides: {SHORT}}}
+  rslad: {{recipe: rslad, overrides: {CELL}}}
+  pgd_at: {{recipe: pgd_at, overrides: {CELL}}}
 eval: {{attacks: [clean, pgd20], checks: false, subset: 120}}
 reference: pgd_at
 draws: 200
@@ -78,10 +80,10 @@ def _compare(cwd: Path, *extra: str, **popen):
 
 
 @pytest.mark.slow
-def test_a_grid_runs_resumes_after_kill_9_to_the_same_report_and_reuses_what_is_finished(tmp_path):
+def test_a_grid_runs_in_parallel_resumes_after_kill_9_to_the_same_report_and_reuses_what_is_finished(tmp_path):
     straight = tmp_path / "straight"
     _grid(straight)
-    done = _compare(straight)
+    done = _compare(straight, "--jobs", "2")  # the killed grid below runs one at a time: the same bits
     out, err = done.communicate(timeout=600)
     assert done.returncode == 0, err
     report = json.loads((straight / "out" / "report.json").read_text())
@@ -94,13 +96,22 @@ def test_a_grid_runs_resumes_after_kill_9_to_the_same_report_and_reuses_what_is_
 
     killed = tmp_path / "killed"
     _grid(killed)
-    for delay in (4.0, 4.0):  # each time further on: finished runs are reused
+    # killed as the teacher's checkpoint appears (its final report not written), then between a
+    # cell's two epochs (resumed from its checkpoint), then as a cell's folder appears
+    cell = killed / "out" / "runs" / "rslad__seed1"
+    for moment in [
+        killed / "out" / "teachers" / "robust" / "checkpoints" / "train_state.pt",
+        cell / "checkpoints" / "train_state.pt",
+        killed / "out" / "runs" / "pgd_at__seed0" / "config.yaml",
+    ]:
         process = _compare(killed, start_new_session=True)
-        time.sleep(delay)
+        waited = 0.0
+        while not moment.exists() and process.poll() is None and waited < 300:
+            time.sleep(0.02)
+            waited += 0.02
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    assert not (killed / "out" / "report.json").exists()  # it was interrupted
-    assert (killed / "out" / "teachers" / "robust" / "report.json").exists()  # after the teacher
+        assert moment.exists() and not (killed / "out" / "report.json").exists(), moment
     again = _compare(killed)
     _, err = again.communicate(timeout=600)
     assert again.returncode == 0, err

@@ -6,7 +6,7 @@
     robustdistill train CONFIG --estimate                time a few steps: how long the run will take
     robustdistill eval RUN_OR_CHECKPOINT [eval.key=value ...] [--attacks clean,pgd20,autoattack_fast] [--strict]
     robustdistill report RUN1 RUN2 ...                   comparison table + robustness-fairness scatter
-    robustdistill compare GRID.yaml [--out DIR] [--dry-run]   methods x seeds (x axes), intervals, paired differences
+    robustdistill compare GRID.yaml [--jobs N] [--dry-run]  methods x seeds (x axes), intervals, paired differences
     robustdistill plot RUN                               temperature / weight trajectories to PNG
     robustdistill list [models|methods|datasets|attacks|checks]
 
@@ -226,7 +226,7 @@ def _cmd_report(args) -> int:
 
 def _cmd_compare(args) -> int:
     command = f"robustdistill compare {args.grid}" + (f" --out {args.out}" if args.out else "")
-    out = run_grid(args.grid, args.out, dry_run=args.dry_run, command=command)
+    out = run_grid(args.grid, args.out, dry_run=args.dry_run, command=command, jobs=args.jobs)
     if not args.dry_run:
         print((out / "report.md").read_text())
         print(f"comparison: {out}/ (report.md, report.json, cells.csv)")
@@ -349,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("grid", help="grid file (YAML: cells, seeds, axes, teachers, eval, reference, pairs)")
     p.add_argument("--out", help="the grid's folder: its runs and the report (default: comparisons/<grid name>)")
     p.add_argument("--dry-run", action="store_true", help="list the runs, which are finished, and the time to train")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="runs trained at once, each in its own process (give them train.threads)"
+    )
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("demo", help="teachers, students and a comparison on the embedded digits")

@@ -33,12 +33,16 @@ import itertools
 import json
 import logging
 import math
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import torch
 import yaml
 
 from .config import Config, config_changes, from_dict, load_config
@@ -91,6 +95,7 @@ class Grid:
     reference: Optional[str] = None
     pairs: list[list[str]] = field(default_factory=list)
     draws: int = 2000  # bootstrap draws
+    threads: Optional[int] = None  # train.threads of every run (a run's own overrides may set another)
 
 
 @dataclass
@@ -149,6 +154,7 @@ def plan(grid: Grid, grid_path: Path, out: Path) -> tuple[list[Run], list[Run]]:
     """The teachers' runs and the cells' runs, every config built and validated."""
     folder = grid_path.parent
     teachers, paths = [], {}
+    threads = [] if grid.threads is None else [f"train.threads={grid.threads}"]
     for role, spec in grid.teachers.items():
         if spec.path is not None:
             if spec.recipe or spec.config:
@@ -157,7 +163,7 @@ def plan(grid: Grid, grid_path: Path, out: Path) -> tuple[list[Run], list[Run]]:
             continue
         where = f"{grid_path}: teachers.{role}"
         raw = _base(spec, where, folder)
-        cfg = _config(raw, [*spec.overrides, f"out_dir={out / 'teachers'}", f"name={role}"], where)
+        cfg = _config(raw, [*threads, *spec.overrides, f"out_dir={out / 'teachers'}", f"name={role}"], where)
         teachers.append(Run(role, cfg.run_dir, cfg))
         paths[role] = str(cfg.run_dir)
     evals = [f"eval.{k}={_yaml_value(v)}" for k, v in grid.eval.items()]
@@ -173,7 +179,7 @@ def plan(grid: Grid, grid_path: Path, out: Path) -> tuple[list[Run], list[Run]]:
             for seed in grid.seeds:
                 run_name = f"{name}{label}__seed{seed}"
                 teacher_paths = [f"teachers.{role}.path={_yaml_value(p)}" for role, p in roles.items()]
-                extra = [*spec.overrides, *axes, *evals, *teacher_paths, f"seed={seed}"]
+                extra = [*threads, *spec.overrides, *axes, *evals, *teacher_paths, f"seed={seed}"]
                 cfg = _config(raw, [*extra, f"out_dir={out / 'runs'}", f"name={run_name}"], f"{where} ({run_name})")
                 cells.append(Run(run_name, cfg.run_dir, cfg, name, index, seed))
     return teachers, cells
@@ -215,40 +221,115 @@ def _train(run: Run) -> None:
         train(run.cfg, force=(run.folder / MARKER).is_file())
 
 
-def run_grid(grid_path: str | Path, out: Optional[str | Path] = None, dry_run: bool = False, command: str = "") -> Path:
-    """Train what is missing and write the comparison into `out` (default: comparisons/<grid name>)."""
+def run_grid(
+    grid_path: str | Path, out: Optional[str | Path] = None, dry_run: bool = False, command: str = "", jobs: int = 1
+) -> Path:
+    """Train what is missing, `jobs` runs at a time, and write the comparison into `out` (default:
+    comparisons/<grid name>)."""
     grid_path = Path(grid_path)
     grid = load_grid(grid_path)
     out = Path(out) if out is not None else Path("comparisons") / grid_path.stem
     teachers, cells = plan(grid, grid_path, out)
+    if jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {jobs}")
     if dry_run:
         print(dry_run_table(teachers, cells))
         return out
+    _warn_oversubscribed(teachers + cells, jobs)
     failed: dict[str, str] = {}
-    for run in teachers:
-        _train(run)  # a teacher that fails stops the grid: every cell needs it
-    started, trained = time.perf_counter(), 0
-    for i, run in enumerate(cells):
-        state = status(run)
-        left = sum(status(r) != "finished" for r in cells[i:])
-        to_go = (time.perf_counter() - started) / trained * left if trained else math.nan
-        log.info(
-            "compare: %s (%d/%d, %s; %d to train%s)",
-            run.name,
-            i + 1,
-            len(cells),
-            state,
-            left,
-            f", about {duration(to_go)} to go" if math.isfinite(to_go) else "",
-        )
-        try:
-            _train(run)
-        except UserError as exc:
-            failed[run.name] = str(exc)
-            log.warning("compare: %s failed: %s", run.name, exc)
-        trained += state != "finished"
+    _run_all(teachers, jobs, failed)
+    if failed:  # every cell needs its teachers
+        raise UserError("; ".join(f"teacher {name} failed: {why}" for name, why in failed.items()))
+    _run_all(cells, jobs, failed)
     write_report(grid, grid_path, out, cells, failed, command)
     return out
+
+
+def _warn_oversubscribed(runs: list[Run], jobs: int) -> None:
+    threads = max((r.cfg.train.threads or torch.get_num_threads()) for r in runs)
+    cores = os.cpu_count() or 1
+    if jobs > 1 and jobs * threads > cores:
+        log.warning(
+            "compare: --jobs %d with up to %d threads each oversubscribes %d cores (runs slow each other down "
+            "many times over): set train.threads in the grid (threads: 1) or lower --jobs",
+            jobs,
+            threads,
+            cores,
+        )
+
+
+def _run_all(runs: list[Run], jobs: int, failed: dict[str, str]) -> None:
+    """Train the runs that are not finished, `jobs` at a time (each in its own process when more
+    than one), recording failures in `failed`; a finished run is only checked against its config."""
+    todo = []
+    for run in runs:
+        if status(run) == "finished":
+            _record(run, _outcome(run), failed)
+        else:
+            todo.append(run)
+    started, done = time.perf_counter(), 0
+    log.info("compare: %d of %d runs finished, %d to train", len(runs) - len(todo), len(runs), len(todo))
+
+    def progress(run: Run) -> None:
+        nonlocal done
+        done += 1
+        left = len(todo) - done
+        to_go = (time.perf_counter() - started) / done * left
+        log.info(
+            "compare: %s done (%d of %d trained, %d left%s)",
+            run.name,
+            done,
+            len(todo),
+            left,
+            f", about {duration(to_go)} to go" if left else "",
+        )
+
+    if jobs == 1 or len(todo) <= 1:
+        for run in todo:
+            log.info("compare: training %s (%d to train)", run.name, len(todo) - done)
+            _record(run, _outcome(run), failed)
+            progress(run)
+        return
+    gpus = torch.cuda.device_count()
+    context = multiprocessing.get_context("spawn")
+    slots = context.Queue()
+    for k in range(jobs):
+        slots.put(str(k % gpus) if gpus else None)
+    log.info("compare: %d runs to train, %d at a time", len(todo), jobs)
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker, initargs=(slots,)) as pool:
+        futures = {pool.submit(_outcome, run): run for run in todo}
+        for future in as_completed(futures):
+            run = futures[future]
+            try:
+                outcome = future.result()
+            except Exception as exc:  # noqa: BLE001 - a crashed worker fails its run, not the grid
+                outcome = f"{type(exc).__name__}: {exc}"
+            _record(run, outcome, failed)
+            progress(run)
+
+
+def _worker(slots) -> None:
+    """A worker process: its own GPU where there are GPUs, warnings only, no progress bars."""
+    gpu = slots.get()
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    os.environ["TQDM_DISABLE"] = "1"
+    log.setLevel(logging.WARNING)
+
+
+def _outcome(run: Run) -> Optional[str]:
+    """Train (or check) one run; the one-line error of a run that failed on the user's side, else None."""
+    try:
+        _train(run)
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
+def _record(run: Run, outcome: Optional[str], failed: dict[str, str]) -> None:
+    if outcome is not None:
+        failed[run.name] = outcome
+        log.warning("compare: %s failed: %s", run.name, outcome)
 
 
 def dry_run_table(teachers: list[Run], cells: list[Run]) -> str:

@@ -13,6 +13,7 @@ A run's verdicts are {attack: bool array over the test images, in sample order} 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -109,7 +110,9 @@ def bootstrap(
                 run_metrics({a: v[images] for a, v in runs[s].items()}, labels[images], num_classes, names)
                 for s in seeds
             ]
-            out[method][b] = np.nanmean(values, axis=0)
+            with warnings.catch_warnings():  # a metric undefined in every seed (NSD at 0 %) stays nan
+                warnings.simplefilter("ignore", RuntimeWarning)
+                out[method][b] = np.nanmean(values, axis=0)
     return out
 
 
@@ -117,6 +120,8 @@ def interval(samples: np.ndarray, column: int) -> tuple[float, float, float]:
     """(estimate, lo, hi): the 95 % percentile interval of the bootstrap draws (`samples[1:]`)
     shifted by their bias (their mean minus the estimate, `samples[0]`)."""
     point, draws = samples[0, column], samples[1:, column]
+    if np.isnan(draws).all():
+        return point, np.nan, np.nan
     lo, hi = np.nanpercentile(draws - (np.nanmean(draws) - point), [2.5, 97.5])
     return point, lo, hi
 
