@@ -15,6 +15,7 @@ import pytest
 from conftest import snapshot
 from robustdistill.cli import main
 from robustdistill.compare import load_grid, plan
+from robustdistill.errors import UserError
 
 SHORT = '[train.epochs=1, "train.milestones=[]", attack.steps=2, train.batch_size=128]'
 CELL = SHORT.replace("train.epochs=1", "train.epochs=2")  # two epochs: a kill can fall between them
@@ -51,6 +52,7 @@ def _grid(folder: Path, text: str = GRID) -> Path:
         ("cells:\n  x: {recipe: natural}\nseed: [1]\n", "unknown key 'grid.seed'"),
         ("cells: {}\n", "the grid has no cells"),
         ("cells:\n  x: {recipe: rslad, teachers: {robust: nobody}}\n", "'nobody' is not a teacher of the grid"),
+        ("cells:\n  x: {recipe: natural}\npublished: {y: text}\n", "published.y is not a cell"),
     ],
 )
 def test_a_bad_grid_is_one_error_line_and_nothing_runs(tmp_path, capsys, monkeypatch, change, message):
@@ -73,6 +75,62 @@ def test_the_plan_crosses_cells_axes_and_seeds_and_wires_the_teachers(tmp_path):
     assert {c.group for c in cells} == {0, 1} and cells[-1].cfg.model.kwargs == {"width": 16}
 
 
+def test_the_shipped_digits_grid_plans_the_readme_experiment(tmp_path):
+    """`robustdistill compare digits_methods` finds the shipped grid: 21 cells x 5 seeds from the
+    digits recipes, the demo's two teachers, B-MTARD with the robust teacher in both roles."""
+    from robustdistill.compare import grid_file
+
+    path = grid_file("digits_methods")
+    grid = load_grid(path)
+    teachers, cells = plan(grid, path, tmp_path)
+    assert [t.name for t in teachers] == ["clean", "robust"] and len(cells) == 21 * 5
+    by_name = {c.name: c.cfg for c in cells}
+    robust = str(tmp_path / "teachers" / "robust")
+    assert by_name["bmtard_rt__seed3"].teachers["clean"].path == robust
+    assert by_name["bmtard__seed3"].teachers["clean"].path == str(tmp_path / "teachers" / "clean")
+    assert by_name["baseline__seed0"].method.ebb is False and by_name["rslad_ce__seed4"].method.attack_loss == "ce"
+    assert set(grid.published) <= set(grid.cells) and "RELAYED" in grid.published["bmtard"]
+    with pytest.raises(UserError, match="no grid file nothing and no shipped grid"):
+        grid_file("nothing")
+
+
+def test_into_needs_its_markers_before_anything_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _grid(tmp_path, GRID)
+    (tmp_path / "notes.md").write_text("no markers here\n")
+    assert main(["compare", "grid.yaml", "--into", "notes.md"]) == 2
+    assert "needs one line <!-- compare:grid:begin -->" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml", "notes.md"]
+
+
+def test_the_figures_draw_every_group_from_the_report(tmp_path):
+    from robustdistill.plots import plot_comparison
+
+    def cell(clean, robust):
+        return {
+            "seeds": [0, 1],
+            "metrics": {
+                "clean": [clean, clean - 2, clean + 2],
+                "pgd20": [robust, robust - 3, robust + 3],
+                "worst pgd20": [robust - 20, robust - 30, robust - 10],
+            },
+            "classwise": [[robust, robust - 5, robust + 5]] * 2 + [[None, None, None]],  # class 2 absent
+        }
+
+    diff = {"a": "x", "b": "y", "metric": "pgd20", "estimate": 5.0, "interval": [1.0, 9.0], "significant": True}
+    group = {"cells": {"x": cell(90, 50), "y": cell(85, 45)}, "differences": [diff], "missing": {}}
+    document = {
+        "focus": "pgd20",
+        "metrics": ["clean", "pgd20", "worst pgd20"],
+        "data": {"classes": ["a", "b", "c"]},
+        "groups": [{**group, "axes": {"model.kwargs.width": 8}}, {**group, "axes": {"model.kwargs.width": 16}}],
+    }
+    written = plot_comparison(document, tmp_path)
+    names = ["tradeoff", "fairness", "classwise", "differences"]
+    assert [p.name for p in written] == [f"{n}_{g}.png" for g in (1, 2) for n in names]
+    assert all(p.stat().st_size > 10_000 for p in written)
+
+
 def _compare(cwd: Path, *extra: str, **popen):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, "-m", "robustdistill", "compare", "grid.yaml", "--out", "out", *extra]
@@ -91,6 +149,9 @@ def test_a_grid_runs_in_parallel_resumes_after_kill_9_to_the_same_report_and_reu
     assert set(cells) == {"rslad", "pgd_at"} and cells["rslad"]["seeds"] == [0, 1]
     assert {(d["a"], d["b"]) for d in report["groups"][0]["differences"]} == {("rslad", "pgd_at")}
     assert "Paired differences" in (straight / "out" / "report.md").read_text()
+    figures = ["tradeoff.png", "fairness.png", "classwise.png", "differences.png"]
+    assert all((straight / "out" / f).stat().st_size > 10_000 for f in figures)
+    assert len(cells["rslad"]["classwise"]) == 10 and report["focus"] == "pgd20"
     csv = (straight / "out" / "cells.csv").read_text().splitlines()
     assert csv[0] == "cell,seed,metric,value" and len(csv) == 1 + 2 * 2 * 5
 
@@ -129,9 +190,14 @@ def test_a_grid_runs_in_parallel_resumes_after_kill_9_to_the_same_report_and_reu
 @pytest.mark.slow
 def test_a_changed_cell_is_refused_and_a_failing_cell_does_not_stop_the_others(tmp_path):
     _grid(tmp_path)
-    first = _compare(tmp_path)
+    notes = tmp_path / "notes.md"
+    notes.write_text("# Notes\nbefore\n<!-- compare:grid:begin -->\nold\n<!-- compare:grid:end -->\nafter\n")
+    first = _compare(tmp_path, "--into", "notes.md")
     _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err
+    written = notes.read_text()
+    assert written.startswith("# Notes\nbefore\n<!-- compare:grid:begin -->\n### Comparison: grid.yaml")
+    assert "#### all cells" in written and "\nold\n" not in written and written.endswith("end -->\nafter\n")
     changed = GRID.replace(
         "pgd_at: {recipe: pgd_at, overrides: [", "pgd_at: {recipe: pgd_at, overrides: [train.lr=0.05, "
     )

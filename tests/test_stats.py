@@ -75,3 +75,10 @@ def test_intervals_cover_the_true_accuracy_about_95_percent_of_the_time():
         _, lo, hi = interval(bootstrap({"m": runs}, labels, 10, names, draws=300, seed=int(rng.integers(1e9)))["m"], 0)
         covered += lo <= 50.0 <= hi
     assert 0.93 <= covered / experiments <= 0.995, covered / experiments
+
+
+def test_class_wise_accuracies_by_hand():
+    labels = np.array([0, 0, 1, 1, 2])
+    verdicts = {"pgd20": np.array([1, 0, 0, 0, 1], bool)}
+    names = [f"class {k} pgd20" for k in range(4)]
+    np.testing.assert_allclose(run_metrics(verdicts, labels, 4, names), [50.0, 0.0, 100.0, np.nan])

@@ -226,7 +226,8 @@ def _cmd_report(args) -> int:
 
 def _cmd_compare(args) -> int:
     command = f"robustdistill compare {args.grid}" + (f" --out {args.out}" if args.out else "")
-    out = run_grid(args.grid, args.out, dry_run=args.dry_run, command=command, jobs=args.jobs)
+    command += f" --into {args.into}" if args.into else ""
+    out = run_grid(args.grid, args.out, dry_run=args.dry_run, command=command, jobs=args.jobs, into=args.into)
     if not args.dry_run:
         print((out / "report.md").read_text())
         print(f"comparison: {out}/ (report.md, report.json, cells.csv)")
@@ -352,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--jobs", type=int, default=1, help="runs trained at once, each in its own process (give them train.threads)"
     )
+    p.add_argument("--into", help="also write the report into this markdown file, between <!-- compare:NAME:... -->")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("demo", help="teachers, students and a comparison on the embedded digits")

@@ -38,6 +38,7 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,7 +52,8 @@ from .demo import recipe, recipe_names
 from .errors import ConfigError, UserError
 from .estimate import estimate
 from .files import atomic_write
-from .metrics import unpack_verdicts
+from .metrics import ROBUST_ATTACK, unpack_verdicts
+from .plots import plot_comparison
 from .report import markdown_table, read_report, versions
 from .runs import CHECKPOINTS, MARKER, read_metrics
 from .schema import build, read_yaml
@@ -96,6 +98,7 @@ class Grid:
     pairs: list[list[str]] = field(default_factory=list)
     draws: int = 2000  # bootstrap draws
     threads: Optional[int] = None  # train.threads of every run (a run's own overrides may set another)
+    published: dict[str, str] = field(default_factory=dict)  # per cell: what its paper reports, with the source
 
 
 @dataclass
@@ -124,6 +127,21 @@ def _base(spec: RunSpec, where: str, folder: Path) -> dict[str, Any]:
     return read_yaml(path if path.is_absolute() else folder / path)
 
 
+GRIDS = files("robustdistill") / "recipes" / "grids"  # the shipped grids (package data)
+
+
+def grid_file(name: str | Path) -> Path:
+    """A grid file's path, or the shipped grid of that name (`digits_methods`)."""
+    path = Path(name)
+    if path.is_file() or path.suffix in (".yaml", ".yml"):
+        return path
+    shipped = GRIDS / f"{name}.yaml"
+    if not shipped.is_file():
+        known = sorted(p.name[: -len(".yaml")] for p in GRIDS.iterdir() if p.name.endswith(".yaml"))
+        raise UserError(f"no grid file {name} and no shipped grid of that name (shipped: {', '.join(known)})")
+    return Path(str(shipped))
+
+
 def load_grid(path: str | Path) -> Grid:
     """The grid file, typed and checked (unknown keys, names, pairs) before anything runs."""
     path = Path(path)
@@ -141,6 +159,9 @@ def load_grid(path: str | Path) -> Grid:
     for pair in grid.pairs:
         if len(pair) != 2 or not set(pair) <= named:
             raise ConfigError(f"{path}: pairs must be [cell, cell] of the grid's cells, got {pair}")
+    for name in grid.published:
+        if name not in named:
+            raise ConfigError(f"{path}: published.{name} is not a cell")
     for name, cell in grid.cells.items():
         for role, other in cell.teachers.items():
             if other not in grid.teachers:
@@ -222,16 +243,24 @@ def _train(run: Run) -> None:
 
 
 def run_grid(
-    grid_path: str | Path, out: Optional[str | Path] = None, dry_run: bool = False, command: str = "", jobs: int = 1
+    grid_path: str | Path,
+    out: Optional[str | Path] = None,
+    dry_run: bool = False,
+    command: str = "",
+    jobs: int = 1,
+    into: Optional[str | Path] = None,
 ) -> Path:
     """Train what is missing, `jobs` runs at a time, and write the comparison into `out` (default:
-    comparisons/<grid name>)."""
-    grid_path = Path(grid_path)
+    comparisons/<grid name>); `into`: also into that markdown file, between its markers
+    `<!-- compare:<grid name>:begin -->` and `<!-- compare:<grid name>:end -->`."""
+    grid_path = grid_file(grid_path)
     grid = load_grid(grid_path)
     out = Path(out) if out is not None else Path("comparisons") / grid_path.stem
     teachers, cells = plan(grid, grid_path, out)
     if jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {jobs}")
+    if into is not None:
+        _section(Path(into).read_text() if Path(into).is_file() else "", grid_path.stem, into)  # markers first
     if dry_run:
         print(dry_run_table(teachers, cells))
         return out
@@ -242,7 +271,25 @@ def run_grid(
         raise UserError("; ".join(f"teacher {name} failed: {why}" for name, why in failed.items()))
     _run_all(cells, jobs, failed)
     write_report(grid, grid_path, out, cells, failed, command)
+    if into is not None:
+        text = Path(into).read_text()
+        body = "\n".join(
+            "##" + line if line.startswith("#") else line for line in (out / "report.md").read_text().splitlines()
+        )
+        atomic_write(into, lambda tmp: Path(tmp).write_text(_section(text, grid_path.stem, into, body)))
     return out
+
+
+def _section(text: str, name: str, where, body: Optional[str] = None) -> str:
+    """`text` with the part between the grid's markers replaced by `body` (headings two levels
+    down); without `body`, only checks the markers are there."""
+    begin, end = f"<!-- compare:{name}:begin -->", f"<!-- compare:{name}:end -->"
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise UserError(f"--into {where}: it needs one line {begin} and, after it, one line {end}")
+    if body is None:
+        return text
+    head, rest = text.split(begin)
+    return f"{head}{begin}\n{body}\n{end}{rest.split(end, 1)[1]}"
 
 
 def _warn_oversubscribed(runs: list[Run], jobs: int) -> None:
@@ -354,9 +401,9 @@ def dry_run_table(teachers: list[Run], cells: list[Run]) -> str:
     tail = (
         f"at least {duration(total)} (runs whose teachers are not trained yet not counted)"
         if unknown
-        else duration(total)
+        else f"about {duration(total)}"
     )
-    return markdown_table(["run", "cell", "status", "training time"], rows) + f"\n\nto train: about {tail}"
+    return markdown_table(["run", "cell", "status", "training time"], rows) + f"\n\nto train: {tail}"
 
 
 def _verdicts(run: Run, attacks: list[str]) -> dict[str, np.ndarray]:
@@ -377,6 +424,7 @@ def write_report(grid: Grid, grid_path: Path, out: Path, cells: list[Run], faile
     reports = {r.name: read_report(r.folder / "report.json") for r in done}
     attacks = [a for a in reports[done[0].name]["attacks"] if all(a in rep["attacks"] for rep in reports.values())]
     names = metric_names(attacks)
+    focus = ROBUST_ATTACK if ROBUST_ATTACK in attacks else next((a for a in attacks if a != "clean"), attacks[0])
     first = done[0].cfg
     dataset = load_dataset(first.data)
     test = subset_of(dataset.test, first.eval.subset, "the test split", "eval.subset")
@@ -395,21 +443,16 @@ def write_report(grid: Grid, grid_path: Path, out: Path, cells: list[Run], faile
                 missing[cell] = absent
             else:
                 complete[cell] = runs
-        boot = (
-            bootstrap(
-                {c: [_verdicts(r, attacks) for r in runs] for c, runs in complete.items()},
-                labels,
-                dataset.num_classes,
-                names,
-                grid.draws,
-            )
-            if complete
-            else {}
-        )
+        results = {c: [_verdicts(r, attacks) for r in runs] for c, runs in complete.items()}
+        boot = bootstrap(results, labels, dataset.num_classes, names, grid.draws) if complete else {}
+        # the class-wise accuracies under the focus attack, from the same resampling draws
+        by_class = [f"class {k} {focus}" for k in range(dataset.num_classes)]
+        classes = bootstrap(results, labels, dataset.num_classes, by_class, grid.draws) if complete else {}
         summary = {
             cell: {
                 "seeds": [r.seed for r in complete[cell]],
                 "metrics": {m: list(map(_number, interval(boot[cell], j))) for j, m in enumerate(names)},
+                "classwise": [list(map(_number, interval(classes[cell], k))) for k in range(len(by_class))],
             }
             for cell in complete
         }
@@ -432,22 +475,29 @@ def write_report(grid: Grid, grid_path: Path, out: Path, cells: list[Run], faile
             values = run_metrics(_verdicts(run, attacks), labels, dataset.num_classes, names)
             for metric, value in zip(names, values):
                 rows_csv.append({**dict(group), "cell": run.cell, "seed": run.seed, "metric": metric, "value": value})
+    shipped = str(grid_path).startswith(str(GRIDS))
     document = {
-        "grid": str(grid_path),
+        "grid": f"{grid_path.stem} (shipped with robustdistill)" if shipped else str(grid_path),
         "command": command,
         "versions": versions(),
-        "data": {"name": dataset.name, "split": "test", "num_samples": len(labels)},
+        "data": {"name": dataset.name, "split": "test", "num_samples": len(labels), "classes": dataset.class_names},
         "attacks": attacks,
+        "focus": focus,  # the attack of the class-wise intervals and the figures' robust accuracy
         "metrics": names,
         "intervals": HOW,
         "draws": grid.draws,
         "groups": groups_out,
         "failed": failed,
+        "published": grid.published,
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(document, indent=1) + "\n"))
     atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(to_markdown(document, grid_path, seconds)))
     atomic_write(out / "cells.csv", lambda tmp: Path(tmp).write_text(_csv(rows_csv, list(grid.axes))))
+    try:
+        plot_comparison(document, out)
+    except UserError as exc:  # matplotlib is the `plot` extra
+        log.info("compare: no figures: %s", exc)
     return document
 
 
@@ -519,6 +569,15 @@ def to_markdown(document: dict[str, Any], grid_path: Path, seconds: dict[int, di
                 "",
                 "Missing (not finished): " + "; ".join(f"{c}: {', '.join(r)}" for c, r in group["missing"].items()),
             ]
+    if document["published"]:
+        lines += [
+            "",
+            "## What the papers report",
+            "",
+            "As given in the grid file (with its source); not measured here.",
+            "",
+            markdown_table(["cell", "published"], [[c, t] for c, t in document["published"].items()]),
+        ]
     if document["failed"]:
         lines += ["", "## Failed cells", ""] + [f"- {name}: {why}" for name, why in document["failed"].items()]
     return "\n".join(lines) + "\n"

@@ -159,3 +159,134 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     ):
         written.append(out / "classwise.png")
     return written
+
+
+def _errors(values: list[list[float]]) -> list[list[float]]:
+    """matplotlib's asymmetric error bars ([below], [above]) from [estimate, lo, hi] triples."""
+    return [[v[0] - v[1] for v in values], [v[2] - v[0] for v in values]]
+
+
+def _save(fig, plt, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def plot_comparison(document: dict[str, Any], out: Path) -> list[Path]:
+    """The figures of a `robustdistill compare` report (report.json's document), per group:
+    clean vs robust accuracy with W-Robust Acc iso-lines, worst-class vs mean robust accuracy,
+    class-wise robust accuracy per cell, and a forest plot of the paired differences; every point
+    with its 95 % interval."""
+    plt = _pyplot()
+    focus, written = document["focus"], []
+    for index, group in enumerate(document["groups"]):
+        cells = group["cells"]
+        if not cells:
+            continue
+        suffix = f"_{index + 1}" if len(document["groups"]) > 1 else ""
+        where = ", ".join(f"{k} = {v}" for k, v in group["axes"].items())
+        title = f" ({where})" if where else ""
+        names = list(cells)
+        metric = {m: [cells[c]["metrics"][m] for c in names] for m in document["metrics"]}
+        markers = "os^Dvp<>h*"
+
+        if "clean" in metric and focus in metric:
+            fig, ax = plt.subplots(figsize=(7.5, 6))
+            x, y = metric["clean"], metric[focus]
+            for i, name in enumerate(names):
+                ax.errorbar(
+                    x[i][0], y[i][0], xerr=[[x[i][0] - x[i][1]], [x[i][2] - x[i][0]]],
+                    yerr=[[y[i][0] - y[i][1]], [y[i][2] - y[i][0]]], fmt=markers[i % len(markers)], capsize=2,
+                    label=name,
+                )  # fmt: skip
+            xlim = (min(v[1] for v in x) - 2, max(v[2] for v in x) + 2)
+            ylim = (min(v[1] for v in y) - 2, max(v[2] for v in y) + 2)
+            step = 5 if (xlim[1] - xlim[0]) + (ylim[1] - ylim[0]) > 40 else 2
+            for w in range(int((xlim[0] + ylim[0]) / 2) // step * step, int((xlim[1] + ylim[1]) / 2) + step, step):
+                ax.plot(xlim, [2 * w - v for v in xlim], color="0.75", lw=0.8, ls="--", zorder=0)  # clean + robust = 2w
+                top = 2 * w - ylim[1]  # where the line leaves the plot at the top
+                if xlim[0] <= top <= xlim[1]:
+                    ax.annotate(
+                        f"{w}", (top, ylim[1]), xytext=(2, -9), textcoords="offset points", fontsize=7, color="0.5"
+                    )
+            ax.set(
+                xlim=xlim,
+                ylim=ylim,
+                xlabel="clean accuracy (%)",
+                ylabel=f"{focus} accuracy (%)",
+                title=f"accuracy and robustness{title}\n(dashed: equal W-Robust Acc, its value at the top; "
+                "bars: 95 % intervals)",
+            )
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+            written.append(_save(fig, plt, out / f"tradeoff{suffix}.png"))
+
+        worst = f"worst {focus}"
+        if worst in metric:
+            fig, ax = plt.subplots(figsize=(7.5, 6))
+            x, y = metric[focus], metric[worst]
+            for i, name in enumerate(names):
+                ax.errorbar(
+                    x[i][0], y[i][0], xerr=[[x[i][0] - x[i][1]], [x[i][2] - x[i][0]]],
+                    yerr=[[y[i][0] - y[i][1]], [y[i][2] - y[i][0]]], fmt=markers[i % len(markers)], capsize=2,
+                    label=name,
+                )  # fmt: skip
+            ax.set(
+                xlabel=f"mean {focus} accuracy (%)",
+                ylabel=f"worst-class {focus} accuracy (%)",
+                title=f"robustness and its fairness{title}\n(up and right is better; bars: 95 % intervals)",
+            )
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+            written.append(_save(fig, plt, out / f"fairness{suffix}.png"))
+
+        classes = document["data"]["classes"]
+        fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(classes) + 0.06 * len(classes) * len(names)), 5))
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            values = cells[name]["classwise"]
+            shown = [(k, v) for k, v in enumerate(values) if v[0] is not None]
+            xs = [k - 0.4 + (i + 0.5) * width for k, _ in shown]
+            ax.errorbar(
+                xs, [v[0] for _, v in shown], yerr=_errors([v for _, v in shown]), fmt=markers[i % len(markers)],
+                ms=3, capsize=1.5, lw=0.8, label=name,
+            )  # fmt: skip
+        ax.set_xticks(range(len(classes)), classes, rotation=45 if len(classes) > 10 else 0, fontsize=8)
+        ax.set(
+            xlabel="class",
+            ylabel=f"{focus} accuracy (%)",
+            title=f"class-wise {focus} accuracy{title} (bars: 95 % intervals)",
+        )
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        written.append(_save(fig, plt, out / f"classwise{suffix}.png"))
+
+        diffs = group["differences"]
+        if diffs:
+            metrics = list(dict.fromkeys(d["metric"] for d in diffs))
+            pairs = list(dict.fromkeys(f"{d['a']} - {d['b']}" for d in diffs))
+            fig, axes = plt.subplots(
+                1, len(metrics), figsize=(3.2 * len(metrics), 0.32 * len(pairs) + 1.6), sharey=True, squeeze=False
+            )
+            for ax, m in zip(axes[0], metrics):
+                rows = [d for d in diffs if d["metric"] == m]
+                for d in rows:
+                    row = pairs.index(f"{d['a']} - {d['b']}")
+                    lo, hi = d["interval"]
+                    if d["estimate"] is None or lo is None:
+                        continue
+                    color = "C3" if d["significant"] else "0.4"
+                    ax.errorbar(
+                        d["estimate"], row, xerr=[[d["estimate"] - lo], [hi - d["estimate"]]], fmt="o", ms=3,
+                        color=color, capsize=2,
+                    )  # fmt: skip
+                ax.axvline(0, color="0.2", lw=0.8)
+                ax.set_title(m, fontsize=9)
+                ax.set_xlabel("difference" + ("" if m.startswith("NSD") else " (points)"), fontsize=8)
+                ax.grid(alpha=0.3, axis="x")
+            axes[0][0].set_yticks(range(len(pairs)), pairs, fontsize=7)
+            axes[0][0].invert_yaxis()
+            fig.suptitle(f"paired differences{title} (95 % intervals; red: excludes 0)", fontsize=10)
+            written.append(_save(fig, plt, out / f"differences{suffix}.png"))
+    return written

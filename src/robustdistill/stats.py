@@ -56,20 +56,28 @@ def run_metrics(
     verdicts: Mapping[str, np.ndarray], labels: np.ndarray, num_classes: int, names: Sequence[str]
 ) -> np.ndarray:
     """One run's metrics (percentages; NSD a ratio, nan when the mean class accuracy is 0) from its
-    per-sample verdicts on the images whose labels are `labels`."""
+    per-sample verdicts on the images whose labels are `labels`; besides those of `metric_names`,
+    `class <k> <attack>` is class k's accuracy (nan when the images hold none of class k)."""
     counts = np.bincount(labels, minlength=num_classes)
     present = counts > 0
     classes: dict[str, np.ndarray] = {}
 
-    def class_accuracy(attack: str) -> np.ndarray:
+    def every_class(attack: str) -> np.ndarray:
         if attack not in classes:
-            per_class = np.bincount(labels, weights=verdicts[attack], minlength=num_classes) / np.maximum(counts, 1)
-            classes[attack] = per_class[present]
+            classes[attack] = np.bincount(labels, weights=verdicts[attack], minlength=num_classes) / np.maximum(
+                counts, 1
+            )
         return classes[attack]
+
+    def class_accuracy(attack: str) -> np.ndarray:
+        return every_class(attack)[present]
 
     out = []
     for name in names:
-        if name == "W-Robust":
+        if name.startswith("class "):
+            _, k, attack = name.split(" ", 2)
+            out.append(100 * every_class(attack)[int(k)] if present[int(k)] else np.nan)
+        elif name == "W-Robust":
             out.append(100 * (verdicts["clean"].mean() + verdicts[ROBUST_ATTACK].mean()) / 2)
         elif name.startswith("worst "):
             out.append(100 * class_accuracy(name[len("worst ") :]).min())
