@@ -16,6 +16,7 @@ Keys and commands:
     epoch               python -m benchmarks.epoch
     eval                python -m benchmarks.eval
     estimate            python -m benchmarks.estimate
+    parallel            python -m benchmarks.parallel
     flops               python -m benchmarks.flops --rate R   (R: train_step's best dense kernel, GFLOP/s)
 """
 
@@ -47,6 +48,7 @@ COMMANDS = {
     "epoch": "python -m benchmarks.epoch",
     "eval": "python -m benchmarks.eval",
     "estimate": "python -m benchmarks.estimate",
+    "parallel": "python -m benchmarks.parallel",
     "flops": "python -m benchmarks.flops --rate {rate}",
 }
 DENSE = re.compile(r"best dense kernel: .*used: ([0-9.]+) GFLOP/s")

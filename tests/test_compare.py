@@ -14,8 +14,8 @@ import pytest
 
 from conftest import snapshot
 from robustdistill.cli import main
-from robustdistill.compare import load_grid, plan
 from robustdistill.errors import UserError
+from robustdistill.grid import load_grid, plan
 
 SHORT = '[train.epochs=1, "train.milestones=[]", attack.steps=2, train.batch_size=128]'
 CELL = SHORT.replace("train.epochs=1", "train.epochs=2")  # two epochs: a kill can fall between them
@@ -78,7 +78,7 @@ def test_the_plan_crosses_cells_axes_and_seeds_and_wires_the_teachers(tmp_path):
 def test_the_shipped_digits_grid_plans_the_readme_experiment(tmp_path):
     """`robustdistill compare digits_methods` finds the shipped grid: 21 cells x 5 seeds from the
     digits recipes, the demo's two teachers, B-MTARD with the robust teacher in both roles."""
-    from robustdistill.compare import grid_file
+    from robustdistill.grid import grid_file
 
     path = grid_file("digits_methods")
     grid = load_grid(path)

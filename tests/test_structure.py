@@ -23,6 +23,7 @@ LAYERS = [
     {"train"},
     {"estimate"},
     {"api", "demo"},
+    {"grid"},
     {"compare"},
     {"cli"},
     {"__main__"},

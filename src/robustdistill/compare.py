@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import csv
 import io
-import itertools
 import json
 import logging
 import math
@@ -37,26 +36,22 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
-from importlib.resources import files
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
-import yaml
 
-from .config import Config, config_changes, from_dict, load_config
+from .config import config_changes, load_config
 from .data import load_dataset, subset_of
-from .demo import recipe, recipe_names
 from .errors import ConfigError, UserError
 from .estimate import estimate
 from .files import atomic_write
+from .grid import GRIDS, Grid, GridRun, grid_file, groups, load_grid, plan, status
 from .metrics import ROBUST_ATTACK, unpack_verdicts
 from .plots import plot_comparison
 from .report import markdown_table, read_report, versions
-from .runs import CHECKPOINTS, MARKER, read_metrics
-from .schema import build, read_yaml
+from .runs import MARKER, read_metrics
 from .stats import HOW, bootstrap, differences, interval, is_ratio, metric_names, run_metrics
 from .timing import duration
 from .train import train
@@ -64,170 +59,7 @@ from .train import train
 log = logging.getLogger("robustdistill")
 
 
-@dataclass
-class RunSpec:
-    """A run's config: a digits recipe (`recipe`) or a config file (`config`), with dotted overrides."""
-
-    recipe: Optional[str] = None
-    config: Optional[str] = None
-    overrides: list[str] = field(default_factory=list)
-
-
-@dataclass
-class TeacherSpec(RunSpec):
-    """A teacher the grid trains (`recipe` / `config`) or one given as a run folder or checkpoint (`path`)."""
-
-    path: Optional[str] = None
-
-
-@dataclass
-class CellSpec(RunSpec):
-    """A compared method; `teachers` maps one of its roles to another teacher of the grid."""
-
-    teachers: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class Grid:
-    cells: dict[str, CellSpec] = field(default_factory=dict)
-    seeds: list[int] = field(default_factory=lambda: [0])
-    axes: dict[str, list[Any]] = field(default_factory=dict)
-    teachers: dict[str, TeacherSpec] = field(default_factory=dict)
-    eval: dict[str, Any] = field(default_factory=dict)
-    reference: Optional[str] = None
-    pairs: list[list[str]] = field(default_factory=list)
-    draws: int = 2000  # bootstrap draws
-    threads: Optional[int] = None  # train.threads of every run (a run's own overrides may set another)
-    published: dict[str, str] = field(default_factory=dict)  # per cell: what its paper reports, with the source
-
-
-@dataclass
-class Run:
-    """One run of the grid: a teacher (`cell` None) or a cell at one axis setting and seed."""
-
-    name: str
-    folder: Path
-    cfg: Config
-    cell: Optional[str] = None
-    group: int = 0  # the index of its axis setting in `groups(grid)`
-    seed: Optional[int] = None
-
-
-def _yaml_value(value: Any) -> str:
-    """A value as an override's right-hand side (YAML flow style reads it back as it was)."""
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
-
-
-def _base(spec: RunSpec, where: str, folder: Path) -> dict[str, Any]:
-    if (spec.recipe is None) == (spec.config is None):
-        raise ConfigError(f"{where}: give either recipe (one of {', '.join(recipe_names())}) or config (a file)")
-    if spec.recipe is not None:
-        return recipe(spec.recipe)
-    path = Path(spec.config)
-    return read_yaml(path if path.is_absolute() else folder / path)
-
-
-GRIDS = files("robustdistill") / "recipes" / "grids"  # the shipped grids (package data)
-
-
-def grid_file(name: str | Path) -> Path:
-    """A grid file's path, or the shipped grid of that name (`digits_methods`)."""
-    path = Path(name)
-    if path.is_file() or path.suffix in (".yaml", ".yml"):
-        return path
-    shipped = GRIDS / f"{name}.yaml"
-    if not shipped.is_file():
-        known = sorted(p.name[: -len(".yaml")] for p in GRIDS.iterdir() if p.name.endswith(".yaml"))
-        raise UserError(f"no grid file {name} and no shipped grid of that name (shipped: {', '.join(known)})")
-    return Path(str(shipped))
-
-
-def load_grid(path: str | Path) -> Grid:
-    """The grid file, typed and checked (unknown keys, names, pairs) before anything runs."""
-    path = Path(path)
-    grid = build(Grid, read_yaml(path), "grid")
-    if not grid.cells:
-        raise ConfigError(f"{path}: the grid has no cells (cells: {{name: {{recipe: ...}}}})")
-    if not grid.seeds or len(set(grid.seeds)) != len(grid.seeds):
-        raise ConfigError(f"{path}: seeds must be a list of distinct integers")
-    for key, values in grid.axes.items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{path}: axes.{key} must be a non-empty list of values")
-    named = set(grid.cells)
-    if grid.reference is not None and grid.reference not in named:
-        raise ConfigError(f"{path}: reference '{grid.reference}' is not a cell ({', '.join(grid.cells)})")
-    for pair in grid.pairs:
-        if len(pair) != 2 or not set(pair) <= named:
-            raise ConfigError(f"{path}: pairs must be [cell, cell] of the grid's cells, got {pair}")
-    for name in grid.published:
-        if name not in named:
-            raise ConfigError(f"{path}: published.{name} is not a cell")
-    for name, cell in grid.cells.items():
-        for role, other in cell.teachers.items():
-            if other not in grid.teachers:
-                raise ConfigError(f"{path}: cells.{name}.teachers.{role}: '{other}' is not a teacher of the grid")
-    if grid.draws < 100:
-        raise ConfigError(f"{path}: draws must be >= 100")
-    return grid
-
-
-def plan(grid: Grid, grid_path: Path, out: Path) -> tuple[list[Run], list[Run]]:
-    """The teachers' runs and the cells' runs, every config built and validated."""
-    folder = grid_path.parent
-    teachers, paths = [], {}
-    threads = [] if grid.threads is None else [f"train.threads={grid.threads}"]
-    for role, spec in grid.teachers.items():
-        if spec.path is not None:
-            if spec.recipe or spec.config:
-                raise ConfigError(f"{grid_path}: teachers.{role}: give path, or recipe / config, not both")
-            paths[role] = spec.path
-            continue
-        where = f"{grid_path}: teachers.{role}"
-        raw = _base(spec, where, folder)
-        cfg = _config(raw, [*threads, *spec.overrides, f"out_dir={out / 'teachers'}", f"name={role}"], where)
-        teachers.append(Run(role, cfg.run_dir, cfg))
-        paths[role] = str(cfg.run_dir)
-    evals = [f"eval.{k}={_yaml_value(v)}" for k, v in grid.eval.items()]
-    cells = []
-    for name, spec in grid.cells.items():
-        where = f"{grid_path}: cells.{name}"
-        raw = _base(spec, where, folder)
-        # the grid's teachers replace the recipe's paths; a role the grid has none for keeps its own
-        roles = {r: paths[spec.teachers.get(r, r)] for r in raw.get("teachers", {}) if spec.teachers.get(r, r) in paths}
-        for index, group in enumerate(groups(grid)):
-            axes = [f"{k}={_yaml_value(v)}" for k, v in group]
-            label = "".join(f"__{k}={v}" for k, v in group)
-            for seed in grid.seeds:
-                run_name = f"{name}{label}__seed{seed}"
-                teacher_paths = [f"teachers.{role}.path={_yaml_value(p)}" for role, p in roles.items()]
-                extra = [*threads, *spec.overrides, *axes, *evals, *teacher_paths, f"seed={seed}"]
-                cfg = _config(raw, [*extra, f"out_dir={out / 'runs'}", f"name={run_name}"], f"{where} ({run_name})")
-                cells.append(Run(run_name, cfg.run_dir, cfg, name, index, seed))
-    return teachers, cells
-
-
-def groups(grid: Grid) -> list[tuple[tuple[str, Any], ...]]:
-    """Every combination of the axes' values, as ((key, value), ...); one empty group without axes."""
-    return list(itertools.product(*[[(k, v) for v in vs] for k, vs in grid.axes.items()]))
-
-
-def _config(raw: dict[str, Any], overrides: list[str], where: str) -> Config:
-    try:
-        return from_dict(raw, overrides)
-    except UserError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-
-
-def status(run: Run) -> str:
-    """finished (report written), partial (a checkpoint to resume from) or new."""
-    if (run.folder / "report.json").is_file():
-        return "finished"
-    if (run.folder / CHECKPOINTS / "train_state.pt").is_file():
-        return "partial"
-    return "new"
-
-
-def _train(run: Run) -> None:
+def _train(run: GridRun) -> None:
     """Train or finish one run; a finished run whose config changed since is refused."""
     state = status(run)
     if state == "finished":
@@ -292,7 +124,7 @@ def _section(text: str, name: str, where, body: Optional[str] = None) -> str:
     return f"{head}{begin}\n{body}\n{end}{rest.split(end, 1)[1]}"
 
 
-def _warn_oversubscribed(runs: list[Run], jobs: int) -> None:
+def _warn_oversubscribed(runs: list[GridRun], jobs: int) -> None:
     threads = max((r.cfg.train.threads or torch.get_num_threads()) for r in runs)
     cores = os.cpu_count() or 1
     if jobs > 1 and jobs * threads > cores:
@@ -305,7 +137,7 @@ def _warn_oversubscribed(runs: list[Run], jobs: int) -> None:
         )
 
 
-def _run_all(runs: list[Run], jobs: int, failed: dict[str, str]) -> None:
+def _run_all(runs: list[GridRun], jobs: int, failed: dict[str, str]) -> None:
     """Train the runs that are not finished, `jobs` at a time (each in its own process when more
     than one), recording failures in `failed`; a finished run is only checked against its config."""
     todo = []
@@ -317,7 +149,7 @@ def _run_all(runs: list[Run], jobs: int, failed: dict[str, str]) -> None:
     started, done = time.perf_counter(), 0
     log.info("compare: %d of %d runs finished, %d to train", len(runs) - len(todo), len(runs), len(todo))
 
-    def progress(run: Run) -> None:
+    def progress(run: GridRun) -> None:
         nonlocal done
         done += 1
         left = len(todo) - done
@@ -364,7 +196,7 @@ def _worker(slots) -> None:
     log.setLevel(logging.WARNING)
 
 
-def _outcome(run: Run) -> Optional[str]:
+def _outcome(run: GridRun) -> Optional[str]:
     """Train (or check) one run; the one-line error of a run that failed on the user's side, else None."""
     try:
         _train(run)
@@ -373,13 +205,13 @@ def _outcome(run: Run) -> Optional[str]:
     return None
 
 
-def _record(run: Run, outcome: Optional[str], failed: dict[str, str]) -> None:
+def _record(run: GridRun, outcome: Optional[str], failed: dict[str, str]) -> None:
     if outcome is not None:
         failed[run.name] = outcome
         log.warning("compare: %s failed: %s", run.name, outcome)
 
 
-def dry_run_table(teachers: list[Run], cells: list[Run]) -> str:
+def dry_run_table(teachers: list[GridRun], cells: list[GridRun]) -> str:
     """Each run, its status and, for runs still to train, the estimated training time."""
     rows, total = [], 0.0
     known: dict[str, float] = {}
@@ -406,17 +238,17 @@ def dry_run_table(teachers: list[Run], cells: list[Run]) -> str:
     return markdown_table(["run", "cell", "status", "training time"], rows) + f"\n\nto train: {tail}"
 
 
-def _verdicts(run: Run, attacks: list[str]) -> dict[str, np.ndarray]:
+def _verdicts(run: GridRun, attacks: list[str]) -> dict[str, np.ndarray]:
     report = read_report(run.folder / "report.json")
     n = report["data"]["num_samples"]
     return {a: unpack_verdicts(report["attacks"][a]["verdicts"], n) for a in attacks}
 
 
-def _seconds(run: Run) -> float:
+def _seconds(run: GridRun) -> float:
     return sum(r.get("seconds", 0.0) for r in read_metrics(run.folder) if r["type"] == "epoch")
 
 
-def write_report(grid: Grid, grid_path: Path, out: Path, cells: list[Run], failed: dict[str, str], command: str):
+def write_report(grid: Grid, grid_path: Path, out: Path, cells: list[GridRun], failed: dict[str, str], command: str):
     """report.json, report.md and cells.csv of the finished cells, per group."""
     done = [r for r in cells if status(r) == "finished" and r.name not in failed]
     if not done:

@@ -1,0 +1,188 @@
+"""A comparison grid: its file, typed and checked, and the runs it stands for.
+
+    grid = load_grid(grid_file("digits_methods"))      # a file, or a grid shipped with the package
+    teachers, cells = plan(grid, path, Path("comparisons/digits_methods"))
+
+The grid file's keys are those of `Grid` (see `compare` for an example); `plan` builds and validates
+every run's config (recipe or config file, the cell's overrides, the axes' values, the grid's eval
+keys and teachers, the seed) before anything runs, and names the runs' folders.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .config import Config, from_dict
+from .demo import recipe, recipe_names
+from .errors import ConfigError, UserError
+from .runs import CHECKPOINTS
+from .schema import build, read_yaml
+
+
+@dataclass
+class RunSpec:
+    """A run's config: a digits recipe (`recipe`) or a config file (`config`), with dotted overrides."""
+
+    recipe: Optional[str] = None
+    config: Optional[str] = None
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TeacherSpec(RunSpec):
+    """A teacher the grid trains (`recipe` / `config`) or one given as a run folder or checkpoint (`path`)."""
+
+    path: Optional[str] = None
+
+
+@dataclass
+class CellSpec(RunSpec):
+    """A compared method; `teachers` maps one of its roles to another teacher of the grid."""
+
+    teachers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Grid:
+    cells: dict[str, CellSpec] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    axes: dict[str, list[Any]] = field(default_factory=dict)
+    teachers: dict[str, TeacherSpec] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)
+    reference: Optional[str] = None
+    pairs: list[list[str]] = field(default_factory=list)
+    draws: int = 2000  # bootstrap draws
+    threads: Optional[int] = None  # train.threads of every run (a run's own overrides may set another)
+    published: dict[str, str] = field(default_factory=dict)  # per cell: what its paper reports, with the source
+
+
+@dataclass
+class GridRun:
+    """One run of the grid: a teacher (`cell` None) or a cell at one axis setting and seed."""
+
+    name: str
+    folder: Path
+    cfg: Config
+    cell: Optional[str] = None
+    group: int = 0  # the index of its axis setting in `groups(grid)`
+    seed: Optional[int] = None
+
+
+def _yaml_value(value: Any) -> str:
+    """A value as an override's right-hand side (YAML flow style reads it back as it was)."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
+
+
+def _base(spec: RunSpec, where: str, folder: Path) -> dict[str, Any]:
+    if (spec.recipe is None) == (spec.config is None):
+        raise ConfigError(f"{where}: give either recipe (one of {', '.join(recipe_names())}) or config (a file)")
+    if spec.recipe is not None:
+        return recipe(spec.recipe)
+    path = Path(spec.config)
+    return read_yaml(path if path.is_absolute() else folder / path)
+
+
+GRIDS = files("robustdistill") / "recipes" / "grids"  # the shipped grids (package data)
+
+
+def grid_file(name: str | Path) -> Path:
+    """A grid file's path, or the shipped grid of that name (`digits_methods`)."""
+    path = Path(name)
+    if path.is_file() or path.suffix in (".yaml", ".yml"):
+        return path
+    shipped = GRIDS / f"{name}.yaml"
+    if not shipped.is_file():
+        known = sorted(p.name[: -len(".yaml")] for p in GRIDS.iterdir() if p.name.endswith(".yaml"))
+        raise UserError(f"no grid file {name} and no shipped grid of that name (shipped: {', '.join(known)})")
+    return Path(str(shipped))
+
+
+def load_grid(path: str | Path) -> Grid:
+    """The grid file, typed and checked (unknown keys, names, pairs) before anything runs."""
+    path = Path(path)
+    grid = build(Grid, read_yaml(path), "grid")
+    if not grid.cells:
+        raise ConfigError(f"{path}: the grid has no cells (cells: {{name: {{recipe: ...}}}})")
+    if not grid.seeds or len(set(grid.seeds)) != len(grid.seeds):
+        raise ConfigError(f"{path}: seeds must be a list of distinct integers")
+    for key, values in grid.axes.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: axes.{key} must be a non-empty list of values")
+    named = set(grid.cells)
+    if grid.reference is not None and grid.reference not in named:
+        raise ConfigError(f"{path}: reference '{grid.reference}' is not a cell ({', '.join(grid.cells)})")
+    for pair in grid.pairs:
+        if len(pair) != 2 or not set(pair) <= named:
+            raise ConfigError(f"{path}: pairs must be [cell, cell] of the grid's cells, got {pair}")
+    for name in grid.published:
+        if name not in named:
+            raise ConfigError(f"{path}: published.{name} is not a cell")
+    for name, cell in grid.cells.items():
+        for role, other in cell.teachers.items():
+            if other not in grid.teachers:
+                raise ConfigError(f"{path}: cells.{name}.teachers.{role}: '{other}' is not a teacher of the grid")
+    if grid.draws < 100:
+        raise ConfigError(f"{path}: draws must be >= 100")
+    return grid
+
+
+def plan(grid: Grid, grid_path: Path, out: Path) -> tuple[list[GridRun], list[GridRun]]:
+    """The teachers' runs and the cells' runs, every config built and validated."""
+    folder = grid_path.parent
+    teachers, paths = [], {}
+    threads = [] if grid.threads is None else [f"train.threads={grid.threads}"]
+    for role, spec in grid.teachers.items():
+        if spec.path is not None:
+            if spec.recipe or spec.config:
+                raise ConfigError(f"{grid_path}: teachers.{role}: give path, or recipe / config, not both")
+            paths[role] = spec.path
+            continue
+        where = f"{grid_path}: teachers.{role}"
+        raw = _base(spec, where, folder)
+        cfg = _config(raw, [*threads, *spec.overrides, f"out_dir={out / 'teachers'}", f"name={role}"], where)
+        teachers.append(GridRun(role, cfg.run_dir, cfg))
+        paths[role] = str(cfg.run_dir)
+    evals = [f"eval.{k}={_yaml_value(v)}" for k, v in grid.eval.items()]
+    cells = []
+    for name, spec in grid.cells.items():
+        where = f"{grid_path}: cells.{name}"
+        raw = _base(spec, where, folder)
+        # the grid's teachers replace the recipe's paths; a role the grid has none for keeps its own
+        roles = {r: paths[spec.teachers.get(r, r)] for r in raw.get("teachers", {}) if spec.teachers.get(r, r) in paths}
+        for index, group in enumerate(groups(grid)):
+            axes = [f"{k}={_yaml_value(v)}" for k, v in group]
+            label = "".join(f"__{k}={v}" for k, v in group)
+            for seed in grid.seeds:
+                run_name = f"{name}{label}__seed{seed}"
+                teacher_paths = [f"teachers.{role}.path={_yaml_value(p)}" for role, p in roles.items()]
+                extra = [*threads, *spec.overrides, *axes, *evals, *teacher_paths, f"seed={seed}"]
+                cfg = _config(raw, [*extra, f"out_dir={out / 'runs'}", f"name={run_name}"], f"{where} ({run_name})")
+                cells.append(GridRun(run_name, cfg.run_dir, cfg, name, index, seed))
+    return teachers, cells
+
+
+def groups(grid: Grid) -> list[tuple[tuple[str, Any], ...]]:
+    """Every combination of the axes' values, as ((key, value), ...); one empty group without axes."""
+    return list(itertools.product(*[[(k, v) for v in vs] for k, vs in grid.axes.items()]))
+
+
+def _config(raw: dict[str, Any], overrides: list[str], where: str) -> Config:
+    try:
+        return from_dict(raw, overrides)
+    except UserError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def status(run: GridRun) -> str:
+    """finished (report written), partial (a checkpoint to resume from) or new."""
+    if (run.folder / "report.json").is_file():
+        return "finished"
+    if (run.folder / CHECKPOINTS / "train_state.pt").is_file():
+        return "partial"
+    return "new"
