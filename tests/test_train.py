@@ -355,4 +355,5 @@ def test_a_run_trains_and_is_evaluated_on_its_own_thread_count(tmp_path):
     report = json.loads((run / "report.json").read_text())
     again = evaluate_path(run, progress=False)
     assert report["threads"] == again["threads"] == 1 and torch.get_num_threads() == before
+    assert report["machine"]["cpu"] and report["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert again["attacks"]["pgd20"]["verdicts"] == report["attacks"]["pgd20"]["verdicts"]

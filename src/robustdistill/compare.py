@@ -50,7 +50,7 @@ from .files import atomic_write
 from .grid import GRIDS, Grid, GridRun, grid_file, groups, load_grid, plan, status
 from .metrics import ROBUST_ATTACK, unpack_verdicts
 from .plots import plot_comparison
-from .report import markdown_table, read_report, versions
+from .report import machine, markdown_table, read_report, versions
 from .runs import MARKER, read_metrics
 from .stats import HOW, bootstrap, differences, interval, is_ratio, metric_names, run_metrics
 from .timing import duration
@@ -312,6 +312,8 @@ def write_report(grid: Grid, grid_path: Path, out: Path, cells: list[GridRun], f
         "grid": f"{grid_path.stem} (shipped with robustdistill)" if shipped else str(grid_path),
         "command": command,
         "versions": versions(),
+        "machine": machine(),
+        "threads": torch.get_num_threads(),
         "data": {"name": dataset.name, "split": "test", "num_samples": len(labels), "classes": dataset.class_names},
         "attacks": attacks,
         "focus": focus,  # the attack of the class-wise intervals and the figures' robust accuracy
@@ -362,7 +364,9 @@ def to_markdown(document: dict[str, Any], grid_path: Path, seconds: dict[int, di
         f"`{document['command'] or 'robustdistill compare ' + str(grid_path)}`; {document['data']['name']} test split, "
         f"{document['data']['num_samples']} images; "
         + ", ".join(f"{k} {v}" for k, v in document["versions"].items() if v)
-        + ".",
+        + "; "
+        + ", ".join(f"{v}" for v in document["machine"].values())
+        + f" ({document['threads']} threads unless a run set train.threads).",
         "",
         "Each cell: mean over seeds [95 % interval]. " + document["intervals"],
     ]

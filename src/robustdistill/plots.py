@@ -189,7 +189,7 @@ def plot_comparison(document: dict[str, Any], out: Path) -> list[Path]:
         title = f" ({where})" if where else ""
         names = list(cells)
         metric = {m: [cells[c]["metrics"][m] for c in names] for m in document["metrics"]}
-        markers = "os^Dvp<>h*"
+        markers = "osD^v<>"  # 7 markers against 10 colours: 70 cells before a pair repeats
 
         if "clean" in metric and focus in metric:
             fig, ax = plt.subplots(figsize=(7.5, 6))
@@ -205,17 +205,20 @@ def plot_comparison(document: dict[str, Any], out: Path) -> list[Path]:
             step = 5 if (xlim[1] - xlim[0]) + (ylim[1] - ylim[0]) > 40 else 2
             for w in range(int((xlim[0] + ylim[0]) / 2) // step * step, int((xlim[1] + ylim[1]) / 2) + step, step):
                 ax.plot(xlim, [2 * w - v for v in xlim], color="0.75", lw=0.8, ls="--", zorder=0)  # clean + robust = 2w
-                top = 2 * w - ylim[1]  # where the line leaves the plot at the top
+                top, left = 2 * w - ylim[1], 2 * w - xlim[0]  # where the line enters the plot
                 if xlim[0] <= top <= xlim[1]:
-                    ax.annotate(
-                        f"{w}", (top, ylim[1]), xytext=(2, -9), textcoords="offset points", fontsize=7, color="0.5"
-                    )
+                    where = (top, ylim[1])
+                elif ylim[0] <= left <= ylim[1]:
+                    where = (xlim[0], left)
+                else:
+                    continue
+                ax.annotate(f"{w}", where, xytext=(2, -9), textcoords="offset points", fontsize=7, color="0.5")
             ax.set(
                 xlim=xlim,
                 ylim=ylim,
                 xlabel="clean accuracy (%)",
                 ylabel=f"{focus} accuracy (%)",
-                title=f"accuracy and robustness{title}\n(dashed: equal W-Robust Acc, its value at the top; "
+                title=f"accuracy and robustness{title}\n(dashed: equal W-Robust Acc, its value where it enters; "
                 "bars: 95 % intervals)",
             )
             ax.grid(alpha=0.3)

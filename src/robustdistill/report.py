@@ -4,6 +4,7 @@ report.json schema (version 1):
     schema_version: 1
     created: ISO-8601 UTC time
     versions: {robustdistill, torch, numpy, python, pyautoattack}
+    machine: {cpu, cpu_capability, gpu (when there is one)}: the hardware the float rounding came from
     threads: intra-op CPU threads of the evaluating process (on CPU the attacks' float rounding, so a
              verdict at the edge, can depend on it)
     model: ModelSpec of the evaluated model;  checkpoint: path
@@ -52,6 +53,7 @@ def build_report(summary: dict[str, Any], spec, checkpoint, dataset, split: str,
         "schema_version": SCHEMA_VERSION,
         "created": now(),
         "versions": versions(),
+        "machine": machine(),
         "threads": torch.get_num_threads(),
         "model": spec.to_dict(),
         "checkpoint": str(checkpoint),
@@ -73,6 +75,24 @@ def versions() -> dict[str, str]:
         "python": platform.python_version(),
         "pyautoattack": autoattack,
     }
+
+
+def machine() -> dict[str, str]:
+    """What a result's float rounding depends on beyond the code: the CPU (its model and the vector
+    instructions torch's kernels dispatch to; the same config gave other bits on an AMD EPYC than on
+    an Intel Xeon) and the GPU where one is used."""
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").is_file():
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    out = {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
 
 
 def now() -> str:
