@@ -17,6 +17,7 @@ Keys and commands:
     eval                python -m benchmarks.eval
     estimate            python -m benchmarks.estimate
     parallel            python -m benchmarks.parallel
+    parallel_active     OMP_WAIT_POLICY=ACTIVE python -m benchmarks.parallel
     flops               python -m benchmarks.flops --rate R   (R: train_step's best dense kernel, GFLOP/s)
 """
 
@@ -49,6 +50,7 @@ COMMANDS = {
     "eval": "python -m benchmarks.eval",
     "estimate": "python -m benchmarks.estimate",
     "parallel": "python -m benchmarks.parallel",
+    "parallel_active": "OMP_WAIT_POLICY=ACTIVE python -m benchmarks.parallel",
     "flops": "python -m benchmarks.flops --rate {rate}",
 }
 DENSE = re.compile(r"best dense kernel: .*used: ([0-9.]+) GFLOP/s")
