@@ -173,6 +173,18 @@ def _save(fig, plt, path: Path) -> Path:
     return path
 
 
+MARKERS = "osD^v<>"  # 7 markers against matplotlib's 10 colours: 70 series before a pair repeats
+
+
+def _points(ax, names: list[str], x: list[list[float]], y: list[list[float]]) -> None:
+    """One labelled point per name at the estimates of x and y ([estimate, lo, hi] each), with both intervals."""
+    for i, name in enumerate(names):
+        ax.errorbar(
+            x[i][0], y[i][0], xerr=_errors([x[i]]), yerr=_errors([y[i]]), fmt=MARKERS[i % len(MARKERS)], capsize=2,
+            label=name,
+        )  # fmt: skip
+
+
 def plot_comparison(document: dict[str, Any], out: Path) -> list[Path]:
     """The figures of a `robustdistill compare` report (report.json's document), per group:
     clean vs robust accuracy with W-Robust Acc iso-lines, worst-class vs mean robust accuracy,
@@ -189,17 +201,12 @@ def plot_comparison(document: dict[str, Any], out: Path) -> list[Path]:
         title = f" ({where})" if where else ""
         names = list(cells)
         metric = {m: [cells[c]["metrics"][m] for c in names] for m in document["metrics"]}
-        markers = "osD^v<>"  # 7 markers against 10 colours: 70 cells before a pair repeats
+        markers = MARKERS
 
         if "clean" in metric and focus in metric:
             fig, ax = plt.subplots(figsize=(7.5, 6))
             x, y = metric["clean"], metric[focus]
-            for i, name in enumerate(names):
-                ax.errorbar(
-                    x[i][0], y[i][0], xerr=[[x[i][0] - x[i][1]], [x[i][2] - x[i][0]]],
-                    yerr=[[y[i][0] - y[i][1]], [y[i][2] - y[i][0]]], fmt=markers[i % len(markers)], capsize=2,
-                    label=name,
-                )  # fmt: skip
+            _points(ax, names, x, y)
             xlim = (min(v[1] for v in x) - 2, max(v[2] for v in x) + 2)
             ylim = (min(v[1] for v in y) - 2, max(v[2] for v in y) + 2)
             step = 5 if (xlim[1] - xlim[0]) + (ylim[1] - ylim[0]) > 40 else 2
@@ -229,12 +236,7 @@ def plot_comparison(document: dict[str, Any], out: Path) -> list[Path]:
         if worst in metric:
             fig, ax = plt.subplots(figsize=(7.5, 6))
             x, y = metric[focus], metric[worst]
-            for i, name in enumerate(names):
-                ax.errorbar(
-                    x[i][0], y[i][0], xerr=[[x[i][0] - x[i][1]], [x[i][2] - x[i][0]]],
-                    yerr=[[y[i][0] - y[i][1]], [y[i][2] - y[i][0]]], fmt=markers[i % len(markers)], capsize=2,
-                    label=name,
-                )  # fmt: skip
+            _points(ax, names, x, y)
             ax.set(
                 xlabel=f"mean {focus} accuracy (%)",
                 ylabel=f"worst-class {focus} accuracy (%)",
