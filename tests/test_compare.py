@@ -118,7 +118,9 @@ def test_the_figures_draw_every_group_from_the_report(tmp_path):
         }
 
     diff = {"a": "x", "b": "y", "metric": "pgd20", "estimate": 5.0, "interval": [1.0, 9.0], "significant": True}
-    group = {"cells": {"x": cell(90, 50), "y": cell(85, 45)}, "differences": [diff], "missing": {}}
+    outside = cell(85, 45)
+    outside["metrics"]["worst pgd20"] = [0.0, 0.6, 2.1]  # bias-corrected: the estimate below its interval
+    group = {"cells": {"x": cell(90, 50), "y": outside}, "differences": [diff], "missing": {}}
     document = {
         "focus": "pgd20",
         "metrics": ["clean", "pgd20", "worst pgd20"],

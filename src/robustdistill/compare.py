@@ -244,6 +244,12 @@ def _verdicts(run: GridRun, attacks: list[str]) -> dict[str, np.ndarray]:
     return {a: unpack_verdicts(report["attacks"][a]["verdicts"], n) for a in attacks}
 
 
+def _test_labels(run: GridRun):
+    """The dataset and the labels of the test images a run was evaluated on."""
+    dataset = load_dataset(run.cfg.data)
+    return dataset, subset_of(dataset.test, run.cfg.eval.subset, "the test split", "eval.subset").y.numpy()
+
+
 def _seconds(run: GridRun) -> float:
     return sum(r.get("seconds", 0.0) for r in read_metrics(run.folder) if r["type"] == "epoch")
 
@@ -257,10 +263,7 @@ def write_report(grid: Grid, grid_path: Path, out: Path, cells: list[GridRun], f
     attacks = [a for a in reports[done[0].name]["attacks"] if all(a in rep["attacks"] for rep in reports.values())]
     names = metric_names(attacks)
     focus = ROBUST_ATTACK if ROBUST_ATTACK in attacks else next((a for a in attacks if a != "clean"), attacks[0])
-    first = done[0].cfg
-    dataset = load_dataset(first.data)
-    test = subset_of(dataset.test, first.eval.subset, "the test split", "eval.subset")
-    labels = test.y.numpy()
+    dataset, labels = _test_labels(done[0])
     pairs = [tuple(p) for p in grid.pairs]
     if grid.reference is not None:
         pairs = [(c, grid.reference) for c in grid.cells if c != grid.reference] + pairs
@@ -275,6 +278,8 @@ def write_report(grid: Grid, grid_path: Path, out: Path, cells: list[GridRun], f
                 missing[cell] = absent
             else:
                 complete[cell] = runs
+        if complete:  # an axis may change the data (data.test_fraction, ...): each group's own test images
+            dataset, labels = _test_labels(next(iter(complete.values()))[0])
         results = {c: [_verdicts(r, attacks) for r in runs] for c, runs in complete.items()}
         boot = bootstrap(results, labels, dataset.num_classes, names, grid.draws) if complete else {}
         # the class-wise accuracies under the focus attack, from the same resampling draws
@@ -302,7 +307,15 @@ def write_report(grid: Grid, grid_path: Path, out: Path, cells: list[GridRun], f
             }
             for d in differences(boot, pairs, names)
         ]
-        groups_out.append({"axes": dict(group), "cells": summary, "differences": diffs, "missing": missing})
+        groups_out.append(
+            {
+                "axes": dict(group),
+                "num_samples": len(labels),
+                "cells": summary,
+                "differences": diffs,
+                "missing": missing,
+            }
+        )
         for run in [r for runs in complete.values() for r in runs]:
             values = run_metrics(_verdicts(run, attacks), labels, dataset.num_classes, names)
             for metric, value in zip(names, values):

@@ -10,7 +10,7 @@ Plots are derived from metrics.jsonl and report.json, so redrawing them loses no
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .errors import UserError
 from .runs import read_metrics
@@ -161,9 +161,17 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     return written
 
 
-def _errors(values: list[list[float]]) -> list[list[float]]:
-    """matplotlib's asymmetric error bars ([below], [above]) from [estimate, lo, hi] triples."""
-    return [[v[0] - v[1] for v in values], [v[2] - v[0] for v in values]]
+def _mark(ax, x, y, color: str, marker: str = "o", label: Optional[str] = None, size: float = 6, **intervals) -> None:
+    """A point at (x, y) and its intervals as segments (`xint` / `yint` = (lo, hi), absent or None
+    for none). Drawn as lines rather than error bars: a bias-corrected interval need not contain its
+    estimate (a worst class at 0 %), and it is shown as it is."""
+    if x is None or y is None:
+        return
+    for key, along in (("xint", True), ("yint", False)):
+        lo, hi = intervals.get(key) or (None, None)
+        if lo is not None and hi is not None:
+            ax.plot([lo, hi], [y, y], color=color, lw=1) if along else ax.plot([x, x], [lo, hi], color=color, lw=1)
+    ax.plot([x], [y], marker=marker, ms=size, color=color, ls="none", label=label)
 
 
 def _save(fig, plt, path: Path) -> Path:
@@ -179,10 +187,8 @@ MARKERS = "osD^v<>"  # 7 markers against matplotlib's 10 colours: 70 series befo
 def _points(ax, names: list[str], x: list[list[float]], y: list[list[float]]) -> None:
     """One labelled point per name at the estimates of x and y ([estimate, lo, hi] each), with both intervals."""
     for i, name in enumerate(names):
-        ax.errorbar(
-            x[i][0], y[i][0], xerr=_errors([x[i]]), yerr=_errors([y[i]]), fmt=MARKERS[i % len(MARKERS)], capsize=2,
-            label=name,
-        )  # fmt: skip
+        color, marker = f"C{i % 10}", MARKERS[i % len(MARKERS)]
+        _mark(ax, x[i][0], y[i][0], color, marker, name, xint=x[i][1:], yint=y[i][1:])
 
 
 def plot_comparison(document: dict[str, Any], out: Path) -> list[Path]:
@@ -250,13 +256,10 @@ def plot_comparison(document: dict[str, Any], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(classes) + 0.06 * len(classes) * len(names)), 5))
         width = 0.8 / len(names)
         for i, name in enumerate(names):
-            values = cells[name]["classwise"]
-            shown = [(k, v) for k, v in enumerate(values) if v[0] is not None]
-            xs = [k - 0.4 + (i + 0.5) * width for k, _ in shown]
-            ax.errorbar(
-                xs, [v[0] for _, v in shown], yerr=_errors([v for _, v in shown]), fmt=markers[i % len(markers)],
-                ms=3, capsize=1.5, lw=0.8, label=name,
-            )  # fmt: skip
+            color, marker = f"C{i % 10}", markers[i % len(markers)]
+            for j, (k, v) in enumerate((k, v) for k, v in enumerate(cells[name]["classwise"]) if v[0] is not None):
+                at = k - 0.4 + (i + 0.5) * width
+                _mark(ax, at, v[0], color, marker, name if j == 0 else None, 3, yint=v[1:])
         ax.set_xticks(range(len(classes)), classes, rotation=45 if len(classes) > 10 else 0, fontsize=8)
         ax.set(
             xlabel="class",
@@ -278,14 +281,8 @@ def plot_comparison(document: dict[str, Any], out: Path) -> list[Path]:
                 rows = [d for d in diffs if d["metric"] == m]
                 for d in rows:
                     row = pairs.index(f"{d['a']} - {d['b']}")
-                    lo, hi = d["interval"]
-                    if d["estimate"] is None or lo is None:
-                        continue
                     color = "C3" if d["significant"] else "0.4"
-                    ax.errorbar(
-                        d["estimate"], row, xerr=[[d["estimate"] - lo], [hi - d["estimate"]]], fmt="o", ms=3,
-                        color=color, capsize=2,
-                    )  # fmt: skip
+                    _mark(ax, d["estimate"], row, color, size=3, xint=d["interval"])
                 ax.axvline(0, color="0.2", lw=0.8)
                 ax.set_title(m, fontsize=9)
                 ax.set_xlabel("difference" + ("" if m.startswith("NSD") else " (points)"), fontsize=8)
