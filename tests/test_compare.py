@@ -190,7 +190,7 @@ def test_a_grid_runs_in_parallel_resumes_after_kill_9_to_the_same_report_and_reu
 
 
 @pytest.mark.slow
-def test_a_changed_cell_is_refused_and_a_failing_cell_does_not_stop_the_others(tmp_path):
+def test_a_changed_cell_is_refused_a_failing_cell_does_not_stop_the_others_a_new_eval_re_evaluates(tmp_path):
     _grid(tmp_path)
     notes = tmp_path / "notes.md"
     notes.write_text("# Notes\nbefore\n<!-- compare:grid:begin -->\nold\n<!-- compare:grid:end -->\nafter\n")
@@ -213,3 +213,12 @@ def test_a_changed_cell_is_refused_and_a_failing_cell_does_not_stop_the_others(t
     assert "train.lr: 0.1 -> 0.05" in report["failed"]["pgd_at__seed0"]
     assert set(report["groups"][0]["cells"]) == {"rslad"} and report["groups"][0]["differences"] == []
     assert "Failed cells" in (tmp_path / "out" / "report.md").read_text()
+    # a change of the evaluation only: the finished cells are evaluated again (recorded), not refused
+    _grid(tmp_path, GRID.replace("subset: 120", "subset: 100"))
+    third = _compare(tmp_path)
+    _, err = third.communicate(timeout=600)
+    assert third.returncode == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["groups"][0]["num_samples"] == 100 and set(report["groups"][0]["cells"]) == {"rslad", "pgd_at"}
+    history = (tmp_path / "out" / "runs" / "rslad__seed0" / "config_history.jsonl").read_text()
+    assert '"eval.subset": [120, 100]' in history

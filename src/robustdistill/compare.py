@@ -42,7 +42,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .config import config_changes, load_config
+from .config import RESUMABLE, config_changes, load_config
 from .data import load_dataset, subset_of
 from .errors import ConfigError, UserError
 from .estimate import estimate
@@ -60,13 +60,19 @@ log = logging.getLogger("robustdistill")
 
 
 def _train(run: GridRun) -> None:
-    """Train or finish one run; a finished run whose config changed since is refused."""
+    """Train or finish one run. A finished run whose config changed since only in keys a resume may
+    change (`config.RESUMABLE`: the evaluation's, more epochs) is resumed, so re-evaluated (and its
+    config_history.jsonl records it); any other change is refused."""
     state = status(run)
     if state == "finished":
         changes = config_changes(load_config(run.folder / "config.yaml"), run.cfg)
-        if changes:
-            keys = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:4])
+        refused = {k: v for k, v in changes.items() if k not in RESUMABLE}
+        if refused:
+            keys = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(refused.items())[:4])
             raise ConfigError(f"{run.folder} was trained with another config ({keys}); move it away to train it again")
+        if changes:
+            log.info("compare: %s: %s changed: resumed, evaluated again", run.name, ", ".join(changes))
+            train(run.cfg, resume=True)
         return
     if state == "partial":
         train(run.cfg, resume=True)
@@ -94,7 +100,7 @@ def run_grid(
     if into is not None:
         _section(Path(into).read_text() if Path(into).is_file() else "", grid_path.stem, into)  # markers first
     if dry_run:
-        print(dry_run_table(teachers, cells))
+        print(dry_run_table(teachers, cells, jobs))
         return out
     _warn_oversubscribed(teachers + cells, jobs)
     failed: dict[str, str] = {}
@@ -139,7 +145,8 @@ def _warn_oversubscribed(runs: list[GridRun], jobs: int) -> None:
 
 def _run_all(runs: list[GridRun], jobs: int, failed: dict[str, str]) -> None:
     """Train the runs that are not finished, `jobs` at a time (each in its own process when more
-    than one), recording failures in `failed`; a finished run is only checked against its config."""
+    than one), recording failures in `failed`; a finished run is checked against its config (and
+    evaluated again when only its evaluation changed, see `_train`)."""
     todo = []
     for run in runs:
         if status(run) == "finished":
@@ -211,7 +218,7 @@ def _record(run: GridRun, outcome: Optional[str], failed: dict[str, str]) -> Non
         log.warning("compare: %s failed: %s", run.name, outcome)
 
 
-def dry_run_table(teachers: list[GridRun], cells: list[GridRun]) -> str:
+def dry_run_table(teachers: list[GridRun], cells: list[GridRun], jobs: int = 1) -> str:
     """Each run, its status and, for runs still to train, the estimated training time."""
     rows, total = [], 0.0
     known: dict[str, float] = {}
@@ -231,10 +238,12 @@ def dry_run_table(teachers: list[GridRun], cells: list[GridRun]) -> str:
         rows.append([run.name, "teacher" if run.cell is None else run.cell, state, shown])
     unknown = any(math.isnan(v) for v in known.values())
     tail = (
-        f"at least {duration(total)} (runs whose teachers are not trained yet not counted)"
+        f"at least {duration(total)} one run at a time (runs whose teachers are not trained yet not counted)"
         if unknown
-        else f"about {duration(total)}"
+        else f"about {duration(total)} one run at a time"
     )
+    if jobs > 1:  # each estimate was measured alone: side by side, only the cores' share is gained
+        tail += f"; with --jobs {jobs}, down to about {duration(total / jobs)} where the cores allow (train.threads)"
     return markdown_table(["run", "cell", "status", "training time"], rows) + f"\n\nto train: {tail}"
 
 
