@@ -247,8 +247,7 @@ def dry_run_table(teachers: list[GridRun], cells: list[GridRun], jobs: int = 1) 
     return markdown_table(["run", "cell", "status", "training time"], rows) + f"\n\nto train: {tail}"
 
 
-def _verdicts(run: GridRun, attacks: list[str]) -> dict[str, np.ndarray]:
-    report = read_report(run.folder / "report.json")
+def _verdicts(report: dict[str, Any], attacks: list[str]) -> dict[str, np.ndarray]:
     n = report["data"]["num_samples"]
     return {a: unpack_verdicts(report["attacks"][a]["verdicts"], n) for a in attacks}
 
@@ -272,7 +271,16 @@ def write_report(grid: Grid, grid_path: Path, out: Path, cells: list[GridRun], f
     attacks = [a for a in reports[done[0].name]["attacks"] if all(a in rep["attacks"] for rep in reports.values())]
     names = metric_names(attacks)
     focus = ROBUST_ATTACK if ROBUST_ATTACK in attacks else next((a for a in attacks if a != "clean"), attacks[0])
-    dataset, labels = _test_labels(done[0])
+    verdicts = {name: _verdicts(report, attacks) for name, report in reports.items()}
+    loaded: dict[str, tuple] = {}
+
+    def labels_of(run: GridRun):  # each data config's test images loaded once, whatever the groups
+        key = f"{run.cfg.data}|{run.cfg.eval.subset}"
+        if key not in loaded:
+            loaded[key] = _test_labels(run)
+        return loaded[key]
+
+    dataset, labels = labels_of(done[0])
     pairs = [tuple(p) for p in grid.pairs]
     if grid.reference is not None:
         pairs = [(c, grid.reference) for c in grid.cells if c != grid.reference] + pairs
@@ -288,8 +296,8 @@ def write_report(grid: Grid, grid_path: Path, out: Path, cells: list[GridRun], f
             else:
                 complete[cell] = runs
         if complete:  # an axis may change the data (data.test_fraction, ...): each group's own test images
-            dataset, labels = _test_labels(next(iter(complete.values()))[0])
-        results = {c: [_verdicts(r, attacks) for r in runs] for c, runs in complete.items()}
+            dataset, labels = labels_of(next(iter(complete.values()))[0])
+        results = {c: [verdicts[r.name] for r in runs] for c, runs in complete.items()}
         boot = bootstrap(results, labels, dataset.num_classes, names, grid.draws) if complete else {}
         # the class-wise accuracies under the focus attack, from the same resampling draws
         by_class = [f"class {k} {focus}" for k in range(dataset.num_classes)]
@@ -326,7 +334,7 @@ def write_report(grid: Grid, grid_path: Path, out: Path, cells: list[GridRun], f
             }
         )
         for run in [r for runs in complete.values() for r in runs]:
-            values = run_metrics(_verdicts(run, attacks), labels, dataset.num_classes, names)
+            values = run_metrics(verdicts[run.name], labels, dataset.num_classes, names)
             for metric, value in zip(names, values):
                 rows_csv.append({**dict(group), "cell": run.cell, "seed": run.seed, "metric": metric, "value": value})
     shipped = str(grid_path).startswith(str(GRIDS))
