@@ -42,8 +42,7 @@ class EvalSettings:
     def check_steps(self) -> int:
         """The steps of the sanity checks' PGD runs: those of the first `pgd<N>` attack asked for,
         else 20 (the papers' PGD-20)."""
-        steps = [ATTACKS.get(a).steps for a in self.attacks if ATTACKS.get(a).family == "pgd"]
-        return steps[0] if steps else 20
+        return next((attack.steps for attack in map(ATTACKS.get, self.attacks) if attack.family == "pgd"), 20)
 
     @property
     def block(self) -> int:
