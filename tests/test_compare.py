@@ -222,3 +222,15 @@ def test_a_changed_cell_is_refused_a_failing_cell_does_not_stop_the_others_a_new
     assert report["groups"][0]["num_samples"] == 100 and set(report["groups"][0]["cells"]) == {"rslad", "pgd_at"}
     history = (tmp_path / "out" / "runs" / "rslad__seed0" / "config_history.jsonl").read_text()
     assert '"eval.subset": [120, 100]' in history
+
+
+@pytest.mark.slow
+def test_dry_run_lists_the_runs_and_the_time_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _grid(tmp_path)
+    assert main(["compare", "grid.yaml", "--out", "out", "--dry-run", "--jobs", "2"]) == 0
+    shown = capsys.readouterr().out
+    assert "| robust " in shown and "| rslad__seed1 " in shown and shown.count(" new ") == 5
+    assert "unknown (teachers?)" in shown  # the cells need the teacher the grid has not trained yet
+    assert "to train: at least" in shown and "with --jobs 2" in shown
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml"]
