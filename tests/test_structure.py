@@ -25,6 +25,7 @@ LAYERS = [
     {"api", "demo"},
     {"grid"},
     {"compare"},
+    {"slurm"},
     {"cli"},
     {"__main__"},
 ]

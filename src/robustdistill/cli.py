@@ -40,6 +40,7 @@ from .models import MODELS
 from .plots import plot_classwise, plot_run, plot_scatter
 from .report import attack_table, comparison_table, read_report, to_markdown, write_report
 from .runs import check_writable
+from .slurm import run_grid as run_slurm_grid
 from .timing import duration
 from .train import train
 
@@ -227,6 +228,18 @@ def _cmd_report(args) -> int:
 def _cmd_compare(args) -> int:
     command = f"robustdistill compare {args.grid}" + (f" --out {args.out}" if args.out else "")
     command += f" --into {args.into}" if args.into else ""
+    if args.slurm and args.executor != "slurm" and not args.status:
+        raise UserError("--slurm KEY=VALUE sets the jobs' resources: it needs --executor slurm")
+    if (args.executor == "slurm" or args.status) and not args.dry_run:
+        command += " --executor slurm"
+        out, reported = run_slurm_grid(
+            args.grid, args.out, command, args.into, args.slurm or [], show_status=args.status, wait_for=args.wait
+        )
+        if reported:
+            print(f"\ncomparison: {out}/ (report.md, report.json, cells.csv)")
+        return 0
+    if args.wait:
+        raise UserError("--wait waits for SLURM jobs: it needs --executor slurm")
     out = run_grid(args.grid, args.out, dry_run=args.dry_run, command=command, jobs=args.jobs, into=args.into)
     if not args.dry_run:
         print((out / "report.md").read_text())
@@ -354,6 +367,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--jobs", type=int, default=1, help="runs trained at once, each in its own process (give them train.threads)"
     )
     p.add_argument("--into", help="also write the report into this markdown file, between <!-- compare:NAME:... -->")
+    p.add_argument(
+        "--executor",
+        choices=["local", "slurm"],
+        default="local",
+        help="local: train here (default); slurm: submit the runs as SLURM jobs (submitit) and return",
+    )
+    p.add_argument("--status", action="store_true", help="show each run's state (finished, running, queued, failed)")
+    p.add_argument("--wait", action="store_true", help="with --executor slurm: wait for the jobs, then report")
+    p.add_argument(
+        "--slurm",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a key of the grid's slurm section (partition, time_min, gpus_per_node, ...); repeatable",
+    )
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("demo", help="teachers, students and a comparison on the embedded digits")

@@ -65,11 +65,7 @@ def _train(run: GridRun) -> None:
     config_history.jsonl records it); any other change is refused."""
     state = status(run)
     if state == "finished":
-        changes = config_changes(load_config(run.folder / "config.yaml"), run.cfg)
-        refused = {k: v for k, v in changes.items() if k not in RESUMABLE}
-        if refused:
-            keys = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(refused.items())[:4])
-            raise ConfigError(f"{run.folder} was trained with another config ({keys}); move it away to train it again")
+        changes = finished_changes(run)
         if changes:
             log.info("compare: %s: %s changed: resumed, evaluated again", run.name, ", ".join(changes))
             train(run.cfg, resume=True)
@@ -78,6 +74,17 @@ def _train(run: GridRun) -> None:
         train(run.cfg, resume=True)
     else:  # a folder with nothing to resume from (killed before its first checkpoint) is replaced
         train(run.cfg, force=(run.folder / MARKER).is_file())
+
+
+def finished_changes(run: GridRun) -> dict[str, tuple[Any, Any]]:
+    """What changed in a finished run's config since it ran: only keys a resume may change
+    (`config.RESUMABLE`), else a ConfigError naming the others."""
+    changes = config_changes(load_config(run.folder / "config.yaml"), run.cfg)
+    refused = {k: v for k, v in changes.items() if k not in RESUMABLE}
+    if refused:
+        keys = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(refused.items())[:4])
+        raise ConfigError(f"{run.folder} was trained with another config ({keys}); move it away to train it again")
+    return changes
 
 
 def run_grid(
@@ -91,14 +98,9 @@ def run_grid(
     """Train what is missing, `jobs` runs at a time, and write the comparison into `out` (default:
     comparisons/<grid name>); `into`: also into that markdown file, between its markers
     `<!-- compare:<grid name>:begin -->` and `<!-- compare:<grid name>:end -->`."""
-    grid_path = grid_file(grid_path)
-    grid = load_grid(grid_path)
-    out = Path(out) if out is not None else Path("comparisons") / grid_path.stem
-    teachers, cells = plan(grid, grid_path, out)
+    grid, grid_path, out, teachers, cells = prepare(grid_path, out, into)
     if jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {jobs}")
-    if into is not None:
-        _section(Path(into).read_text() if Path(into).is_file() else "", grid_path.stem, into)  # markers first
     if dry_run:
         print(dry_run_table(teachers, cells, jobs))
         return out
@@ -108,6 +110,24 @@ def run_grid(
     if failed:  # every cell needs its teachers
         raise UserError("; ".join(f"teacher {name} failed: {why}" for name, why in failed.items()))
     _run_all(cells, jobs, failed)
+    publish(grid, grid_path, out, cells, failed, command, into)
+    return out
+
+
+def prepare(grid_path: str | Path, out: Optional[str | Path], into: Optional[str | Path] = None, slurm: list[str] = ()):
+    """The grid (its `slurm:` section with the `KEY=VALUE` overrides `slurm`), its file, its folder
+    (default comparisons/<grid name>) and its runs, all checked; `into`'s markers checked too."""
+    grid_path = grid_file(grid_path)
+    grid = load_grid(grid_path, slurm)
+    out = Path(out) if out is not None else Path("comparisons") / grid_path.stem
+    teachers, cells = plan(grid, grid_path, out)
+    if into is not None:
+        _section(Path(into).read_text() if Path(into).is_file() else "", grid_path.stem, into)  # markers first
+    return grid, grid_path, out, teachers, cells
+
+
+def publish(grid, grid_path: Path, out: Path, cells: list[GridRun], failed: dict[str, str], command: str, into) -> None:
+    """The report of the finished cells into `out`, and into the markdown file `into` if given."""
     write_report(grid, grid_path, out, cells, failed, command)
     if into is not None:
         text = Path(into).read_text()
@@ -115,7 +135,6 @@ def run_grid(
             "##" + line if line.startswith("#") else line for line in (out / "report.md").read_text().splitlines()
         )
         atomic_write(into, lambda tmp: Path(tmp).write_text(_section(text, grid_path.stem, into, body)))
-    return out
 
 
 def _section(text: str, name: str, where, body: Optional[str] = None) -> str:

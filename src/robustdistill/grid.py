@@ -22,7 +22,7 @@ from .config import Config, from_dict
 from .demo import recipe, recipe_names
 from .errors import ConfigError, UserError
 from .runs import CHECKPOINTS
-from .schema import build, read_yaml
+from .schema import apply_overrides, build, read_yaml
 
 
 @dataclass
@@ -49,6 +49,38 @@ class CellSpec(RunSpec):
 
 
 @dataclass
+class SlurmSpec:
+    """The grid file's `slurm:` section: what each job asks SLURM for (`compare --executor slurm`;
+    `--slurm KEY=VALUE` overrides a key for one submission)."""
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time_min: int = 60  # each job's time limit; a run that reaches it is requeued and resumed (`timeouts`)
+    timeouts: int = 3  # how many times a job that reached its time limit is requeued (preemptions: always)
+    nodes: int = 1  # > 1: the cell trains through torchrun across the nodes (one process per GPU)
+    gpus_per_node: int = 0  # > 1: the cell trains through torchrun, one process per GPU
+    cpus_per_task: int = 1  # CPUs of each node's task (give a GPU cell its data-loading CPUs)
+    mem_gb: Optional[float] = None  # memory per node; None: the partition's default
+    array_parallelism: int = 256  # cells running at once at most
+    signal_delay_s: int = 120  # SLURM signals a job this long before its time limit (it requeues itself)
+    setup: list[str] = field(default_factory=list)  # shell lines run before each job (module load ...)
+    sbatch: dict[str, Any] = field(default_factory=dict)  # any other sbatch option, e.g. {constraint: a100}
+
+    def validate(self, where: str) -> None:
+        for key in ("time_min", "nodes", "cpus_per_task", "array_parallelism"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{where}: slurm.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("timeouts", "gpus_per_node", "signal_delay_s"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{where}: slurm.{key} must be >= 0, got {getattr(self, key)}")
+        if self.mem_gb is not None and self.mem_gb <= 0:
+            raise ConfigError(f"{where}: slurm.mem_gb must be > 0 (or null: the partition's default)")
+        if self.nodes > 1 and self.gpus_per_node < 1:
+            raise ConfigError(f"{where}: slurm.nodes > 1 needs slurm.gpus_per_node >= 1 (torchrun across nodes)")
+
+
+@dataclass
 class Grid:
     cells: dict[str, CellSpec] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -60,6 +92,7 @@ class Grid:
     draws: int = 2000  # bootstrap draws
     threads: Optional[int] = None  # train.threads of every run (a run's own overrides may set another)
     published: dict[str, str] = field(default_factory=dict)  # per cell: what its paper reports, with the source
+    slurm: SlurmSpec = field(default_factory=SlurmSpec)  # the jobs' resources under --executor slurm
 
 
 @dataclass
@@ -103,10 +136,18 @@ def grid_file(name: str | Path) -> Path:
     return Path(str(shipped))
 
 
-def load_grid(path: str | Path) -> Grid:
-    """The grid file, typed and checked (unknown keys, names, pairs) before anything runs."""
+def load_grid(path: str | Path, slurm: list[str] = ()) -> Grid:
+    """The grid file, typed and checked (unknown keys, names, pairs) before anything runs; `slurm`:
+    `KEY=VALUE` overrides of its `slurm:` section."""
     path = Path(path)
-    grid = build(Grid, read_yaml(path), "grid")
+    raw = read_yaml(path)
+    if slurm:
+        section = raw.get("slurm") or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: slurm must be a mapping of sbatch resources")
+        raw["slurm"] = apply_overrides(section, list(slurm), SlurmSpec)
+    grid = build(Grid, raw, "grid")
+    grid.slurm.validate(str(path))
     if not grid.cells:
         raise ConfigError(f"{path}: the grid has no cells (cells: {{name: {{recipe: ...}}}})")
     if not grid.seeds or len(set(grid.seeds)) != len(grid.seeds):
