@@ -49,7 +49,7 @@ def _grid(folder: Path, text: str = GRID) -> Path:
     [
         ("slurm: {gpus: 2}\n", [], "unknown key 'grid.slurm.gpus'"),
         ("slurm: {time_min: 0}\n", [], "slurm.time_min must be >= 1"),
-        ("slurm: {nodes: 2}\n", [], "slurm.nodes > 1 needs slurm.gpus_per_node"),
+        ("slurm: {procs_per_node: 0}\n", [], "slurm.procs_per_node must be >= 1"),
         ("", ["cpus_per_task=0"], "slurm.cpus_per_task must be >= 1"),
         ("", ["partitoin=gpu"], "unknown key 'grid.slurm.partitoin'"),
     ],
@@ -288,3 +288,22 @@ threads: 1
     again = subprocess.run([*argv, "--executor", "slurm"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and "submitted 1 cells" in again.stderr, again.stderr
     subprocess.run(["scancel", _job_of(tmp_path, "rslad__seed0")], check=False)
+
+
+@pytest.mark.slow
+def test_a_cell_with_two_processes_trains_through_torchrun_inside_its_job(tmp_path, slurm):
+    text = f"""
+cells:
+  pgd_at: {{recipe: pgd_at, overrides: {CELL}}}
+eval: {{attacks: [clean], checks: false, subset: 60}}
+threads: 1
+slurm: {{procs_per_node: 2, cpus_per_task: 2}}
+"""
+    _grid(tmp_path, text)
+    waited = _compare(tmp_path, "--executor", "slurm", "--wait")
+    assert "1 runs: 1 finished" in waited.stdout
+    log = Path(json.loads((tmp_path / "out" / "slurm" / "jobs.json").read_text())["pgd_at__seed0"]["log"])
+    text = log.with_name(log.name.replace(".out", ".err")).read_text()
+    assert "torch.distributed.run --standalone --nnodes=1 --nproc_per_node=2 -m robustdistill train" in text, text
+    epochs = [json.loads(line) for line in (tmp_path / "out" / "runs" / "pgd_at__seed0" / "metrics.jsonl").open()]
+    assert [r["epoch"] for r in epochs if r["type"] == "epoch"] == [1, 2]  # rank 0 alone writes

@@ -60,6 +60,7 @@ class SlurmSpec:
     timeouts: int = 3  # how many times a job that reached its time limit is requeued (preemptions: always)
     nodes: int = 1  # > 1: the cell trains through torchrun across the nodes (one process per GPU)
     gpus_per_node: int = 0  # > 1: the cell trains through torchrun, one process per GPU
+    procs_per_node: Optional[int] = None  # torchrun processes per node; None: one per GPU (1 without GPUs)
     cpus_per_task: int = 1  # CPUs of each node's task (give a GPU cell its data-loading CPUs)
     mem_gb: Optional[float] = None  # memory per node; None: the partition's default
     array_parallelism: int = 256  # cells running at once at most
@@ -76,8 +77,13 @@ class SlurmSpec:
                 raise ConfigError(f"{where}: slurm.{key} must be >= 0, got {getattr(self, key)}")
         if self.mem_gb is not None and self.mem_gb <= 0:
             raise ConfigError(f"{where}: slurm.mem_gb must be > 0 (or null: the partition's default)")
-        if self.nodes > 1 and self.gpus_per_node < 1:
-            raise ConfigError(f"{where}: slurm.nodes > 1 needs slurm.gpus_per_node >= 1 (torchrun across nodes)")
+        if self.procs_per_node is not None and self.procs_per_node < 1:
+            raise ConfigError(f"{where}: slurm.procs_per_node must be >= 1 (or null: one per GPU)")
+
+    @property
+    def procs(self) -> int:
+        """Training processes per node: `procs_per_node`, else one per GPU, else one."""
+        return self.procs_per_node or max(self.gpus_per_node, 1)
 
 
 @dataclass

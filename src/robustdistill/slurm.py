@@ -114,7 +114,7 @@ class RunJob:
 
 
 def _distributed(spec: SlurmSpec) -> bool:
-    return spec.nodes > 1 or spec.gpus_per_node > 1
+    return spec.nodes > 1 or spec.procs > 1
 
 
 def _node() -> int:
@@ -124,7 +124,7 @@ def _node() -> int:
 def torchrun_command(
     run: GridRun, config: Path, spec: SlurmSpec, node: int, hosts: list[str], job_id: str
 ) -> list[str]:
-    """The torchrun command line of one node of a multi-GPU cell: one process per GPU, the nodes
+    """The torchrun command line of one node of a multi-process cell (`SlurmSpec.procs`), the nodes
     meeting at the first host (c10d rendezvous); a run with a checkpoint is resumed."""
     if spec.nodes > 1:
         port = 29500 + int("".join(c for c in job_id if c.isdigit()) or "0") % 20000
@@ -137,7 +137,7 @@ def torchrun_command(
         ]
     else:
         launch = ["--standalone", "--nnodes=1"]
-    command = [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc_per_node={spec.gpus_per_node}"]
+    command = [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc_per_node={spec.procs}"]
     command += ["-m", "robustdistill", "train"]
     if status(run) == "partial":
         return [*command, str(run.folder), "--resume"]
