@@ -248,7 +248,7 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    table = run_demo(args.out, force=args.force, epochs=args.epochs)
+    table = run_demo(args.out, force=args.force, epochs=args.epochs, into=args.into)
     print(table)
     print(f"\nruns and reports: {args.out}/")
     return 0
@@ -387,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="folder for the demo runs")
     p.add_argument("--force", action="store_true", help="replace an earlier demo in --out")
     p.add_argument("--epochs", type=int, help="epochs per run (default: the recipes', 30)")
+    p.add_argument("--into", help="also write the table into this markdown file, between <!-- demo:begin/end -->")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("plot", help="draw a run's temperature / loss-weight trajectories and class-wise accuracy")

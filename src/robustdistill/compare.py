@@ -50,7 +50,7 @@ from .files import atomic_write
 from .grid import GRIDS, Grid, GridRun, grid_file, groups, load_grid, plan, status
 from .metrics import ROBUST_ATTACK, unpack_verdicts
 from .plots import plot_comparison
-from .report import machine, markdown_table, read_report, versions
+from .report import machine, markdown_table, read_report, versions, write_section
 from .runs import MARKER, read_metrics
 from .stats import HOW, bootstrap, differences, interval, is_ratio, metric_names, run_metrics
 from .timing import duration
@@ -122,31 +122,18 @@ def prepare(grid_path: str | Path, out: Optional[str | Path], into: Optional[str
     out = Path(out) if out is not None else Path("comparisons") / grid_path.stem
     teachers, cells = plan(grid, grid_path, out)
     if into is not None:
-        _section(Path(into).read_text() if Path(into).is_file() else "", grid_path.stem, into)  # markers first
+        write_section(into, f"compare:{grid_path.stem}")  # the markers are there, before anything runs
     return grid, grid_path, out, teachers, cells
 
 
 def publish(grid, grid_path: Path, out: Path, cells: list[GridRun], failed: dict[str, str], command: str, into) -> None:
     """The report of the finished cells into `out`, and into the markdown file `into` if given."""
     write_report(grid, grid_path, out, cells, failed, command)
-    if into is not None:
-        text = Path(into).read_text()
+    if into is not None:  # headings two levels down
         body = "\n".join(
             "##" + line if line.startswith("#") else line for line in (out / "report.md").read_text().splitlines()
         )
-        atomic_write(into, lambda tmp: Path(tmp).write_text(_section(text, grid_path.stem, into, body)))
-
-
-def _section(text: str, name: str, where, body: Optional[str] = None) -> str:
-    """`text` with the part between the grid's markers replaced by `body` (headings two levels
-    down); without `body`, only checks the markers are there."""
-    begin, end = f"<!-- compare:{name}:begin -->", f"<!-- compare:{name}:end -->"
-    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
-        raise UserError(f"--into {where}: it needs one line {begin} and, after it, one line {end}")
-    if body is None:
-        return text
-    head, rest = text.split(begin)
-    return f"{head}{begin}\n{body}\n{end}{rest.split(end, 1)[1]}"
+        write_section(into, f"compare:{grid_path.stem}", body)
 
 
 def _warn_oversubscribed(runs: list[GridRun], jobs: int) -> None:

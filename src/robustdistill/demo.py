@@ -11,6 +11,7 @@ checkout links to it), so the demo works from any install.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from importlib.resources import as_file, files
 from pathlib import Path
@@ -18,8 +19,9 @@ from typing import Any, Optional
 
 from .config import from_dict
 from .errors import UserError
-from .report import comparison_table, read_report
+from .report import comparison_table, machine, read_report, versions, write_section
 from .schema import read_yaml
+from .timing import duration
 from .train import train
 
 log = logging.getLogger("robustdistill")
@@ -46,9 +48,15 @@ def recipe(name: str, teachers: Optional[Mapping[str, str | Path]] = None) -> di
     return raw
 
 
-def run_demo(out_dir: str | Path = "runs/demo", force: bool = False, epochs: int | None = None) -> str:
-    """Train teachers and students on digits under `out_dir`; return the comparison table."""
+def run_demo(
+    out_dir: str | Path = "runs/demo", force: bool = False, epochs: int | None = None, into: str | Path | None = None
+) -> str:
+    """Train teachers and students on digits under `out_dir`; return the comparison table (also
+    written into the markdown file `into` between `<!-- demo:begin -->` and `<!-- demo:end -->`)."""
     out_dir = Path(out_dir)
+    if into is not None:
+        write_section(into, "demo")  # the markers are there, before anything trains
+    started = time.perf_counter()
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise UserError(f"{out_dir} already exists; pass --force to replace the demo runs, or --out another folder")
     extra = [f"out_dir={out_dir}"] + ([f"train.epochs={epochs}", "train.milestones=[]"] if epochs else [])
@@ -63,4 +71,9 @@ def run_demo(out_dir: str | Path = "runs/demo", force: bool = False, epochs: int
         rows.append((label, read_report(run_dir / "report.json")))
     table = comparison_table(rows)
     (out_dir / "comparison.md").write_text("# robustdistill demo on digits (test split, eps = 0.2)\n\n" + table + "\n")
+    if into is not None:
+        command = "robustdistill demo" + (f" --epochs {epochs}" if epochs else "")
+        setup = ", ".join(f"{k} {v}" for k, v in versions().items() if v) + "; " + ", ".join(machine().values())
+        took = duration(time.perf_counter() - started)
+        write_section(into, "demo", f"`{command}` ({setup}; {took}), as it printed it:\n\n{table}")
     return table

@@ -42,6 +42,7 @@ import numpy
 import torch
 
 from . import __version__
+from .errors import UserError
 from .files import atomic_write
 
 SCHEMA_VERSION = 1
@@ -232,3 +233,17 @@ def write_report(folder: str | Path, report: dict[str, Any], title: str = "Evalu
 
 def read_report(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
+
+
+def write_section(path: str | Path, name: str, body: Optional[str] = None) -> None:
+    """Replace what lies between the lines `<!-- NAME:begin -->` and `<!-- NAME:end -->` of the
+    markdown file `path` with `body` (atomically; the rest of the file as it was). Without `body`,
+    only check the markers are there: call it before the work whose result goes there."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = Path(path).read_text() if Path(path).is_file() else ""
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise UserError(f"--into {path}: it needs one line {begin} and, after it, one line {end}")
+    if body is None:
+        return
+    head, rest = text.split(begin)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(f"{head}{begin}\n{body}\n{end}{rest.split(end, 1)[1]}"))
