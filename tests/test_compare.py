@@ -75,6 +75,16 @@ def test_the_plan_crosses_cells_axes_and_seeds_and_wires_the_teachers(tmp_path):
     assert {c.group for c in cells} == {0, 1} and cells[-1].cfg.model.kwargs == {"width": 16}
 
 
+def test_the_grids_overrides_reach_every_run_teachers_included_and_a_cells_own_win(tmp_path):
+    text = GRID + "overrides: [data.imbalance=10, train.lr=0.2]\n"
+    text = text.replace("rslad: {recipe: rslad, overrides: [", "rslad: {recipe: rslad, overrides: [train.lr=0.3, ")
+    path = _grid(tmp_path, text)
+    teachers, cells = plan(load_grid(path), path, tmp_path / "out")
+    assert all(r.cfg.data.imbalance == 10 for r in teachers + cells)
+    assert teachers[0].cfg.train.lr == 0.2
+    assert {c.cell: c.cfg.train.lr for c in cells} == {"rslad": 0.3, "pgd_at": 0.2}
+
+
 def test_the_shipped_digits_grid_plans_the_readme_experiment(tmp_path):
     """`robustdistill compare digits_methods` finds the shipped grid: 21 cells x 5 seeds from the
     digits recipes, the demo's two teachers, B-MTARD with the robust teacher in both roles."""

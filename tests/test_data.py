@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from robustdistill.config import DataConfig
-from robustdistill.data import Augment, BatchLoader, Split, load_dataset
-from robustdistill.errors import DataError
+from robustdistill.config import DataConfig, load_config
+from robustdistill.data import Augment, BatchLoader, Split, load_dataset, long_tailed
+from robustdistill.errors import ConfigError, DataError
 
 
 def test_digits_split_is_deterministic_stratified_and_disjoint():
@@ -23,6 +23,33 @@ def test_digits_split_is_deterministic_stratified_and_disjoint():
     assert not rows(a.test) & rows(a.val)  # the digits set has a few exact duplicates across classes only
     other = load_dataset(DataConfig(name="digits", val_fraction=0.2, split_seed=1))
     assert not torch.equal(other.test.y, a.test.y)
+
+
+def test_a_long_tailed_subset_follows_the_exponential_profile_by_hand():
+    # four classes of 10, 12, 20, 9 images; ratio 8 over 3 steps: n_c = 9 * 8^(-c/3) = 9, 4.5, 2.25, 1.125
+    y = torch.tensor([0] * 10 + [1] * 12 + [2] * 20 + [3] * 9)
+    keep = long_tailed(y, 8.0, seed=0)
+    assert torch.bincount(y[keep]).tolist() == [9, 4, 2, 1]  # rounded half to even: 4.5 -> 4
+    assert torch.equal(keep, long_tailed(y, 8.0, seed=0)) and not torch.equal(keep, long_tailed(y, 8.0, seed=1))
+    assert keep.tolist() == sorted(set(keep.tolist()))  # distinct, in order
+    assert torch.bincount(y[long_tailed(y, 1.0, seed=0)]).tolist() == [9, 9, 9, 9]
+
+
+def test_data_imbalance_shapes_the_training_pool_only():
+    plain = load_dataset(DataConfig(name="digits"))
+    tail = load_dataset(DataConfig(name="digits", imbalance=10))
+    counts = torch.bincount(tail.train.y).tolist()
+    assert counts == sorted(counts, reverse=True) and round(counts[0] / counts[-1]) == 10
+    assert set(torch.unique(tail.train.y).tolist()) == set(range(10))
+    for name in ("val", "test"):  # every class whole, the very same images
+        assert torch.equal(plain.split(name).y, tail.split(name).y) and torch.equal(
+            plain.split(name).x, tail.split(name).x
+        )
+    # the kept training images are images of the plain pool
+    kept = {tuple(row) for row in tail.train.x.flatten(1).tolist()}
+    assert kept <= {tuple(row) for row in plain.train.x.flatten(1).tolist()}
+    with pytest.raises(ConfigError, match="data.imbalance must be >= 1"):
+        load_config(None, ["data.name=digits", "data.imbalance=0.5"])
 
 
 def test_digits_upsampling_and_subset():
@@ -218,3 +245,17 @@ def test_cifar_pickle_that_would_run_code_is_refused(tmp_path):
     _write_pickle(folder / "test_batch", {b"data": Evil(), b"labels": []})
     with pytest.raises(DataError, match="refusing to load builtins.print"):
         load_dataset(DataConfig(name="cifar10", root=str(tmp_path)))
+
+
+def test_the_class_table_shows_each_class_training_count_where_the_report_has_them():
+    from robustdistill.report import class_table
+
+    report = {
+        "data": {"class_names": ["a", "b"], "train_class_counts": [40, 4]},
+        "attacks": {"clean": {"class_accuracy": [0.9, 0.5]}, "pgd20": {"class_accuracy": [0.5, 0.25]}},
+    }
+    table = class_table(report).splitlines()
+    assert table[0].split("|")[1:5] == [" class ", " training images ", " clean % ", " pgd20 % "]
+    assert table[3].replace(" ", "") == "|b|4|50.00|25.00|"
+    del report["data"]["train_class_counts"]  # reports written before the counts were recorded
+    assert "training images" not in class_table(report)

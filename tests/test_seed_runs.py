@@ -1,5 +1,7 @@
 """The seed methods inside real (tiny) runs: logged adaptive state, resume, plots."""
 
+import json
+
 import pytest
 import torch
 
@@ -51,7 +53,24 @@ def test_bmtard_logs_temperatures_and_weights_per_step(tmp_path, trained_runs):
     assert "val_w_robust" in read_metrics(run)[-1]
 
 
-@pytest.mark.parametrize("which", ["absld", "bmtard"])
+@pytest.mark.slow
+def test_the_combination_logs_ebbs_scales_nlbs_weights_and_class_wise_temperatures_that_move(tmp_path, trained_runs):
+    run = train(_student(tmp_path, trained_runs, "bmtard_absld", data__imbalance=10))  # on long-tailed digits
+    records = read_metrics(run)
+    steps = [r for r in records if r["type"] == "step"]
+    epochs = [r for r in records if r["type"] == "epoch"]
+    assert all(r["weight_adv"] + r["weight_nat"] == pytest.approx(1.0) for r in steps)
+    assert any(r["scale_nat"] != 1.0 for r in steps) and any(r["weight_adv"] != 0.5 for r in steps)
+    assert epochs[-1]["temperature_adv"] != [1.0] * 10 and epochs[-1]["temperature_nat"] != [1.0] * 10
+    assert "val_robust_plus_worst" in epochs[-1]
+    report = json.loads((run / "report.json").read_text())
+    assert report["attacks"]["pgd20"]["accuracy"] > 0.1  # three short epochs: it learns
+    counts = report["data"]["train_class_counts"]  # the training pool's profile, in the report
+    assert counts == sorted(counts, reverse=True) and round(counts[0] / counts[-1]) == 10
+    assert "training images" in (run / "report.md").read_text()
+
+
+@pytest.mark.parametrize("which", ["absld", "bmtard", "bmtard_absld"])
 @pytest.mark.slow
 def test_adaptive_state_is_checkpointed_and_restored_on_resume(tmp_path, trained_runs, which):
     straight = train(_student(tmp_path, trained_runs, which, name="straight", train__epochs=2))

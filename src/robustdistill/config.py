@@ -45,6 +45,7 @@ class DataConfig:
     test_fraction: float = 0.2  # only for datasets without an official test split (digits)
     split_seed: int = 0  # the train/val(/test) split is a pure function of this seed
     train_subset: Optional[int] = None  # use only the first N (shuffled) training images
+    imbalance: Optional[float] = None  # long-tailed training pool: largest / smallest class (CIFAR-10-LT style)
     crop_padding: int = 4  # random crop with this zero padding; 0 disables
     flip: bool = True  # random horizontal flip
     cache: bool = True  # keep decoded images of JPEG datasets (Tiny-ImageNet) as one tensor file
@@ -57,6 +58,7 @@ class DataConfig:
         _check(self.crop_padding >= 0, "data.crop_padding", "must be >= 0")
         _check(self.image_size is None or self.image_size > 0, "data.image_size", "must be > 0")
         _check(self.train_subset is None or self.train_subset > 0, "data.train_subset", "must be > 0")
+        _check(self.imbalance is None or self.imbalance >= 1, "data.imbalance", "must be >= 1 (largest / smallest)")
         _check(0 <= self.split_seed < SEED_LIMIT, "data.split_seed", "must be an integer in [0, 2**32)")
 
 

@@ -97,6 +97,7 @@ class Grid:
     pairs: list[list[str]] = field(default_factory=list)
     draws: int = 2000  # bootstrap draws
     threads: Optional[int] = None  # train.threads of every run (a run's own overrides may set another)
+    overrides: list[str] = field(default_factory=list)  # dotted overrides of every run, teachers included
     published: dict[str, str] = field(default_factory=dict)  # per cell: what its paper reports, with the source
     slurm: SlurmSpec = field(default_factory=SlurmSpec)  # the jobs' resources under --executor slurm
 
@@ -183,7 +184,8 @@ def plan(grid: Grid, grid_path: Path, out: Path) -> tuple[list[GridRun], list[Gr
     """The teachers' runs and the cells' runs, every config built and validated."""
     folder = grid_path.parent
     teachers, paths = [], {}
-    threads = [] if grid.threads is None else [f"train.threads={grid.threads}"]
+    # every run's: the grid's thread count and overrides, before the run's own (which may set others)
+    common = ([] if grid.threads is None else [f"train.threads={grid.threads}"]) + grid.overrides
     for role, spec in grid.teachers.items():
         if spec.path is not None:
             if spec.recipe or spec.config:
@@ -192,7 +194,7 @@ def plan(grid: Grid, grid_path: Path, out: Path) -> tuple[list[GridRun], list[Gr
             continue
         where = f"{grid_path}: teachers.{role}"
         raw = _base(spec, where, folder)
-        cfg = _config(raw, [*threads, *spec.overrides, f"out_dir={out / 'teachers'}", f"name={role}"], where)
+        cfg = _config(raw, [*common, *spec.overrides, f"out_dir={out / 'teachers'}", f"name={role}"], where)
         teachers.append(GridRun(role, cfg.run_dir, cfg))
         paths[role] = str(cfg.run_dir)
     evals = [f"eval.{k}={_yaml_value(v)}" for k, v in grid.eval.items()]
@@ -208,7 +210,7 @@ def plan(grid: Grid, grid_path: Path, out: Path) -> tuple[list[GridRun], list[Gr
             for seed in grid.seeds:
                 run_name = f"{name}{label}__seed{seed}"
                 teacher_paths = [f"teachers.{role}.path={_yaml_value(p)}" for role, p in roles.items()]
-                extra = [*threads, *spec.overrides, *axes, *evals, *teacher_paths, f"seed={seed}"]
+                extra = [*common, *spec.overrides, *axes, *evals, *teacher_paths, f"seed={seed}"]
                 cfg = _config(raw, [*extra, f"out_dir={out / 'runs'}", f"name={run_name}"], f"{where} ({run_name})")
                 cells.append(GridRun(run_name, cfg.run_dir, cfg, name, index, seed))
     return teachers, cells

@@ -74,8 +74,11 @@ def plot_balance(records: list[dict[str, Any]], path: Path) -> bool:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     x = [r["step"] for r in steps]
-    for key, label in (("temperature_adv", "tau_adv (robust teacher)"), ("temperature_nat", "tau_nat (clean teacher)")):
-        axes[0].plot(x, [r[key] for r in steps], label=label)
+    for kind, label in (("adv", "tau_adv (robust teacher)"), ("nat", "tau_nat (clean teacher)")):
+        # EBB's scalar: temperature_* for (B-)MTARD, scale_* for `composed` (whose temperature_* are class-wise)
+        key = next((k for k in (f"temperature_{kind}", f"scale_{kind}") if isinstance(steps[0].get(k), float)), None)
+        if key is not None:
+            axes[0].plot(x, [r[key] for r in steps], label=label)
     for key, label in (("weight_adv", "w_adv"), ("weight_nat", "w_nat")):
         axes[1].plot(x, [r[key] for r in steps], label=label)
     axes[0].set(title="teacher temperatures (EBB)", xlabel="step")

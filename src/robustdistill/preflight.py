@@ -30,7 +30,7 @@ def preflight(cfg: Config, force: bool, resume: bool, check_folder: bool = True)
     """Every check that can fail on user input, before anything is read or written; returns the
     config keys a resume changes (only those of RESUMABLE are accepted)."""
     method_cls = METHODS.get(cfg.method.name)
-    for role in method_cls.teachers:
+    for role in method_cls.required_teachers(cfg.method):
         if role not in cfg.teachers:
             raise ConfigError(
                 f"method '{cfg.method.name}' needs a '{role}' teacher: set teachers.{role}.path "

@@ -58,7 +58,13 @@ def build_report(summary: dict[str, Any], spec, checkpoint, dataset, split: str,
         "threads": torch.get_num_threads(),
         "model": spec.to_dict(),
         "checkpoint": str(checkpoint),
-        "data": {"name": dataset.name, "split": split, "num_samples": n, "class_names": dataset.class_names},
+        "data": {
+            "name": dataset.name,
+            "split": split,
+            "num_samples": n,
+            "class_names": dataset.class_names,
+            "train_class_counts": torch.bincount(dataset.train.y.cpu(), minlength=dataset.num_classes).tolist(),
+        },
         "seed": seed,
         **summary,
     }
@@ -147,8 +153,13 @@ def class_table(report: dict[str, Any]) -> str:
     attacks = list(report["attacks"])
     count = len(next(iter(report["attacks"].values()))["class_accuracy"]) if attacks else 0
     names = names if len(names) == count else [str(i) for i in range(count)]
-    rows = [[names[c]] + [_pct(report["attacks"][a]["class_accuracy"][c]) for a in attacks] for c in range(count)]
-    return markdown_table(["class"] + [f"{a} %" for a in attacks], rows)
+    trained = report.get("data", {}).get("train_class_counts") or []
+    trained = [str(n) for n in trained] if len(trained) == count else []
+    rows = [
+        [names[c], *trained[c : c + 1]] + [_pct(report["attacks"][a]["class_accuracy"][c]) for a in attacks]
+        for c in range(count)
+    ]
+    return markdown_table(["class", *(["training images"] if trained else [])] + [f"{a} %" for a in attacks], rows)
 
 
 def _with_interval(value: Optional[float], interval: Optional[list[float]]) -> str:

@@ -109,6 +109,23 @@ def stratified_split(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch
     return torch.from_numpy(keep_idx), torch.from_numpy(held_idx)
 
 
+def long_tailed(y: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
+    """Indices of a long-tailed subset (sorted): class c keeps n_min * ratio^(-c / (C - 1)) images
+    (rounded, at least 1), n_min being the smallest class's count, so class 0 is the head and the
+    last class the tail, with `ratio` between them (the CIFAR-10-LT profile); which images each class
+    keeps is deterministic in `seed`."""
+    rng = np.random.default_rng(seed)
+    labels = y.numpy()
+    classes = np.unique(labels)
+    n_min = min(int((labels == c).sum()) for c in classes)
+    keep = []
+    for rank, c in enumerate(classes):
+        idx = np.flatnonzero(labels == c)
+        count = max(1, int(round(n_min * ratio ** (-rank / max(len(classes) - 1, 1)))))
+        keep.append(np.sort(idx[rng.permutation(len(idx))[:count]]))
+    return torch.from_numpy(np.sort(np.concatenate(keep)))
+
+
 def _resize(split: Split, size: int) -> Split:
     if split.x.shape[-1] == size and split.x.shape[-2] == size:
         return split
@@ -125,6 +142,8 @@ def load_dataset(cfg, device: torch.device | str = "cpu") -> Dataset:
         pool, test = pool.take(keep), pool.take(held)
     keep, held = stratified_split(pool.y, cfg.val_fraction, cfg.split_seed + 1)
     train, val = pool.take(keep), pool.take(held)
+    if cfg.imbalance is not None:  # the training pool only: validation and test keep every class whole
+        train = train.take(long_tailed(train.y, cfg.imbalance, cfg.split_seed + 2))
     if cfg.train_subset is not None and cfg.train_subset < len(train):
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.split_seed))
         train = train.take(order[: cfg.train_subset].sort().values)

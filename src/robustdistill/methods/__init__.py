@@ -134,6 +134,11 @@ class Method:
         every epoch, on the validation split, with `validation_attacks` among the attacks)."""
 
     @classmethod
+    def required_teachers(cls, options: MethodOptions) -> tuple[str, ...]:
+        """The teacher roles a run with these options needs under `teachers:` (default: `teachers`)."""
+        return cls.teachers
+
+    @classmethod
     def validates(cls, options: MethodOptions) -> bool:
         """Whether a run with these options adapts to a validation every epoch (the preflight then
         requires train.eval_every=1 and train.select_on=val)."""
@@ -176,6 +181,6 @@ def update_average(average: nn.Module, model: nn.Module, decay: float) -> None:
             a.copy_(b)
 
 
-from . import absld, adaad, ard, bat, cfa, fair_ard, frl, iad, mart, mtard, natural, pgd_at, rslad, trades  # noqa: E402,F401  (register the methods)
+from . import absld, adaad, ard, bat, cfa, composed, fair_ard, frl, iad, mart, mtard, natural, pgd_at, rslad, trades  # noqa: E402,F401  (register the methods)
 
 __all__ = ["METHODS", "Context", "Method", "MethodOptions", "Progress", "create_method", "update_average"]
