@@ -17,22 +17,11 @@ import pytest
 from robustdistill.cli import main
 from robustdistill.grid import load_grid, plan
 from robustdistill.slurm import Job, _write_jobs, states, status_table, torchrun_command
+from test_compare import CELL, SHORT
+from test_compare import GRID as LOCAL_GRID
 
-SHORT = '[train.epochs=1, "train.milestones=[]", attack.steps=2, train.batch_size=128]'
-CELL = SHORT.replace("train.epochs=1", "train.epochs=2")
-GRID = f"""
-seeds: [0]
-threads: 1
-teachers:
-  robust: {{recipe: trades, overrides: {SHORT}}}
-cells:
-  rslad: {{recipe: rslad, overrides: {CELL}}}
-  pgd_at: {{recipe: pgd_at, overrides: {CELL}}}
-eval: {{attacks: [clean, pgd20], checks: false, subset: 120}}
-reference: pgd_at
-draws: 200
-slurm: {{time_min: 15}}
-"""
+# the local compare tests' tiny grid, one seed, with a slurm section
+GRID = LOCAL_GRID.replace("seeds: [0, 1]", "seeds: [0]") + "slurm: {time_min: 15}\n"
 
 
 def _grid(folder: Path, text: str = GRID) -> Path:
