@@ -161,6 +161,8 @@ def test_a_grid_runs_in_parallel_resumes_after_kill_9_to_the_same_report_and_reu
     assert set(cells) == {"rslad", "pgd_at"} and cells["rslad"]["seeds"] == [0, 1]
     assert {(d["a"], d["b"]) for d in report["groups"][0]["differences"]} == {("rslad", "pgd_at")}
     assert "Paired differences" in (straight / "out" / "report.md").read_text()
+    assert "every run on 1 intra-op thread (train.threads)" in (straight / "out" / "report.md").read_text()
+    assert report["run_threads"] == [1]
     figures = ["tradeoff.png", "fairness.png", "classwise.png", "differences.png"]
     assert all((straight / "out" / f).stat().st_size > 10_000 for f in figures)
     assert len(cells["rslad"]["classwise"]) == 10 and report["focus"] == "pgd20"

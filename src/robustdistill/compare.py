@@ -350,6 +350,7 @@ def write_report(grid: Grid, grid_path: Path, out: Path, cells: list[GridRun], f
         "versions": versions(),
         "machine": machine(),
         "threads": torch.get_num_threads(),
+        "run_threads": sorted({r.cfg.train.threads for r in done}, key=lambda t: (t is None, t or 0)),
         "data": {"name": dataset.name, "split": "test", "num_samples": len(labels), "classes": dataset.class_names},
         "attacks": attacks,
         "focus": focus,  # the attack of the class-wise intervals and the figures' robust accuracy
@@ -390,6 +391,14 @@ def _fmt(metric: str, value: Optional[float]) -> str:
     return f"{value:.3f}" if is_ratio(metric) else f"{value:.1f}"
 
 
+def _threads_note(document: dict[str, Any]) -> str:
+    """How many intra-op threads the runs trained with (their bits depend on it)."""
+    used = document.get("run_threads", [])
+    if len(used) == 1 and used[0] is not None:
+        return f"; every run on {used[0]} intra-op thread{'s' if used[0] > 1 else ''} (train.threads)."
+    return f" ({document['threads']} threads unless a run set train.threads)."
+
+
 def to_markdown(document: dict[str, Any], grid_path: Path, seconds: dict[int, dict[str, float]]) -> str:
     """The report for people: per group, the cells with intervals, the paired differences, what is
     missing; the cells' training time (all seeds, from their metrics.jsonl)."""
@@ -402,7 +411,7 @@ def to_markdown(document: dict[str, Any], grid_path: Path, seconds: dict[int, di
         + ", ".join(f"{k} {v}" for k, v in document["versions"].items() if v)
         + "; "
         + ", ".join(f"{v}" for v in document["machine"].values())
-        + f" ({document['threads']} threads unless a run set train.threads).",
+        + _threads_note(document),
         "",
         "Each cell: mean over seeds [95 % interval]. " + document["intervals"],
     ]
