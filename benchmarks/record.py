@@ -19,6 +19,7 @@ Keys and commands:
     parallel            python -m benchmarks.parallel
     parallel_active     OMP_WAIT_POLICY=ACTIVE python -m benchmarks.parallel
     flops               python -m benchmarks.flops --rate R   (R: train_step's best dense kernel, GFLOP/s)
+    gpu_kit             python -m benchmarks.gpu_kit --out OUT  (on a GPU machine; recorded from --outputs only)
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ COMMANDS = {
     "parallel": "python -m benchmarks.parallel",
     "parallel_active": "OMP_WAIT_POLICY=ACTIVE python -m benchmarks.parallel",
     "flops": "python -m benchmarks.flops --rate {rate}",
+    "gpu_kit": "python -m benchmarks.gpu_kit --out OUT",
 }
+GPU_ONLY = {"gpu_kit"}  # measured on a lent GPU machine: recorded from --outputs only, never run here
 DENSE = re.compile(r"best dense kernel: .*used: ([0-9.]+) GFLOP/s")
 
 
@@ -88,8 +91,9 @@ def tidy(output: str) -> str:
 def block(key: str, command: str, output: str, seconds: float | None, source: str) -> str:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     took = f", {seconds / 60:.1f} min" if seconds is not None else ""
+    where = "" if key in GPU_ONLY else f"; {machine()}"  # the GPU kit's output names its own machine
     return (
-        f"<!-- bench:{key}:begin -->\n`{command}` ({when}, {source}; {machine()}{took}):\n\n"
+        f"<!-- bench:{key}:begin -->\n`{command}` ({when}, {source}{where}{took}):\n\n"
         f"```text\n{tidy(output)}\n```\n<!-- bench:{key}:end -->"
     )
 
@@ -103,7 +107,7 @@ def replace(text: str, key: str, new: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=list(COMMANDS), default=list(COMMANDS))
+    parser.add_argument("--only", nargs="+", choices=list(COMMANDS), default=[k for k in COMMANDS if k not in GPU_ONLY])
     parser.add_argument("--outputs", type=Path, help="a folder of <key>.txt outputs of the commands above")
     parser.add_argument("--commit", default="commit not stated", help="with --outputs: the code they ran at")
     args = parser.parse_args()
@@ -112,6 +116,8 @@ def main() -> None:
     source = f"recorded from {args.outputs.name}/, {args.commit}" if args.outputs else commit()
     for key in args.only:
         command = COMMANDS[key]
+        if key in GPU_ONLY and not args.outputs:
+            raise SystemExit(f"{key} runs on a GPU machine: run `{command}` there, then record it with --outputs OUT")
         if "{rate}" in command:
             step_output = (args.outputs / "train_step.txt").read_text() if args.outputs else text
             found = DENSE.search(step_output)

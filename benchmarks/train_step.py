@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import multiprocessing
 import os
 import resource
@@ -214,6 +215,7 @@ def main() -> None:
     add_build_options(parser)
     parser.add_argument("--batch", type=int, default=0, help="batch size (default: the workload's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--json", help="also write the measurements to this file (benchmarks.gpu_kit reads it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(settings_line(args.device) + "; " + build_options(args))
@@ -221,7 +223,7 @@ def main() -> None:
     # moment on a shared machine lowers one measurement, never raises it)
     peaks = [dense_peak(args.device)]
     print(f"best dense kernel: {peaks[0]:.1f} GFLOP/s (before)", flush=True)
-    rows, results = [], []
+    rows, results, measurements = [], [], []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         fake_cifar10(tmp / "data", per_batch=200)
@@ -258,6 +260,17 @@ def main() -> None:
                 gflops = {side: flops[side] / med[side] / 1e9 for side in sides}
                 gflops.update({f"{side} alone": flops[side] / alone[side] / 1e9 for side in sides})
                 results.append((ratio, gflops, method, f"{wname} {args.device.split(':')[0]}"))
+                measurements.append(
+                    {
+                        "workload": wname,
+                        "method": method,
+                        "batch": w["batch"],
+                        "ratio": ratio,
+                        "seconds_per_step": med,
+                        "flops_per_step": flops,
+                        "gflop_per_s": {side: gflops[side] for side in sides},
+                    }
+                )
                 measured = [
                     wname,
                     str(w["batch"]),
@@ -298,6 +311,9 @@ def main() -> None:
             ratio, _, method, where = min(chosen)
             parts.append(f"{ratio:.2f}x {kind} ({method}, {where})")
     print("slowest ratio: " + ", ".join(parts))
+    if args.json:
+        document = {"device": args.device, "amp": args.amp, "compile": args.compile, "dense_gflop_per_s": peak}
+        Path(args.json).write_text(json.dumps({**document, "measurements": measurements}, indent=1))
 
 
 if __name__ == "__main__":
