@@ -120,6 +120,7 @@ def build(side: str, method: str, w: dict, tmp: Path, args) -> Side:
         },
     }
     run = setup(from_dict(raw), force=True, resume=False)
+    run.release()  # only stepped from here on: the next workload may build a run of the same name
     if side == "ours":
         tally = Tally(run.device)
         run.student.train()

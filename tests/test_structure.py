@@ -11,7 +11,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "robustdistill"
 
 # lowest first; a module may import from earlier layers only (a package counts as one module)
 LAYERS = [
-    {"errors", "files", "metrics"},
+    {"errors"},
+    {"files", "metrics"},
     {"registry", "distributed", "runs", "report", "timing", "schema", "stats"},
     {"models", "losses", "data", "plots"},
     {"attacks", "checkpoint"},

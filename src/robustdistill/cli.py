@@ -35,6 +35,7 @@ from .demo import run_demo
 from .distributed import cleanup
 from .errors import UserError
 from .estimate import Estimate, estimate
+from .files import INSIDE_LOCK, FolderLock
 from .methods import METHODS
 from .models import MODELS
 from .plots import plot_classwise, plot_run, plot_scatter
@@ -113,12 +114,16 @@ def _eval_out_dir(target: str, out: Optional[str]) -> Path:
         base = where.parent / f"{where.stem}-eval-{stamp}"
     else:  # robustbench:<name>
         base = Path("evals") / f"{target.split(':', 1)[-1].replace('@', '-')}-eval-{stamp}"
+    check_writable(base)
     path, k = base, 1
-    while path.exists():
-        k += 1
-        path = base.with_name(f"{base.name}-{k}")
-    check_writable(path)
-    return path
+    base.parent.mkdir(parents=True, exist_ok=True)
+    while True:  # created here, atomically: two evaluations started in the same second get two folders
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            k += 1
+            path = base.with_name(f"{base.name}-{k}")
 
 
 def _warn_failed_checks(report: dict) -> list:
@@ -131,12 +136,43 @@ def _warn_failed_checks(report: dict) -> list:
     return bad
 
 
+def _first_missing(path: Path) -> Optional[Path]:
+    """The outermost folder of `path` that does not exist yet (None: all of it exists)."""
+    missing = None
+    while not path.exists() and path != path.parent:
+        missing, path = path, path.parent
+    return missing
+
+
 def _cmd_eval(args) -> int:
+    target = Path(args.target)
+    if args.out is not None:  # the outermost folder this evaluation creates, removed if it fails
+        created = _first_missing(Path(args.out))
+    else:
+        created = None if target.exists() else _first_missing(Path("evals"))
     out_dir = _eval_out_dir(args.target, args.out)
+    if args.out is None:
+        created = created or out_dir
+    try:
+        with FolderLock(out_dir, "evaluating into", inside=True):  # a second evaluation into it is refused
+            return _evaluate_into(args, out_dir)
+    finally:  # a failed evaluation leaves no empty folder behind (none it did not find there)
+        if created is not None and out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= {INSIDE_LOCK}:
+            (out_dir / INSIDE_LOCK).unlink(missing_ok=True)
+            folder = out_dir
+            while folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+                if folder == created:
+                    break
+                folder = folder.parent
+
+
+def _evaluate_into(args, out_dir: Path) -> int:
+    if (out_dir / "report.json").exists():  # written by another evaluation since the folder was chosen
+        raise UserError(f"{out_dir} already holds a report; choose another --out")
     if (out_dir / "autoattack_state.json").exists() or (out_dir / "autoattack_fast_state.json").exists():
         log.info("resuming the AutoAttack state in %s", out_dir)
     overrides = _flag_overrides(args) + args.overrides
-    # the folder appears with the first AutoAttack state or the report, so a failed evaluation leaves none
     report = evaluate_path(
         args.target,
         overrides,

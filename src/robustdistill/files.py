@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from .errors import UserError
+
+HOST = socket.gethostname()
+INSIDE_LOCK = ".robustdistill-lock"  # an evaluation folder's lock file (FolderLock(..., inside=True))
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -18,8 +25,9 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}."
     for stale in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+        if not _owner_alive(stale.name[len(prefix) :]):  # another live process's write is left alone
+            stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{HOST}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -33,6 +41,68 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _owner_alive(rest: str) -> bool:
+    """Whether the process that named a temporary `<host>.<pid>.<random>.tmp` may still be writing
+    it: a process of another host (a shared file system) is assumed alive; names without host and
+    pid (written before they carried them) are stale."""
+    parts = rest.split(".")
+    if len(parts) < 4 or not parts[-3].isdigit():
+        return False
+    host, pid = ".".join(parts[:-3]), int(parts[-3])
+    if host != HOST:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+class FolderLock:
+    """An exclusive lock on a folder (a run, an evaluation) while one process writes it: `flock` on
+    the sibling file `.NAME.lock`, which the operating system releases when the process ends, however
+    it ends (kill -9 included), so a lock is never left behind. A second process is refused in one
+    line that names the holder. (Across machines it holds where the shared file system supports
+    flock, as NFSv4 and Lustre do.)"""
+
+    def __init__(self, folder: str | Path, what: str, inside: bool = False):
+        self.folder, self.what = Path(folder), what
+        # beside the folder by default (a run folder is replaced whole by --force); `inside`: in it
+        self.path = self.folder / INSIDE_LOCK if inside else self.folder.parent / f".{self.folder.name}.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> FolderLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(
+                f"{self.folder} is in use: {holder} is {self.what} it; wait for it to finish (or stop it), "
+                "or choose another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"robustdistill pid {os.getpid()} on {HOST}".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def _fsync_dir(folder: Path) -> None:

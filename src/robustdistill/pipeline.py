@@ -26,7 +26,7 @@ from .distributed import DistInfo
 from .evaluate import evaluate
 from .models import ModelSpec
 from .report import build_report, write_report
-from .runs import CHECKPOINTS
+from .runs import CHECKPOINTS, keep_previous_report
 from .teachers import ModelSource, load_source, load_surrogate
 
 log = logging.getLogger("robustdistill")
@@ -104,6 +104,9 @@ def final_report(
     )
     report["selection"] = selection
     if dist_info.is_main:
+        kept = keep_previous_report(cfg.run_dir)  # a finished run resumed: its report is kept, not replaced
+        if kept is not None:
+            log.info("the run's previous report is kept as %s", kept)
         write_report(cfg.run_dir, report, title=f"{cfg.run_dir.name}: {cfg.method.name} on {dataset.name}")
         for check in failed(report.get("checks", [])):
             log.warning(

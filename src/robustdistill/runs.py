@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 
 from .errors import CheckpointError, UserError
-from .files import atomic_write
+from .files import INSIDE_LOCK, atomic_write
 
 CHECKPOINTS = "checkpoints"
 MARKER = ".robustdistill-run"  # written into every run folder this tool creates
@@ -40,7 +40,47 @@ _RUN_DIRS = {
     CHECKPOINTS: {"best.safetensors", "last.safetensors", "average.safetensors", "train_state.pt"},
     "plots": {"temperatures.png", "balance.png", "classwise.png"},
 }
-_EVAL_FILES = {"report.json", "report.md", "classwise.png", "autoattack_state.json", "autoattack_fast_state.json"}
+_EVAL_FILES = {
+    "report.json",
+    "report.md",
+    "classwise.png",
+    "autoattack_state.json",
+    "autoattack_fast_state.json",
+    INSIDE_LOCK,
+}
+
+
+PREVIOUS = "previous"  # a resumed run's earlier reports, kept when a new one replaces them
+
+
+def keep_previous_report(run_dir: Path) -> Optional[Path]:
+    """Move the run's report.json (and report.md) to previous/report-<its time>.json before a new
+    one is written (a finished run resumed, evaluated again); returns where, or None (no report)."""
+    old = run_dir / "report.json"
+    if not old.is_file():
+        return None
+    try:
+        created = str(json.loads(old.read_text()).get("created", ""))
+    except ValueError:
+        created = ""
+    stamp = "".join(c for c in created if c.isdigit())[:14] or datetime.datetime.now().strftime("%Y%m%d%H%M%S")
+    folder = run_dir / PREVIOUS
+    folder.mkdir(exist_ok=True)
+    target, k = folder / f"report-{stamp}.json", 1
+    while target.exists():
+        k += 1
+        target = folder / f"report-{stamp}-{k}.json"
+    if (run_dir / "report.md").is_file():
+        os.replace(run_dir / "report.md", target.with_suffix(".md"))
+    os.replace(old, target)
+    return target
+
+
+def _ours(folder: str, name: str) -> bool:
+    """Whether a file of a run folder's subfolder is one this tool writes there."""
+    if folder == PREVIOUS:
+        return name.startswith("report-") and name.endswith((".json", ".md"))
+    return name in _RUN_DIRS.get(folder, _EVAL_FILES)
 
 
 def _is_temp(name: str) -> bool:
@@ -54,12 +94,15 @@ def foreign_entries(run_dir: Path) -> list[str]:
         name = entry.name
         if entry.is_file() and not entry.is_symlink() and (name in _RUN_FILES or _is_temp(name)):
             continue
-        if entry.is_dir() and not entry.is_symlink() and (name in _RUN_DIRS or name.startswith("eval-")):
-            allowed = _RUN_DIRS.get(name, _EVAL_FILES)
+        if (
+            entry.is_dir()
+            and not entry.is_symlink()
+            and (name in _RUN_DIRS or name.startswith("eval-") or name == PREVIOUS)
+        ):
             inner = [
                 f"{name}/{e.name}"
                 for e in sorted(entry.iterdir())
-                if not (e.is_file() and not e.is_symlink() and (e.name in allowed or _is_temp(e.name)))
+                if not (e.is_file() and not e.is_symlink() and (_ours(name, e.name) or _is_temp(e.name)))
             ]
             found.extend(inner)
             continue

@@ -45,7 +45,7 @@ from .distributed import (
 )
 from .errors import ConfigError, TrainingError
 from .evaluate import evaluate
-from .files import atomic_write
+from .files import FolderLock, atomic_write
 from .methods import Context, Method, Progress, create_method, update_average
 from .metrics import needed_attacks, selection_score
 from .models import Classifier, ModelSpec, create_model
@@ -102,10 +102,17 @@ class Run:
     best_epoch: Optional[int] = None
     flops_per_step: Optional[int] = None  # counted on the run's first step (attack, teachers, backward)
     average: Optional[Classifier] = None  # the method's weight average of the student, once it has started
+    lock: Optional[FolderLock] = None  # rank 0's hold on the run folder, until `release`
 
     @property
     def run_dir(self) -> Path:
         return self.cfg.run_dir
+
+    def release(self) -> None:
+        """Let another process write the run folder (the end of `train`)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def model_meta(self, epoch: int) -> ModelMeta:
         """What a model file of the run records (`robustdistill eval FILE` reads dataset and eps from it)."""
@@ -144,8 +151,11 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
     """Train `cfg` into `cfg.run_dir` (`out_dir/name`) and write its report; returns the run folder."""
     with intra_op_threads(cfg.train.threads):
         run = setup(cfg, force, resume)
-        fit(run)
-        finish(run)
+        try:
+            fit(run)
+            finish(run)
+        finally:
+            run.release()
     return run.run_dir
 
 
@@ -258,15 +268,22 @@ def setup(cfg: Config, force: bool, resume: bool, write: bool = True) -> Run:
     if resume:
         run.load_state_dict(load_torch(run_dir / CHECKPOINTS / "train_state.pt"))
         log.info("resuming %s after epoch %d", run_dir, run.start_epoch)
-    # Everything that can fail on the user's input has run: only now is the run folder written.
+    # Everything that can fail on the user's input has run: only now is the run folder written, by
+    # one process at a time (rank 0 holds its lock for the group until the run ends: a second
+    # `train`, `--resume` or `--force` of the folder meanwhile is refused in one line)
     if dist_info.is_main and write:
-        create_run_dir(run_dir, force, resume)
-        if not resume:
-            atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(cfg.to_yaml()))
-        else:
-            run.metrics.trim(run.progress.step)  # records written after the checkpoint are written again
-            if changes:
-                record_changes(run_dir, cfg, changes, run.start_epoch)
+        run.lock = FolderLock(run_dir, "training").acquire()
+        try:
+            create_run_dir(run_dir, force, resume)
+            if not resume:
+                atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(cfg.to_yaml()))
+            else:
+                run.metrics.trim(run.progress.step)  # records written after the checkpoint are written again
+                if changes:
+                    record_changes(run_dir, cfg, changes, run.start_epoch)
+        except BaseException:
+            run.release()
+            raise
     barrier()
     return run
 

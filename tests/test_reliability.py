@@ -1,0 +1,124 @@
+"""No lost work under concurrency: a run folder is locked while a process trains it, evaluation
+folders are created atomically and locked, the atomic writer leaves other live processes'
+temporaries alone, and a finished run resumed keeps its earlier report."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import digits_config, snapshot
+from robustdistill.cli import _eval_out_dir, main
+from robustdistill.errors import UserError
+from robustdistill.files import HOST, INSIDE_LOCK, FolderLock, atomic_write
+from robustdistill.train import train
+
+
+def test_a_locked_folder_refuses_a_second_holder_in_one_line_and_frees_on_release(tmp_path):
+    folder = tmp_path / "runs" / "x"
+    first = FolderLock(folder, "training").acquire()
+    with pytest.raises(UserError, match=rf"is in use: robustdistill pid {os.getpid()} on .* is training it") as caught:
+        FolderLock(folder, "training").acquire()
+    assert "\n" not in str(caught.value)
+    first.release()
+    with FolderLock(folder, "training"):
+        pass
+    assert not folder.exists()  # the lock lives beside the folder: a new run's folder is not created by it
+
+
+def test_the_atomic_writer_leaves_a_live_processs_temporary_alone_and_removes_dead_ones(tmp_path):
+    target = tmp_path / "report.json"
+    live = tmp_path / f".report.json.{HOST}.{os.getpid()}.abc123.tmp"  # this process: alive
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".report.json.{HOST}.{int(done.stdout)}.def456.tmp"  # a process that has ended
+    other_host = tmp_path / ".report.json.elsewhere.example.1.ghi789.tmp"  # another machine's: assumed alive
+    old_style = tmp_path / ".report.json.jkl012.tmp"  # written before temporaries carried host and pid
+    for path in (live, dead, other_host, old_style):
+        path.write_text("half")
+    atomic_write(target, lambda tmp: Path(tmp).write_text("{}"))
+    assert target.read_text() == "{}"
+    assert live.exists() and other_host.exists() and not dead.exists() and not old_style.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".tmp") == sorted([live.name, other_host.name])
+
+
+def test_evaluations_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"x")
+    folders = [_eval_out_dir(str(model), None) for _ in range(3)]
+    assert len(set(folders)) == 3 and all(f.is_dir() for f in folders)
+    assert folders[1].name == folders[0].name + "-2"
+
+
+def test_a_second_evaluation_into_the_same_out_is_refused(tmp_path, capsys):
+    out = tmp_path / "ev"
+    out.mkdir()
+    with FolderLock(out, "evaluating into", inside=True):  # another evaluation is writing it
+        before = snapshot(tmp_path)
+        assert main(["eval", str(tmp_path / "m.safetensors"), "--out", str(out)]) == 2
+        assert snapshot(tmp_path) == before
+    err = capsys.readouterr().err
+    assert f"{out} is in use" in err and "evaluating into it" in err and err.count("\n") == 1
+    assert (out / INSIDE_LOCK).exists()  # the holder's; not removed by the refused one
+
+
+def _train_in_background(tmp_path: Path, name: str, epochs: int) -> subprocess.Popen:
+    config = digits_config(tmp_path, "pgd_at", name=name, train__epochs=epochs, attack__steps=2)
+    config.eval.checks = False
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(config.to_yaml())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "robustdistill", "train", str(path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.slow
+def test_a_run_folder_being_trained_refuses_force_and_resume_until_its_process_ends(tmp_path, capsys):
+    process = _train_in_background(tmp_path, "busy", epochs=40)
+    run = tmp_path / "runs" / "busy"
+    try:
+        waited = 0.0
+        while not (run / "checkpoints" / "train_state.pt").exists() and waited < 120:
+            time.sleep(0.05)
+            waited += 0.05
+        assert process.poll() is None, "the training ended before the test could interrupt it"
+        config = str(tmp_path / "busy.yaml")
+        for argv in (["train", config, "--force"], ["train", str(run), "--resume"]):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert f"{run} is in use: robustdistill pid {process.pid} on" in err and "training it" in err, err
+        assert process.poll() is None and (run / "config.yaml").exists()  # nothing of the first run was touched
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # kill -9: the operating system releases the lock
+        process.wait()
+    cfg = digits_config(tmp_path, "pgd_at", name="busy", train__epochs=2, attack__steps=2)
+    cfg.eval.checks = False
+    assert train(cfg, resume=True) == run  # resumable now, from its last checkpoint
+    assert (run / "report.json").exists()
+
+
+@pytest.mark.slow
+def test_a_finished_run_resumed_keeps_its_earlier_report(tmp_path, caplog):
+    cfg = digits_config(tmp_path, "pgd_at", name="done", train__epochs=1, attack__steps=2)
+    cfg.eval.checks, cfg.eval.attacks = False, ["clean"]
+    run = train(cfg)
+    first = json.loads((run / "report.json").read_text())
+    cfg.eval.attacks = ["clean", "fgsm"]  # only the evaluation changes: --resume evaluates it again
+    train(cfg, resume=True)
+    kept = sorted((run / "previous").glob("report-*.json"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text()) == first
+    assert kept[0].with_suffix(".md").exists()
+    assert set(json.loads((run / "report.json").read_text())["attacks"]) == {"clean", "fgsm"}
+    # the kept reports are the tool's own files: --force may still replace the folder
+    cfg.eval.attacks = ["clean"]
+    assert train(cfg, force=True) == run and not (run / "previous").exists()
