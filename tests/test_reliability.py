@@ -122,3 +122,46 @@ def test_a_finished_run_resumed_keeps_its_earlier_report(tmp_path, caplog):
     # the kept reports are the tool's own files: --force may still replace the folder
     cfg.eval.attacks = ["clean"]
     assert train(cfg, force=True) == run and not (run / "previous").exists()
+
+
+def _tiny(tmp_path, which, name, **overrides):
+    cfg = digits_config(tmp_path, which, name=name, train__epochs=1, attack__steps=2, **overrides)
+    cfg.eval.checks, cfg.eval.attacks = False, ["clean"]
+    return cfg
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_checkpoint_an_edited_config_or_a_teacher_that_is_not_the_runs(tmp_path, capsys):
+    import torch
+
+    from robustdistill.checkpoint import save_model
+    from robustdistill.models import ModelSpec, create_model
+
+    run = train(_tiny(tmp_path, "pgd_at", "a"))
+    other = train(_tiny(tmp_path, "pgd_at", "b", seed=1))
+    state = run / "checkpoints" / "train_state.pt"
+    mine = state.read_bytes()
+    # a train_state.pt swapped in from another run (another seed)
+    state.write_bytes((other / "checkpoints" / "train_state.pt").read_bytes())
+    assert main(["train", str(run), "--resume", "train.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert "train_state.pt was not trained with this config (seed: 1 -> 0)" in err and err.count("\n") == 1
+    state.write_bytes(mine)
+    # config.yaml edited by hand: the checkpoint's recorded config disagrees
+    config = run / "config.yaml"
+    text = config.read_text()
+    config.write_text(text.replace("lr: 0.1", "lr: 0.3", 1))
+    before = snapshot(run)
+    assert main(["train", str(run), "--resume", "train.epochs=2"]) == 2
+    assert "train.lr: 0.1 -> 0.3" in capsys.readouterr().err and snapshot(run) == before
+    config.write_text(text)
+    # a teacher file replaced by other weights
+    spec = ModelSpec("small_cnn", 10, 1, {"width": 32})
+    torch.manual_seed(0)
+    save_model(tmp_path / "teacher.safetensors", create_model(spec), spec)
+    student = train(_tiny(tmp_path, "rslad", "s", **{"teachers.robust.path": str(tmp_path / "teacher.safetensors")}))
+    torch.manual_seed(1)
+    save_model(tmp_path / "teacher.safetensors", create_model(spec), spec)
+    assert main(["train", str(student), "--resume", "train.epochs=2"]) == 2
+    assert "teacher 'robust'" in capsys.readouterr().err
+    assert main(["train", str(run), "--resume", "train.epochs=2"]) == 0  # the run's own state resumes

@@ -19,7 +19,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .attacks import EvalSettings
 from .checkpoint import ModelMeta, load_torch, save_model, save_torch
-from .config import Config
+from .config import RESUMABLE, Config, config_changes, from_dict
 from .data import Augment, BatchLoader, Dataset, Split, load_dataset, subset_of
 from .distributed import (
     DistInfo,
@@ -48,7 +48,7 @@ from .evaluate import evaluate
 from .files import FolderLock, atomic_write
 from .methods import Context, Method, Progress, create_method, update_average
 from .metrics import needed_attacks, selection_score
-from .models import Classifier, ModelSpec, create_model
+from .models import Classifier, ModelSpec, create_model, fingerprint
 from .pipeline import final_report
 from .preflight import initialise, preflight, record_changes
 from .runs import CHECKPOINTS, MetricsLog, create_run_dir
@@ -103,6 +103,7 @@ class Run:
     flops_per_step: Optional[int] = None  # counted on the run's first step (attack, teachers, backward)
     average: Optional[Classifier] = None  # the method's weight average of the student, once it has started
     lock: Optional[FolderLock] = None  # rank 0's hold on the run folder, until `release`
+    teacher_prints: dict[str, str] = field(default_factory=dict)  # each teacher's weights' SHA-256
 
     @property
     def run_dir(self) -> Path:
@@ -131,6 +132,9 @@ class Run:
             "step": self.progress.step,
             "best_score": self.best_score,
             "best_epoch": self.best_epoch,
+            # what the state belongs to, checked on --resume (`check_state_belongs`)
+            "config": self.cfg.to_dict(),
+            "teachers": self.teacher_prints,
             **rng_states(self.device),
         }
 
@@ -157,6 +161,37 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
         finally:
             run.release()
     return run.run_dir
+
+
+# keys a run folder may change without changing what its checkpoint is: its place and its inputs' paths
+_MOVABLE = ("name", "out_dir", "data.root", "data.cache_dir")
+
+
+def check_state_belongs(state: dict[str, Any], cfg: Config, prints: dict[str, str], run_dir: Path) -> None:
+    """Refuse to resume from a train_state.pt that is not this run's: trained with another config
+    than the folder's config.yaml (beyond what a resume may change, the folder's place and paths),
+    or with other teachers' weights than the files the config names now. (States written before
+    these were recorded are taken as they are.)"""
+    where = run_dir / CHECKPOINTS / "train_state.pt"
+    if "config" in state:
+        recorded = from_dict(state["config"])
+        changes = {
+            k: v
+            for k, v in config_changes(recorded, cfg).items()
+            if k not in RESUMABLE and not k.startswith(_MOVABLE) and not k.endswith(".path")
+        }
+        if changes:
+            keys = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:3])
+            raise ConfigError(
+                f"{where} was not trained with this config ({keys}): config.yaml was edited, or the checkpoint "
+                "comes from another run; restore the one that belongs, or start a new run"
+            )
+    for role, recorded in state.get("teachers", {}).items():
+        if role in prints and prints[role] != recorded:
+            raise ConfigError(
+                f"teacher '{role}' ({cfg.teachers[role].path}) is not the one {run_dir} was trained with: "
+                "its weights changed since; restore that file, or start a new run"
+            )
 
 
 def fit(run: Run) -> None:
@@ -265,8 +300,11 @@ def setup(cfg: Config, force: bool, resume: bool, write: bool = True) -> Run:
         cfg.train.select_metric or method.selection_metric,
         cfg.eval.resolve(cfg.default_eps),
     )
+    run.teacher_prints = {role: fingerprint(t) for role, t in teachers.items()}
     if resume:
-        run.load_state_dict(load_torch(run_dir / CHECKPOINTS / "train_state.pt"))
+        state = load_torch(run_dir / CHECKPOINTS / "train_state.pt")
+        check_state_belongs(state, cfg, run.teacher_prints, run_dir)
+        run.load_state_dict(state)
         log.info("resuming %s after epoch %d", run_dir, run.start_epoch)
     # Everything that can fail on the user's input has run: only now is the run folder written, by
     # one process at a time (rank 0 holds its lock for the group until the run ends: a second
