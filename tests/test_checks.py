@@ -258,6 +258,12 @@ def test_autoattack_refuses_the_state_of_another_evaluation(robust_model, digits
     (tmp_path / "standard" / "autoattack_state.json").write_text(state.read_text())
     with pytest.raises(UserError, match="attacks"):
         _aa(robust_model, x, y, settings, tmp_path / "standard", name="autoattack")
+    edited = json.loads(state.read_text())  # a verdict flipped by hand: the digest no longer matches
+    edited["robust"][0] = not edited["robust"][0]
+    (tmp_path / "edited").mkdir()
+    (tmp_path / "edited" / "autoattack_fast_state.json").write_text(json.dumps(edited))
+    with pytest.raises(UserError, match="was changed since this tool wrote it"):
+        _aa(robust_model, x, y, settings, tmp_path / "edited")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "autoattack_fast_state.json").write_text("{not json")
     with pytest.raises(UserError, match="not an AutoAttack state"):

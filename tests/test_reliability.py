@@ -165,3 +165,39 @@ def test_resume_refuses_a_checkpoint_an_edited_config_or_a_teacher_that_is_not_t
     assert main(["train", str(student), "--resume", "train.epochs=2"]) == 2
     assert "teacher 'robust'" in capsys.readouterr().err
     assert main(["train", str(run), "--resume", "train.epochs=2"]) == 0  # the run's own state resumes
+
+
+def test_a_teacher_trained_on_another_dataset_is_refused(tmp_path, capsys):
+    import torch
+
+    from robustdistill.checkpoint import ModelMeta, save_model
+    from robustdistill.models import ModelSpec, create_model
+
+    spec = ModelSpec("small_cnn", 10, 1, {"width": 8})
+    torch.manual_seed(0)
+    teacher = tmp_path / "svhn_teacher.safetensors"
+    save_model(teacher, create_model(spec), ModelMeta(spec, data={"name": "svhn"}, eps=8 / 255))
+    overrides = [f"teachers.robust.path={teacher}", f"out_dir={tmp_path / 'runs'}", "train.epochs=1"]
+    assert main(["train", "configs/digits/rslad.yaml", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert "was trained on svhn, not on digits" in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_run_edited_to_another_eps_or_holding_a_link_out_is_refused(tmp_path, capsys):
+    run = train(_tiny(tmp_path, "pgd_at", "r"))
+    config = run / "config.yaml"
+    text = config.read_text()
+    config.write_text(text.replace("eps: 0.2", "eps: 0.1", 1))
+    assert main(["eval", str(run), "--attacks", "clean"]) == 2
+    assert "says eps 0.1 but best.safetensors was trained at eps 0.2" in capsys.readouterr().err
+    config.write_text(text)
+    # metrics.jsonl a link to a file outside the folder: resuming would append to that file
+    outside = tmp_path / "elsewhere.jsonl"
+    outside.write_bytes((run / "metrics.jsonl").read_bytes())
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").symlink_to(outside)
+    before = outside.read_bytes()
+    assert main(["train", str(run), "--resume", "train.epochs=2"]) == 2
+    assert "is a symbolic link to" in capsys.readouterr().err and outside.read_bytes() == before

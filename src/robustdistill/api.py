@@ -76,6 +76,13 @@ def evaluate_path(
             cfg = load_config(source.run_dir / "config.yaml")
             data_cfg, base, default_eps, teachers = cfg.data, cfg.eval, cfg.default_eps, cfg.teachers
             memory_format, threads = cfg.train.memory_format, cfg.train.threads
+            meta = read_model_meta(source.checkpoint)  # what the weights were trained with wins over config.yaml
+            if meta is not None and meta.eps is not None and default_eps is not None and meta.eps != default_eps:
+                raise ConfigError(
+                    f"{source.run_dir / 'config.yaml'} says eps {default_eps:g} but {source.checkpoint.name} was "
+                    f"trained at eps {meta.eps:g}: config.yaml was edited; restore it (or evaluate at another "
+                    "eps with --eps, which the report records)"
+                )
         else:
             meta = read_model_meta(source.checkpoint) if source.checkpoint.suffix == ".safetensors" else None
             data_cfg = build(DataConfig, meta.data, "data") if meta and meta.data is not None else None

@@ -40,7 +40,7 @@ from .methods import METHODS
 from .models import MODELS
 from .plots import plot_classwise, plot_run, plot_scatter
 from .report import attack_table, comparison_table, read_report, to_markdown, write_report
-from .runs import check_writable
+from .runs import check_no_links_out, check_writable
 from .slurm import run_grid as run_slurm_grid
 from .timing import duration
 from .train import train
@@ -170,6 +170,7 @@ def _cmd_eval(args) -> int:
 def _evaluate_into(args, out_dir: Path) -> int:
     if (out_dir / "report.json").exists():  # written by another evaluation since the folder was chosen
         raise UserError(f"{out_dir} already holds a report; choose another --out")
+    check_no_links_out(out_dir)
     if (out_dir / "autoattack_state.json").exists() or (out_dir / "autoattack_fast_state.json").exists():
         log.info("resuming the AutoAttack state in %s", out_dir)
     overrides = _flag_overrides(args) + args.overrides

@@ -118,6 +118,7 @@ def check_run_dir(run_dir: Path, force: bool, resume: bool) -> None:
     if resume:
         if not (run_dir / CHECKPOINTS / "train_state.pt").is_file():
             raise UserError(f"cannot resume: {run_dir} has no {CHECKPOINTS}/train_state.pt")
+        check_no_links_out(run_dir)
         return
     if run_dir.exists() and any(run_dir.iterdir()):
         if not force:
@@ -138,6 +139,23 @@ def check_run_dir(run_dir: Path, force: bool, resume: bool) -> None:
                 f"({', '.join(foreign[:3])}{more}); move them out or choose another name (name=...)"
             )
     check_writable(run_dir)
+
+
+def check_no_links_out(folder: Path) -> None:
+    """Refuse a run or evaluation folder holding a symbolic link that leads out of it (metrics.jsonl
+    linked to a file elsewhere, ...): the tool would read or write what the link points to."""
+    root = folder.resolve()
+    for entry in [
+        *folder.iterdir(),
+        *(e for d in folder.iterdir() if d.is_dir() and not d.is_symlink() for e in d.iterdir()),
+    ]:
+        if entry.is_symlink():
+            target = entry.resolve()
+            if target != root and root not in target.parents:
+                raise UserError(
+                    f"{entry} is a symbolic link to {target}, outside {folder}: the tool writes only into the "
+                    "folder itself; replace the link with the file, or start a new run"
+                )
 
 
 def check_writable(path: Path) -> None:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .attacks import needs_surrogate
-from .checkpoint import load_model
+from .checkpoint import load_model, read_model_meta
 from .config import EvalConfig, ModelConfig, TeacherConfig
 from .data import Dataset
 from .errors import CheckpointError, UserError
@@ -90,6 +90,12 @@ def load_teacher(role: str, tcfg: TeacherConfig, dataset: Dataset, device: torch
     """A teacher from a run folder, a checkpoint file or a local RobustBench entry, frozen, in
     eval mode, on `device`."""
     source = resolve_teacher(role, tcfg, dataset.name)
+    trained_on = _dataset_of(source)
+    if trained_on is not None and trained_on != dataset.name:
+        raise CheckpointError(
+            f"teacher '{role}' ({source.checkpoint}) was trained on {trained_on}, not on {dataset.name}: "
+            "give a teacher of this dataset"
+        )
     model, _ = load_source(source, dataset, model_spec(tcfg.model, dataset) if tcfg.model is not None else None)
     model = model.to(device).eval().requires_grad_(False)
     probe = dataset.val if len(dataset.val) else dataset.train
@@ -106,6 +112,15 @@ def load_teacher(role: str, tcfg: TeacherConfig, dataset: Dataset, device: torch
             f"but {dataset.name} has {dataset.num_classes} classes"
         )
     return model
+
+
+def _dataset_of(source: ModelSource) -> Optional[str]:
+    """The dataset a checkpoint of this tool records (None: a foreign file or a RobustBench entry)."""
+    if source.kind == "robustbench" or source.checkpoint.suffix != ".safetensors":
+        return None
+    meta = read_model_meta(source.checkpoint)
+    data = meta.data if meta is not None else None
+    return data.get("name") if isinstance(data, dict) else None
 
 
 class FrozenTeacher(nn.Module):

@@ -37,9 +37,16 @@ def _data_digest(x: torch.Tensor, y: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+def _state_digest(state: dict[str, Any]) -> str:
+    body = {k: v for k, v in state.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def _save_state(path: Optional[Path], state: dict[str, Any], rank: int) -> None:
+    """The state with its digest: an edited (or truncated) state is refused on resume, never trusted."""
     if path is not None and rank == 0:
-        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(state)))
+        text = json.dumps({**state, "digest": _state_digest(state)})
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 @register
@@ -107,8 +114,15 @@ class AutoAttack(Attack):
             try:
                 state = json.loads(path.read_text())
                 old = state["key"]
-            except (ValueError, KeyError, TypeError):
+                intact = state.get("digest") == _state_digest(state)
+            except (ValueError, KeyError, TypeError, AttributeError):
                 raise UserError(f"{path} is not an AutoAttack state of this tool; use another --out") from None
+            if not intact:
+                raise UserError(
+                    f"{path} was changed since this tool wrote it (its digest does not match): its verdicts cannot be "
+                    "trusted; delete it to start this attack over, or use another --out"
+                )
+            state.pop("digest")
             differ = [k for k in key if old.get(k) != key[k]]
             if differ:
                 raise UserError(
