@@ -58,6 +58,7 @@ def test_full_suite_and_checks_pass_on_a_sound_model(robust_model, natural_model
             "perturbation",
             "unchanged",
             "autoattack_flags",
+            "gradient",
         ]
     }
     acc = {k: v["accuracy"] for k, v in out["attacks"].items()}
@@ -86,6 +87,19 @@ def test_checks_catch_a_gradient_masked_model(natural_model, digits):
     assert status["large_eps"] == "failed"  # PGD cannot move the input: accuracy stays near clean
     assert status["black_box"] == "failed"  # Square, which needs no gradient, breaks what PGD could not
     assert out["attacks"]["square"]["accuracy"] < out["attacks"]["pgd20"]["accuracy"]
+    assert status["gradient"] == "failed"  # and the gradient itself is zero: said directly
+    assert out["checks"][8]["numbers"]["nonzero_share"] == 0.0
+
+
+def test_the_gradient_check_catches_nan_weights_and_passes_a_sound_model(natural_model, digits):
+    test = digits.test.take(slice(0, 64))
+    sound = evaluate(natural_model, test, _settings(["clean", "pgd20"]), 10)
+    assert _status(sound)["gradient"] == "passed" and sound["checks"][8]["numbers"]["nonzero_share"] > 0.9
+    broken = copy.deepcopy(natural_model)
+    with torch.no_grad():
+        next(broken.parameters()).fill_(float("nan"))
+    out = evaluate(broken, test, _settings(["clean", "pgd20"]), 10)
+    assert _status(out)["gradient"] == "failed" and "NaN or infinite gradient" in out["checks"][8]["message"]
 
 
 def test_eps_zero_check_catches_a_randomised_model(natural_model, digits):
@@ -172,7 +186,7 @@ def test_worst_case_check_fails_when_autoattack_is_above_pgd_or_the_worst_case_i
 
 def test_the_checks_are_one_registry_with_unique_ids():
     checks = registered()
-    assert [c.id for c in checks] == list(range(1, 9))
+    assert [c.id for c in checks] == list(range(1, 10))
     assert [c.name for c in checks][:3] == ["eps_zero", "monotone", "large_eps"]
     assert all(c.asserts for c in checks)
     with pytest.raises(ValueError, match="id 2 is registered twice"):
@@ -309,7 +323,7 @@ def test_eval_strict_turns_failed_checks_into_an_exit_code(trained_runs, tmp_pat
     assert main(args + [str(tmp_path / "strict"), "--strict"]) == 1
     assert "WARNING: sanity check 3 (large_eps) FAILED" in capsys.readouterr().err
     report = json.loads((tmp_path / "strict" / "report.json").read_text())
-    assert [c["id"] for c in report["checks"]] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [c["id"] for c in report["checks"]] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     assert (tmp_path / "strict" / "classwise.png").is_file() and "FAILED 3 large_eps" in (
         tmp_path / "strict" / "report.md"
     ).read_text()
@@ -367,3 +381,37 @@ def test_transfer_surrogate_is_the_runs_teacher_even_a_foreign_state_dict(traine
     assert report["data"]["num_samples"] == 40 and report["settings"]["common"]["checks"] is False
     trained = json.loads((run / "report.json").read_text())["attacks"]["transfer"]["verdicts"]
     assert report["attacks"]["transfer"]["verdicts"] == trained  # the same teacher as surrogate: the same verdicts
+
+
+def test_a_pgd_accuracy_autoattack_beats_by_more_than_a_few_points_is_a_note_and_skipped_checks_say_why():
+    from robustdistill.report import attack_notes, check_lines, to_markdown
+
+    attacks = {"clean": {"accuracy": 0.9}, "pgd20": {"accuracy": 0.55}, "autoattack_fast": {"accuracy": 0.47}}
+    notes = attack_notes(attacks)
+    assert notes == [
+        "pgd20 overestimates robustness by 8.0 points against autoattack_fast (55.00 % vs 47.00 %): "
+        "quote autoattack_fast"
+    ]
+    assert attack_notes({**attacks, "autoattack_fast": {"accuracy": 0.53}}) == []  # 2 points: within what PGD misses
+    assert attack_notes({"clean": {"accuracy": 0.9}, "pgd20": {"accuracy": 0.55}}) == []
+    checks = [
+        {"id": 1, "name": "eps_zero", "status": "passed", "numbers": {}, "message": "x"},
+        {"id": 4, "name": "worst_case", "status": "skipped", "numbers": {}, "message": "needs at least two attacks"},
+    ]
+    report = {"attacks": attacks, "checks": checks, "notes": notes}
+    lines = check_lines(report)
+    assert lines[0] == "sanity checks: 1 passed, 1 skipped"
+    assert lines[1] == "  skipped 4 worst_case: needs at least two attacks" and lines[2] == f"note: {notes[0]}"
+    attacks = {
+        k: {
+            **v,
+            "class_accuracy": [v["accuracy"]] * 2,
+            "worst_class_accuracy": 0.1,
+            "best_class_accuracy": 0.9,
+            "nsd": 0.1,
+        }
+        for k, v in attacks.items()
+    }
+    full = {**report, "attacks": attacks, "settings": {"common": {"eps": 0.2}}}
+    text = to_markdown(full, title="t")
+    assert "- skipped 4 worst_case: needs at least two attacks" in text and f"- {notes[0]}" in text

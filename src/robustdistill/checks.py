@@ -24,7 +24,7 @@ import torch
 from .attacks import ATTACKS, AttackEnv, names_of, of_kind, predict, run_pgd
 from .distributed import assemble
 from .metrics import ROBUST_ATTACK
-from .models import fingerprint
+from .models import eval_mode, fingerprint
 from .registry import Registry
 
 
@@ -199,6 +199,34 @@ def autoattack_flags(c: CheckContext) -> Outcome:
     return Outcome(
         not messages, {k: len(v) for k, v in flags.items()}, f"it warned: {' | '.join(messages)}" if messages else ""
     )
+
+
+@check(9, "gradient", "the input gradient of the margin loss must be finite, and non-zero for most samples")
+def gradient(c: CheckContext) -> Outcome:
+    """NaN weights give NaN gradients; a model that hides its gradient (a non-differentiable input
+    transform, a saturated or quantised layer) gives zeros, and every gradient attack then fails to
+    move: its robust accuracy is not robustness. The margin (z_y - max_{j != y} z_j), not the
+    cross-entropy, whose gradient a confident model may round to zero for good reasons."""
+    finite, moving = [], []
+    with eval_mode(c.model) as model:
+        for start in range(0, len(c.xs), c.settings.batch_size):
+            x = c.xs[start : start + c.settings.batch_size].clone().requires_grad_(True)
+            y = c.ys[start : start + c.settings.batch_size]
+            with torch.enable_grad():
+                logits = model(x).float()
+                other = logits.masked_fill(torch.nn.functional.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+                margin = logits.gather(1, y[:, None]).squeeze(1) - other.max(dim=1).values
+                (grad,) = torch.autograd.grad(margin.sum(), x)
+            norms = grad.flatten(1).abs().sum(dim=1)
+            finite.append(torch.isfinite(norms))
+            moving.append(torch.isfinite(norms) & (norms > 0))
+    ok = assemble(torch.cat(finite) if finite else torch.zeros(0, dtype=torch.bool), c.mine, c.n)
+    nonzero = assemble(torch.cat(moving) if moving else torch.zeros(0, dtype=torch.bool), c.mine, c.n)
+    share, broken = _accuracy(nonzero), int((~ok).sum())
+    numbers = {"samples": c.n, "not_finite": broken, "nonzero_share": share}
+    if broken:
+        return Outcome(False, numbers, f"{broken} of {c.n} samples have a NaN or infinite gradient (NaN weights?)")
+    return Outcome(share >= 0.5, numbers, "" if share >= 0.5 else f"only {100 * share:.0f} % have a non-zero gradient")
 
 
 def failed(checks: list[dict[str, Any]]) -> list[dict[str, Any]]:

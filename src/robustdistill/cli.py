@@ -39,7 +39,7 @@ from .files import INSIDE_LOCK, FolderLock
 from .methods import METHODS
 from .models import MODELS
 from .plots import plot_classwise, plot_run, plot_scatter
-from .report import attack_table, comparison_table, read_report, to_markdown, write_report
+from .report import attack_table, check_lines, comparison_table, read_report, to_markdown, write_report
 from .runs import check_no_links_out, check_writable
 from .slurm import run_grid as run_slurm_grid
 from .timing import duration
@@ -92,7 +92,10 @@ def _cmd_train(args) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for the run
         return 0
     print(f"run folder: {run_dir}")
-    print(attack_table(read_report(run_dir / "report.json")))
+    report = read_report(run_dir / "report.json")
+    print(attack_table(report))
+    for line in check_lines(report):
+        print(line)
     return 0
 
 
@@ -193,9 +196,8 @@ def _evaluate_into(args, out_dir: Path) -> int:
     if "w_robust" in report:
         w = report["w_robust"]
         print(f"W-Robust Acc {100 * w['value']:.2f} %  ({w['definition']})")
-    checks = report.get("checks", [])
-    if checks:
-        print("sanity checks: " + ", ".join(f"{c['id']} {c['name']} {c['status']}" for c in checks))
+    for line in check_lines(report):
+        print(line)
     print(f"report: {out_dir / 'report.json'}")
     bad = _warn_failed_checks(report)
     return 1 if bad and args.strict else 0

@@ -23,7 +23,8 @@ report.json schema (version 1):
     robust_to_all: {attacks: [...], accuracy, class_accuracy, ...}   (two or more attacks run)
     w_robust: {value, definition}                   (when clean and pgd20 both ran)
     autoattack_flags: {<autoattack|autoattack_fast>: [warnings pyautoattack's own checks logged]}   (when run)
-    checks: [{id, name, status: passed|failed|skipped, numbers: {...}, message}]   (sanity checks 1-8)
+    checks: [{id, name, status: passed|failed|skipped, numbers: {...}, message}]   (sanity checks 1-9)
+    notes: [what a reader must not miss: PGD above AutoAttack by more than 3 points]
     selection: {metric, split, best_epoch, best_score}   (reports written by training only)
 Accuracies are fractions in [0, 1]; class_accuracy[c] is null for a class absent from the split;
 nsd is null when the mean class accuracy is 0.
@@ -67,7 +68,44 @@ def build_report(summary: dict[str, Any], spec, checkpoint, dataset, split: str,
         },
         "seed": seed,
         **summary,
+        "notes": attack_notes(summary.get("attacks", {})),
     }
+
+
+GAP_POINTS = 3.0  # PGD above AutoAttack by more than this many points: said in the report
+
+
+def attack_notes(attacks: dict[str, Any]) -> list[str]:
+    """What a reader must not miss in the numbers: a PGD attack that AutoAttack beats by more than
+    `GAP_POINTS` points overestimates robustness (AutoAttack is the number to quote)."""
+    notes = []
+    for strong in ("autoattack", "autoattack_fast"):
+        if strong not in attacks:
+            continue
+        for name, result in attacks.items():
+            if name.startswith("pgd") and name[3:].isdigit():
+                gap = 100 * (result["accuracy"] - attacks[strong]["accuracy"])
+                if gap > GAP_POINTS:
+                    notes.append(
+                        f"{name} overestimates robustness by {gap:.1f} points against {strong} "
+                        f"({100 * result['accuracy']:.2f} % vs {100 * attacks[strong]['accuracy']:.2f} %): "
+                        f"quote {strong}"
+                    )
+        break
+    return notes
+
+
+def check_lines(report: dict[str, Any]) -> list[str]:
+    """The sanity checks in a few lines: the counts, then each skipped one with its reason, and the
+    report's notes (a printed evaluation and report.md say the same)."""
+    checks = report.get("checks", [])
+    lines = []
+    if checks:
+        counts = {k: sum(c["status"] == k for c in checks) for k in ("passed", "failed", "skipped")}
+        lines.append("sanity checks: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n))
+        lines += [f"  skipped {c['id']} {c['name']}: {c['message']}" for c in checks if c["status"] == "skipped"]
+    lines += [f"note: {n}" for n in report.get("notes", [])]
+    return lines
 
 
 def versions() -> dict[str, str]:
@@ -226,10 +264,15 @@ def to_markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
             f"({', '.join(report['robust_to_all']['attacks'])}).",
             "",
         ]
+    if report.get("notes"):
+        parts += ["## Notes", "", *[f"- {n}" for n in report["notes"]], ""]
     if report.get("checks"):
         parts += ["## Sanity checks", "", checks_table(report), ""]
         parts += [
             f"- **FAILED {c['id']} {c['name']}**: {c['message']}" for c in report["checks"] if c["status"] == "failed"
+        ]
+        parts += [
+            f"- skipped {c['id']} {c['name']}: {c['message']}" for c in report["checks"] if c["status"] == "skipped"
         ]
         parts += [""]
     parts += ["## Class-wise accuracy", "", class_table(report), ""]
