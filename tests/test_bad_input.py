@@ -52,6 +52,20 @@ def workspace(tmp_path_factory):
     (existing / "config.yaml").write_text((DIGITS / "natural.yaml").read_text())
     (ws / "finished_eval").mkdir()
     (ws / "finished_eval" / "report.json").write_text("{}")
+    # the inputs of the reliability catalogue (issue 25)
+    (ws / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    (ws / "twice.yaml").write_text("train: {epochs: 1}\ntrain: {lr: 0.2}\n")
+    levels = ['a0: &a0 ["lol", "lol", "lol"]'] + [
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 3)}]" for i in range(1, 12)
+    ]
+    (ws / "bomb.yaml").write_text("\n".join(levels) + "\n")
+    (ws / "huge.yaml").write_text("# " + "x" * 1_100_000 + "\n")
+    damaged = ws / "damaged_run"
+    damaged.mkdir()
+    (damaged / "metrics.jsonl").write_text('{"type": "step", "step": 1}\n{garbage\n{"type": "step", "step": 2}\n')
+    (damaged / "report.json").write_text('{"attacks": ')
+    (ws / "ok_run").mkdir()
+    (ws / "ok_run" / "metrics.jsonl").write_text('{"type": "step", "step": 1}\n')
     return ws
 
 
@@ -185,6 +199,21 @@ CASES = [
         evaluate("--data", "digits", "--eps", "0.2", target="robustbench:Nobody2099"),
         "RobustBench model Nobody2099 (digits, Linf) is not at",
     ),
+    # files that are not what they claim, names that are not folder names, devices that are not here
+    (["train", "latin1.yaml"], "latin1.yaml is not UTF-8 text (byte 0xe9"),
+    (["train", "twice.yaml"], "twice.yaml: duplicate key 'train' (line 2)"),
+    (["train", "bomb.yaml"], "bomb.yaml uses 33 YAML aliases (at most 20)"),
+    (["train", "huge.yaml"], "larger than a config can be"),
+    (train("name=../escaped"), "name must be a folder name"),
+    (train("name=/tmp/elsewhere"), "name must be a folder name"),
+    (train("name=" + "n" * 240), "name must be at most 200 bytes"),
+    (train("train.device=mps"), "MPS (Apple GPU) is not available here"),
+    (train("data.image_size=1"), "model small_cnn does not accept digits images of shape (1, 1, 1)"),
+    (["report", "damaged_run"], "damaged_run/report.json is not a readable report"),
+    (["report", "model.safetensors"], "model.safetensors is not a readable report"),
+    (["report", "finished_eval", "--out", "a_file"], "--out a_file is an existing file"),
+    (["plot", "damaged_run"], "damaged_run/metrics.jsonl line 2 is not a JSON record"),
+    (["plot", "ok_run", "--out", "a_file"], "--out a_file is an existing file"),
     # the other commands
     (["report", "nowhere"], "nowhere has no report.json"),
     (["plot", "nowhere"], "nowhere is not a run folder"),

@@ -18,6 +18,8 @@ from robustdistill.errors import UserError
 from robustdistill.files import HOST, INSIDE_LOCK, FolderLock, atomic_write
 from robustdistill.train import train
 
+DIGITS_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "digits" / "pgd_at.yaml"
+
 
 def test_a_locked_folder_refuses_a_second_holder_in_one_line_and_frees_on_release(tmp_path):
     folder = tmp_path / "runs" / "x"
@@ -143,6 +145,7 @@ def test_resume_refuses_a_checkpoint_an_edited_config_or_a_teacher_that_is_not_t
     mine = state.read_bytes()
     # a train_state.pt swapped in from another run (another seed)
     state.write_bytes((other / "checkpoints" / "train_state.pt").read_bytes())
+    capsys.readouterr()  # what the trainings above printed
     assert main(["train", str(run), "--resume", "train.epochs=2"]) == 2
     err = capsys.readouterr().err
     assert "train_state.pt was not trained with this config (seed: 1 -> 0)" in err and err.count("\n") == 1
@@ -201,3 +204,39 @@ def test_a_run_edited_to_another_eps_or_holding_a_link_out_is_refused(tmp_path, 
     before = outside.read_bytes()
     assert main(["train", str(run), "--resume", "train.epochs=2"]) == 2
     assert "is a symbolic link to" in capsys.readouterr().err and outside.read_bytes() == before
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB file system (tmpfs; needs root and mount, as in CI), full after a few files."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.decode().strip()[:80]}): needs root")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_is_one_error_line_and_leaves_no_half_written_run(small_disk, capsys):
+    argv = ["train", str(DIGITS_RECIPE), f"out_dir={small_disk / 'runs'}", "train.epochs=2", "attack.steps=2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no space left on the device while writing" in err and err.count("\n") == 1, err
+    assert list((small_disk / "runs").iterdir()) == []  # no run folder, no lock file: nothing half-written
+
+
+def test_a_read_only_file_system_is_refused_before_anything_runs(small_disk, capsys):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    assert main(["train", str(DIGITS_RECIPE), f"out_dir={small_disk / 'runs'}"]) == 2
+    assert f"cannot write {small_disk / 'runs' / 'pgd_at'}" in capsys.readouterr().err
+
+
+def test_world_size_without_torchrun_is_one_error_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["train", str(DIGITS_RECIPE), f"out_dir={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err
+    assert "WORLD_SIZE=2 is set but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not: launch with torchrun" in err
+    assert not (tmp_path / "runs").exists()

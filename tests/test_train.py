@@ -268,10 +268,41 @@ def test_errors_found_while_loading_write_no_run_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
     cfg = digits_config(tmp_path, "natural", train__epochs=2, train__lr=1e30)
-    with pytest.raises(TrainingError, match="non-finite loss"):
+    with pytest.raises(TrainingError, match="non-finite loss at epoch 1, .*; no checkpoint was written"):
         train(cfg)
+    assert not cfg.run_dir.exists()  # it failed before its first checkpoint: no folder is left behind
+    # diverging after a checkpoint (the loss turns NaN in the second epoch): the error names the
+    # checkpoint, and the folder, resumable from it, stays
+    from robustdistill.methods.natural import Natural
+
+    plain = Natural.loss
+
+    def diverging(self, x, y):
+        loss, stats = plain(self, x, y)
+        return (loss * float("nan") if self.progress.epoch >= 1 else loss), stats
+
+    monkeypatch.setattr(Natural, "loss", diverging)
+    cfg = digits_config(tmp_path, "natural", train__epochs=3)
+    with pytest.raises(TrainingError, match=f"epoch 2, .*the last good checkpoint is in {cfg.run_dir / 'checkpoints'}"):
+        train(cfg)
+    assert (cfg.run_dir / "checkpoints" / "train_state.pt").exists()
+
+
+def test_a_teacher_with_nan_weights_is_named_as_the_cause(tmp_path):
+    from robustdistill.checkpoint import save_model
+    from robustdistill.models import ModelSpec, create_model
+
+    spec = ModelSpec("small_cnn", 10, 1, {"width": 8})
+    model = create_model(spec)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    save_model(tmp_path / "nan.safetensors", model, spec)
+    cfg = digits_config(tmp_path, "rslad", **{"teachers.robust.path": str(tmp_path / "nan.safetensors")})
+    with pytest.raises(UserError, match="teacher 'robust' .* gives non-finite outputs"):
+        train(cfg)
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow

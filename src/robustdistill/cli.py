@@ -245,6 +245,8 @@ def _try_plot(draw) -> None:
 
 
 def _cmd_report(args) -> int:
+    out = Path(args.out) if args.out else Path("reports") / f"compare-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    _check_out_folder(out)
     named = []
     for item in args.runs:
         path = Path(item)
@@ -252,7 +254,6 @@ def _cmd_report(args) -> int:
         if not report_path.is_file():
             raise UserError(f"{item} has no report.json (is it a finished run or an eval folder?)")
         named.append((path.name if path.is_dir() else path.parent.name, read_report(report_path)))
-    out = Path(args.out) if args.out else Path("reports") / f"compare-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     if (out / "comparison.md").exists():
         raise UserError(f"{out} already holds a comparison; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -293,7 +294,18 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _check_out_folder(out: Path) -> None:
+    """An --out that must be a folder: refused in one line when it is a file, or cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is an existing file; give a folder")
+    check_writable(out)
+
+
 def _cmd_plot(args) -> int:
+    if not (Path(args.run) / "metrics.jsonl").is_file():
+        raise UserError(f"{args.run} is not a run folder (no metrics.jsonl)")
+    if args.out is not None:
+        _check_out_folder(Path(args.out))
     written = plot_run(args.run, args.out)
     if not written:
         print(f"nothing to plot in {args.run}")

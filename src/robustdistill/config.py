@@ -248,6 +248,10 @@ class Config:
 
     def validate(self) -> None:
         _check(0 <= self.seed < SEED_LIMIT, "seed", "must be an integer in [0, 2**32)")
+        if self.name is not None:  # a folder name inside out_dir, never a path out of it
+            plain = self.name not in ("", ".", "..") and not any(c in self.name for c in "/\\\0")
+            _check(plain, "name", "must be a folder name (no '/' or '\\', not '..'): the run is out_dir/name")
+            _check(len(self.name.encode()) <= 200, "name", "must be at most 200 bytes (file systems allow 255)")
         self.data.validate()
         self.model.validate()
         self.attack.validate()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, TrainingError, UserError
 
 log = logging.getLogger("robustdistill")
 
@@ -33,9 +33,18 @@ class DistInfo:
 
 def init_distributed(device_hint: str = "auto") -> DistInfo:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1), else a single process."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise UserError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number: launch with torchrun") from None
     if world_size <= 1:
         return DistInfo()
+    missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing and not dist.is_initialized():
+        raise UserError(
+            f"WORLD_SIZE={world_size} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
+            "launch with torchrun (which sets them all), or unset WORLD_SIZE for one process"
+        )
     if not dist.is_initialized():
         use_nccl = torch.cuda.is_available() and device_hint != "cpu"
         dist.init_process_group(backend="nccl" if use_nccl else "gloo")
@@ -58,6 +67,10 @@ def resolve_device(name: str, dist_info: DistInfo) -> torch.device:
         name = f"cuda:{dist_info.local_rank}"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name} but CUDA is not available; use train.device=cpu or auto")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"train.device={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("train.device=mps but MPS (Apple GPU) is not available here; use train.device=cpu or auto")
     device = torch.device(name)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -8,6 +8,7 @@ import os
 import socket
 import tempfile
 from collections.abc import Callable
+from errno import EACCES, ENOSPC, EROFS
 from pathlib import Path
 
 from .errors import UserError
@@ -38,6 +39,16 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except Exception as exc:  # a full or read-only disk, reported by Python or by a writer library
+        errno = getattr(exc, "errno", None)
+        if errno == ENOSPC or "No space left on device" in str(exc):
+            raise UserError(
+                f"no space left on the device while writing {path} (unchanged: the write went to a temporary "
+                "file, now removed); free some space and run again (--resume continues a run from its last checkpoint)"
+            ) from None
+        if errno in (EROFS, EACCES):
+            raise UserError(f"cannot write {path}: {os.strerror(errno)}") from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -91,6 +102,13 @@ class FolderLock:
         os.write(fd, f"robustdistill pid {os.getpid()} on {HOST}".encode())
         self._fd = fd
         return self
+
+    def discard(self) -> None:
+        """Release and remove the lock file: the folder it guarded is gone (a failed start). Unlinked
+        while held, so a process that opens it now is refused, and one that comes later makes a new one."""
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+        self.release()
 
     def release(self) -> None:
         if self._fd is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import UserError
+from .report import read_report
 from .runs import read_metrics
 
 
@@ -142,14 +143,13 @@ def plot_scatter(named_reports: list[tuple[str, dict[str, Any]]], path: Path, ro
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Draw every plot the run's records allow; returns the PNG paths written."""
-    import json
-
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").is_file():
         raise UserError(f"{run_dir} is not a run folder (no metrics.jsonl)")
+    records = read_metrics(run_dir)  # both read (and refused if damaged) before anything is written
+    report = read_report(run_dir / "report.json") if (run_dir / "report.json").is_file() else None
     out = Path(out_dir) if out_dir else run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
-    records = read_metrics(run_dir)
     written = []
     if plot_temperatures(records, out / "temperatures.png"):
         written.append(out / "temperatures.png")
@@ -157,9 +157,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         written.append(out / "balance.png")
     if plot_class_state(records, out / "class_state.png"):
         written.append(out / "class_state.png")
-    if (run_dir / "report.json").is_file() and plot_classwise(
-        json.loads((run_dir / "report.json").read_text()), out / "classwise.png"
-    ):
+    if report is not None and plot_classwise(report, out / "classwise.png"):
         written.append(out / "classwise.png")
     return written
 

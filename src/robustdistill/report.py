@@ -286,7 +286,16 @@ def write_report(folder: str | Path, report: dict[str, Any], title: str = "Evalu
 
 
 def read_report(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
+    """A report.json, or one error line when it is not one (truncated, edited, another file)."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not a readable report ({exc}); evaluate the run again to rewrite it") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from None
+    if not isinstance(report, dict) or not isinstance(report.get("attacks"), dict):
+        raise UserError(f"{path} is not a report of this tool (no attacks); evaluate the run again to rewrite it")
+    return report
 
 
 def write_section(path: str | Path, name: str, body: Optional[str] = None) -> None:

@@ -240,5 +240,15 @@ def _record_step(line: str) -> float:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The run's records; a last line cut by a crash is left out, a damaged line before it refused."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number == len(lines):
+                break
+            raise UserError(f"{path} line {number} is not a JSON record: the file was damaged or edited") from None
+    return records

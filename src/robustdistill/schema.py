@@ -163,12 +163,41 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], schema: type) -> 
     return raw
 
 
+MAX_YAML_BYTES = 1_000_000  # a config, a grid: kilobytes; anything near this is not one
+MAX_YAML_ALIASES = 20  # aliases (*name) expand to at most ~3^(20/3) ~ 1,500 items; a "billion laughs" file nests 1e9
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                mark = key_node.start_mark
+                raise ConfigError(f"duplicate key '{key}' (line {mark.line + 1}): give each key once")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise ConfigError(f"{path} is {path.stat().st_size} bytes: larger than a config can be ({MAX_YAML_BYTES})")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.object[exc.start]:#x} at offset {exc.start})") from None
+    try:
+        aliases = sum(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader))
+        if aliases > MAX_YAML_ALIASES:
+            raise ConfigError(f"{path} uses {aliases} YAML aliases (at most {MAX_YAML_ALIASES}): not a config")
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

@@ -106,6 +106,11 @@ def load_teacher(role: str, tcfg: TeacherConfig, dataset: Dataset, device: torch
         raise CheckpointError(
             f"teacher '{role}' ({source.checkpoint}) does not accept {dataset.name} images: {str(exc).splitlines()[0]}"
         ) from None
+    if not torch.isfinite(out).all():
+        raise CheckpointError(
+            f"teacher '{role}' ({source.checkpoint}) gives non-finite outputs (NaN or infinite weights?): "
+            "the students it teaches would learn nothing; give a sound teacher"
+        )
     if out.shape[-1] != dataset.num_classes:
         raise CheckpointError(
             f"teacher '{role}' ({source.checkpoint}) has {out.shape[-1]} outputs "

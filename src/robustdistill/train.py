@@ -18,6 +18,7 @@ import contextlib
 import copy
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,10 +49,10 @@ from .evaluate import evaluate
 from .files import FolderLock, atomic_write
 from .methods import Context, Method, Progress, create_method, update_average
 from .metrics import needed_attacks, selection_score
-from .models import Classifier, ModelSpec, create_model, fingerprint
+from .models import Classifier, ModelSpec, create_model, eval_mode, fingerprint
 from .pipeline import final_report
 from .preflight import initialise, preflight, record_changes
-from .runs import CHECKPOINTS, MetricsLog, create_run_dir
+from .runs import CHECKPOINTS, MetricsLog, create_run_dir, foreign_entries
 from .teachers import FrozenTeacher, load_teacher, model_spec
 from .timing import FlopCount, duration, intra_op_threads, time_left
 
@@ -158,9 +159,37 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
         try:
             fit(run)
             finish(run)
+        except BaseException:
+            if not resume and run.dist.is_main and _remove_if_nothing_saved(run.run_dir) and run.lock is not None:
+                run.lock.discard()
+            raise
         finally:
             run.release()
     return run.run_dir
+
+
+def _remove_if_nothing_saved(run_dir: Path) -> bool:
+    """A run that failed before its first checkpoint leaves no folder behind: it held only what this
+    call wrote (config, metrics, marker), nothing to resume from. Returns whether it was removed."""
+    if run_dir.is_dir() and not (run_dir / CHECKPOINTS / "train_state.pt").exists() and not foreign_entries(run_dir):
+        shutil.rmtree(run_dir)
+        log.debug("removed %s: the run failed before its first checkpoint", run_dir)
+        return True
+    return False
+
+
+def _check_accepts(student: nn.Module, dataset: Dataset, cfg: Config) -> None:
+    """The student takes the dataset's images (an image_size too small for its pooling fails here, in
+    one line, not at the first step)."""
+    x = dataset.train.images(torch.arange(1, device=dataset.train.y.device)).cpu()
+    try:
+        with torch.no_grad(), eval_mode(student):
+            student(x)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"model {cfg.model.name} does not accept {dataset.name} images of shape {tuple(x.shape[1:])} "
+            f"(data.image_size={cfg.data.image_size}): {str(exc).splitlines()[0]}"
+        ) from None
 
 
 # keys a run folder may change without changing what its checkpoint is: its place and its inputs' paths
@@ -242,6 +271,7 @@ def setup(cfg: Config, force: bool, resume: bool, write: bool = True) -> Run:
     }
     spec = model_spec(cfg.model, dataset)
     student = create_model(spec)
+    _check_accepts(student, dataset, cfg)
     if cfg.train.init_from is not None and not resume:
         initialise(student, cfg, dataset, spec)
     student = student.to(device).to(memory_format=memory_format)
@@ -408,10 +438,9 @@ def _stop_if_non_finite(run: Run, first_bad: torch.Tensor, epoch: int) -> None:
     step = int(first_bad.item())
     if any_rank(step >= 0, run.device):
         where = f"step {step}" if step >= 0 else "a step on another rank"
-        raise TrainingError(
-            f"non-finite loss at epoch {epoch + 1}, {where}; "
-            f"the last good checkpoint is in {run.run_dir / CHECKPOINTS} (try a lower train.lr)"
-        )
+        saved = (run.run_dir / CHECKPOINTS / "train_state.pt").is_file()
+        kept = f"the last good checkpoint is in {run.run_dir / CHECKPOINTS}" if saved else "no checkpoint was written"
+        raise TrainingError(f"non-finite loss at epoch {epoch + 1}, {where}; {kept} (try a lower train.lr)")
 
 
 def _step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
