@@ -1,4 +1,5 @@
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -121,7 +122,8 @@ def _fake_cifar10(root, n=4):
             {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": [j % 10 for j in range(n)]},
         )
     _write_pickle(
-        folder / "test_batch", {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(range(n))}
+        folder / "test_batch",
+        {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": [j % 10 for j in range(n)]},
     )
     _write_pickle(folder / "batches.meta", {b"label_names": [f"c{i}".encode() for i in range(10)]})
     return folder
@@ -135,6 +137,35 @@ def test_cifar10_reader(tmp_path):
     assert ds.class_names[3] == "c3" and ds.train.x.dtype == torch.uint8
     expected = torch.from_numpy(raw[b"data"][0].reshape(3, 32, 32)).float() / 255
     assert torch.allclose(ds.test.images()[0], expected)
+
+
+@pytest.mark.parametrize(
+    "batch, message",
+    [
+        ({b"data": np.zeros((4, 3000), np.uint8), b"labels": [0] * 4}, "images of shape (3000,), not 3072 bytes"),
+        ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0] * 3}, "holds 4 images but 3 labels"),
+        ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 10]}, "labels outside 0..9"),
+        ({b"pixels": np.zeros((4, 3072), np.uint8)}, "is not a CIFAR batch"),
+    ],
+)
+def test_a_cifar_file_of_the_wrong_size_or_labels_is_one_error(tmp_path, batch, message):
+    folder = _fake_cifar10(tmp_path)
+    _write_pickle(folder / "data_batch_3", batch)
+    with pytest.raises(DataError, match=re.escape(message)) as caught:
+        load_dataset(DataConfig(name="cifar10", root=str(tmp_path), val_fraction=0.1))
+    assert "data_batch_3" in str(caught.value)
+
+
+def test_an_svhn_file_of_the_wrong_shape_is_one_error(tmp_path):
+    from scipy.io import savemat
+
+    savemat(tmp_path / "train_32x32.mat", {"X": np.zeros((28, 28, 3, 5), np.uint8), "y": np.ones((5, 1))})
+    savemat(tmp_path / "test_32x32.mat", {"X": np.zeros((32, 32, 3, 5), np.uint8), "y": np.ones((4, 1))})
+    with pytest.raises(DataError, match=r"X of shape \(28, 28, 3, 5\), not 32x32x3xN"):
+        load_dataset(DataConfig(name="svhn", root=str(tmp_path)))
+    savemat(tmp_path / "train_32x32.mat", {"X": np.zeros((32, 32, 3, 5), np.uint8), "y": np.ones((5, 1))})
+    with pytest.raises(DataError, match="holds 5 images but 4 labels"):
+        load_dataset(DataConfig(name="svhn", root=str(tmp_path)))
 
 
 def test_cifar100_reader(tmp_path):

@@ -71,11 +71,25 @@ def _unpickle(path: Path) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
 
 
-def _cifar_split(batches: list[dict], label_key: str) -> Split:
-    data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
-    labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
-    x = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
-    return Split(x, torch.from_numpy(labels))
+def _cifar_split(batches: list[dict], label_key: str, files: list[Path], classes: int) -> Split:
+    """The images and labels of CIFAR batch files, each checked: (N, 3072) bytes, N labels in range."""
+    data, labels = [], []
+    for batch, path in zip(batches, files):
+        try:
+            images = np.asarray(batch["data"], dtype=np.uint8)
+            y = np.asarray(batch[label_key], dtype=np.int64).reshape(-1)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{path} is not a CIFAR batch (no usable 'data' and '{label_key}': {exc})") from None
+        if images.ndim != 2 or images.shape[1] != 3 * 32 * 32:
+            raise DataError(f"{path} holds images of shape {images.shape[1:]}, not 3072 bytes (3x32x32): not CIFAR")
+        if len(y) != len(images):
+            raise DataError(f"{path} holds {len(images)} images but {len(y)} labels: the file is damaged")
+        if len(y) and (y.min() < 0 or y.max() >= classes):
+            raise DataError(f"{path} has labels outside 0..{classes - 1} ({y.min()}..{y.max()}): not this dataset")
+        data.append(images)
+        labels.append(y)
+    x = torch.from_numpy(np.concatenate(data).reshape(-1, 3, 32, 32).copy())
+    return Split(x, torch.from_numpy(np.concatenate(labels)))
 
 
 def _names(raw: list) -> list[str]:
@@ -86,30 +100,40 @@ def _names(raw: list) -> list[str]:
 def cifar10(cfg) -> Source:
     layout = "cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta} (the python version)"
     folder = _need(_root(cfg, layout) / "cifar-10-batches-py", layout)
-    train = [_unpickle(_need(folder / f"data_batch_{i}", layout)) for i in range(1, 6)]
-    test = [_unpickle(_need(folder / "test_batch", layout))]
+    train_files = [_need(folder / f"data_batch_{i}", layout) for i in range(1, 6)]
+    test_file = _need(folder / "test_batch", layout)
+    train, test = [_unpickle(f) for f in train_files], [_unpickle(test_file)]
     meta = folder / "batches.meta"
     names = _names(_unpickle(meta)["label_names"]) if meta.exists() else [str(i) for i in range(10)]
-    return Source(_cifar_split(train, "labels"), _cifar_split(test, "labels"), names)
+    return Source(_cifar_split(train, "labels", train_files, 10), _cifar_split(test, "labels", [test_file], 10), names)
 
 
 @DATASETS.register("cifar100")
 def cifar100(cfg) -> Source:
     layout = "cifar-100-python/{train, test, meta} (the python version)"
     folder = _need(_root(cfg, layout) / "cifar-100-python", layout)
-    train = _unpickle(_need(folder / "train", layout))
-    test = _unpickle(_need(folder / "test", layout))
+    train_file, test_file = _need(folder / "train", layout), _need(folder / "test", layout)
+    train, test = _unpickle(train_file), _unpickle(test_file)
     meta = folder / "meta"
     names = _names(_unpickle(meta)["fine_label_names"]) if meta.exists() else [str(i) for i in range(100)]
-    return Source(_cifar_split([train], "fine_labels"), _cifar_split([test], "fine_labels"), names)
+    train_split = _cifar_split([train], "fine_labels", [train_file], 100)
+    return Source(train_split, _cifar_split([test], "fine_labels", [test_file], 100), names)
 
 
 def _svhn_split(path: Path) -> Split:
     from scipy.io import loadmat
 
-    mat = loadmat(path)
-    x = torch.from_numpy(np.ascontiguousarray(mat["X"].transpose(3, 2, 0, 1)).astype(np.uint8))
-    y = torch.from_numpy(mat["y"].reshape(-1).astype(np.int64) % 10)  # the files label digit 0 as 10
+    try:
+        mat = loadmat(path)
+        images, labels = np.asarray(mat["X"]), np.asarray(mat["y"]).reshape(-1)
+    except (KeyError, ValueError, TypeError, OSError) as exc:
+        raise DataError(f"{path} is not an SVHN .mat file with X and y: {exc}") from None
+    if images.ndim != 4 or images.shape[:3] != (32, 32, 3):
+        raise DataError(f"{path} holds X of shape {images.shape}, not 32x32x3xN: not SVHN's cropped digits")
+    if len(labels) != images.shape[3]:
+        raise DataError(f"{path} holds {images.shape[3]} images but {len(labels)} labels: the file is damaged")
+    x = torch.from_numpy(np.ascontiguousarray(images.transpose(3, 2, 0, 1)).astype(np.uint8))
+    y = torch.from_numpy(labels.astype(np.int64) % 10)  # the files label digit 0 as 10
     return Split(x, y)
 
 
