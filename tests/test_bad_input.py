@@ -64,6 +64,11 @@ def workspace(tmp_path_factory):
     damaged.mkdir()
     (damaged / "metrics.jsonl").write_text('{"type": "step", "step": 1}\n{garbage\n{"type": "step", "step": 2}\n')
     (damaged / "report.json").write_text('{"attacks": ')
+    damaged_state = ws / "runs" / "damaged_state"
+    (damaged_state / "checkpoints").mkdir(parents=True)
+    (damaged_state / MARKER).write_text("{}")
+    (damaged_state / "config.yaml").write_text((DIGITS / "natural.yaml").read_text())
+    (damaged_state / "checkpoints" / "train_state.pt").write_bytes(b"PK\x03\x04 cut short")
     (ws / "ok_run").mkdir()
     (ws / "ok_run" / "metrics.jsonl").write_text('{"type": "step", "step": 1}\n')
     return ws
@@ -213,6 +218,7 @@ CASES = [
     (["report", "model.safetensors"], "model.safetensors is not a readable report"),
     (["report", "finished_eval", "--out", "a_file"], "--out a_file is an existing file"),
     (["plot", "damaged_run"], "damaged_run/metrics.jsonl line 2 is not a JSON record"),
+    (["train", "runs/damaged_state", "--resume"], "train_state.pt is truncated or not a PyTorch checkpoint"),
     (["plot", "ok_run", "--out", "a_file"], "--out a_file is an existing file"),
     # the other commands
     (["report", "nowhere"], "nowhere has no report.json"),
