@@ -72,10 +72,9 @@ def test_a_non_finite_loss_between_log_steps_stops_before_the_epoch_is_saved(tmp
     cfg = digits_config(tmp_path, "natural", train__epochs=2, train__lr=1e30, train__log_every=10_000)
     with pytest.raises(TrainingError, match=r"non-finite loss at epoch 1, step \d+"):
         train(cfg)
-    run = tmp_path / "runs" / cfg.name
-    assert (run / "config.yaml").is_file()  # the run folder was written, its first epoch's checkpoints were not
-    checkpoints = run / "checkpoints"
-    assert not (checkpoints / "last.safetensors").exists() and not (checkpoints / "train_state.pt").exists()
+    # the first epoch's checkpoints were never written, so the run folder, holding nothing to resume
+    # from, was removed again (tests/test_train.py: a later divergence keeps the folder and its checkpoint)
+    assert not (tmp_path / "runs" / cfg.name).exists()
 
 
 def test_the_precomputed_ball_bounds_project_exactly_like_project():
