@@ -125,17 +125,27 @@ def test_each_run_state_comes_from_squeue_the_job_record_and_the_run_folder(tmp_
 # --- against a real SLURM --------------------------------------------------------------------------
 
 
-def _slurm_answers() -> str:
-    """'' when a SLURM with an idle node answers here, else why not."""
+USABLE = {"idle", "mix", "alloc", "comp"}  # node states that run (or will soon run) jobs; comp: a job completing
+
+
+def _slurm_answers(patience: float = 60.0) -> str:
+    """'' when a SLURM with a usable node answers here (waiting up to `patience` seconds for a node
+    that is busy finishing a job), else why not."""
     if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
         return "no SLURM here: run .ci/slurm-up as root (installs and starts Debian's slurm-wlm)"
-    try:
-        done = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
-    except subprocess.TimeoutExpired:
-        return "sinfo did not answer"
-    if done.returncode != 0 or not {"idle", "mix", "alloc"} & set(done.stdout.split()):
-        return f"SLURM does not answer with a usable node ({(done.stderr or done.stdout).strip()[:100]}): .ci/slurm-up"
-    return ""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            done = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+        except subprocess.TimeoutExpired:
+            return "sinfo did not answer"
+        states = {s.rstrip("*~#!%$@^-") for s in done.stdout.split()}
+        if done.returncode == 0 and USABLE & states:
+            return ""
+        if time.monotonic() > deadline:
+            why = (done.stderr or done.stdout).strip()[:100]
+            return f"SLURM does not answer with a usable node ({why}): .ci/slurm-up"
+        time.sleep(2)
 
 
 @pytest.fixture
