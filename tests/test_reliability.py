@@ -240,3 +240,22 @@ def test_world_size_without_torchrun_is_one_error_line(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert "WORLD_SIZE=2 is set but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not: launch with torchrun" in err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_damaged_metrics_line_but_drops_a_last_line_cut_by_a_crash(tmp_path, capsys):
+    run = train(_tiny(tmp_path, "pgd_at", "m"))
+    metrics = run / "metrics.jsonl"
+    good = metrics.read_text()
+    lines = good.splitlines(keepends=True)
+    metrics.write_text("".join(["{damaged\n", *lines]))  # a damaged first line, records after it
+    damaged = metrics.read_bytes()
+    capsys.readouterr()
+    assert main(["train", str(run), "--resume", "train.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the "resuming ... after epoch 1" line
+    assert last.startswith("error: ") and "metrics.jsonl line 1 is not a JSON record" in last
+    assert metrics.read_bytes() == damaged  # nothing rewritten
+    metrics.write_text(good + '{"type": "step", "ste')  # a crash cut the last line
+    assert main(["train", str(run), "--resume", "train.epochs=2"]) == 0
+    assert all(json.loads(line) for line in metrics.read_text().splitlines())

@@ -226,17 +226,25 @@ class MetricsLog:
         """Drop the records written after the checkpoint of `step` (a resumed run writes them again)."""
         if self.path is None or not self.path.exists():
             return
-        lines = self.path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and _record_step(line) <= step]
+        lines = self.path.read_text(errors="replace").splitlines(keepends=True)
+        last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+        kept = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                record_step = json.loads(line).get("step", -1)
+            except (ValueError, AttributeError):
+                if i == last:  # the last line, cut by a crash: written again by the resumed run
+                    continue
+                raise UserError(
+                    f"{self.path} line {i + 1} is not a JSON record: the file was damaged or edited; "
+                    "restore it (or remove that line) to resume"
+                ) from None
+            if record_step <= step:
+                kept.append(line)
         if len(kept) != len(lines):
             atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(kept)))
-
-
-def _record_step(line: str) -> float:
-    try:
-        return json.loads(line).get("step", -1)
-    except ValueError:  # a line cut by a crash
-        return math.inf
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
