@@ -181,7 +181,7 @@ def test_a_teacher_trained_on_another_dataset_is_refused(tmp_path, capsys):
     teacher = tmp_path / "svhn_teacher.safetensors"
     save_model(teacher, create_model(spec), ModelMeta(spec, data={"name": "svhn"}, eps=8 / 255))
     overrides = [f"teachers.robust.path={teacher}", f"out_dir={tmp_path / 'runs'}", "train.epochs=1"]
-    assert main(["train", "configs/digits/rslad.yaml", *overrides]) == 2
+    assert main(["train", str(DIGITS_RECIPE.parent / "rslad.yaml"), *overrides]) == 2
     err = capsys.readouterr().err
     assert "was trained on svhn, not on digits" in err and err.count("\n") == 1
     assert not (tmp_path / "runs").exists()

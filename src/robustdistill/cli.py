@@ -103,11 +103,9 @@ def _eval_out_dir(target: str, out: Optional[str]) -> Path:
     """A new report folder; an existing --out is taken only to resume an unfinished evaluation."""
     if out is not None:
         path = Path(out)
-        if path.exists() and not path.is_dir():
-            raise UserError(f"--out {path} is an existing file; choose a folder")
+        _check_out_folder(path)
         if (path / "report.json").exists():
             raise UserError(f"{path} already holds a report; choose another --out")
-        check_writable(path)
         return path
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     where = Path(target)

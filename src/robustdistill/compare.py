@@ -50,7 +50,7 @@ from .files import atomic_write
 from .grid import GRIDS, Grid, GridRun, grid_file, groups, load_grid, plan, status
 from .metrics import ROBUST_ATTACK, unpack_verdicts
 from .plots import plot_comparison
-from .report import machine, markdown_table, read_report, versions, write_section
+from .report import machine, markdown_table, read_report, setup_line, versions, write_section
 from .runs import MARKER, read_metrics
 from .stats import HOW, bootstrap, differences, interval, is_ratio, metric_names, run_metrics
 from .timing import duration
@@ -408,9 +408,7 @@ def to_markdown(document: dict[str, Any], grid_path: Path, seconds: dict[int, di
         "",
         f"`{document['command'] or 'robustdistill compare ' + str(grid_path)}`; {document['data']['name']} test split, "
         f"{document['data']['num_samples']} images; "
-        + ", ".join(f"{k} {v}" for k, v in document["versions"].items() if v)
-        + "; "
-        + ", ".join(f"{v}" for v in document["machine"].values())
+        + setup_line(document["versions"], document["machine"])
         + _threads_note(document),
         "",
         "Each cell: mean over seeds [95 % interval]. " + document["intervals"],

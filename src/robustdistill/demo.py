@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from .config import from_dict
 from .errors import UserError
-from .report import comparison_table, machine, read_report, versions, write_section
+from .report import comparison_table, machine, read_report, setup_line, versions, write_section
 from .schema import read_yaml
 from .timing import duration
 from .train import train
@@ -73,7 +73,7 @@ def run_demo(
     (out_dir / "comparison.md").write_text("# robustdistill demo on digits (test split, eps = 0.2)\n\n" + table + "\n")
     if into is not None:
         command = "robustdistill demo" + (f" --epochs {epochs}" if epochs else "")
-        setup = ", ".join(f"{k} {v}" for k, v in versions().items() if v) + "; " + ", ".join(machine().values())
+        setup = setup_line(versions(), machine())
         took = duration(time.perf_counter() - started)
         write_section(into, "demo", f"`{command}` ({setup}; {took}), as it printed it:\n\n{table}")
     return table

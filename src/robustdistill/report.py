@@ -122,6 +122,11 @@ def versions() -> dict[str, str]:
     }
 
 
+def setup_line(versions: dict[str, Optional[str]], machine: dict[str, str]) -> str:
+    """Software versions and machine in one line, as reports and the README's tables quote them."""
+    return ", ".join(f"{k} {v}" for k, v in versions.items() if v) + "; " + ", ".join(f"{v}" for v in machine.values())
+
+
 def machine() -> dict[str, str]:
     """What a result's float rounding depends on beyond the code: the CPU (its model and the vector
     instructions torch's kernels dispatch to; the same config gave other bits on an AMD EPYC than on

@@ -227,36 +227,35 @@ class MetricsLog:
         if self.path is None or not self.path.exists():
             return
         lines = self.path.read_text(errors="replace").splitlines(keepends=True)
-        last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-        kept = []
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                record_step = json.loads(line).get("step", -1)
-            except (ValueError, AttributeError):
-                if i == last:  # the last line, cut by a crash: written again by the resumed run
-                    continue
-                raise UserError(
-                    f"{self.path} line {i + 1} is not a JSON record: the file was damaged or edited; "
-                    "restore it (or remove that line) to resume"
-                ) from None
-            if record_step <= step:
-                kept.append(line)
+        kept = [line for line, record in _records(self.path, lines) if record.get("step", -1) <= step]
         if len(kept) != len(lines):
             atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(kept)))
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The run's records; a last line cut by a crash is left out, a damaged line before it refused."""
-    path = Path(run_dir) / "metrics.jsonl"
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    records = []
-    for number, line in enumerate(lines, 1):
+def _records(path: Path, lines: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) for each non-blank line of metrics.jsonl; a last line cut by a crash is left
+    out (a resumed run writes it again), a damaged line before it refused."""
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
-            if number == len(lines):
-                break
-            raise UserError(f"{path} line {number} is not a JSON record: the file was damaged or edited") from None
-    return records
+            record = None
+        if not isinstance(record, dict):
+            if i == last:
+                continue
+            raise UserError(
+                f"{path} line {i + 1} is not a JSON record: the file was damaged or edited; "
+                "restore it (or remove that line)"
+            )
+        out.append((line, record))
+    return out
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The run's records (`_records`: a last line cut by a crash left out, a damaged one refused)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [record for _, record in _records(path, path.read_text(errors="replace").splitlines())]
