@@ -24,7 +24,7 @@ import torch
 from benchmarks.common import print_table, settings_line
 from benchmarks.reference import reference_robust_eval
 from benchmarks.workloads import METHOD_NAMES, add_build_options, build, build_options, fake_cifar10, sync, workload
-from robustdistill.train import save, train_epoch, validate_and_select
+from robustdistill.training.loop import save, train_epoch, validate_and_select
 
 
 def compare(wname: str, method: str, w: dict, tmp: Path, args) -> list[str]:

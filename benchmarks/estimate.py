@@ -23,10 +23,11 @@ import time
 from pathlib import Path
 
 from benchmarks.common import print_table, settings_line
-from robustdistill.config import from_dict
-from robustdistill.demo import TEACHERS, recipe
-from robustdistill.estimate import estimate
-from robustdistill.train import finish, fit, setup, train
+from robustdistill.recipes import recipe
+from robustdistill.studies.demo import TEACHERS
+from robustdistill.training.config import from_dict
+from robustdistill.training.estimate import estimate
+from robustdistill.training.loop import finish, fit, setup, train
 
 
 def config(name: str, out: Path, epochs: int, run_name: str):

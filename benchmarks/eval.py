@@ -25,12 +25,12 @@ import torch
 
 from benchmarks.common import print_table, settings_line
 from robustdistill.attacks import EvalSettings, cw_margin
-from robustdistill.config import from_dict, load_config
 from robustdistill.data import load_dataset
-from robustdistill.demo import recipe
-from robustdistill.evaluate import evaluate
-from robustdistill.teachers import load_source, resolve_model_source
-from robustdistill.train import train
+from robustdistill.evaluation.suite import evaluate
+from robustdistill.models.sources import load_source, resolve_model_source
+from robustdistill.recipes import recipe
+from robustdistill.training.config import from_dict, load_config
+from robustdistill.training.loop import train
 
 try:
     import torchattacks

@@ -15,9 +15,9 @@ import time
 import torch
 
 from robustdistill.attacks import AttackEnv, get_attack, predict
-from robustdistill.config import load_config
 from robustdistill.data import load_dataset
-from robustdistill.teachers import load_source, resolve_model_source
+from robustdistill.models.sources import load_source, resolve_model_source
+from robustdistill.training.config import load_config
 
 ATTACKS = ("clean", "fgsm", "pgd20", "cw30", "autoattack_fast", "square", "transfer")
 

@@ -19,10 +19,11 @@ import argparse
 
 import torch
 
-from robustdistill.config import AttackConfig, load_config
+from robustdistill.attacks import AttackConfig
+from robustdistill.core.timing import FlopCount
 from robustdistill.methods import METHODS, Context, create_method
 from robustdistill.models import ModelSpec, create_model
-from robustdistill.timing import FlopCount
+from robustdistill.training.config import load_config
 
 SETTINGS = {
     "digits": (

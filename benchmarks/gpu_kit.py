@@ -145,11 +145,11 @@ def _summaries(out: Path, device_name: str, passed: dict[str, bool]) -> tuple[li
 def run_part_runs(device: str, out: Path) -> None:
     """The `runs` part: B-MTARD and ABSLD, two epochs each on synthetic CIFAR-shaped data."""
     from benchmarks.workloads import fake_cifar10
-    from robustdistill.checkpoint import save_model
-    from robustdistill.config import from_dict
     from robustdistill.models import ModelSpec, create_model
-    from robustdistill.runs import read_metrics
-    from robustdistill.train import train
+    from robustdistill.models.checkpoint import save_model
+    from robustdistill.storage.runs import read_metrics
+    from robustdistill.training.config import from_dict
+    from robustdistill.training.loop import train
 
     cuda = device.startswith("cuda")
     results = {}

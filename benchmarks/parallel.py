@@ -21,10 +21,10 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import print_table, settings_line
-from robustdistill.config import from_dict
-from robustdistill.demo import RECIPES, recipe
-from robustdistill.runs import read_metrics
-from robustdistill.train import train
+from robustdistill.recipes import RECIPES, recipe
+from robustdistill.storage.runs import read_metrics
+from robustdistill.training.config import from_dict
+from robustdistill.training.loop import train
 
 
 def layout(text: str) -> tuple[int, int]:

@@ -53,7 +53,7 @@ from benchmarks.workloads import (
     sync,
     workload,
 )
-from robustdistill.timing import FlopCount
+from robustdistill.core.timing import FlopCount
 
 COMPUTE_BOUND = 0.35  # fraction of the best dense kernel's GFLOP/s above which a workload counts as compute-bound
 

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 
 from benchmarks.reference import REFERENCES
-from robustdistill.checkpoint import load_model, save_model
-from robustdistill.config import from_dict
 from robustdistill.methods import METHODS
 from robustdistill.models import ModelSpec, create_model
-from robustdistill.train import Run, Tally, setup, train_batch
+from robustdistill.models.checkpoint import load_model, save_model
+from robustdistill.training.config import from_dict
+from robustdistill.training.loop import Run, Tally, setup, train_batch
 
 METHOD_NAMES = ("rslad", "absld", "bmtard")
 

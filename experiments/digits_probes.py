@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from robustdistill.attacks import PGD
-from robustdistill.checkpoint import load_model
-from robustdistill.config import from_dict
 from robustdistill.data import load_dataset
-from robustdistill.demo import recipe
-from robustdistill.runs import read_metrics
+from robustdistill.models.checkpoint import load_model
+from robustdistill.recipes import recipe
+from robustdistill.storage.runs import read_metrics
+from robustdistill.training.config import from_dict
 
 PROBED = ["rslad", "rslad_tadv", "baseline_rt", "bmtard"]
 SEEDS = [0, 1, 2, 3, 4]

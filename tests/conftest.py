@@ -4,9 +4,9 @@ import hashlib
 import pytest
 import torch
 
-from robustdistill.config import from_dict
 from robustdistill.data import load_dataset
-from robustdistill.demo import recipe
+from robustdistill.recipes import recipe
+from robustdistill.training.config import from_dict
 
 torch.set_num_threads(2)
 
@@ -43,7 +43,7 @@ def digits():
 @pytest.fixture(scope="session")
 def trained_runs(tmp_path_factory):
     """A natural and a TRADES small CNN on digits, trained briefly once per test session."""
-    from robustdistill.train import train
+    from robustdistill.training.loop import train
 
     tmp = tmp_path_factory.mktemp("trained")
     natural = train(digits_config(tmp, "natural", train__epochs=8, train__milestones="[6]"))
@@ -53,7 +53,7 @@ def trained_runs(tmp_path_factory):
 
 @pytest.fixture()
 def natural_model(trained_runs):
-    from robustdistill.checkpoint import load_model
+    from robustdistill.models.checkpoint import load_model
 
     model, _ = load_model(trained_runs["natural"] / "checkpoints" / "best.safetensors")
     return model.eval()

@@ -3,7 +3,7 @@ import torch
 
 from robustdistill.attacks import ATTACKS as EVAL_ATTACKS
 from robustdistill.attacks import FGSM, PGD, AttackEnv, EvalSettings, cw_margin, get_attack
-from robustdistill.errors import UserError
+from robustdistill.core.errors import UserError
 from robustdistill.models import ModelSpec, create_model, fingerprint
 
 

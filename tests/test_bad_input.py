@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import snapshot
-from robustdistill.checkpoint import ModelMeta, save_model
 from robustdistill.cli import main
 from robustdistill.models import ModelSpec, create_model
-from robustdistill.runs import MARKER
+from robustdistill.models.checkpoint import ModelMeta, save_model
+from robustdistill.storage.runs import MARKER
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs" / "digits"

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 
 from conftest import digits_config
 from robustdistill.attacks import PGD, EvalSettings
-from robustdistill.evaluate import evaluate
+from robustdistill.evaluation.metrics import wilson_interval
+from robustdistill.evaluation.suite import evaluate
 from robustdistill.methods.ard import ard_kl
 from robustdistill.methods.fair_ard import class_weights, weighted_distillation
 from robustdistill.methods.iad import iad_loss
 from robustdistill.methods.mart import mart_loss
-from robustdistill.metrics import wilson_interval
 from robustdistill.models import ModelSpec, create_model
 
 
@@ -132,8 +132,9 @@ def test_pgd_counts_the_iterates_each_sample_survives():
 
 
 def test_fair_ard_reweights_the_less_robust_class_after_an_epoch():
-    from robustdistill.config import AttackConfig, load_config
+    from robustdistill.attacks import AttackConfig
     from robustdistill.methods import Context, Progress, create_method
+    from robustdistill.training.config import load_config
 
     torch.manual_seed(0)
     student = create_model(ModelSpec("small_cnn", 3, 1, {"width": 4}))
@@ -156,7 +157,7 @@ def test_fair_ard_reweights_the_less_robust_class_after_an_epoch():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mart", "ard", "iad", "adaad", "fair_ard", "frl", "cfa", "bat"])
 def test_a_short_digits_run_beats_an_untrained_model(name, tmp_path, trained_runs, digits):
-    from robustdistill.train import train
+    from robustdistill.training.loop import train
 
     # 13 epochs at the recipe's first lr; validated once at the end, except where the method adapts
     # to the validation split every epoch (FRL, CFA)
@@ -182,7 +183,7 @@ def test_a_short_digits_run_beats_an_untrained_model(name, tmp_path, trained_run
 
 
 def test_class_wise_state_is_drawn(tmp_path):
-    from robustdistill.plots import plot_class_state
+    from robustdistill.evaluation.plots import plot_class_state
 
     records = [{"type": "epoch", "epoch": e, "class_weight": [1.0, 1.0 + e / 10], "loss": 1.0} for e in range(1, 4)]
     assert plot_class_state(records, tmp_path / "s.png") and (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
@@ -200,8 +201,9 @@ def test_frl_multiplier_helpers_by_hand():
 
 
 def _frl(*overrides, num_classes=3):
-    from robustdistill.config import AttackConfig, load_config
+    from robustdistill.attacks import AttackConfig
     from robustdistill.methods import Context, create_method
+    from robustdistill.training.config import load_config
 
     torch.manual_seed(0)
     student = create_model(ModelSpec("small_cnn", num_classes, 1, {"width": 4}))
@@ -260,8 +262,8 @@ def test_frl_loss_is_the_weighted_trades_loss():
 
 
 def test_frl_needs_a_validation_every_epoch(tmp_path):
-    from robustdistill.errors import ConfigError
-    from robustdistill.train import train
+    from robustdistill.core.errors import ConfigError
+    from robustdistill.training.loop import train
 
     for override in ("train__eval_every=2", "train__select_on=test"):
         key, value = override.split("=")

@@ -11,10 +11,10 @@ from torch import nn
 
 from conftest import digits_config
 from robustdistill.attacks import PGD, AttackConfig
-from robustdistill.checkpoint import load_model
-from robustdistill.config import load_config
 from robustdistill.methods import Context, Progress, create_method, update_average
 from robustdistill.methods.cfa import calibrated_beta, calibrated_eps, weighted_trades
+from robustdistill.models.checkpoint import load_model
+from robustdistill.training.config import load_config
 
 
 def _mlp():
@@ -146,7 +146,7 @@ def test_cfa_attacks_each_sample_in_its_class_ball(monkeypatch):
 
 
 def test_cfa_refuses_ccr_without_trades():
-    from robustdistill.errors import ConfigError
+    from robustdistill.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="ccr"):
         load_config(None, ["method=cfa", "method.base=at"])
@@ -172,7 +172,7 @@ def _weights(path):
 
 @pytest.mark.slow
 def test_cfa_weight_average_through_the_loop_and_resume(tmp_path):
-    from robustdistill.train import train
+    from robustdistill.training.loop import train
 
     cfg = digits_config(tmp_path, "cfa", train__epochs=1, method__fawa_threshold=0.0, eval__attacks="[clean]")
     run = train(cfg)
@@ -198,7 +198,7 @@ def test_cfa_weight_average_through_the_loop_and_resume(tmp_path):
 
 @pytest.mark.slow
 def test_cfa_without_a_qualifying_epoch_keeps_no_average(tmp_path):
-    from robustdistill.train import train
+    from robustdistill.training.loop import train
 
     run = train(digits_config(tmp_path, "cfa", train__epochs=1, method__fawa_threshold=1.0, eval__attacks="[clean]"))
     assert not (run / "checkpoints" / "average.safetensors").exists()

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from robustdistill.attacks import ATTACKS, Attack, AttackEnv, EvalSettings, get_attack
-from robustdistill.checkpoint import load_model
-from robustdistill.checks import CHECKS, CheckContext, Outcome, check, registered
 from robustdistill.cli import main
-from robustdistill.errors import UserError
-from robustdistill.evaluate import evaluate
+from robustdistill.core.errors import UserError
+from robustdistill.evaluation.checks import CHECKS, CheckContext, Outcome, check, registered
+from robustdistill.evaluation.suite import evaluate
+from robustdistill.models.checkpoint import load_model
 
 
 def _status(summary):
@@ -330,11 +330,10 @@ def test_eval_strict_turns_failed_checks_into_an_exit_code(trained_runs, tmp_pat
 
 
 def test_robustbench_entry_loads_offline_from_the_local_model_dir(tmp_path):
-    from robustdistill.config import DataConfig
-    from robustdistill.data import load_dataset
-    from robustdistill.errors import CheckpointError
+    from robustdistill.core.errors import CheckpointError
+    from robustdistill.data import DataConfig, load_dataset
     from robustdistill.models import ModelSpec, create_model
-    from robustdistill.robustbench import load_robustbench
+    from robustdistill.models.robustbench import load_robustbench
     from test_data import _fake_cifar10
 
     _fake_cifar10(tmp_path / "data", n=10)
@@ -358,7 +357,7 @@ def test_transfer_surrogate_is_the_runs_teacher_even_a_foreign_state_dict(traine
     given as a plain state dict plus its architecture works in both."""
     from conftest import digits_config
     from robustdistill.api import evaluate_path
-    from robustdistill.train import train
+    from robustdistill.training.loop import train
 
     teacher, _ = load_model(trained_runs["trades"] / "checkpoints" / "best.safetensors")
     torch.save(teacher.net.state_dict(), tmp_path / "foreign_teacher.pt")
@@ -384,7 +383,7 @@ def test_transfer_surrogate_is_the_runs_teacher_even_a_foreign_state_dict(traine
 
 
 def test_a_pgd_accuracy_autoattack_beats_by_more_than_a_few_points_is_a_note_and_skipped_checks_say_why():
-    from robustdistill.report import attack_notes, check_lines, to_markdown
+    from robustdistill.evaluation.report import attack_notes, check_lines, to_markdown
 
     attacks = {"clean": {"accuracy": 0.9}, "pgd20": {"accuracy": 0.55}, "autoattack_fast": {"accuracy": 0.47}}
     notes = attack_notes(attacks)

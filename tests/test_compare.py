@@ -14,8 +14,8 @@ import pytest
 
 from conftest import snapshot
 from robustdistill.cli import main
-from robustdistill.errors import UserError
-from robustdistill.grid import load_grid, plan
+from robustdistill.core.errors import UserError
+from robustdistill.studies.grid import load_grid, plan
 
 SHORT = '[train.epochs=1, "train.milestones=[]", attack.steps=2, train.batch_size=128]'
 CELL = SHORT.replace("train.epochs=1", "train.epochs=2")  # two epochs: a kill can fall between them
@@ -88,7 +88,7 @@ def test_the_grids_overrides_reach_every_run_teachers_included_and_a_cells_own_w
 def test_the_shipped_digits_grid_plans_the_readme_experiment(tmp_path):
     """`robustdistill compare digits_methods` finds the shipped grid: 21 cells x 5 seeds from the
     digits recipes, the demo's two teachers, B-MTARD with the robust teacher in both roles."""
-    from robustdistill.grid import grid_file
+    from robustdistill.recipes import grid_file
 
     path = grid_file("digits_methods")
     grid = load_grid(path)
@@ -114,7 +114,7 @@ def test_into_needs_its_markers_before_anything_runs(tmp_path, capsys, monkeypat
 
 
 def test_the_figures_draw_every_group_from_the_report(tmp_path):
-    from robustdistill.plots import plot_comparison
+    from robustdistill.studies.figures import plot_comparison
 
     def cell(clean, robust):
         return {

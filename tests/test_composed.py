@@ -5,12 +5,13 @@ part that drifts fails here); every part changes the result; invalid combination
 import pytest
 import torch
 
+from robustdistill.attacks import AttackConfig
 from robustdistill.cli import main
-from robustdistill.config import AttackConfig, load_config
-from robustdistill.errors import ConfigError
+from robustdistill.core.errors import ConfigError
 from robustdistill.methods import Context, Progress, create_method
 from robustdistill.models import ModelSpec, create_model
-from robustdistill.train import lr_decays
+from robustdistill.training.config import load_config
+from robustdistill.training.loop import lr_decays
 
 MILESTONES = [2]  # epochs 0, 1 at the base rates, epoch 2 after the decay (0-based)
 
@@ -199,7 +200,7 @@ def test_a_clean_teacher_part_without_a_clean_teacher_is_refused_before_training
 
 def test_a_composed_runs_balance_and_class_wise_temperatures_are_plotted(tmp_path):
     pytest.importorskip("matplotlib")
-    from robustdistill.plots import plot_balance, plot_temperatures
+    from robustdistill.evaluation.plots import plot_balance, plot_temperatures
 
     ctx = _context()
     method = create_method(load_config(None, ["method=composed", "method.preset=bmtard_absld"]).method, ctx)

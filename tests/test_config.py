@@ -4,10 +4,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from robustdistill.config import Config, EvalConfig, from_dict, load_config
-from robustdistill.demo import RECIPES, recipe, recipe_names
-from robustdistill.errors import ConfigError, UserError
-from robustdistill.schema import parse_float
+from robustdistill.core.errors import ConfigError, UserError
+from robustdistill.core.schema import parse_float
+from robustdistill.evaluation.config import EvalConfig
+from robustdistill.recipes import RECIPES, recipe, recipe_names
+from robustdistill.training.config import Config, from_dict, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

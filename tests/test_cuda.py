@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from conftest import digits_config
-from robustdistill.attacks import EvalSettings
-from robustdistill.checkpoint import load_model
-from robustdistill.config import AttackConfig, load_config
+from robustdistill.attacks import AttackConfig, EvalSettings
 from robustdistill.data import load_dataset
-from robustdistill.evaluate import evaluate
+from robustdistill.evaluation.metrics import unpack_verdicts
+from robustdistill.evaluation.suite import evaluate
 from robustdistill.methods import Context, create_method
-from robustdistill.metrics import unpack_verdicts
 from robustdistill.models import ModelSpec, create_model
-from robustdistill.train import train
+from robustdistill.models.checkpoint import load_model
+from robustdistill.training.config import load_config
+from robustdistill.training.loop import train
 
 pytestmark = pytest.mark.cuda
 KIT_DEVICE = os.environ.get("ROBUSTDISTILL_KIT_DEVICE")  # "cpu": the GPU kit's dry run

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from robustdistill.config import DataConfig, load_config
-from robustdistill.data import Augment, BatchLoader, Split, load_dataset, long_tailed
-from robustdistill.errors import ConfigError, DataError
+from robustdistill.core.errors import ConfigError, DataError
+from robustdistill.data import Augment, BatchLoader, DataConfig, Split, load_dataset
+from robustdistill.data.base import long_tailed
+from robustdistill.training.config import load_config
 
 
 def test_digits_split_is_deterministic_stratified_and_disjoint():
@@ -279,7 +280,7 @@ def test_cifar_pickle_that_would_run_code_is_refused(tmp_path):
 
 
 def test_the_class_table_shows_each_class_training_count_where_the_report_has_them():
-    from robustdistill.report import class_table
+    from robustdistill.evaluation.report import class_table
 
     report = {
         "data": {"class_names": ["a", "b"], "train_class_counts": [40, 4]},

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from robustdistill.attacks import EvalSettings
-from robustdistill.checkpoint import load_model
-from robustdistill.evaluate import evaluate
-from robustdistill.runs import read_metrics
+from robustdistill.evaluation.suite import evaluate
+from robustdistill.models.checkpoint import load_model
+from robustdistill.storage.runs import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def test_torchrun_two_ranks(tmp_path, trained_runs, digits, which):
 def _any_rank_worker(rank, port, results):
     import torch.distributed as dist
 
-    from robustdistill.distributed import any_rank
+    from robustdistill.core.distributed import any_rank
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:

@@ -2,8 +2,14 @@ import pytest
 import torch
 
 from robustdistill.attacks import EvalSettings
-from robustdistill.evaluate import evaluate
-from robustdistill.metrics import class_metrics, pack_verdicts, selection_score, unpack_verdicts, wilson_interval
+from robustdistill.evaluation.metrics import (
+    class_metrics,
+    pack_verdicts,
+    selection_score,
+    unpack_verdicts,
+    wilson_interval,
+)
+from robustdistill.evaluation.suite import evaluate
 
 
 def test_class_metrics_by_hand():
@@ -64,7 +70,7 @@ def test_evaluate_is_deterministic_under_its_seed(natural_model, digits):
 def test_folding_is_recorded_and_moves_a_verdict_at_most_by_rounding(natural_model, digits):
     """The attacks craft on the folded model (eval.fold_batchnorm), verdicts are the model's own: the
     accuracy with and without folding agrees within a sample or two; the report says which ran."""
-    from robustdistill.metrics import unpack_verdicts
+    from robustdistill.evaluation.metrics import unpack_verdicts
 
     test = digits.test.take(slice(0, 150))
     out = {
@@ -86,7 +92,7 @@ def test_eps_zero_attack_equals_clean(natural_model, digits):
 
 
 def test_comparison_table_shows_the_intervals():
-    from robustdistill.report import comparison_table
+    from robustdistill.evaluation.report import comparison_table
 
     metrics = class_metrics(torch.tensor([8.0, 3.0]), torch.tensor([10.0, 10.0]))
     report = {"attacks": {"clean": metrics, "pgd20": metrics}, "w_robust": {"value": 0.55}}

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from robustdistill.losses import kl_div, soft_targets
+from robustdistill.methods.losses import kl_div, soft_targets
 
 
 def test_elementwise_mean_is_the_published_reduction_by_hand():

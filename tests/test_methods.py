@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from robustdistill.config import AttackConfig, load_config
+from robustdistill.attacks import AttackConfig
 from robustdistill.methods import METHODS, Context, Progress, create_method
 from robustdistill.models import ModelSpec, create_model
+from robustdistill.training.config import load_config
 
 
 def _context(teacher_same_as_student=False):

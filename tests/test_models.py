@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from robustdistill.checkpoint import ModelMeta, load_model, read_state_dict, save_model
-from robustdistill.errors import CheckpointError, ConfigError
+from robustdistill.core.errors import CheckpointError, ConfigError
 from robustdistill.models import ModelSpec, create_model, list_models
+from robustdistill.models.checkpoint import ModelMeta, load_model, read_state_dict, save_model
 
 # Small architecture options keep the sweep fast; every default is exercised in test_defaults_build.
 FAST = {

@@ -14,9 +14,9 @@ import pytest
 
 from conftest import digits_config, snapshot
 from robustdistill.cli import _eval_out_dir, main
-from robustdistill.errors import UserError
-from robustdistill.files import HOST, INSIDE_LOCK, FolderLock, atomic_write
-from robustdistill.train import train
+from robustdistill.core.errors import UserError
+from robustdistill.storage.files import HOST, INSIDE_LOCK, FolderLock, atomic_write
+from robustdistill.training.loop import train
 
 DIGITS_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "digits" / "pgd_at.yaml"
 
@@ -136,8 +136,8 @@ def _tiny(tmp_path, which, name, **overrides):
 def test_resume_refuses_a_checkpoint_an_edited_config_or_a_teacher_that_is_not_the_runs(tmp_path, capsys):
     import torch
 
-    from robustdistill.checkpoint import save_model
     from robustdistill.models import ModelSpec, create_model
+    from robustdistill.models.checkpoint import save_model
 
     run = train(_tiny(tmp_path, "pgd_at", "a"))
     other = train(_tiny(tmp_path, "pgd_at", "b", seed=1))
@@ -173,8 +173,8 @@ def test_resume_refuses_a_checkpoint_an_edited_config_or_a_teacher_that_is_not_t
 def test_a_teacher_trained_on_another_dataset_is_refused(tmp_path, capsys):
     import torch
 
-    from robustdistill.checkpoint import ModelMeta, save_model
     from robustdistill.models import ModelSpec, create_model
+    from robustdistill.models.checkpoint import ModelMeta, save_model
 
     spec = ModelSpec("small_cnn", 10, 1, {"width": 8})
     torch.manual_seed(0)

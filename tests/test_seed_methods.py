@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustdistill.config import AttackConfig, load_config
-from robustdistill.losses import kl_div, soft_targets
+from robustdistill.attacks import AttackConfig
 from robustdistill.methods import METHODS, Context, Progress, create_method
 from robustdistill.methods.balance import ClassWiseTemperature, EntropyBalance, LossBalance, negative_entropy
+from robustdistill.methods.losses import kl_div, soft_targets
 from robustdistill.models import ModelSpec, create_model
+from robustdistill.training.config import load_config
 
 
 def _ctx(num_classes=10):
@@ -125,7 +126,7 @@ def test_absld_fixed_temperatures_never_move_and_are_checked():
     method.on_epoch_end(Progress())
     assert method.temperatures["adv"].tau.tolist() == [1.0] * 9 + [2.0]
     assert method.temperatures["nat"].tau[9] < 1.0  # the other vector is still adaptive
-    from robustdistill.errors import ConfigError
+    from robustdistill.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="has 3 values; the dataset has 10 classes"):
         _method("absld", "fixed_temperature_adv=[1,1,1]")

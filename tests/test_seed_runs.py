@@ -7,8 +7,8 @@ import torch
 
 from conftest import digits_config
 from robustdistill.cli import main
-from robustdistill.runs import read_metrics
-from robustdistill.train import train
+from robustdistill.storage.runs import read_metrics
+from robustdistill.training.loop import train
 
 
 def _student(tmp_path, trained_runs, which, **overrides):

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from robustdistill.cli import main
-from robustdistill.grid import load_grid, plan
-from robustdistill.slurm import Job, _write_jobs, states, status_table, torchrun_command
+from robustdistill.studies.grid import load_grid, plan
+from robustdistill.studies.slurm import Job, _write_jobs, states, status_table, torchrun_command
 from test_compare import CELL, SHORT
 from test_compare import GRID as LOCAL_GRID
 

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import digits_config
-from robustdistill.config import load_config
-from robustdistill.errors import ConfigError, TrainingError
+from robustdistill.core.errors import ConfigError, TrainingError
 from robustdistill.methods import create_method
+from robustdistill.training.config import load_config
 from test_methods import _context
 
 
@@ -45,8 +45,8 @@ def test_an_unknown_compile_backend_is_a_config_error():
 def test_a_compiled_run_trains_and_saves_a_plain_checkpoint(tmp_path, trained_runs):
     """train.compile on a teacher-using method, with AOTAutograd (the backward graph) but no code
     generation, to keep the test short; the checkpoints hold the bare student's keys."""
-    from robustdistill.checkpoint import load_model
-    from robustdistill.train import train
+    from robustdistill.models.checkpoint import load_model
+    from robustdistill.training.loop import train
 
     cfg = digits_config(
         tmp_path,
@@ -67,7 +67,7 @@ def test_a_compiled_run_trains_and_saves_a_plain_checkpoint(tmp_path, trained_ru
 
 @pytest.mark.slow
 def test_a_non_finite_loss_between_log_steps_stops_before_the_epoch_is_saved(tmp_path):
-    from robustdistill.train import train
+    from robustdistill.training.loop import train
 
     cfg = digits_config(tmp_path, "natural", train__epochs=2, train__lr=1e30, train__log_every=10_000)
     with pytest.raises(TrainingError, match=r"non-finite loss at epoch 1, step \d+"):
@@ -91,9 +91,9 @@ def test_the_precomputed_ball_bounds_project_exactly_like_project():
 
 
 def test_a_frozen_teacher_infers_under_inference_mode_and_keeps_input_gradients():
-    from robustdistill.losses import kl_div
+    from robustdistill.methods import FrozenTeacher
+    from robustdistill.methods.losses import kl_div
     from robustdistill.models import ModelSpec, create_model
-    from robustdistill.teachers import FrozenTeacher
 
     torch.manual_seed(0)
     model = create_model(ModelSpec("small_cnn", 10, 1, {"width": 4})).eval().requires_grad_(False)

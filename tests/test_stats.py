@@ -4,7 +4,7 @@ and a null one not, and the intervals' coverage on simulated seeds and test sets
 import numpy as np
 import pytest
 
-from robustdistill.stats import bootstrap, differences, interval, metric_names, run_metrics
+from robustdistill.studies.stats import bootstrap, differences, interval, metric_names, run_metrics
 
 
 def test_metric_names_follow_the_attacks():

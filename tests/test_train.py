@@ -7,13 +7,13 @@ import torch
 import yaml
 
 from conftest import digits_config, snapshot
-from robustdistill.config import load_config
+from robustdistill.core.errors import ConfigError, TrainingError, UserError
+from robustdistill.core.timing import FlopCount, duration, time_left
 from robustdistill.data import load_dataset
-from robustdistill.errors import ConfigError, TrainingError, UserError
-from robustdistill.estimate import estimate
-from robustdistill.runs import read_metrics
-from robustdistill.timing import FlopCount, duration, time_left
-from robustdistill.train import lr_decays, setup, train
+from robustdistill.storage.runs import read_metrics
+from robustdistill.training.config import load_config
+from robustdistill.training.estimate import estimate
+from robustdistill.training.loop import lr_decays, setup, train
 
 
 def test_lr_decays_counts_milestones_reached():
@@ -189,7 +189,7 @@ def test_estimate_times_the_run_and_writes_nothing(tmp_path, capsys):
     ],
 )
 def test_resume_refuses_a_changed_config(tmp_path, change, key):
-    from robustdistill.config import from_dict
+    from robustdistill.training.config import from_dict
 
     cfg = digits_config(tmp_path, "pgd_at", train__epochs=1, attack__steps=2, eval__checks="false")
     run = train(cfg)
@@ -221,7 +221,7 @@ def test_atomic_writes_clean_up_and_keep_normal_permissions(tmp_path):
     import stat
     from pathlib import Path
 
-    from robustdistill.checkpoint import atomic_write
+    from robustdistill.storage.files import atomic_write
 
     (tmp_path / ".report.json.abc123.tmp").write_bytes(b"x" * 1000)  # left by a killed write
     (tmp_path / ".other.json.def.tmp").write_bytes(b"y")  # another file's write: not ours to touch
@@ -244,8 +244,8 @@ def test_missing_teacher_is_reported_before_anything_is_written(tmp_path):
 
 
 def test_teacher_with_wrong_class_count_is_refused(tmp_path):
-    from robustdistill.checkpoint import save_model
     from robustdistill.models import ModelSpec, create_model
+    from robustdistill.models.checkpoint import save_model
 
     spec = ModelSpec("small_cnn", 7, 1, {"width": 4})
     save_model(tmp_path / "t7.safetensors", create_model(spec), spec)
@@ -291,8 +291,8 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_a_teacher_with_nan_weights_is_named_as_the_cause(tmp_path):
-    from robustdistill.checkpoint import save_model
     from robustdistill.models import ModelSpec, create_model
+    from robustdistill.models.checkpoint import save_model
 
     spec = ModelSpec("small_cnn", 10, 1, {"width": 8})
     model = create_model(spec)
@@ -315,9 +315,9 @@ def test_select_on_test_is_possible_but_explicit(tmp_path):
 def test_init_from_starts_the_student_from_given_weights(trained_runs, tmp_path):
     """`train.init_from` (fine-tuning, as the FRL scripts do): the student's first weights are the
     given run's best ones; weights of another architecture are refused before anything is written."""
-    from robustdistill.checkpoint import load_model
-    from robustdistill.errors import CheckpointError
-    from robustdistill.train import setup
+    from robustdistill.core.errors import CheckpointError
+    from robustdistill.models.checkpoint import load_model
+    from robustdistill.training.loop import setup
 
     source = trained_runs["natural"]
     cfg = digits_config(tmp_path, "natural", name="finetune", **{"train.init_from": str(source)})
@@ -340,8 +340,8 @@ def test_the_final_report_is_the_one_evaluation_pipeline(trained_runs):
     (api.evaluate_path) resolves those same settings from the run folder: every attack's per-sample
     verdicts agree."""
     from robustdistill.api import evaluate_path
-    from robustdistill.pipeline import evaluate_source
-    from robustdistill.teachers import resolve_model_source
+    from robustdistill.evaluation.pipeline import evaluate_source
+    from robustdistill.models.sources import resolve_model_source
 
     run = trained_runs["trades"]
     trained = json.loads((run / "report.json").read_text())
@@ -360,7 +360,7 @@ def test_the_final_report_is_the_one_evaluation_pipeline(trained_runs):
 
 
 def test_intra_op_threads_sets_and_restores():
-    from robustdistill.timing import intra_op_threads
+    from robustdistill.core.timing import intra_op_threads
 
     before = torch.get_num_threads()
     with intra_op_threads(1):

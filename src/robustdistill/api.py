@@ -17,19 +17,20 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
-from .checkpoint import read_model_meta
-from .config import Config, DataConfig, EvalConfig, TrainConfig, load_config
-from .data import load_dataset
-from .distributed import DistInfo, resolve_device
-from .errors import ConfigError, UserError
-from .estimate import estimate
+from .core.distributed import DistInfo, resolve_device
+from .core.errors import ConfigError, UserError
+from .core.schema import apply_overrides, build
+from .core.timing import intra_op_threads
+from .data import DataConfig, load_dataset
+from .evaluation.config import EvalConfig
+from .evaluation.pipeline import evaluate_source
 from .models import ModelSpec
-from .pipeline import evaluate_source
-from .robustbench import is_robustbench
-from .schema import apply_overrides, build
-from .teachers import resolve_model_source
-from .timing import intra_op_threads
-from .train import train
+from .models.checkpoint import read_model_meta
+from .models.robustbench import is_robustbench
+from .models.sources import resolve_model_source
+from .training.config import Config, TrainConfig, load_config
+from .training.estimate import estimate
+from .training.loop import train
 
 __all__ = ["estimate", "evaluate_path", "eval_config", "load_config", "resolve_model_source", "train"]
 

@@ -27,23 +27,24 @@ from typing import Optional
 
 from .api import evaluate_path
 from .attacks import ATTACKS
-from .checks import CHECKS, failed, registered
-from .compare import run_grid
-from .config import EvalConfig, load_config
+from .core.distributed import cleanup
+from .core.errors import UserError
+from .core.timing import duration
 from .data import DATASETS
-from .demo import run_demo
-from .distributed import cleanup
-from .errors import UserError
-from .estimate import Estimate, estimate
-from .files import INSIDE_LOCK, FolderLock
+from .evaluation.checks import CHECKS, failed, registered
+from .evaluation.config import EvalConfig
+from .evaluation.plots import plot_classwise, plot_run, plot_scatter
+from .evaluation.report import attack_table, check_lines, comparison_table, read_report, to_markdown, write_report
 from .methods import METHODS
 from .models import MODELS
-from .plots import plot_classwise, plot_run, plot_scatter
-from .report import attack_table, check_lines, comparison_table, read_report, to_markdown, write_report
-from .runs import check_no_links_out, check_writable
-from .slurm import run_grid as run_slurm_grid
-from .timing import duration
-from .train import train
+from .storage.files import INSIDE_LOCK, FolderLock
+from .storage.runs import check_no_links_out, check_writable
+from .studies.demo import run_demo
+from .studies.execute import compare_locally
+from .studies.slurm import compare_on_slurm
+from .training.config import load_config
+from .training.estimate import Estimate, estimate
+from .training.loop import train
 
 log = logging.getLogger("robustdistill")
 
@@ -270,7 +271,7 @@ def _cmd_compare(args) -> int:
         raise UserError("--slurm KEY=VALUE sets the jobs' resources: it needs --executor slurm")
     if (args.executor == "slurm" or args.status) and not args.dry_run:
         command += " --executor slurm"
-        out, reported = run_slurm_grid(
+        out, reported = compare_on_slurm(
             args.grid, args.out, command, args.into, args.slurm or [], show_status=args.status, wait_for=args.wait
         )
         if reported:
@@ -278,7 +279,7 @@ def _cmd_compare(args) -> int:
         return 0
     if args.wait:
         raise UserError("--wait waits for SLURM jobs: it needs --executor slurm")
-    out = run_grid(args.grid, args.out, dry_run=args.dry_run, command=command, jobs=args.jobs, into=args.into)
+    out = compare_locally(args.grid, args.out, dry_run=args.dry_run, command=command, jobs=args.jobs, into=args.into)
     if not args.dry_run:
         print((out / "report.md").read_text())
         print(f"comparison: {out}/ (report.md, report.json, cells.csv)")

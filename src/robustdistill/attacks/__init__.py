@@ -1,5 +1,8 @@
-"""Attacks. The L-infinity primitives (`PGD`, `FGSM`) serve training's inner maximisation and
-evaluation; every evaluation attack is one registered `Attack` class:
+"""Attacks: the L-infinity PGD of training's inner maximisation, and every evaluation attack as a
+registered class.
+
+    pgd.py         the primitives `PGD` and `FGSM`, and the `attack` config section (training's attack)
+    base.py        `Attack`, its registry ATTACKS, the resolved `EvalSettings`, batched PGD with restarts
 
     white_box.py   clean, fgsm, pgd<N> and cw<N> (N steps: pgd20, pgd100, cw30)
     autoattack.py  autoattack, autoattack_fast (pyautoattack, resumable, rank-independent)
@@ -13,6 +16,7 @@ the sanity checks read.
 from . import autoattack, black_box, white_box  # noqa: E402,F401  (register the attacks)
 from .base import (
     ATTACKS,
+    ROBUST_ATTACK,
     Attack,
     AttackEnv,
     EvalSettings,
@@ -28,6 +32,7 @@ from .pgd import FGSM, PGD, AttackConfig, Loss, Start, attack_loss, cw_margin, p
 
 __all__ = [
     "ATTACKS",
+    "ROBUST_ATTACK",
     "FGSM",
     "PGD",
     "Attack",

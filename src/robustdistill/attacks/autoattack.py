@@ -13,10 +13,10 @@ from pyautoattack import AutoAttack as _PackageAutoAttack
 from pyautoattack import checks as aa_checks
 from tqdm.auto import tqdm
 
-from ..distributed import all_reduce_sum, assemble, gather_objects
-from ..errors import UserError
-from ..files import atomic_write
+from ..core.distributed import all_reduce_sum, assemble, gather_objects
+from ..core.errors import UserError
 from ..models import fingerprint
+from ..storage.files import atomic_write
 from .base import Attack, predict, register
 
 

@@ -14,11 +14,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import UserError
-from ..registry import Registry
+from ..core.errors import UserError
+from ..core.registry import Registry
 from .pgd import PGD, sample_noise
 
 Kind = Literal["reference", "white-box", "black-box"]
+
+ROBUST_ATTACK = "pgd20"  # the attack behind "robust accuracy" in model selection and W-Robust Acc
 
 
 @dataclass(frozen=True)

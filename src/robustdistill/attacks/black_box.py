@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from pyautoattack.square import SquareAttack
 
-from ..errors import UserError
+from ..core.errors import UserError
 from .base import Attack, batches, pgd_parameters, register, run_pgd
 
 

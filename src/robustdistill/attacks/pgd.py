@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import check
+from ..core.errors import require
 from ..models import eval_mode
 from ..models.fold import eval_view, release
 
@@ -52,9 +52,9 @@ class AttackConfig:
     fold_batchnorm: bool = True  # PGD steps on the model with batch norm folded into its convolutions
 
     def validate(self) -> None:
-        check(0 <= self.eps <= 1, "attack.eps", "must be in [0, 1] (images are in [0, 1]; e.g. 8/255)")
-        check(0 < self.step_size <= 1, "attack.step_size", "must be in (0, 1] (e.g. 2/255)")
-        check(self.steps >= 1, "attack.steps", "must be >= 1")
+        require(0 <= self.eps <= 1, "attack.eps", "must be in [0, 1] (images are in [0, 1]; e.g. 8/255)")
+        require(0 < self.step_size <= 1, "attack.step_size", "must be in (0, 1] (e.g. 2/255)")
+        require(self.steps >= 1, "attack.steps", "must be >= 1")
 
 
 def cw_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

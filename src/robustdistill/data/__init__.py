@@ -1,162 +1,23 @@
-"""Datasets: a registry of readers, a deterministic train/val/test split, device-resident tensors.
+"""Datasets: the `data` config section, the readers of the papers' datasets (registered by name),
+a deterministic train/val/test split, device-resident tensors and the batch loader.
 
-Every reader returns whole splits as tensors (uint8 0..255 or float in [0, 1], NCHW). The data is
-moved once to the training device and batches are cut and augmented there (see `loader.py`): no
-DataLoader workers, no per-sample Python. The validation split is held out of the training pool,
-stratified, as a pure function of `data.split_seed`, so model selection never sees the test set.
+    base.py     DataConfig, the registry DATASETS, Split / Dataset, `load_dataset` (split, imbalance, resize)
+    sources.py  the readers: digits (embedded), CIFAR-10/100, SVHN, Tiny-ImageNet (local files)
+    loader.py   batches cut and augmented on the device (`BatchLoader`, `Augment`)
 """
 
-from __future__ import annotations
+from . import sources  # noqa: F401  (registers the readers)
+from .base import DATASETS, DataConfig, Dataset, Source, Split, load_dataset, subset_of
+from .loader import Augment, BatchLoader
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Optional
-
-import numpy as np
-import torch
-import torch.nn.functional as F
-
-from ..errors import ConfigError
-from ..registry import Registry
-
-DATASETS: Registry[Callable] = Registry("dataset")
-
-
-@dataclass
-class Split:
-    x: torch.Tensor  # N,C,H,W: uint8 in 0..255, or float in [0, 1]
-    y: torch.Tensor  # N, int64
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    def images(self, index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Float images in [0, 1] (all, or those at `index`)."""
-        x = self.x if index is None else self.x[index]
-        return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-
-    def take(self, index) -> Split:
-        return Split(self.x[index], self.y[index])
-
-    def to(self, device) -> Split:
-        return Split(self.x.to(device), self.y.to(device))
-
-
-def subset_of(split: Split, n: Optional[int], what: str, key: str) -> Split:
-    """The first n samples of `split`; more than it has is an error, never silently fewer."""
-    if n is None:
-        return split
-    if n > len(split):
-        raise ConfigError(f"{key} = {n} is larger than {what} ({len(split)} images)")
-    return split.take(slice(0, n))
-
-
-@dataclass
-class Source:
-    """What a reader returns: the training pool, the official test split if there is one."""
-
-    train: Split
-    test: Optional[Split]
-    class_names: list[str]
-
-
-@dataclass
-class Dataset:
-    name: str
-    class_names: list[str]
-    train: Split
-    val: Split
-    test: Split
-    mean: list[float] = field(default_factory=list)
-    std: list[float] = field(default_factory=list)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def channels(self) -> int:
-        return int(self.train.x.shape[1])
-
-    def split(self, name: str) -> Split:
-        return {"train": self.train, "val": self.val, "test": self.test}[name]
-
-    def to(self, device) -> Dataset:
-        return Dataset(
-            self.name,
-            self.class_names,
-            self.train.to(device),
-            self.val.to(device),
-            self.test.to(device),
-            self.mean,
-            self.std,
-        )
-
-
-def stratified_split(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (keep, held_out) with `fraction` of every class held out; deterministic in `seed`."""
-    rng = np.random.default_rng(seed)
-    labels = y.numpy()
-    keep, held = [], []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        idx = idx[rng.permutation(len(idx))]
-        n_held = int(round(fraction * len(idx)))
-        held.append(idx[:n_held])
-        keep.append(idx[n_held:])
-    keep_idx = np.sort(np.concatenate(keep))
-    held_idx = np.sort(np.concatenate(held))
-    return torch.from_numpy(keep_idx), torch.from_numpy(held_idx)
-
-
-def long_tailed(y: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
-    """Indices of a long-tailed subset (sorted): class c keeps n_min * ratio^(-c / (C - 1)) images
-    (rounded, at least 1), n_min being the smallest class's count, so class 0 is the head and the
-    last class the tail, with `ratio` between them (the CIFAR-10-LT profile); which images each class
-    keeps is deterministic in `seed`."""
-    rng = np.random.default_rng(seed)
-    labels = y.numpy()
-    classes = np.unique(labels)
-    n_min = min(int((labels == c).sum()) for c in classes)
-    keep = []
-    for rank, c in enumerate(classes):
-        idx = np.flatnonzero(labels == c)
-        count = max(1, int(round(n_min * ratio ** (-rank / max(len(classes) - 1, 1)))))
-        keep.append(np.sort(idx[rng.permutation(len(idx))[:count]]))
-    return torch.from_numpy(np.sort(np.concatenate(keep)))
-
-
-def _resize(split: Split, size: int) -> Split:
-    if split.x.shape[-1] == size and split.x.shape[-2] == size:
-        return split
-    x = F.interpolate(split.images(), size=(size, size), mode="bilinear", align_corners=False)
-    return Split(x.clamp_(0.0, 1.0), split.y)
-
-
-def load_dataset(cfg, device: torch.device | str = "cpu") -> Dataset:
-    """Read dataset `cfg.name` (a `DataConfig`), split it, and put it on `device`."""
-    source: Source = DATASETS.get(cfg.name)(cfg)
-    pool, test = source.train, source.test
-    if test is None:
-        keep, held = stratified_split(pool.y, cfg.test_fraction, cfg.split_seed)
-        pool, test = pool.take(keep), pool.take(held)
-    keep, held = stratified_split(pool.y, cfg.val_fraction, cfg.split_seed + 1)
-    train, val = pool.take(keep), pool.take(held)
-    if cfg.imbalance is not None:  # the training pool only: validation and test keep every class whole
-        train = train.take(long_tailed(train.y, cfg.imbalance, cfg.split_seed + 2))
-    if cfg.train_subset is not None and cfg.train_subset < len(train):
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.split_seed))
-        train = train.take(order[: cfg.train_subset].sort().values)
-    if cfg.image_size is not None:
-        train, val, test = (_resize(s, cfg.image_size) for s in (train, val, test))
-    images = train.images()
-    mean = images.mean(dim=(0, 2, 3)).tolist()
-    std = images.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
-    dataset = Dataset(cfg.name, source.class_names, train, val, test, mean, std)
-    return dataset.to(device)
-
-
-from . import sources  # noqa: E402,F401  (registers the readers)
-from .loader import Augment, BatchLoader  # noqa: E402
-
-__all__ = ["DATASETS", "Augment", "BatchLoader", "Dataset", "Source", "Split", "load_dataset"]
+__all__ = [
+    "DATASETS",
+    "Augment",
+    "BatchLoader",
+    "DataConfig",
+    "Dataset",
+    "Source",
+    "Split",
+    "load_dataset",
+    "subset_of",
+]

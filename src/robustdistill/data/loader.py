@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import Split
+from .base import Split
 
 
 @dataclass

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError
-from ..files import atomic_write
-from . import DATASETS, Source, Split
+from ..core.errors import DataError
+from ..storage.files import atomic_write
+from .base import DATASETS, Source, Split
 
 
 def _root(cfg, layout: str) -> Path:

@@ -1,186 +1,37 @@
 """Training methods: one small object per method, with its loss and its adaptive state.
 
-The training loop only ever calls `on_epoch_start(progress)`, then per batch
-`loss, stats = method.loss(x, y)` and `on_step_end(progress)`, then `on_epoch_end(progress)`;
-it saves `state_dict()` with
-every checkpoint and logs `log_state()` to metrics.jsonl. A method never touches the loop and
-the loop never knows which method runs.
-
-A new method is a subclass registered by name, with an `Options` dataclass for its config keys:
-
-    @METHODS.register("my_method")
-    class MyMethod(Method):
-        @dataclass
-        class Options(MethodOptions):
-            name: str = "my_method"
-            beta: float = 1.0
-        teachers = ("robust",)          # roles it needs under `teachers:` in the config
-        selection_metric = "robust"      # how the best checkpoint is chosen on validation data
-        def loss(self, x, y): ...
+base.py       Method, MethodOptions, Context, Progress, METHODS, FrozenTeacher
+losses.py     KL divergence and soft targets
+balance.py    the adaptive parts: class-wise temperatures (ABSLD), entropy and loss balance (B-MTARD)
+<name>.py     one file per method (absld, mtard (B-MTARD too), composed, and the baselines)
 """
 
-from __future__ import annotations
+from . import (  # noqa: F401  (register the methods)
+    absld,
+    adaad,
+    ard,
+    bat,
+    cfa,
+    composed,
+    fair_ard,
+    frl,
+    iad,
+    mart,
+    mtard,
+    natural,
+    pgd_at,
+    rslad,
+    trades,
+)
+from .base import METHODS, Context, FrozenTeacher, Method, MethodOptions, Progress, create_method, update_average
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
-
-import torch
-from torch import nn
-
-from ..attacks import PGD, AttackConfig, Loss, Start
-from ..models import eval_mode
-from ..registry import Registry
-
-METHODS: Registry[type[Method]] = Registry("method")
-
-
-@dataclass
-class MethodOptions:
-    """Base of every method's options (config section `method`); each method has a subclass with
-    its own fields, and may define `validate()` (raising `ConfigError`)."""
-
-    name: str = "natural"
-
-    @classmethod
-    def config_class(cls, raw: dict[str, Any]) -> type[MethodOptions]:
-        """The options class a raw `method` section is typed as: that of the method it names."""
-        return METHODS.get(raw.get("name", cls.name)).Options
-
-
-@dataclass
-class Progress:
-    """Where the loop is. `lr_decays` counts the lr milestones in force for the current epoch, so
-    per-step rates that decay with the lr use it; `next_lr_decays` counts those in force for the
-    next epoch: the official loops decay the lr (and their rates) at the end of an epoch, before
-    that epoch's end-of-epoch update, which therefore already uses the decayed rate."""
-
-    epoch: int = 0
-    step: int = 0
-    lr_decays: int = 0
-    next_lr_decays: int = 0
-
-
-@dataclass
-class Context:
-    """What a method may use. `student` is what to call for the training forward pass (DDP-wrapped
-    under DDP); `attacked` is the student the inner maximisation and the eval-mode predictions run
-    on: never DDP-wrapped (no gradient synchronisation), compiled like `student` with train.compile."""
-
-    student: nn.Module
-    attacked: nn.Module
-    num_classes: int
-    attack: AttackConfig
-    teachers: dict[str, nn.Module] = field(default_factory=dict)
-
-
-class Method:
-    Options: ClassVar[type[MethodOptions]] = MethodOptions
-    summary: ClassVar[str] = ""  # one line with the paper, for `robustdistill list methods`
-    teachers: ClassVar[tuple[str, ...]] = ()
-    selection_metric: ClassVar[str] = "robust"
-    default_start: ClassVar[Start] = "gaussian"
-    needs_validation: ClassVar[bool] = False  # its adaptive state reads the per-epoch validation evaluation
-    validation_attacks: ClassVar[tuple[str, ...]] = ()  # attacks it needs in that evaluation
-
-    def __init__(self, options: MethodOptions, ctx: Context):
-        self.options = options
-        self.ctx = ctx
-        self.student = ctx.student
-        self.device = next(ctx.attacked.parameters()).device
-        self.progress = Progress()
-
-    def attack(
-        self, loss: Loss, eps: Optional[torch.Tensor] = None, step_size: Optional[torch.Tensor] = None, **options
-    ) -> PGD:
-        """The training-time inner maximisation on the bare student, from the config's settings
-        (`attack.start: auto` is the method's `default_start`); `eps` / `step_size`: per-sample
-        budgets (shape (B,)) for methods with class-wise ones, else the config's; `options`: PGD's
-        (count_correct, early_stop, tau)."""
-        a = self.ctx.attack
-        chosen = a.start if a.start != "auto" else self.default_start
-        eps = a.eps if eps is None else eps
-        step_size = a.step_size if step_size is None else step_size
-        return PGD(
-            self.ctx.attacked,
-            eps,
-            step_size,
-            a.steps,
-            loss=loss,
-            start=chosen,
-            fold_batchnorm=a.fold_batchnorm,
-            **options,
-        )
-
-    @torch.no_grad()
-    def clean_prediction(self, x: torch.Tensor) -> torch.Tensor:
-        """The bare student's softmax on x in eval mode, without gradient: TRADES' inner-max target."""
-        with eval_mode(self.ctx.attacked) as model:
-            return torch.softmax(model(x), dim=1)
-
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        raise NotImplementedError
-
-    def on_epoch_start(self, progress: Progress) -> None:
-        self.progress = progress
-
-    def on_step_end(self, progress: Progress) -> None:
-        pass
-
-    def on_epoch_end(self, progress: Progress) -> None:
-        pass
-
-    def on_validation(self, summary: dict[str, Any], progress: Progress) -> None:
-        """Called with the validation evaluation that ends each epoch (`needs_validation` methods:
-        every epoch, on the validation split, with `validation_attacks` among the attacks)."""
-
-    @classmethod
-    def required_teachers(cls, options: MethodOptions) -> tuple[str, ...]:
-        """The teacher roles a run with these options needs under `teachers:` (default: `teachers`)."""
-        return cls.teachers
-
-    @classmethod
-    def validates(cls, options: MethodOptions) -> bool:
-        """Whether a run with these options adapts to a validation every epoch (the preflight then
-        requires train.eval_every=1 and train.select_on=val)."""
-        return cls.needs_validation
-
-    @classmethod
-    def averages_weights(cls, options: MethodOptions) -> bool:
-        """Whether the loop keeps a weight average of the student, updated by `average_decay`, and
-        validates, selects and reports the average instead of the student."""
-        return False
-
-    def average_decay(self, summary: dict[str, Any], progress: Progress) -> Optional[float]:
-        """After `on_validation` (the student's summary): d for theta_avg <- d theta_avg + (1 - d) theta,
-        or None to leave the average as it is this epoch (`averages_weights` methods)."""
-        return None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-    def log_state(self) -> dict[str, Any]:
-        """Adaptive state worth a line in metrics.jsonl (temperatures, weights, ...)."""
-        return {}
-
-
-def create_method(options: MethodOptions, ctx: Context) -> Method:
-    return METHODS.get(options.name)(options, ctx)
-
-
-@torch.no_grad()
-def update_average(average: nn.Module, model: nn.Module, decay: float) -> None:
-    """average <- decay * average + (1 - decay) * model, for every parameter and floating-point
-    buffer (BatchNorm statistics too); integer buffers (batch counters) are copied."""
-    for a, b in zip(average.state_dict().values(), model.state_dict().values()):
-        if a.is_floating_point():
-            a.mul_(decay).add_(b.detach(), alpha=1 - decay)
-        else:
-            a.copy_(b)
-
-
-from . import absld, adaad, ard, bat, cfa, composed, fair_ard, frl, iad, mart, mtard, natural, pgd_at, rslad, trades  # noqa: E402,F401  (register the methods)
-
-__all__ = ["METHODS", "Context", "Method", "MethodOptions", "Progress", "create_method", "update_average"]
+__all__ = [
+    "METHODS",
+    "Context",
+    "FrozenTeacher",
+    "Method",
+    "MethodOptions",
+    "Progress",
+    "create_method",
+    "update_average",
+]

@@ -32,10 +32,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
-from ..losses import kl_div, soft_targets
-from . import METHODS, Method
+from ..core.errors import ConfigError
 from .balance import ClassWiseTemperature
+from .base import METHODS, Method
+from .losses import kl_div, soft_targets
 from .rslad import SoftLabelOptions
 
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
-from ..losses import kl_div
-from . import METHODS, Method, MethodOptions
+from ..core.errors import ConfigError
+from .base import METHODS, Method, MethodOptions
+from .losses import kl_div
 
 
 def ard_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:

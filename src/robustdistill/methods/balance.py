@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ..distributed import all_reduce_mean, all_reduce_sum
+from ..core.distributed import all_reduce_mean, all_reduce_sum
 
 
 class ClassWiseTemperature:

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
-from ..losses import kl_div
-from . import METHODS, Method, MethodOptions
+from ..core.errors import ConfigError
+from .base import METHODS, Method, MethodOptions
+from .losses import kl_div
 
 
 def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:

@@ -35,11 +35,11 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from ..distributed import all_reduce_sum
-from ..errors import ConfigError
-from ..losses import kl_div
-from ..metrics import ROBUST_ATTACK
-from . import METHODS, Method, MethodOptions
+from ..attacks import ROBUST_ATTACK
+from ..core.distributed import all_reduce_sum
+from ..core.errors import ConfigError
+from .base import METHODS, Method, MethodOptions
+from .losses import kl_div
 
 
 def calibrated_eps(robust: torch.Tensor, lambda_1: float, eps: float) -> torch.Tensor:

@@ -52,10 +52,10 @@ from typing import Any, Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
-from ..losses import kl_div, soft_targets
-from . import METHODS, Method, MethodOptions
+from ..core.errors import ConfigError
 from .balance import ClassWiseTemperature, EntropyBalance, LossBalance, negative_entropy
+from .base import METHODS, Method, MethodOptions
+from .losses import kl_div, soft_targets
 
 # each preset's parts; the rates and ranges are the named methods' defaults
 _TWO_TEACHERS = {"nat_teacher": "clean", "adversarial_target": "adversarial", "attack_loss": "ce"}

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..distributed import all_reduce_sum
-from ..errors import ConfigError
-from ..losses import kl_div
-from . import METHODS, Method, MethodOptions
+from ..core.distributed import all_reduce_sum
+from ..core.errors import ConfigError
+from .base import METHODS, Method, MethodOptions
+from .losses import kl_div
 
 
 def class_weights(kappa: torch.Tensor, beta: float, lo: float = 5 / 6, hi: float = 5 / 2) -> torch.Tensor:

@@ -30,10 +30,10 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
-from ..losses import kl_div
-from ..metrics import ROBUST_ATTACK
-from . import METHODS, Method, MethodOptions
+from ..attacks import ROBUST_ATTACK
+from ..core.errors import ConfigError
+from .base import METHODS, Method, MethodOptions
+from .losses import kl_div
 
 DEFAULTS = {  # variant -> (delta, margin rate r2, margin clip m)
     "reweight": (0.1, 0.1, 2.5),

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
-from ..losses import kl_div
-from . import METHODS, Method, MethodOptions
+from ..core.errors import ConfigError
+from .base import METHODS, Method, MethodOptions
+from .losses import kl_div
 
 
 def iad_loss(teacher_clean, teacher_adv, student_clean, student_adv, y, *, temperature, beta, introspect):

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
-from . import METHODS, Method, MethodOptions
+from ..core.errors import ConfigError
+from .base import METHODS, Method, MethodOptions
 
 
 def mart_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float):

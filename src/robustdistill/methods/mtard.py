@@ -29,10 +29,10 @@ from typing import Literal
 
 import torch
 
-from ..errors import ConfigError
-from ..losses import kl_div, soft_targets
-from . import METHODS, Method, MethodOptions
+from ..core.errors import ConfigError
 from .balance import EntropyBalance, LossBalance, negative_entropy
+from .base import METHODS, Method, MethodOptions
+from .losses import kl_div, soft_targets
 
 
 @dataclass

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from . import METHODS, Method, MethodOptions
+from .base import METHODS, Method, MethodOptions
 
 
 @METHODS.register("pgd_at")

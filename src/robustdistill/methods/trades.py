@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from ..errors import ConfigError
-from . import METHODS, Method, MethodOptions
+from ..core.errors import ConfigError
+from .base import METHODS, Method, MethodOptions
 
 
 @METHODS.register("trades")

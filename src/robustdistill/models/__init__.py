@@ -1,120 +1,40 @@
-"""Model registry (timm-style): `create_model(name, num_classes, in_channels, **kwargs)`.
+"""Models: a registry of architectures (timm-style), model files, and where a model comes from.
 
-Every model takes images in [0, 1] (NCHW) and returns logits; the optional mean/std
-normalisation lives inside the model (`Classifier.normalize`), as attack code expects.
+    base.py         MODELS, `create_model(spec)`, `ModelSpec`, the `model` config section, `Classifier`
+                    (an input normalisation in front of a network), `fingerprint`, `eval_mode`
+    resnet.py, wide_resnet.py, mobilenet.py, small_cnn.py   the architectures (layers.py: shared pooling)
+    fold.py         the attacks' view of a model with its batch norms folded into its convolutions
+    checkpoint.py   safetensors model files that carry their architecture (`ModelMeta`), foreign state dicts
+    robustbench.py  RobustBench model-zoo entries read from a local model directory
+    sources.py      what a model path means (run folder, file, zoo entry), loading it; teachers
+
+Every model takes images in [0, 1] (NCHW) and returns logits; the optional mean/std normalisation
+lives inside the model, as attack code expects.
 """
 
-from __future__ import annotations
+from . import mobilenet, resnet, small_cnn, wide_resnet  # noqa: F401  (register the models)
+from .base import (
+    MODELS,
+    Classifier,
+    ModelConfig,
+    ModelSpec,
+    Normalize,
+    check_model_builds,
+    create_model,
+    eval_mode,
+    fingerprint,
+    list_models,
+)
 
-import contextlib
-import hashlib
-import inspect
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
-
-import torch
-from torch import nn
-
-from ..errors import ConfigError
-from ..registry import Registry
-
-MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
-
-
-class Normalize(nn.Module):
-    def __init__(self, mean: list[float], std: list[float]):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
-class Classifier(nn.Module):
-    """A network behind an optional input normalisation; the unit every checkpoint stores."""
-
-    def __init__(self, net: nn.Module, mean: Optional[list[float]] = None, std: Optional[list[float]] = None):
-        super().__init__()
-        self.normalize = Normalize(mean, std) if mean is not None else nn.Identity()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.normalize(x))
-
-
-@dataclass
-class ModelSpec:
-    """Everything needed to rebuild a model; stored in every checkpoint this tool writes."""
-
-    name: str
-    num_classes: int
-    in_channels: int = 3
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    mean: Optional[list[float]] = None
-    std: Optional[list[float]] = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def check_model_kwargs(name: str, kwargs: dict[str, Any], key: str = "model") -> None:
-    """Raise a ConfigError naming the option if `kwargs` does not fit model `name`."""
-    builder = MODELS.get(name)
-    params = inspect.signature(builder).parameters
-    allowed = [p for p in params if p not in ("num_classes", "in_channels")]
-    for k in kwargs:
-        if k not in allowed:
-            raise ConfigError(
-                f"{key}.kwargs.{k} is not an option of model '{name}'; allowed: {', '.join(allowed) or 'none'}"
-            )
-
-
-def _build(name: str, kwargs: dict[str, Any], key: str, num_classes: int, in_channels: int) -> nn.Module:
-    check_model_kwargs(name, kwargs, key)
-    try:
-        return MODELS.get(name)(num_classes=num_classes, in_channels=in_channels, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - a builder rejects bad options with many exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{key}.kwargs {kwargs} do not build model '{name}': {first}") from None
-
-
-def check_model_builds(name: str, kwargs: dict[str, Any], key: str = "model") -> None:
-    """Build the model on the meta device (no memory, no compute): bad options fail here, at config time."""
-    with torch.device("meta"):
-        _build(name, kwargs, key, num_classes=10, in_channels=3)
-
-
-def create_model(spec: ModelSpec) -> Classifier:
-    net = _build(spec.name, spec.kwargs, "model", spec.num_classes, spec.in_channels)
-    return Classifier(net, spec.mean, spec.std)
-
-
-def fingerprint(model: nn.Module) -> str:
-    """SHA-256 of a model's parameters and buffers (names and bytes)."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """`model` in eval mode for the block, then back in the mode it was in (also on an error)."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def list_models(pattern: str = "*") -> list[str]:
-    return MODELS.names(pattern)
-
-
-from . import mobilenet, resnet, small_cnn, wide_resnet  # noqa: E402,F401  (register the models)
-
-__all__ = ["MODELS", "Classifier", "ModelSpec", "Normalize", "create_model", "eval_mode", "fingerprint", "list_models"]
+__all__ = [
+    "MODELS",
+    "Classifier",
+    "ModelConfig",
+    "ModelSpec",
+    "Normalize",
+    "check_model_builds",
+    "create_model",
+    "eval_mode",
+    "fingerprint",
+    "list_models",
+]

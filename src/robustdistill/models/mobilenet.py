@@ -6,7 +6,7 @@ stride-1 block whose width changes."""
 import torch.nn.functional as F
 from torch import nn
 
-from . import MODELS
+from .base import MODELS
 from .layers import GlobalAvgPool
 
 # (expansion, out_channels, num_blocks, stride)

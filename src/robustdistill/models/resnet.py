@@ -10,7 +10,7 @@ Global average pooling is adaptive, so the same networks also run on small input
 import torch.nn.functional as F
 from torch import nn
 
-from . import MODELS
+from .base import MODELS
 from .layers import GlobalAvgPool
 
 

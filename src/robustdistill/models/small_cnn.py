@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from . import MODELS
+from .base import MODELS
 from .layers import GlobalAvgPool
 
 

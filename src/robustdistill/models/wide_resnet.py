@@ -9,7 +9,7 @@ checkpoint loads without unexpected keys; it takes no part in the forward pass.
 import torch.nn.functional as F
 from torch import nn
 
-from . import MODELS
+from .base import MODELS
 from .layers import GlobalAvgPool
 
 

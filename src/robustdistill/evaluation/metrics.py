@@ -9,8 +9,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ..attacks import ROBUST_ATTACK
+
 SELECTION_METRICS = ("clean", "robust", "robust_plus_worst", "w_robust")
-ROBUST_ATTACK = "pgd20"  # the attack behind "robust accuracy" in selection and W-Robust Acc
 Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile
 
 

@@ -7,7 +7,7 @@ submitit (`pip install robustdistill[slurm]`).
 
 The teachers the grid trains are submitted first, one job each; the cells then as one job array that
 starts after them (`afterok`). Each job trains, resumes or checks its run folder exactly as the local
-executor does (`compare._train`), so a cell is the same bits wherever it ran, and the report, built
+executor does (`execute.train_run`), so a cell is the same bits wherever it ran, and the report, built
 from the run folders alone, is the same as a local grid's. A job SLURM signals before its time limit
 or a preemption requeues itself (submitit's checkpoint/requeue) and the requeued job resumes the run
 from its last epoch checkpoint, bit for bit; a job that fails leaves its error in
@@ -32,11 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .compare import _train, finished_changes, prepare, publish
-from .errors import ConfigError, UserError
-from .files import atomic_write
-from .grid import GridRun, SlurmSpec, status
-from .report import markdown_table
+from ..core.errors import ConfigError, UserError
+from ..evaluation.report import markdown_table
+from ..storage.files import atomic_write
+from .assemble import publish
+from .execute import finished_changes, train_run
+from .grid import GridRun, SlurmSpec, prepare, status
 
 log = logging.getLogger("robustdistill")
 
@@ -101,7 +102,7 @@ class RunJob:
                 _torchrun(self.run, self.out, self.spec)
             elif _node() == 0:
                 os.environ.setdefault("TQDM_DISABLE", "1")
-                _train(self.run)
+                train_run(self.run)
         except BaseException as exc:  # recorded for --status, then SLURM sees the job fail
             if not isinstance(exc, SystemExit):  # submitit's own exit after a requeue is not a failure
                 failure.parent.mkdir(parents=True, exist_ok=True)
@@ -348,7 +349,7 @@ def check_spec(spec: SlurmSpec, runs: list[GridRun]) -> None:
         raise ConfigError("a run asks for train.device cuda but the grid's slurm.gpus_per_node is 0")
 
 
-def run_grid(
+def compare_on_slurm(
     grid_path: str | Path,
     out: Optional[str | Path] = None,
     command: str = "",

@@ -22,12 +22,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .attacks import AttackEnv, EvalSettings, get_attack, predict
+from ..attacks import ROBUST_ATTACK, AttackEnv, EvalSettings, get_attack, predict
+from ..core.distributed import all_reduce_max, assemble, owned_indices
+from ..data import Split
+from ..models import eval_mode, fingerprint
 from .checks import CheckContext, run_checks
-from .data import Split
-from .distributed import all_reduce_max, assemble, owned_indices
-from .metrics import ROBUST_ATTACK, sample_metrics
-from .models import eval_mode, fingerprint
+from .metrics import sample_metrics
 
 
 def _bounds(x_adv: torch.Tensor, x: torch.Tensor) -> dict[str, float]:

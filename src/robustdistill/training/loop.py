@@ -29,11 +29,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .attacks import EvalSettings
-from .checkpoint import ModelMeta, load_torch, save_model, save_torch
-from .config import RESUMABLE, Config, config_changes, from_dict
-from .data import Augment, BatchLoader, Dataset, Split, load_dataset, subset_of
-from .distributed import (
+from ..attacks import EvalSettings
+from ..core.distributed import (
     DistInfo,
     any_rank,
     barrier,
@@ -44,17 +41,22 @@ from .distributed import (
     restore_rng,
     rng_states,
 )
-from .errors import ConfigError, TrainingError
-from .evaluate import evaluate
-from .files import FolderLock, atomic_write
-from .methods import Context, Method, Progress, create_method, update_average
-from .metrics import needed_attacks, selection_score
-from .models import Classifier, ModelSpec, create_model, eval_mode, fingerprint
-from .pipeline import final_report
+from ..core.errors import ConfigError, TrainingError
+from ..core.timing import FlopCount, duration, intra_op_threads, time_left
+from ..data import Augment, BatchLoader, Dataset, Split, load_dataset, subset_of
+from ..evaluation.checks import failed
+from ..evaluation.metrics import needed_attacks, selection_score
+from ..evaluation.pipeline import evaluate_source
+from ..evaluation.report import write_report
+from ..evaluation.suite import evaluate
+from ..methods import Context, FrozenTeacher, Method, Progress, create_method, update_average
+from ..models import Classifier, ModelSpec, create_model, eval_mode, fingerprint
+from ..models.checkpoint import ModelMeta, save_model
+from ..models.sources import ModelSource, load_teacher, model_spec
+from ..storage.files import FolderLock, atomic_write, load_torch, save_torch
+from ..storage.runs import CHECKPOINTS, MetricsLog, create_run_dir, foreign_entries, keep_previous_report
+from .config import RESUMABLE, Config, config_changes, from_dict
 from .preflight import initialise, preflight, record_changes
-from .runs import CHECKPOINTS, MetricsLog, create_run_dir, foreign_entries
-from .teachers import FrozenTeacher, load_teacher, model_spec
-from .timing import FlopCount, duration, intra_op_threads, time_left
 
 log = logging.getLogger("robustdistill")
 
@@ -523,3 +525,44 @@ def save(run: Run, record: dict[str, Any], left: float = float("nan")) -> None:
             to_go,
         )
     barrier()
+
+
+def final_report(
+    cfg: Config,
+    dataset: Dataset,
+    dist_info: DistInfo,
+    settings: EvalSettings,
+    teachers: dict[str, nn.Module],
+    selection: dict[str, Any],
+) -> dict[str, Any]:
+    """Evaluate the run's best checkpoint on the test split with `settings` (and the sanity checks),
+    in the memory format it was trained in; write report.json/.md. The transfer attack's surrogate
+    defaults to the robust teacher."""
+    ckpt = cfg.run_dir / CHECKPOINTS / "best.safetensors"
+    report = evaluate_source(
+        ModelSource(str(cfg.run_dir), "run", ckpt, cfg.run_dir),
+        dataset,
+        "test",
+        cfg.eval,
+        settings,
+        memory_format=cfg.train.memory_format,
+        teachers=cfg.teachers,
+        loaded=teachers,
+        dist=dist_info,
+        state_dir=cfg.run_dir,
+    )
+    report["selection"] = selection
+    if dist_info.is_main:
+        kept = keep_previous_report(cfg.run_dir)  # a finished run resumed: its report is kept, not replaced
+        if kept is not None:
+            log.info("the run's previous report is kept as %s", kept)
+        write_report(cfg.run_dir, report, title=f"{cfg.run_dir.name}: {cfg.method.name} on {dataset.name}")
+        for check in failed(report.get("checks", [])):
+            log.warning(
+                "WARNING: sanity check %d (%s) FAILED for %s: %s",
+                check["id"],
+                check["name"],
+                cfg.run_dir,
+                check["message"],
+            )
+    return report

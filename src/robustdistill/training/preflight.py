@@ -12,16 +12,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .attacks import needs_surrogate
+from ..attacks import needs_surrogate
+from ..core.errors import CheckpointError, ConfigError
+from ..data import Dataset
+from ..evaluation.report import now
+from ..methods import METHODS
+from ..models import Classifier, ModelSpec
+from ..models.sources import ModelSource, load_source, resolve_model_source, resolve_teacher
+from ..storage.files import atomic_write
+from ..storage.runs import check_run_dir
 from .config import RESUMABLE, Config, config_changes, load_config
-from .data import Dataset
-from .errors import CheckpointError, ConfigError
-from .files import atomic_write
-from .methods import METHODS
-from .models import Classifier, ModelSpec
-from .report import now
-from .runs import check_run_dir
-from .teachers import ModelSource, load_source, resolve_model_source, resolve_teacher
 
 log = logging.getLogger("robustdistill")
 

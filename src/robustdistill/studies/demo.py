@@ -4,48 +4,27 @@ It trains a clean teacher (natural training) and a robust teacher (TRADES), dist
 ABSLD, MTARD and B-MTARD students from them, evaluates everything on the test split and prints
 one comparison table (clean, PGD-20, worst-class PGD-20, NSD, W-Robust Acc).
 
-The digits recipes are package data (`recipes/digits/*.yaml`, one copy: `configs/digits` in a
-checkout links to it), so the demo works from any install.
+The digits recipes are package data (`robustdistill.recipes`; `configs/digits` in a checkout links
+to them), so the demo works from any install.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
-from importlib.resources import as_file, files
 from pathlib import Path
-from typing import Any, Optional
 
-from .config import from_dict
-from .errors import UserError
-from .report import comparison_table, machine, read_report, setup_line, versions, write_section
-from .schema import read_yaml
-from .timing import duration
-from .train import train
+from ..core.errors import UserError
+from ..core.timing import duration
+from ..evaluation.report import comparison_table, machine, read_report, setup_line, versions, write_section
+from ..recipes import recipe
+from ..training.config import from_dict
+from ..training.loop import train
 
 log = logging.getLogger("robustdistill")
 
-RECIPES = files("robustdistill") / "recipes" / "digits"  # the digits recipes (package data; README.md there)
 TEACHERS = {"clean": "natural", "robust": "trades"}
 STUDENTS = ["rslad", "absld", "mtard", "bmtard"]
-
-
-def recipe_names() -> list[str]:
-    return sorted(p.name[: -len(".yaml")] for p in RECIPES.iterdir() if p.name.endswith(".yaml"))
-
-
-def recipe(name: str, teachers: Optional[Mapping[str, str | Path]] = None) -> dict[str, Any]:
-    """The raw config mapping of digits recipe `name` (recipes/digits/<name>.yaml), named after it;
-    `teachers` (role -> run folder or checkpoint) replaces the paths of the teachers it uses."""
-    path = RECIPES / f"{name}.yaml"
-    if not path.is_file():
-        raise UserError(f"no digits recipe '{name}'; available: {', '.join(recipe_names())}")
-    with as_file(path) as local:
-        raw = read_yaml(local) | {"name": name}
-    for role in raw.get("teachers", {}) if teachers is not None else ():
-        raw["teachers"][role]["path"] = str(teachers[role])
-    return raw
 
 
 def run_demo(

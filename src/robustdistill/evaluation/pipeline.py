@@ -3,14 +3,13 @@
     source = resolve_model_source("runs/rslad")
     report = evaluate_source(source, dataset, "test", cfg.eval, cfg.eval.resolve(cfg.default_eps))
 
-A training run's final report (`final_report`, called by `train`) and `robustdistill eval`
+A training run's final report (`training.loop.final_report`) and `robustdistill eval`
 (`api.evaluate_path`) both call `evaluate_source`: the same loading, memory format, subset,
 surrogate and suite, so `robustdistill eval RUN` computes the verdicts the run's own report holds.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
@@ -18,18 +17,15 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .attacks import EvalSettings
-from .checks import failed
-from .config import Config, EvalConfig, TeacherConfig
-from .data import Dataset, subset_of
-from .distributed import DistInfo
-from .evaluate import evaluate
-from .models import ModelSpec
-from .report import build_report, write_report
-from .runs import CHECKPOINTS, keep_previous_report
-from .teachers import ModelSource, load_source, load_surrogate
-
-log = logging.getLogger("robustdistill")
+from ..attacks import EvalSettings, needs_surrogate
+from ..core.distributed import DistInfo
+from ..core.errors import UserError
+from ..data import Dataset, subset_of
+from ..models import ModelSpec
+from ..models.sources import ModelSource, TeacherConfig, load_source, load_teacher
+from .config import EvalConfig
+from .report import build_report
+from .suite import evaluate
 
 
 def evaluate_source(
@@ -78,42 +74,25 @@ def evaluate_source(
     return build_report(summary, spec, source.checkpoint, dataset, split, len(chosen), settings.seed)
 
 
-def final_report(
-    cfg: Config,
+def load_surrogate(
+    eval_cfg: EvalConfig,
+    teacher_cfgs: dict[str, TeacherConfig],
     dataset: Dataset,
-    dist_info: DistInfo,
-    settings: EvalSettings,
-    teachers: dict[str, nn.Module],
-    selection: dict[str, Any],
-) -> dict[str, Any]:
-    """Evaluate the run's best checkpoint on the test split with `settings` (and the sanity checks),
-    in the memory format it was trained in; write report.json/.md. The transfer attack's surrogate
-    defaults to the robust teacher."""
-    ckpt = cfg.run_dir / CHECKPOINTS / "best.safetensors"
-    report = evaluate_source(
-        ModelSource(str(cfg.run_dir), "run", ckpt, cfg.run_dir),
-        dataset,
-        "test",
-        cfg.eval,
-        settings,
-        memory_format=cfg.train.memory_format,
-        teachers=cfg.teachers,
-        loaded=teachers,
-        dist=dist_info,
-        state_dir=cfg.run_dir,
+    device: torch.device,
+    loaded: Optional[dict[str, nn.Module]] = None,
+) -> Optional[nn.Module]:
+    """The transfer attack's source model: `eval.surrogate`, else the robust teacher (reused from
+    `loaded` when training already holds it); None when no attack asked for needs one."""
+    if not needs_surrogate(eval_cfg.attacks):
+        return None
+    if eval_cfg.surrogate is not None:
+        return load_teacher(
+            "surrogate", TeacherConfig(path=eval_cfg.surrogate, model=eval_cfg.surrogate_model), dataset, device
+        )
+    if loaded and "robust" in loaded:
+        return loaded["robust"]
+    if "robust" in teacher_cfgs:
+        return load_teacher("robust", teacher_cfgs["robust"], dataset, device)
+    raise UserError(
+        "the transfer attack needs a surrogate: set eval.surrogate (or --surrogate) to a run folder or checkpoint"
     )
-    report["selection"] = selection
-    if dist_info.is_main:
-        kept = keep_previous_report(cfg.run_dir)  # a finished run resumed: its report is kept, not replaced
-        if kept is not None:
-            log.info("the run's previous report is kept as %s", kept)
-        write_report(cfg.run_dir, report, title=f"{cfg.run_dir.name}: {cfg.method.name} on {dataset.name}")
-        for check in failed(report.get("checks", [])):
-            log.warning(
-                "WARNING: sanity check %d (%s) FAILED for %s: %s",
-                check["id"],
-                check["name"],
-                cfg.run_dir,
-                check["message"],
-            )
-    return report

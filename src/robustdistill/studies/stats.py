@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .metrics import ROBUST_ATTACK
+from ..attacks import ROBUST_ATTACK
 
 HOW = (
     "Intervals: a hierarchical bootstrap; each draw resamples the seeds and the test images (within each "

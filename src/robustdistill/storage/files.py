@@ -1,4 +1,5 @@
-"""Writing files so that a reader never sees half of one and a crash loses nothing."""
+"""Writing files so that a reader never sees half of one and a crash loses nothing, one writer per
+folder (`FolderLock`), and torch files read without running code (`load_torch`)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import tempfile
 from collections.abc import Callable
 from errno import EACCES, ENOSPC, EROFS
 from pathlib import Path
+from typing import Any
 
-from .errors import UserError
+import torch
+
+from ..core.errors import CheckpointError, UserError
 
 HOST = socket.gethostname()
 INSIDE_LOCK = ".robustdistill-lock"  # an evaluation folder's lock file (FolderLock(..., inside=True))
@@ -135,3 +139,36 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def save_torch(obj: Any, path: str | Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_torch(path: str | Path) -> Any:
+    """`torch.load` restricted to tensors and plain containers (weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - torch raises many types for unsafe or corrupt files
+        pass
+    try:  # lists the pickle's globals without executing anything
+        refused = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001
+        refused = []
+    if any(name.startswith("torch.nn.modules.") for name in refused):
+        raise CheckpointError(
+            f"{path} holds a whole pickled model, not a state dict; loading it would run arbitrary code, so this "
+            "tool refuses: in Python, load it from a source you trust and save model.state_dict() instead"
+        ) from None
+    if refused:
+        shown = ", ".join(sorted(refused)[:3]) + (f" and {len(refused) - 3} more" if len(refused) > 3 else "")
+        raise CheckpointError(
+            f"{path} needs the Python object(s) {shown}, which this tool refuses to unpickle (weights_only=True "
+            "loads tensors and plain containers only); save a plain state dict of tensors instead"
+        ) from None
+    raise CheckpointError(
+        f"{path} is truncated or not a PyTorch checkpoint (torch.save file); re-save or re-copy it"
+    ) from None

@@ -1,12 +1,12 @@
 """Models this tool did not just train (teachers, the transfer attack's surrogate, models to
-evaluate): what a model path means, and loading it.
+evaluate): what a model path means, and loading it; the `teachers.<role>` config section.
 
     source = resolve_model_source("runs/trades")                   # a run folder: its best checkpoint
     source = resolve_model_source("teacher.pt")                     # a checkpoint file
     source = resolve_model_source("robustbench:Standard", dataset="cifar10")   # a local zoo entry
 
-Training (its preflight and its teachers), `robustdistill eval` and the surrogate all go through
-`resolve_model_source`; a missing file is a `CheckpointError` that says what to put where.
+Training (its preflight, its teachers and `train.init_from`), `robustdistill eval` and the
+surrogate all go through `resolve_model_source`; a missing file is a `CheckpointError` that says what to put where.
 """
 
 from __future__ import annotations
@@ -16,16 +16,13 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-from torch import nn
 
-from .attacks import needs_surrogate
+from ..core.errors import CheckpointError, UserError, require
+from ..data import Dataset
+from ..storage.runs import model_checkpoint
+from .base import Classifier, ModelConfig, ModelSpec
 from .checkpoint import load_model, read_model_meta
-from .config import EvalConfig, ModelConfig, TeacherConfig
-from .data import Dataset
-from .errors import CheckpointError, UserError
-from .models import Classifier, ModelSpec
 from .robustbench import is_robustbench, load_robustbench, zoo_file
-from .runs import model_checkpoint
 
 
 @dataclass(frozen=True)
@@ -65,6 +62,25 @@ def load_source(
         return model, spec
     model, meta = load_model(source.checkpoint, spec)
     return model, spec or meta.spec
+
+
+@dataclass
+class TeacherConfig:
+    """A teacher: a run folder of this tool, or a checkpoint file.
+
+    A safetensors file written by this tool carries its architecture; a plain state dict
+    (`.pt`/`.pth`, read with weights_only=True) or a foreign safetensors file needs `model`.
+    """
+
+    path: str = ""  # run folder, checkpoint file, or robustbench:<Name>[@<threat>]
+    checkpoint: Literal["best", "last"] = "best"  # which checkpoint of a run folder
+    model: Optional[ModelConfig] = None
+    model_dir: Optional[str] = None  # RobustBench's local model directory (default: models)
+
+    def validate(self, key: str) -> None:
+        require(bool(self.path), f"{key}.path", "is required")
+        if self.model is not None:
+            self.model.validate(f"{key}.model")
 
 
 def model_spec(model_cfg: ModelConfig, dataset: Dataset) -> ModelSpec:
@@ -126,47 +142,3 @@ def _dataset_of(source: ModelSource) -> Optional[str]:
     meta = read_model_meta(source.checkpoint)
     data = meta.data if meta is not None else None
     return data.get("name") if isinstance(data, dict) else None
-
-
-class FrozenTeacher(nn.Module):
-    """A teacher as the methods call it. Without gradient (its soft labels: every method computes
-    them under `torch.no_grad()`) the forward runs under `torch.inference_mode()`, which also skips
-    autograd's version counters and view tracking, and the logits are cloned out of it (a (B, C)
-    copy) so that they may enter the student's loss, whose backward saves them. With gradient enabled
-    (AdaAD's inner maximisation differentiates through the teacher with respect to the input) it is
-    the plain module."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            return self.module(x)
-        with torch.inference_mode():
-            out = self.module(x)
-        return out.clone()
-
-
-def load_surrogate(
-    eval_cfg: EvalConfig,
-    teacher_cfgs: dict[str, TeacherConfig],
-    dataset: Dataset,
-    device: torch.device,
-    loaded: Optional[dict[str, nn.Module]] = None,
-) -> Optional[nn.Module]:
-    """The transfer attack's source model: `eval.surrogate`, else the robust teacher (reused from
-    `loaded` when training already holds it); None when no attack asked for needs one."""
-    if not needs_surrogate(eval_cfg.attacks):
-        return None
-    if eval_cfg.surrogate is not None:
-        return load_teacher(
-            "surrogate", TeacherConfig(path=eval_cfg.surrogate, model=eval_cfg.surrogate_model), dataset, device
-        )
-    if loaded and "robust" in loaded:
-        return loaded["robust"]
-    if "robust" in teacher_cfgs:
-        return load_teacher("robust", teacher_cfgs["robust"], dataset, device)
-    raise UserError(
-        "the transfer attack needs a surrogate: set eval.surrogate (or --surrogate) to a run folder or checkpoint"
-    )

@@ -1,9 +1,9 @@
 """A comparison grid: its file, typed and checked, and the runs it stands for.
 
-    grid = load_grid(grid_file("digits_methods"))      # a file, or a grid shipped with the package
+    grid = load_grid(grid_file("digits_methods"))      # recipes.grid_file: a file, or a shipped grid
     teachers, cells = plan(grid, path, Path("comparisons/digits_methods"))
 
-The grid file's keys are those of `Grid` (see `compare` for an example); `plan` builds and validates
+The grid file's keys are those of `Grid` (see `execute` for an example); `plan` builds and validates
 every run's config (recipe or config file, the cell's overrides, the axes' values, the grid's eval
 keys and teachers, the seed) before anything runs, and names the runs' folders.
 """
@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from importlib.resources import files
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-from .config import Config, from_dict
-from .demo import recipe, recipe_names
-from .errors import ConfigError, UserError
-from .runs import CHECKPOINTS
-from .schema import apply_overrides, build, read_yaml
+from ..core.errors import ConfigError, UserError
+from ..core.schema import apply_overrides, build, read_yaml
+from ..evaluation.report import write_section
+from ..recipes import grid_file, recipe, recipe_names
+from ..storage.runs import CHECKPOINTS
+from ..training.config import Config, from_dict
 
 
 @dataclass
@@ -119,28 +119,20 @@ def _yaml_value(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
 
 
-def _base(spec: RunSpec, where: str, folder: Path) -> dict[str, Any]:
+def _base(spec: RunSpec, where: str, folder: Path, threads: Optional[int]) -> dict[str, Any]:
+    """The raw config of a run: its recipe or config file, with the grid's `threads` set in its train
+    section (every override, the grid's and the run's own, comes after and may set another)."""
     if (spec.recipe is None) == (spec.config is None):
         raise ConfigError(f"{where}: give either recipe (one of {', '.join(recipe_names())}) or config (a file)")
     if spec.recipe is not None:
-        return recipe(spec.recipe)
-    path = Path(spec.config)
-    return read_yaml(path if path.is_absolute() else folder / path)
-
-
-GRIDS = files("robustdistill") / "recipes" / "grids"  # the shipped grids (package data)
-
-
-def grid_file(name: str | Path) -> Path:
-    """A grid file's path, or the shipped grid of that name (`digits_methods`)."""
-    path = Path(name)
-    if path.is_file() or path.suffix in (".yaml", ".yml"):
-        return path
-    shipped = GRIDS / f"{name}.yaml"
-    if not shipped.is_file():
-        known = sorted(p.name[: -len(".yaml")] for p in GRIDS.iterdir() if p.name.endswith(".yaml"))
-        raise UserError(f"no grid file {name} and no shipped grid of that name (shipped: {', '.join(known)})")
-    return Path(str(shipped))
+        raw = recipe(spec.recipe)
+    else:
+        path = Path(spec.config)
+        raw = read_yaml(path if path.is_absolute() else folder / path)
+    section = raw.get("train") or {}
+    if threads is not None and isinstance(section, dict):
+        raw["train"] = {**section, "threads": threads}
+    return raw
 
 
 def load_grid(path: str | Path, slurm: list[str] = ()) -> Grid:
@@ -180,12 +172,23 @@ def load_grid(path: str | Path, slurm: list[str] = ()) -> Grid:
     return grid
 
 
+def prepare(grid_path: str | Path, out: Optional[str | Path], into: Optional[str | Path] = None, slurm: list[str] = ()):
+    """The grid (its `slurm:` section with the `KEY=VALUE` overrides `slurm`), its file, its folder
+    (default comparisons/<grid name>) and its runs, all checked; `into`'s markers checked too."""
+    grid_path = grid_file(grid_path)
+    grid = load_grid(grid_path, slurm)
+    out = Path(out) if out is not None else Path("comparisons") / grid_path.stem
+    teachers, cells = plan(grid, grid_path, out)
+    if into is not None:
+        write_section(into, f"compare:{grid_path.stem}")  # the markers are there, before anything runs
+    return grid, grid_path, out, teachers, cells
+
+
 def plan(grid: Grid, grid_path: Path, out: Path) -> tuple[list[GridRun], list[GridRun]]:
     """The teachers' runs and the cells' runs, every config built and validated."""
     folder = grid_path.parent
     teachers, paths = [], {}
-    # every run's: the grid's thread count and overrides, before the run's own (which may set others)
-    common = ([] if grid.threads is None else [f"train.threads={grid.threads}"]) + grid.overrides
+    common = grid.overrides  # every run's, before the run's own (which may set others)
     for role, spec in grid.teachers.items():
         if spec.path is not None:
             if spec.recipe or spec.config:
@@ -193,7 +196,7 @@ def plan(grid: Grid, grid_path: Path, out: Path) -> tuple[list[GridRun], list[Gr
             paths[role] = spec.path
             continue
         where = f"{grid_path}: teachers.{role}"
-        raw = _base(spec, where, folder)
+        raw = _base(spec, where, folder, grid.threads)
         cfg = _config(raw, [*common, *spec.overrides, f"out_dir={out / 'teachers'}", f"name={role}"], where)
         teachers.append(GridRun(role, cfg.run_dir, cfg))
         paths[role] = str(cfg.run_dir)
@@ -201,7 +204,7 @@ def plan(grid: Grid, grid_path: Path, out: Path) -> tuple[list[GridRun], list[Gr
     cells = []
     for name, spec in grid.cells.items():
         where = f"{grid_path}: cells.{name}"
-        raw = _base(spec, where, folder)
+        raw = _base(spec, where, folder, grid.threads)
         # the grid's teachers replace the recipe's paths; a role the grid has none for keeps its own
         roles = {r: paths[spec.teachers.get(r, r)] for r in raw.get("teachers", {}) if spec.teachers.get(r, r) in paths}
         for index, group in enumerate(groups(grid)):

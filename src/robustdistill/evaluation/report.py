@@ -42,9 +42,9 @@ from typing import Any, Optional
 import numpy
 import torch
 
-from . import __version__
-from .errors import UserError
-from .files import atomic_write
+from .. import __version__
+from ..core.errors import UserError
+from ..storage.files import atomic_write
 
 SCHEMA_VERSION = 1
 

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-from .errors import CheckpointError, UserError
+from ..core.errors import CheckpointError, UserError
 from .files import INSIDE_LOCK, atomic_write
 
 CHECKPOINTS = "checkpoints"

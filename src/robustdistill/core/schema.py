@@ -21,6 +21,8 @@ import yaml
 
 from .errors import ConfigError
 
+SEED_LIMIT = 2**32  # seeds are integers in [0, SEED_LIMIT)
+
 
 def parse_float(value: Any, key: str) -> float:
     if isinstance(value, bool):

@@ -25,7 +25,7 @@ class TrainingError(UserError):
     """Training cannot go on (for example a non-finite loss)."""
 
 
-def check(ok: bool, key: str, message: str) -> None:
+def require(ok: bool, key: str, message: str) -> None:
     """Raise `ConfigError("<key> <message>")` unless `ok`: the one-line form of every config check."""
     if not ok:
         raise ConfigError(f"{key} {message}")

@@ -21,11 +21,10 @@ from typing import Any, Optional
 
 import torch
 
-from .attacks import ATTACKS, AttackEnv, names_of, of_kind, predict, run_pgd
-from .distributed import assemble
-from .metrics import ROBUST_ATTACK
-from .models import eval_mode, fingerprint
-from .registry import Registry
+from ..attacks import ATTACKS, ROBUST_ATTACK, AttackEnv, names_of, of_kind, predict, run_pgd
+from ..core.distributed import assemble
+from ..core.registry import Registry
+from ..models import eval_mode, fingerprint
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.errors import UserError
+from ..core.timing import intra_op_threads, synchronize
+from ..storage.runs import check_run_dir
 from .config import Config
-from .errors import UserError
-from .runs import check_run_dir
-from .timing import intra_op_threads, synchronize
-from .train import Tally, setup, start_epoch, train_batch, validate, validates_after
+from .loop import Tally, setup, start_epoch, train_batch, validate, validates_after
 
 log = logging.getLogger("robustdistill")
 

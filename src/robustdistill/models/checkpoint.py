@@ -1,5 +1,5 @@
-"""Checkpoint I/O: safetensors model files that carry their architecture, atomic writes,
-and loading of foreign state dicts with `torch.load(weights_only=True)` only.
+"""Model files: safetensors files that carry their architecture, written atomically, and foreign
+state dicts loaded with `torch.load(weights_only=True)` only (`storage.files.load_torch`).
 
 A model file written here is `<name>.safetensors` whose header metadata holds its `ModelMeta`
 (the `ModelSpec`, and for a training run's files its epoch, dataset, eps and method) as JSON, so
@@ -18,44 +18,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from .errors import CheckpointError
-from .files import atomic_write
-from .models import Classifier, ModelSpec, create_model
+from ..core.errors import CheckpointError
+from ..storage.files import atomic_write, load_torch
+from .base import Classifier, ModelSpec, create_model
 
 META_KEY = "robustdistill"
-
-
-def save_torch(obj: Any, path: str | Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def load_torch(path: str | Path) -> Any:
-    """`torch.load` restricted to tensors and plain containers (weights_only=True)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - torch raises many types for unsafe or corrupt files
-        pass
-    try:  # lists the pickle's globals without executing anything
-        refused = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # noqa: BLE001
-        refused = []
-    if any(name.startswith("torch.nn.modules.") for name in refused):
-        raise CheckpointError(
-            f"{path} holds a whole pickled model, not a state dict; loading it would run arbitrary code, so this "
-            "tool refuses: in Python, load it from a source you trust and save model.state_dict() instead"
-        ) from None
-    if refused:
-        shown = ", ".join(sorted(refused)[:3]) + (f" and {len(refused) - 3} more" if len(refused) > 3 else "")
-        raise CheckpointError(
-            f"{path} needs the Python object(s) {shown}, which this tool refuses to unpickle (weights_only=True "
-            "loads tensors and plain containers only); save a plain state dict of tensors instead"
-        ) from None
-    raise CheckpointError(
-        f"{path} is truncated or not a PyTorch checkpoint (torch.save file); re-save or re-copy it"
-    ) from None
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from typing import Any, Optional
 
 from torch import nn
 
+from ..core.errors import CheckpointError
+from .base import ModelSpec, create_model
 from .checkpoint import load_into, read_state_dict
-from .errors import CheckpointError
-from .models import ModelSpec, create_model
 
 PREFIX = "robustbench:"
 

@@ -1,0 +1,8 @@
+"""What everything else stands on, with no knowledge of models or training.
+
+errors.py       the errors a user can cause and fix (`UserError`: one line, exit code 2); `require`
+registry.py     the name registries (models, datasets, attacks, methods, checks)
+schema.py       YAML and `key=value` overrides typed into dataclasses, with errors naming the key
+distributed.py  DDP plumbing (no-ops in one process), devices, every rank's random streams
+timing.py       FLOP counting, durations for people, thread counts
+"""

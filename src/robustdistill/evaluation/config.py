@@ -1,0 +1,93 @@
+"""The `eval` config section: what the final evaluation of a run and `robustdistill eval` run, and
+its resolution into the frozen `EvalSettings` every attack reads."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..attacks import ATTACKS, EvalSettings
+from ..core.errors import ConfigError, require
+from ..core.schema import SEED_LIMIT
+from ..models import ModelConfig
+
+log = logging.getLogger("robustdistill")
+
+
+@dataclass
+class EvalConfig:
+    """The evaluation run at the end of training and by `robustdistill eval` (spec/evaluation.md)."""
+
+    attacks: list[str] = field(default_factory=lambda: ["clean", "pgd20"])  # pgd<N>, cw<N>: N steps
+    eps: Optional[float] = None  # None: the training attack's eps
+    step_size: Optional[float] = None  # None: eps / 4 (2/255 at 8/255)
+    restarts: int = 1  # random restarts of PGD / CW / transfer; a sample must survive all of them
+    square_queries: int = 5000
+    surrogate: Optional[str] = None  # transfer attack source (run folder or checkpoint); None: the robust teacher
+    surrogate_model: Optional[ModelConfig] = None  # the surrogate's architecture, for a foreign state dict
+    checks: bool = True  # run the sanity checks of spec/evaluation.md
+    checks_subset: int = 500  # images the extra check attacks use
+    large_eps: float = 1.0  # the budget of the large-eps check
+    batch_size: int = 256
+    subset: Optional[int] = None  # evaluate on the first N test images
+    seed: int = 0
+    fold_batchnorm: bool = True  # PGD / CW steps on the model with batch norm folded into its convolutions
+
+    def validate(self) -> None:
+        for name in self.attacks:
+            attack = ATTACKS.get(name)
+            require(
+                attack.family is None or attack.steps is not None,
+                "eval.attacks",
+                f"'{name}' needs its steps in the name, e.g. {attack.family}20",
+            )
+        require(len(set(self.attacks)) == len(self.attacks), "eval.attacks", "lists an attack twice")
+        require(self.restarts >= 1, "eval.restarts", "must be >= 1")
+        require(self.square_queries >= 1, "eval.square_queries", "must be >= 1")
+        require(self.checks_subset >= 1, "eval.checks_subset", "must be >= 1")
+        require(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        require(self.eps is None or 0 <= self.eps <= 1, "eval.eps", "must be in [0, 1] (e.g. 8/255)")
+        require(self.step_size is None or 0 < self.step_size <= 1, "eval.step_size", "must be in (0, 1]")
+        require(0 < self.large_eps <= 1, "eval.large_eps", "must be in (0, 1]")
+        require(self.subset is None or self.subset >= 1, "eval.subset", "must be >= 1")
+        require(0 <= self.seed < SEED_LIMIT, "eval.seed", "must be an integer in [0, 2**32)")
+        if self.surrogate_model is not None:
+            self.surrogate_model.validate("eval.surrogate_model")
+
+    @classmethod
+    def config_upgrade(cls, raw: dict[str, Any], key: str) -> dict[str, Any]:
+        """Configs written before the attacks' names carried their steps (run folders' config.yaml
+        among them) still load: `pgd_steps` and `cw_steps` become the steps in the names of `pgd20`
+        and `cw`, with a one-line note."""
+        old = {k: raw[k] for k in ("pgd_steps", "cw_steps") if k in raw}
+        for k, v in old.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{key}.{k} must be an integer >= 1 (better: the steps in the attack's name, pgd50)")
+        attacks = raw.get("attacks", cls().attacks if "pgd_steps" in old else None)
+        bare_cw = isinstance(attacks, list) and "cw" in attacks
+        if not old and not bare_cw:
+            return raw
+        raw = {k: v for k, v in raw.items() if k not in old}
+        if isinstance(attacks, list):
+            renamed = {"pgd20": f"pgd{old.get('pgd_steps', 20)}", "cw": f"cw{old.get('cw_steps', 30)}"}
+            raw["attacks"] = [renamed.get(a, a) if isinstance(a, str) else a for a in attacks]
+        given = [f"{key}.{k}={v}" for k, v in old.items()] + ([f"cw in {key}.attacks"] if bare_cw else [])
+        log.warning(
+            "note: old keys (%s) read as %s.attacks=%s: the steps are in the attack's name now (pgd50, cw30)",
+            ", ".join(given),
+            key,
+            "[" + ", ".join(map(str, raw["attacks"])) + "]" if "attacks" in raw else "its default",
+        )
+        return raw
+
+    def resolve(self, default_eps: Optional[float]) -> EvalSettings:
+        """The settings every evaluation runs with: eps falls back to `default_eps` (the training
+        attack's, or a checkpoint's recorded one), the step size to eps / 4. Done once, here."""
+        eps = self.eps if self.eps is not None else default_eps
+        if eps is None:
+            raise ConfigError("no eps known for this model; set eval.eps (--eps), e.g. 8/255")
+        step = self.step_size if self.step_size is not None else eps / 4
+        rest = {f.name: getattr(self, f.name) for f in dataclasses.fields(EvalSettings)}
+        return EvalSettings(**rest | {"eps": eps, "step_size": step, "attacks": tuple(self.attacks)})

@@ -1,0 +1,197 @@
+"""A grid's comparison report, assembled from its run folders alone: each finished cell's per-sample
+verdicts (its report.json), bootstrapped over seeds and test images per group (`stats`), the paired
+differences, written as `report.json`, `report.md`, `cells.csv` and the figures.
+
+    document = write_comparison(grid, grid_path, out, cells, failed, command)
+
+Only the run folders are read, so a grid finished by the local executor, by SLURM jobs, or by
+both in turns gives the same report; wall times (a measurement, not a result) go to report.md only,
+so report.json and cells.csv come out bit for bit the same after an interruption.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ..attacks import ROBUST_ATTACK
+from ..core.errors import UserError
+from ..data import load_dataset, subset_of
+from ..evaluation.metrics import unpack_verdicts
+from ..evaluation.report import machine, read_report, versions, write_section
+from ..recipes import is_shipped
+from ..storage.files import atomic_write
+from ..storage.runs import read_metrics
+from .figures import plot_comparison
+from .grid import Grid, GridRun, groups, status
+from .render import cells_csv, comparison_markdown
+from .stats import HOW, bootstrap, differences, interval, metric_names, run_metrics
+
+log = logging.getLogger("robustdistill")
+
+
+def publish(grid, grid_path: Path, out: Path, cells: list[GridRun], failed: dict[str, str], command: str, into) -> None:
+    """The report of the finished cells into `out`, and into the markdown file `into` if given."""
+    write_comparison(grid, grid_path, out, cells, failed, command)
+    if into is not None:  # headings two levels down
+        body = "\n".join(
+            "##" + line if line.startswith("#") else line for line in (out / "report.md").read_text().splitlines()
+        )
+        write_section(into, f"compare:{grid_path.stem}", body)
+
+
+def write_comparison(
+    grid: Grid, grid_path: Path, out: Path, cells: list[GridRun], failed: dict[str, str], command: str
+) -> dict[str, Any]:
+    """report.json, report.md, cells.csv and the figures of the finished cells, per group; returns
+    report.json's document."""
+    done = [r for r in cells if status(r) == "finished" and r.name not in failed]
+    if not done:
+        raise UserError(f"no cell of {grid_path} finished; nothing to compare (failed: {', '.join(failed) or 'none'})")
+    results = _Results(done)
+    groups_out, rows_csv, seconds = [], [], {}
+    for index, group in enumerate(groups(grid)):
+        summary, rows, seconds[index] = _group(grid, group, [r for r in cells if r.group == index], results)
+        groups_out.append(summary)
+        rows_csv += rows
+    dataset = results.dataset
+    document = {
+        "grid": f"{grid_path.stem} (shipped with robustdistill)" if is_shipped(grid_path) else str(grid_path),
+        "command": command,
+        "versions": versions(),
+        "machine": machine(),
+        "threads": torch.get_num_threads(),
+        "run_threads": sorted({r.cfg.train.threads for r in done}, key=lambda t: (t is None, t or 0)),
+        "data": {"name": dataset.name, "split": "test", "num_samples": results.n, "classes": dataset.class_names},
+        "attacks": results.attacks,
+        "focus": results.focus,  # the attack of the class-wise intervals and the figures' robust accuracy
+        "metrics": results.names,
+        "intervals": HOW,
+        "draws": grid.draws,
+        "groups": groups_out,
+        "failed": failed,
+        "published": grid.published,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(document, indent=1) + "\n"))
+    markdown = comparison_markdown(document, grid_path, seconds)
+    atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(markdown))
+    atomic_write(out / "cells.csv", lambda tmp: Path(tmp).write_text(cells_csv(rows_csv, list(grid.axes))))
+    try:
+        plot_comparison(document, out)
+    except UserError as exc:  # matplotlib is the `plot` extra
+        log.info("compare: no figures: %s", exc)
+    return document
+
+
+class _Results:
+    """The finished runs' reports, read and unpacked once: the attacks every report has, the metric
+    names, the focus attack, each run's verdicts; the test labels loaded once per data config.
+    `dataset` / `labels`: those of the last group with finished cells (the report's `data`)."""
+
+    def __init__(self, done: list[GridRun]):
+        reports = {r.name: read_report(r.folder / "report.json") for r in done}
+        first = reports[done[0].name]
+        self.attacks = [a for a in first["attacks"] if all(a in rep["attacks"] for rep in reports.values())]
+        self.names = metric_names(self.attacks)
+        others = (a for a in self.attacks if a != "clean")
+        self.focus = ROBUST_ATTACK if ROBUST_ATTACK in self.attacks else next(others, self.attacks[0])
+        self.verdicts = {name: _verdicts(report, self.attacks) for name, report in reports.items()}
+        self.done = {r.name for r in done}
+        self._loaded: dict[str, tuple] = {}
+        self.dataset, self.labels = self.labels_of(done[0])
+
+    @property
+    def n(self) -> int:
+        return len(self.labels)
+
+    def labels_of(self, run: GridRun):
+        """The dataset and the labels of the test images a run was evaluated on."""
+        key = f"{run.cfg.data}|{run.cfg.eval.subset}"
+        if key not in self._loaded:
+            dataset = load_dataset(run.cfg.data)
+            labels = subset_of(dataset.test, run.cfg.eval.subset, "the test split", "eval.subset").y.numpy()
+            self._loaded[key] = dataset, labels
+        return self._loaded[key]
+
+
+def _group(grid: Grid, group, in_group: list[GridRun], results: _Results):
+    """One group's report entry, its cells.csv rows and its cells' training seconds."""
+    complete, missing = {}, {}
+    for cell in grid.cells:
+        runs = [r for r in in_group if r.cell == cell]
+        absent = [r.name for r in runs if r.name not in results.done]
+        if absent:
+            missing[cell] = absent
+        else:
+            complete[cell] = runs
+    if complete:  # an axis may change the data (data.test_fraction, ...): each group's own test images
+        results.dataset, results.labels = results.labels_of(next(iter(complete.values()))[0])
+    dataset, labels = results.dataset, results.labels
+    names, focus = results.names, results.focus
+    verdicts = {c: [results.verdicts[r.name] for r in runs] for c, runs in complete.items()}
+    boot = bootstrap(verdicts, labels, dataset.num_classes, names, grid.draws) if complete else {}
+    # the class-wise accuracies under the focus attack, from the same resampling draws
+    by_class = [f"class {k} {focus}" for k in range(dataset.num_classes)]
+    classes = bootstrap(verdicts, labels, dataset.num_classes, by_class, grid.draws) if complete else {}
+    summary = {
+        cell: {
+            "seeds": [r.seed for r in complete[cell]],
+            "metrics": {m: list(map(_number, interval(boot[cell], j))) for j, m in enumerate(names)},
+            "classwise": [list(map(_number, interval(classes[cell], k))) for k in range(len(by_class))],
+        }
+        for cell in complete
+    }
+    entry = {
+        "axes": dict(group),
+        "num_samples": len(labels),
+        "cells": summary,
+        "differences": [_difference(d) for d in differences(boot, _pairs(grid), names)],
+        "missing": missing,
+    }
+    rows = [
+        {**dict(group), "cell": run.cell, "seed": run.seed, "metric": metric, "value": value}
+        for run in [r for runs in complete.values() for r in runs]
+        for metric, value in zip(names, run_metrics(results.verdicts[run.name], labels, dataset.num_classes, names))
+    ]
+    seconds = {cell: sum(_seconds(r) for r in runs) for cell, runs in complete.items()}
+    return entry, rows, seconds
+
+
+def _pairs(grid: Grid) -> list[tuple[str, str]]:
+    """The compared pairs: every cell against the reference (if any), then the grid's pairs."""
+    pairs = [tuple(p) for p in grid.pairs]
+    if grid.reference is not None:
+        pairs = [(c, grid.reference) for c in grid.cells if c != grid.reference] + pairs
+    return pairs
+
+
+def _difference(d) -> dict[str, Any]:
+    return {
+        "a": d.a,
+        "b": d.b,
+        "metric": d.metric,
+        "estimate": _number(d.estimate),
+        "interval": [_number(d.lo), _number(d.hi)],
+        "significant": bool(d.significant),
+    }
+
+
+def _verdicts(report: dict[str, Any], attacks: list[str]) -> dict[str, np.ndarray]:
+    n = report["data"]["num_samples"]
+    return {a: unpack_verdicts(report["attacks"][a]["verdicts"], n) for a in attacks}
+
+
+def _seconds(run: GridRun) -> float:
+    return sum(r.get("seconds", 0.0) for r in read_metrics(run.folder) if r["type"] == "epoch")
+
+
+def _number(value: float) -> Optional[float]:
+    """A float for JSON; NaN (an NSD with no accuracy to divide by) as null."""
+    return None if math.isnan(value) else float(value)

@@ -1,0 +1,99 @@
+"""A comparison report for people (`report.md`) and for spreadsheets (`cells.csv`), rendered from
+report.json's document (`assemble`)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any, Optional
+
+from ..core.timing import duration
+from ..evaluation.report import markdown_table, setup_line
+from .stats import is_ratio
+
+
+def cells_csv(rows: list[dict[str, Any]], axes: list[str]) -> str:
+    """One row per run and metric: the axes' values, cell, seed, metric, value."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[*axes, "cell", "seed", "metric", "value"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def comparison_markdown(document: dict[str, Any], grid_path: Path, seconds: dict[int, dict[str, float]]) -> str:
+    """The report for people: per group, the cells with intervals, the paired differences, what is
+    missing; the cells' training time (all seeds, from their metrics.jsonl)."""
+    lines = [
+        f"# Comparison: {grid_path.name}",
+        "",
+        f"`{document['command'] or 'robustdistill compare ' + str(grid_path)}`; {document['data']['name']} test split, "
+        f"{document['data']['num_samples']} images; "
+        + setup_line(document["versions"], document["machine"])
+        + _threads_note(document),
+        "",
+        "Each cell: mean over seeds [95 % interval]. " + document["intervals"],
+    ]
+    for index, group in enumerate(document["groups"]):
+        lines += _group_lines(group, document["metrics"], seconds[index])
+    if document["published"]:
+        lines += [
+            "",
+            "## What the papers report",
+            "",
+            "As given in the grid file (with its source); not measured here.",
+            "",
+            markdown_table(["cell", "published"], [[c, t] for c, t in document["published"].items()]),
+        ]
+    if document["failed"]:
+        lines += ["", "## Failed cells", ""] + [f"- {name}: {why}" for name, why in document["failed"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _group_lines(group: dict[str, Any], names: list[str], seconds: dict[str, float]) -> list[str]:
+    """One group: its cells' table, its paired differences, the cells it misses."""
+    title = ", ".join(f"{k} = {v}" for k, v in group["axes"].items()) or "all cells"
+    header = ["cell", "seeds", *[m if is_ratio(m) else f"{m} %" for m in names], "training"]
+    rows = [
+        [cell, str(len(s["seeds"])), *[_with_interval(m, *s["metrics"][m]) for m in names], duration(seconds[cell])]
+        for cell, s in group["cells"].items()
+    ]
+    lines = ["", f"## {title}", "", markdown_table(header, rows)]
+    if group["differences"]:
+        diff_rows: dict[str, list[str]] = {}
+        for d in group["differences"]:
+            mark = "*" if d["significant"] else ""
+            diff_rows.setdefault(f"{d['a']} - {d['b']}", []).append(
+                _with_interval(d["metric"], d["estimate"], *d["interval"]) + mark
+            )
+        lines += [
+            "",
+            "Paired differences (same seed, same images); `*`: the 95 % interval excludes 0.",
+            "",
+            markdown_table(["difference", *names], [[k, *v] for k, v in diff_rows.items()]),
+        ]
+    if group["missing"]:
+        lines += [
+            "",
+            "Missing (not finished): " + "; ".join(f"{c}: {', '.join(r)}" for c, r in group["missing"].items()),
+        ]
+    return lines
+
+
+def _with_interval(metric: str, value: Optional[float], lo: Optional[float], hi: Optional[float]) -> str:
+    return f"{_fmt(metric, value)} [{_fmt(metric, lo)}, {_fmt(metric, hi)}]"
+
+
+def _fmt(metric: str, value: Optional[float]) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" if is_ratio(metric) else f"{value:.1f}"
+
+
+def _threads_note(document: dict[str, Any]) -> str:
+    """How many intra-op threads the runs trained with (their bits depend on it)."""
+    used = document.get("run_threads", [])
+    if len(used) == 1 and used[0] is not None:
+        return f"; every run on {used[0]} intra-op thread{'s' if used[0] > 1 else ''} (train.threads)."
+    return f" ({document['threads']} threads unless a run set train.threads)."
