@@ -24,20 +24,19 @@ import torch
 from benchmarks.common import print_table, settings_line
 from benchmarks.reference import reference_robust_eval
 from benchmarks.workloads import METHOD_NAMES, add_build_options, build, build_options, fake_cifar10, sync, workload
-from robustdistill.training.loop import save, train_epoch, validate_and_select
 
 
 def compare(wname: str, method: str, w: dict, tmp: Path, args) -> list[str]:
     """One table row: `repeats` interleaved epochs of each side after one warm-up epoch each."""
     run = build("ours", method, w, tmp, args).run
     ref = build("ref", method, w, tmp, args)
-    val = run.select_split
+    val = run.selection.split
     images, labels, eps = val.images(), val.y, w["attack"]["eps"]
 
     def ours(epoch):
-        record = train_epoch(run, epoch)
-        validate_and_select(run, epoch, record)
-        save(run, record)
+        record = run.train_epoch(epoch)
+        run.validate_and_select(epoch, record)
+        run.save(record)
 
     def reference(epoch):
         for x, y in ref.batches():

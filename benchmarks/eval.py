@@ -107,12 +107,12 @@ def main() -> None:
         model = load_source(source, dataset)[0].eval().requires_grad_(False)
         test = dataset.test
         x, y = test.images(), test.y
-        base = EvalSettings(eps=cfg.attack.eps, step_size=cfg.attack.eps / 4)
+        base = EvalSettings(cfg.threat, step_size=cfg.threat.default_step_size)
         rows = []
         suites = {"pgd20": ("pgd20",), "cw30": ("cw30",), "autoattack_fast": ("autoattack_fast",)}
         suites["suite"] = ("clean", "fgsm", "pgd20", "cw30", "autoattack_fast")
         for row, attacks in suites.items():
-            settings = EvalSettings(eps=base.eps, step_size=base.step_size, attacks=attacks)
+            settings = EvalSettings(base.threat, step_size=base.step_size, attacks=attacks)
             times, acc = {"ours": [], "direct": []}, {}
             for r in range(args.repeats):
                 for side in ("ours", "direct") if r % 2 == 0 else ("direct", "ours"):

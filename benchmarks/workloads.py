@@ -17,7 +17,7 @@ from robustdistill.methods import METHODS
 from robustdistill.models import ModelSpec, create_model
 from robustdistill.models.checkpoint import load_model, save_model
 from robustdistill.training.config import from_dict
-from robustdistill.training.loop import Run, Tally, setup, train_batch
+from robustdistill.training.loop import Run, Tally, setup
 
 METHOD_NAMES = ("rslad", "absld", "bmtard")
 
@@ -126,11 +126,11 @@ def build(side: str, method: str, w: dict, tmp: Path, args) -> Side:
         run.student.train()
 
         def step(x, y):
-            train_batch(run, x, y, tally)
+            run.step(x, y, tally)
 
         return Side(step, lambda: iter(run.loader), run.student, run)
     teachers = {role: load_model(teacher_file(role))[0].to(run.device).eval() for role in raw["teachers"]}
-    student = create_model(run.spec).to(run.device)
+    student = create_model(run.models.spec).to(run.device)
     student.load_state_dict(run.student.state_dict())  # the same initial weights as robustdistill's
     hp = {
         **{k: w["attack"][k] for k in ("eps", "step_size", "steps")},

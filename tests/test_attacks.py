@@ -4,6 +4,7 @@ import torch
 from robustdistill.attacks import ATTACKS as EVAL_ATTACKS
 from robustdistill.attacks import FGSM, PGD, AttackEnv, EvalSettings, cw_margin, get_attack
 from robustdistill.core.errors import UserError
+from robustdistill.core.threat import ThreatModel
 from robustdistill.models import ModelSpec, create_model, fingerprint
 
 
@@ -96,7 +97,7 @@ def test_every_evaluation_attack_stays_in_the_ball_and_leaves_the_model_unchange
     x = torch.rand(4, 1, 8, 8)
     x[:1] = 1.0  # pixels at the range's edge
     y = model(x).argmax(dim=1).detach()  # correctly classified, so every attack has work to do
-    settings = EvalSettings(eps=0.1, step_size=0.025, batch_size=4, square_queries=30)
+    settings = EvalSettings(ThreatModel(0.1), step_size=0.025, batch_size=4, square_queries=30)
     before = fingerprint(model)
     attack = get_attack(name)
     x_adv, verdict = attack.run(model, x, y, AttackEnv(settings, surrogate=surrogate))
@@ -111,7 +112,7 @@ def test_every_evaluation_attack_stays_in_the_ball_and_leaves_the_model_unchange
 
 
 def test_attack_names_say_the_steps_that_run_and_labels_the_restarts():
-    settings = EvalSettings(eps=0.1, step_size=0.025, restarts=3)
+    settings = EvalSettings(ThreatModel(0.1), step_size=0.025, restarts=3)
     assert get_attack("pgd50").label(settings) == "pgd50x3" and get_attack("pgd50").describe(settings)["steps"] == 50
     assert get_attack("cw7").describe(settings) | {"label": None} == {
         "eps": 0.1,
@@ -122,14 +123,16 @@ def test_attack_names_say_the_steps_that_run_and_labels_the_restarts():
         "loss": "cw margin",
         "label": None,
     }
-    assert get_attack("pgd20").label(EvalSettings(eps=0.1, step_size=0.025)) == "pgd20"
+    assert get_attack("pgd20").label(EvalSettings(ThreatModel(0.1), step_size=0.025)) == "pgd20"
     assert EVAL_ATTACKS.get("pgd50") is EVAL_ATTACKS.get("pgd50") and EVAL_ATTACKS.get("pgd50").kind == "white-box"
     assert "pgd<N>" in EVAL_ATTACKS.names() and "pgd20" not in EVAL_ATTACKS.names()
     for bad, message in [("pgd0", "number >= 1"), ("pgd020", "without leading zeros"), ("pgdx", "unknown attack")]:
         with pytest.raises(UserError, match=message):
             EVAL_ATTACKS.get(bad)
-    assert EvalSettings(eps=0.1, step_size=0.025, attacks=("clean", "cw30", "pgd50", "pgd20")).check_steps == 50
-    assert EvalSettings(eps=0.1, step_size=0.025, attacks=("clean", "cw30")).check_steps == 20
+    assert (
+        EvalSettings(ThreatModel(0.1), step_size=0.025, attacks=("clean", "cw30", "pgd50", "pgd20")).check_steps == 50
+    )
+    assert EvalSettings(ThreatModel(0.1), step_size=0.025, attacks=("clean", "cw30")).check_steps == 20
 
 
 @pytest.mark.parametrize("start", ["uniform", "gaussian", "none"])

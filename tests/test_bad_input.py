@@ -13,6 +13,8 @@ from safetensors.torch import save_file
 
 from conftest import snapshot
 from robustdistill.cli import main
+from robustdistill.core.threat import ThreatModel
+from robustdistill.evaluation.metrics import sample_metrics
 from robustdistill.models import ModelSpec, create_model
 from robustdistill.models.checkpoint import ModelMeta, save_model
 from robustdistill.storage.runs import MARKER
@@ -33,7 +35,11 @@ def workspace(tmp_path_factory):
     ws = tmp_path_factory.mktemp("workspace")
     spec = ModelSpec("small_cnn", 10, 1, {"width": 4})
     model = create_model(spec)
-    save_model(ws / "model.safetensors", model, ModelMeta(spec, data={"name": "digits", "val_fraction": 0.2}, eps=0.2))
+    save_model(
+        ws / "model.safetensors",
+        model,
+        ModelMeta(spec, data={"name": "digits", "val_fraction": 0.2}, threat=ThreatModel(0.2)),
+    )
     torch.save(model.net.state_dict(), ws / "state.pt")
     data = (ws / "state.pt").read_bytes()
     (ws / "truncated.pt").write_bytes(data[: len(data) // 2])
@@ -71,7 +77,46 @@ def workspace(tmp_path_factory):
     (damaged_state / "checkpoints" / "train_state.pt").write_bytes(b"PK\x03\x04 cut short")
     (ws / "ok_run").mkdir()
     (ws / "ok_run" / "metrics.jsonl").write_text('{"type": "step", "step": 1}\n')
+    # the inputs of issue 29's catalogue
+    _run_folder(ws / "runs" / "no_model", {"epoch": 0, "step": 17, "optimizer": {}})
+    state = {"model": {}, "optimizer": {}, "method": {}, "epoch": 29, "step": 510}
+    _run_folder(ws / "runs" / "finished", state | {"best_score": 0.9, "best_epoch": 30, "rng": []})
+    (ws / "runs" / "linked").symlink_to("existing")
+    broken = create_model(spec)
+    with torch.no_grad():
+        broken.net[0].weight.fill_(float("nan"))
+    save_model(
+        ws / "nan.safetensors",
+        broken,
+        ModelMeta(spec, data={"name": "digits", "val_fraction": 0.2}, threat=ThreatModel(0.2)),
+    )
+    huge = {"spec": {"name": "small_cnn", "num_classes": 10, "in_channels": 1, "kwargs": {"width": 200_000}}}
+    huge |= {"eps": 0.2, "data": {"name": "digits", "val_fraction": 0.2}}
+    save_file(tensors, ws / "huge.safetensors", metadata={"robustdistill": json.dumps(huge)})
+    report = _report(ws / "ok_eval")
+    report["attacks"]["clean"]["accuracy"] = 0.99  # a hand-edited number that its verdicts contradict
+    (ws / "edited_eval").mkdir()
+    (ws / "edited_eval" / "report.json").write_text(json.dumps(report))
     return ws
+
+
+def _run_folder(folder: Path, state: dict) -> None:
+    """A run folder of the natural digits recipe whose train_state.pt holds `state`."""
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / MARKER).write_text("{}")
+    (folder / "config.yaml").write_text((DIGITS / "natural.yaml").read_text())
+    torch.save(state, folder / "checkpoints" / "train_state.pt")
+
+
+def _report(folder: Path) -> dict:
+    """A small, consistent report.json in `folder` (clean and pgd20 over 8 images); returns it."""
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    clean = torch.tensor([True, True, True, False, True, True, True, True])
+    attacks = {"clean": sample_metrics(clean, y, 4), "pgd20": sample_metrics(clean & (y != 1), y, 4)}
+    report = {"data": {"name": "digits", "split": "test", "num_samples": 8}, "attacks": attacks}
+    folder.mkdir()
+    (folder / "report.json").write_text(json.dumps(report))
+    return report
 
 
 def train(*args):
@@ -220,6 +265,20 @@ CASES = [
     (["plot", "damaged_run"], "damaged_run/metrics.jsonl line 2 is not a JSON record"),
     (["train", "runs/damaged_state", "--resume"], "train_state.pt is truncated or not a PyTorch checkpoint"),
     (["plot", "ok_run", "--out", "a_file"], "--out a_file is an existing file"),
+    # issue 29: tracebacks, silently wrong answers and misleading messages, each now one line
+    (["train", "runs/no_model", "--resume"], "train_state.pt is not a training state of this tool (it lacks model"),
+    (["train", "runs/finished", "--resume", "train.epochs=4"], "train.epochs=4 but runs/finished has already trained"),
+    (train("name=linked", "--force"), "--force refuses to delete runs/linked: it is a symbolic link"),
+    (evaluate("--no-checks", target="nan.safetensors"), "nan.safetensors has non-finite weights (net.0.weight"),
+    (evaluate(target="nan.safetensors"), "nan.safetensors has non-finite weights"),
+    (evaluate(target="huge.safetensors"), "huge.safetensors asks for a small_cnn model of"),
+    (["report", "edited_eval"], "edited_eval/report.json was edited: its clean accuracy 99.00 % is not what"),
+    (["report", "ok_eval", "--attack", "bogus"], "--attack bogus is not in the report of ok_eval (attacks every"),
+    (evaluate("--attacks", ","), "eval.attacks must name at least one attack"),
+    (["demo", "--epochs", "0"], "--epochs must be >= 1"),
+    (train("train="), "override 'train=' would replace the whole train section"),
+    (train("data=7"), "override 'data=7' would replace the whole data section"),
+    (evaluate("--device", "cuda:9"), "error: device=cuda:9 but"),
     # the other commands
     (["report", "nowhere"], "nowhere has no report.json"),
     (["plot", "nowhere"], "nowhere is not a run folder"),
@@ -273,3 +332,53 @@ def test_a_foreign_surrogate_takes_its_architecture(workspace, tmp_path, capsys)
     assert main(args + ["--surrogate-model", "small_cnn"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["data"]["num_samples"] == 20 and "transfer" in report["attacks"]
+
+
+# --- issue 29: what is not an error, but must be said ---------------------------------------------
+
+
+def test_an_evaluation_without_sanity_checks_says_so(workspace, tmp_path, capsys):
+    out = tmp_path / "eval"
+    target = str(workspace / "model.safetensors")
+    assert main(evaluate("--no-checks", "--subset", "20", "--out", str(out), target=target)) == 0
+    assert "sanity checks: not run (eval.checks=false" in capsys.readouterr().out
+    assert "Not run (eval.checks=false, --no-checks): nothing here was checked" in (out / "report.md").read_text()
+
+
+def test_a_naturally_trained_robust_teacher_is_named_in_a_warning(workspace, caplog):
+    """The robust teacher's soft labels are what a student learns robustness from: a model this tool
+    trained naturally, given in that role, is worth a warning (the run goes on: an ablation may mean it)."""
+    from robustdistill.data import DataConfig, load_dataset
+    from robustdistill.models.sources import TeacherConfig, load_teacher
+
+    spec = ModelSpec("small_cnn", 10, 1, {"width": 4})
+    path = workspace.parent / "natural_teacher.safetensors"
+    save_model(
+        path, create_model(spec), ModelMeta(spec, data={"name": "digits"}, threat=ThreatModel(0.2), method="natural")
+    )
+    dataset = load_dataset(DataConfig(name="digits"))
+    with caplog.at_level("WARNING", logger="robustdistill"):
+        load_teacher("clean", TeacherConfig(path=str(path)), dataset, torch.device("cpu"))
+        assert not caplog.records  # the clean teacher is meant to be natural
+        load_teacher("robust", TeacherConfig(path=str(path)), dataset, torch.device("cpu"))
+    assert "was trained by natural training" in caplog.text and str(path) in caplog.text
+
+
+def test_a_stray_rank_variable_does_not_silence_a_lone_process(workspace, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(train(f"out_dir={tmp_path}", "--estimate")) == 0
+    assert "estimate for" in capsys.readouterr().out
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_the_folder_was_removed(tmp_path, monkeypatch, capsys):
+    from robustdistill.methods.natural import Natural
+
+    def interrupted(self, x, y):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Natural, "loss", interrupted)
+    assert main(train(f"out_dir={tmp_path}")) == 130
+    err = capsys.readouterr().err
+    assert "was removed: the run stopped before its first checkpoint" in err and "kept" not in err
+    assert list(tmp_path.iterdir()) == []

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from conftest import digits_config
 from robustdistill.attacks import PGD, EvalSettings
+from robustdistill.core.threat import ThreatModel
 from robustdistill.evaluation.metrics import wilson_interval
 from robustdistill.evaluation.suite import evaluate
 from robustdistill.methods.ard import ard_kl
@@ -175,7 +176,7 @@ def test_a_short_digits_run_beats_an_untrained_model(name, tmp_path, trained_run
     trained = json.loads((run / "report.json").read_text())["attacks"]["pgd20"]["accuracy"]
     torch.manual_seed(0)
     untrained = create_model(ModelSpec("small_cnn", 10, 1, {"width": 16})).eval()
-    settings = EvalSettings(eps=cfg.attack.eps, step_size=cfg.attack.eps / 4, attacks=("pgd20",))
+    settings = EvalSettings(ThreatModel(cfg.attack.eps), step_size=cfg.attack.eps / 4, attacks=("pgd20",))
     baseline = evaluate(untrained, digits.test, settings, 10)["attacks"]["pgd20"]["accuracy"]
     n = len(digits.test)
     # beyond the test set's noise: the 95 % Wilson intervals (359 images) do not overlap

@@ -12,6 +12,7 @@ from torch import nn
 from robustdistill.attacks import ATTACKS, Attack, AttackEnv, EvalSettings, get_attack
 from robustdistill.cli import main
 from robustdistill.core.errors import UserError
+from robustdistill.core.threat import ThreatModel
 from robustdistill.evaluation.checks import CHECKS, CheckContext, Outcome, check, registered
 from robustdistill.evaluation.suite import evaluate
 from robustdistill.models.checkpoint import load_model
@@ -30,7 +31,7 @@ def _settings(attacks, **kw):
     return EvalSettings(
         **(
             {
-                "eps": 0.2,
+                "threat": ThreatModel(0.2),
                 "step_size": 0.05,
                 "square_queries": 300,
                 "checks": True,
@@ -221,7 +222,7 @@ def test_autoattack_resumes_to_the_uninterrupted_verdicts_after_every_chunk(
         aa_module, "APGDAttack_targeted", lambda *a, **k: APGDAttack_targeted(*a, **{**k, "n_iter": 10})
     )
     x, y = digits.test.images()[:48], digits.test.y[:48]
-    settings = EvalSettings(eps=0.2, step_size=0.05, batch_size=2)  # chunks of 8 images
+    settings = EvalSettings(ThreatModel(0.2), step_size=0.05, batch_size=2)  # chunks of 8 images
     real, calls = AutoAttack.run_standard_evaluation, []
 
     def counted(self, *args, **kwargs):
@@ -252,7 +253,7 @@ def test_autoattack_resumes_to_the_uninterrupted_verdicts_after_every_chunk(
 @pytest.mark.slow
 def test_autoattack_refuses_the_state_of_another_evaluation(robust_model, digits, tmp_path):
     x, y = digits.test.images()[:16], digits.test.y[:16]
-    settings = EvalSettings(eps=0.2, step_size=0.05, batch_size=4)
+    settings = EvalSettings(ThreatModel(0.2), step_size=0.05, batch_size=4)
     _aa(robust_model, x, y, settings, tmp_path / "done")
     state = tmp_path / "done" / "autoattack_fast_state.json"
     changed = copy.deepcopy(robust_model)
@@ -260,7 +261,9 @@ def test_autoattack_refuses_the_state_of_another_evaluation(robust_model, digits
         next(changed.parameters()).add_(1e-3)
     cases = {
         "model": lambda: _aa(changed, x, y, settings, tmp_path / "done"),
-        "eps": lambda: _aa(robust_model, x, y, dataclasses.replace(settings, eps=0.1), tmp_path / "done"),
+        "eps": lambda: _aa(
+            robust_model, x, y, dataclasses.replace(settings, threat=ThreatModel(0.1)), tmp_path / "done"
+        ),
         "n": lambda: _aa(robust_model, x[:12], y[:12], settings, tmp_path / "done"),  # a different subset
         "data": lambda: _aa(robust_model, x.flip(0), y.flip(0), settings, tmp_path / "done"),
         "seed": lambda: _aa(robust_model, x, y, dataclasses.replace(settings, seed=1), tmp_path / "done"),

@@ -113,6 +113,27 @@ def test_into_needs_its_markers_before_anything_runs(tmp_path, capsys, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml", "notes.md"]
 
 
+def test_dry_run_says_a_finished_run_whose_grid_now_asks_for_more_epochs_is_resumed(tmp_path, capsys, monkeypatch):
+    """A finished run is not "finished" for the grid when the grid changed what a resume may change:
+    the dry run says what `compare` will do (resume it), and a change it would refuse, refused."""
+    monkeypatch.chdir(tmp_path)
+    _grid(tmp_path, "cells:\n  natural: {recipe: natural, overrides: [train.epochs=2]}\n")
+    (cell,) = plan(load_grid(tmp_path / "grid.yaml"), tmp_path / "grid.yaml", tmp_path / "out")[1]
+    cell.folder.mkdir(parents=True)
+    (cell.folder / "config.yaml").write_text(cell.cfg.to_yaml().replace("epochs: 2", "epochs: 1"))
+    (cell.folder / "report.json").write_text("{}")
+    before = snapshot(tmp_path)
+    assert main(["compare", "grid.yaml", "--out", "out", "--dry-run"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "natural__seed0" in line)
+    assert "finished; resumed (train.epochs 1 -> 2)" in row
+    assert snapshot(tmp_path) == before
+    (cell.folder / "config.yaml").write_text(cell.cfg.to_yaml().replace("lr: 0.1", "lr: 0.3"))
+    assert main(["compare", "grid.yaml", "--out", "out", "--dry-run"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "natural__seed0" in line)
+    assert "finished; refused:" in row and "train.lr: 0.3 -> 0.1" in row
+    assert set(snapshot(tmp_path)) == set(before)  # nothing written by either dry run
+
+
 def test_the_figures_draw_every_group_from_the_report(tmp_path):
     from robustdistill.studies.figures import plot_comparison
 

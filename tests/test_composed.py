@@ -10,8 +10,9 @@ from robustdistill.cli import main
 from robustdistill.core.errors import ConfigError
 from robustdistill.methods import Context, Progress, create_method
 from robustdistill.models import ModelSpec, create_model
+from robustdistill.recipes import RECIPES
+from robustdistill.training.builders import lr_decays
 from robustdistill.training.config import load_config
-from robustdistill.training.loop import lr_decays
 
 MILESTONES = [2]  # epochs 0, 1 at the base rates, epoch 2 after the decay (0-based)
 
@@ -194,7 +195,7 @@ def test_a_clean_teacher_part_without_a_clean_teacher_is_refused_before_training
         "teachers.robust.path=somewhere",
         f"out_dir={tmp_path}",
     ]
-    assert main(["train", "configs/digits/rslad.yaml", *overrides]) == 2
+    assert main(["train", str(RECIPES / "rslad.yaml"), *overrides]) == 2
     assert "method 'composed' needs a 'clean' teacher" in capsys.readouterr().err
 
 

@@ -6,6 +6,7 @@ import yaml
 
 from robustdistill.core.errors import ConfigError, UserError
 from robustdistill.core.schema import parse_float
+from robustdistill.core.threat import ThreatModel
 from robustdistill.evaluation.config import EvalConfig
 from robustdistill.recipes import RECIPES, recipe, recipe_names
 from robustdistill.training.config import Config, from_dict, load_config
@@ -48,8 +49,11 @@ def test_any_named_section_may_be_given_by_its_name(tmp_path):
     assert (cfg.data.name, cfg.data.flip) == ("digits", False)
     with pytest.raises(ConfigError, match="cannot set 'out_dir.x': 'out_dir' is not a mapping"):
         load_config(None, ["out_dir=runs", "out_dir.x=1"])
-    with pytest.raises(ConfigError, match="method must be a mapping"):
+    with pytest.raises(ConfigError, match=r"override 'method=\[1, 2\]' would replace the whole method section"):
         load_config(None, ["method=[1, 2]"])
+    with pytest.raises(ConfigError, match="method must be a mapping"):  # a file's section is checked as it is typed
+        path.write_text("method: [1, 2]\n")
+        load_config(path)
 
 
 @pytest.mark.parametrize(
@@ -124,10 +128,11 @@ def test_the_digits_recipes_are_package_data_and_configs_digits_is_them():
 
 
 def test_eval_settings_are_resolved_once_with_their_fallbacks():
-    s = EvalConfig().resolve(0.2)
-    assert (s.eps, s.step_size, s.attacks) == (0.2, 0.05, ("clean", "pgd20"))
-    s = EvalConfig(eps=0.1, step_size=0.01, attacks=["clean"]).resolve(0.2)
+    s = EvalConfig().resolve(ThreatModel(0.2))
+    assert (s.threat, s.step_size, s.attacks) == (ThreatModel(0.2, "Linf"), 0.05, ("clean", "pgd20"))
+    s = EvalConfig(eps=0.1, step_size=0.01, attacks=["clean"]).resolve(ThreatModel(0.2))
     assert (s.eps, s.step_size, s.attacks) == (0.1, 0.01, ("clean",))
+    assert s.common()["eps"] == 0.1 and s.common()["norm"] == "Linf" and "threat" not in s.common()
     assert s.at_eps(0.05).step_size == pytest.approx(0.005) and s.at_eps(0.0).step_size == 0.0
     with pytest.raises(ConfigError, match="no eps known"):
         EvalConfig().resolve(None)

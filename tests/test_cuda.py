@@ -13,6 +13,7 @@ import torch
 
 from conftest import digits_config
 from robustdistill.attacks import AttackConfig, EvalSettings
+from robustdistill.core.threat import ThreatModel
 from robustdistill.data import load_dataset
 from robustdistill.evaluation.metrics import unpack_verdicts
 from robustdistill.evaluation.suite import evaluate
@@ -80,7 +81,7 @@ def test_a_bf16_autocast_training_step_is_finite_and_close_to_fp32(device):
 def test_channels_last_and_compile_give_the_eager_verdicts(device, trained):
     model, data = copy.deepcopy(trained[0]).to(device), trained[1]
     split = data.test.take(torch.arange(128)).to(device)
-    settings = EvalSettings(eps=0.2, step_size=0.05, attacks=("clean", "pgd20"))
+    settings = EvalSettings(ThreatModel(0.2), step_size=0.05, attacks=("clean", "pgd20"))
     eager = evaluate(model, split, settings, 10)
     last = evaluate(model.to(memory_format=torch.channels_last), split, settings, 10)
     backend = "inductor" if device.startswith("cuda") else "aot_eager"  # the dry run: the tracing, not codegen
@@ -125,7 +126,7 @@ def test_a_resume_on_the_device_is_bit_identical(device, tmp_path):
 def test_attacks_on_the_device_give_the_cpus_verdicts(device, trained):
     model, data = copy.deepcopy(trained[0]), trained[1]
     split = data.test.take(torch.arange(96))
-    settings = EvalSettings(eps=0.2, step_size=0.05, attacks=("clean", "pgd20", "autoattack_fast"))
+    settings = EvalSettings(ThreatModel(0.2), step_size=0.05, attacks=("clean", "pgd20", "autoattack_fast"))
     on_cpu = evaluate(model.to("cpu"), split, settings, 10)
     on_device = evaluate(model.to(device), split.to(device), settings, 10)
     assert _agreement(on_cpu, on_device, "clean", 96) == 1.0

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from robustdistill.attacks import EvalSettings
+from robustdistill.core.threat import ThreatModel
+from robustdistill.core.timing import intra_op_threads
 from robustdistill.evaluation.suite import evaluate
 from robustdistill.models.checkpoint import load_model
 from robustdistill.storage.runs import read_metrics
@@ -54,64 +56,137 @@ def test_torchrun_two_ranks(tmp_path, trained_runs, digits, which):
     # the sharded, all-reduced evaluation equals a single-process evaluation of the same checkpoint
     report = json.loads((run / "report.json").read_text())
     model, _ = load_model(run / "checkpoints" / "best.safetensors")
-    single = evaluate(model, digits.test, EvalSettings(eps=0.2, step_size=0.05, attacks=("clean",)), 10)
+    single = evaluate(model, digits.test, EvalSettings(ThreatModel(0.2), step_size=0.05, attacks=("clean",)), 10)
     assert report["attacks"]["clean"] == single["attacks"]["clean"]
     # the loop all-gathers the adaptive state every epoch and stops if ranks disagree; it moved:
     assert epochs[-1]["temperature_adv"] != ([1.0] * 10 if which == "absld" else 1.0) or epochs[-1]["weight_adv"] != 0.5
 
 
-def _any_rank_worker(rank, port, results):
+# --- the collectives, fast: two gloo processes, uneven shards, against one process on the union ---
+
+# the samples of a tiny split: 10 of them, 3 per block, so rank 0 owns blocks 0 and 2 (6 samples)
+# and rank 1 blocks 1 and 3 (4): uneven shards, with classes spread unevenly over the ranks
+N, BLOCK = 10, 3
+LABELS = [0, 1, 2, 2, 0, 1, 1, 2, 0, 2]
+LOSSES = [0.5, 1.25, 2.0, 0.75, 3.0, 0.25, 1.5, 2.5, 0.125, 1.0]  # their sums are exact in float32
+
+
+def _collectives(rank: int, world: int) -> dict:
+    """What the adaptive state and the evaluation assembly give on this rank's shard (the whole
+    split when world is 1): the numbers every rank of a DDP run must agree on with one process."""
+    import torch
+
+    from robustdistill.core.distributed import all_reduce_mean, any_rank, assemble, from_main, owned_indices
+    from robustdistill.methods.balance import ClassWiseTemperature, EntropyBalance, LossBalance
+
+    mine = owned_indices(N, BLOCK, rank, world)
+    y, losses = torch.tensor(LABELS)[mine], torch.tensor(LOSSES)[mine]
+    out = {"verdicts": assemble(losses > 1, mine, N).tolist()}  # each rank's verdicts, assembled
+    temperature = ClassWiseTemperature(3)  # ABSLD: the class-wise error risk, summed over every rank
+    temperature.accumulate(losses, y)
+    temperature.update(0.1)
+    out["tau"] = temperature.tau.tolist()
+    # EBB and NLB: batch means, weighted by each rank's count (the global batch's mean on any shards).
+    # EBB moves by the sign of h_adv / h_nat - 1: the mean loss 1.2875 against 1.285 is above it on all
+    # ten samples and on rank 0's six (1.3125), below it on rank 1's four (1.25) and in the unweighted
+    # mean of the two ranks' means (1.28125)
+    entropy, weights = EntropyBalance(), LossBalance()
+    for step in range(3):
+        entropy.update(losses.mean(), torch.tensor(1.285), 0.5, len(mine))
+        weights.update(torch.stack([(losses ** (step + 1)).mean(), losses.mean()]), 0.3, len(mine))
+    out["ebb"], out["nlb"] = entropy.tau.tolist(), weights.w.tolist()
+    out["mean"] = all_reduce_mean(torch.stack([losses.mean(), (losses * losses).mean()]), len(mine)).tolist()
+    out["any"] = (any_rank(rank == 0, "cpu"), any_rank(False, "cpu"))
+    out["from_main"] = from_main(lambda: f"chosen by rank {rank}")
+    return out
+
+
+def _evaluation(rank: int, world: int) -> dict:
+    """`evaluate` of a tiny linear model on 20 images in blocks of 8 (rank 0: 12 images, rank 1: 8),
+    every attack and check assembled over the ranks."""
+    import torch
+    from torch import nn
+
+    from robustdistill.attacks import EvalSettings
+    from robustdistill.data import Split
+    from robustdistill.evaluation.suite import evaluate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).eval()
+    x = torch.rand(20, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = model(x).argmax(dim=1)
+    y[::4] = (y[::4] + 1) % 3  # a quarter of the labels wrong: clean accuracy 75 %
+    settings = EvalSettings(ThreatModel(0.05), step_size=0.0125, attacks=("clean", "pgd3"), batch_size=2, checks=True)
+    return json.loads(json.dumps(evaluate(model, Split(x, y), settings, 3, rank, world)))
+
+
+def _collectives_worker(rank, port, results):
+    import torch
     import torch.distributed as dist
 
-    from robustdistill.core.distributed import any_rank
-
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        results[rank] = (any_rank(rank == 0, "cpu"), any_rank(False, "cpu"))
+        results[rank] = (_collectives(rank, 2), _evaluation(rank, 2))
     finally:
         dist.destroy_process_group()
 
 
-def test_any_rank_tells_every_rank_when_one_sees_a_problem():
-    """The loop's non-finite-loss guard: a NaN on one rank stops all ranks, none waits forever."""
-    import socket
-
+def test_every_collective_gives_every_rank_the_one_process_numbers_on_uneven_shards():
+    """The all-reduces behind the verdicts, ABSLD's class-wise risk, EBB and NLB, and `from_main`:
+    two gloo ranks holding 6 and 4 samples get what one process gets on all 10. Without any one of
+    these all-reduces a rank would see only its own shard, and this fails."""
     import torch.multiprocessing as mp
+
+    with intra_op_threads(1):  # as the workers; the suite's own thread count is restored after
+        one, evaluation = _collectives(0, 1), _evaluation(0, 1)
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_collectives_worker, args=(_free_port(), results), nprocs=2, join=True)
+    for rank in (0, 1):
+        got, got_evaluation = results[rank]
+        assert got["verdicts"] == one["verdicts"] and got["tau"] == one["tau"], f"rank {rank}"
+        assert got["ebb"] == one["ebb"] and got["nlb"] == pytest.approx(one["nlb"], rel=1e-6), f"rank {rank}"
+        assert got["mean"] == pytest.approx(one["mean"], rel=1e-6), f"rank {rank}"
+        assert got["any"] == (True, False) and got["from_main"] == "chosen by rank 0"
+        assert got_evaluation == evaluation, f"rank {rank}"
+    assert one["tau"] != [1.0, 1.0, 1.0] and one["nlb"] != [0.5, 0.5] and one["ebb"] != [1.0, 1.0]  # it moved
+    assert evaluation["attacks"]["pgd3"]["accuracy"] < evaluation["attacks"]["clean"]["accuracy"]
+
+
+def _free_port():
+    import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(_any_rank_worker, args=(port, results), nprocs=2, join=True)
-    assert dict(results) == {0: (True, False), 1: (True, False)}
+        return s.getsockname()[1]
 
 
-def _fast_autoattack():
-    """10 APGD iterations instead of 100: the same code paths, a fraction of the time."""
+def _fast_autoattack(patch=setattr):
+    """10 APGD iterations instead of 100: the same code paths, a fraction of the time. `patch`: how
+    (monkeypatch.setattr in the test's own process, undone after it; plain setattr in a worker process
+    that ends with the test)."""
     import pyautoattack.autoattack as aa_module
     from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
 
-    aa_module.APGDAttack = lambda *a, **k: APGDAttack(*a, **{**k, "n_iter": 10})
-    aa_module.APGDAttack_targeted = lambda *a, **k: APGDAttack_targeted(*a, **{**k, "n_iter": 10})
+    patch(aa_module, "APGDAttack", lambda *a, **k: APGDAttack(*a, **{**k, "n_iter": 10}))
+    patch(aa_module, "APGDAttack_targeted", lambda *a, **k: APGDAttack_targeted(*a, **{**k, "n_iter": 10}))
 
 
 EVAL_ATTACKS = ["clean", "fgsm", "pgd20", "cw30", "autoattack_fast", "square", "transfer"]
 
 
-def _evaluate_digits(model_path, surrogate_path, rank=0, world_size=1):
-    import torch
-
+def _evaluate_digits(model_path, surrogate_path, rank=0, world_size=1, patch=setattr):
     from conftest import digits_config
     from robustdistill.data import load_dataset
 
-    torch.set_num_threads(1)
-    _fast_autoattack()
+    _fast_autoattack(patch)
     digits = load_dataset(digits_config(Path("."), "natural").data)
     model, _ = load_model(model_path)
     surrogate, _ = load_model(surrogate_path)
     settings = EvalSettings(
-        eps=0.2,
+        ThreatModel(0.2),
         step_size=0.05,
         batch_size=8,
         restarts=2,
@@ -120,9 +195,10 @@ def _evaluate_digits(model_path, surrogate_path, rank=0, world_size=1):
         checks_subset=70,
         attacks=tuple(EVAL_ATTACKS),
     )
-    out = evaluate(
-        model.eval(), digits.test.take(slice(0, 100)), settings, 10, rank, world_size, surrogate=surrogate.eval()
-    )
+    with intra_op_threads(1):
+        out = evaluate(
+            model.eval(), digits.test.take(slice(0, 100)), settings, 10, rank, world_size, surrogate=surrogate.eval()
+        )
     return json.loads(json.dumps(out))
 
 
@@ -136,16 +212,8 @@ def _eval_worker(rank, port, paths, results):
         dist.destroy_process_group()
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_rank_evaluation_equals_one_process_exactly(trained_runs):
+def test_two_rank_evaluation_equals_one_process_exactly(trained_runs, monkeypatch):
     """Blocks of samples per rank and per-sample randomness: every attack (AutoAttack and Square
     included), every sanity check and every class-wise number is the single-process one."""
     import torch.multiprocessing as mp
@@ -154,7 +222,7 @@ def test_two_rank_evaluation_equals_one_process_exactly(trained_runs):
         str(trained_runs["trades"] / "checkpoints" / "best.safetensors"),
         str(trained_runs["natural"] / "checkpoints" / "best.safetensors"),
     )
-    single = _evaluate_digits(*paths)
+    single = _evaluate_digits(*paths, patch=monkeypatch.setattr)
     manager = mp.Manager()
     results = manager.dict()
     mp.spawn(_eval_worker, args=(_free_port(), paths, results), nprocs=2, join=True)
@@ -182,3 +250,42 @@ def test_two_rank_resume_is_bit_identical_to_the_uninterrupted_run(tmp_path):
     assert len(a["rng"]) == 2 and not torch.equal(a["rng"][0], a["rng"][1])  # each rank's own stream is kept
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(x, y) for x, y in zip(a["rng"], b["rng"]))
+
+
+@pytest.mark.slow
+def test_torchrun_eval_through_the_cli_writes_one_report_equal_to_one_processes(tmp_path, trained_runs):
+    """`torchrun ... -m robustdistill eval RUN` joins the group and splits the samples (eval blocks of
+    4 x 32 images: rank 0 attacks blocks 0 and 2, rank 1 block 1); rank 0 alone creates, locks and
+    writes one folder, whose report is the one-process report (less its time of creation)."""
+    import shutil
+
+    run = tmp_path / "trades"
+    shutil.copytree(trained_runs["trades"], run)  # eval folders are created inside a run folder
+    flags = ["--batch-size", "32", "--attacks", "clean,pgd20"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def evaluate_cli(*launch, out=()):
+        command = [*launch, "-m", "robustdistill", "eval", str(run), *flags, *out]
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    def report(folder):
+        document = json.loads((folder / "report.json").read_text())
+        document.pop("created")
+        return document
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    evaluate_cli(sys.executable, out=["--out", str(tmp_path / "one")])
+    done = evaluate_cli(*torchrun, out=["--out", str(tmp_path / "two")])
+    one = report(tmp_path / "one")
+    assert report(tmp_path / "two") == one and done.stdout.count("report: ") == 1
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        ".robustdistill-lock",
+        *sorted(["classwise.png", "report.json", "report.md"]),
+    ]
+    before = {p.name for p in run.iterdir()}
+    evaluate_cli(*torchrun)  # without --out: one new eval-<time> folder in the run, not one per rank
+    (created,) = {p.name for p in run.iterdir()} - before
+    assert created.startswith("eval-") and report(run / created) == one
+    assert 0 < one["attacks"]["pgd20"]["accuracy"] < one["attacks"]["clean"]["accuracy"]

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from robustdistill.attacks import EvalSettings
+from robustdistill.core.threat import ThreatModel
 from robustdistill.evaluation.metrics import (
     class_metrics,
     pack_verdicts,
@@ -20,6 +21,10 @@ def test_class_metrics_by_hand():
     m = class_metrics(torch.tensor([9.0, 1.0]), torch.tensor([10.0, 10.0]))
     # class accuracies 0.9 and 0.1: mean 0.5, population std 0.4, NSD 0.8
     assert m["nsd"] == pytest.approx(0.8) and m["best_class_accuracy"] == pytest.approx(0.9)
+    # no ties: class accuracies 3/4, 1/5, 2/2, absent, 1/3; worst 0.2 (class 1), best 1.0 (class 2)
+    m = class_metrics(torch.tensor([3.0, 1.0, 2.0, 0.0, 1.0]), torch.tensor([4.0, 5.0, 2.0, 0.0, 3.0]))
+    assert m["worst_class_accuracy"] == pytest.approx(0.2) and m["best_class_accuracy"] == 1.0
+    assert m["accuracy"] == pytest.approx(7 / 14) and m["class_accuracy"][3] is None
 
 
 def test_wilson_interval_by_hand():
@@ -49,7 +54,9 @@ def test_selection_scores():
 def test_evaluate_reports_every_attack_and_leaves_the_model_untouched(natural_model, digits):
     model = natural_model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    settings = EvalSettings(eps=0.1, step_size=0.025, batch_size=64, attacks=("clean", "fgsm", "pgd20", "cw30"))
+    settings = EvalSettings(
+        ThreatModel(0.1), step_size=0.025, batch_size=64, attacks=("clean", "fgsm", "pgd20", "cw30")
+    )
     test = digits.test.take(slice(0, 150))
     out = evaluate(model, test, settings, 10)
     acc = {k: v["accuracy"] for k, v in out["attacks"].items()}
@@ -61,7 +68,7 @@ def test_evaluate_reports_every_attack_and_leaves_the_model_untouched(natural_mo
 
 
 def test_evaluate_is_deterministic_under_its_seed(natural_model, digits):
-    settings = EvalSettings(eps=0.1, step_size=0.025, batch_size=64, seed=3, attacks=("pgd20",))
+    settings = EvalSettings(ThreatModel(0.1), step_size=0.025, batch_size=64, seed=3, attacks=("pgd20",))
     test = digits.test.take(slice(0, 100))
     runs = [evaluate(natural_model, test, settings, 10) for _ in range(2)]
     assert runs[0]["attacks"] == runs[1]["attacks"]
@@ -75,7 +82,10 @@ def test_folding_is_recorded_and_moves_a_verdict_at_most_by_rounding(natural_mod
     test = digits.test.take(slice(0, 150))
     out = {
         fold: evaluate(
-            natural_model, test, EvalSettings(eps=0.1, step_size=0.025, attacks=("pgd20",), fold_batchnorm=fold), 10
+            natural_model,
+            test,
+            EvalSettings(ThreatModel(0.1), step_size=0.025, attacks=("pgd20",), fold_batchnorm=fold),
+            10,
         )
         for fold in (True, False)
     }
@@ -86,7 +96,7 @@ def test_folding_is_recorded_and_moves_a_verdict_at_most_by_rounding(natural_mod
 
 
 def test_eps_zero_attack_equals_clean(natural_model, digits):
-    settings = EvalSettings(eps=0.0, step_size=0.0, batch_size=64, attacks=("clean", "pgd20", "fgsm"))
+    settings = EvalSettings(ThreatModel(0.0), step_size=0.0, batch_size=64, attacks=("clean", "pgd20", "fgsm"))
     out = evaluate(natural_model, digits.test, settings, 10)
     assert out["attacks"]["pgd20"] == out["attacks"]["clean"] == out["attacks"]["fgsm"]
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from robustdistill.core.errors import CheckpointError, ConfigError
+from robustdistill.core.threat import ThreatModel
 from robustdistill.models import ModelSpec, create_model, list_models
 from robustdistill.models.checkpoint import ModelMeta, load_model, read_state_dict, save_model
 
@@ -63,9 +64,9 @@ def test_safetensors_round_trip_carries_the_architecture(tmp_path):
     spec = ModelSpec("small_cnn", 10, 1, {"width": 4}, mean=[0.1], std=[0.3])
     model = create_model(spec)
     model.train()(torch.rand(8, 1, 8, 8))  # move BN statistics away from their initial values
-    save_model(tmp_path / "m.safetensors", model, ModelMeta(spec, epoch=3, eps=0.25))
+    save_model(tmp_path / "m.safetensors", model, ModelMeta(spec, epoch=3, threat=ThreatModel(0.25)))
     loaded, meta = load_model(tmp_path / "m.safetensors")
-    assert meta == ModelMeta(spec, epoch=3, eps=0.25)
+    assert meta == ModelMeta(spec, epoch=3, threat=ThreatModel(0.25))
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
     assert not list(tmp_path.glob(".*tmp"))  # the atomic write left no temporary file

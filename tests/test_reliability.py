@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 
 from conftest import digits_config, snapshot
-from robustdistill.cli import _eval_out_dir, main
+from robustdistill.cli import main
 from robustdistill.core.errors import UserError
-from robustdistill.storage.files import HOST, INSIDE_LOCK, FolderLock, atomic_write
+from robustdistill.core.threat import ThreatModel
+from robustdistill.storage.evals import EvalFolder
+from robustdistill.storage.files import HOST, INSIDE_LOCK, FolderLock, atomic_write, save_torch
+from robustdistill.storage.runs import MARKER
 from robustdistill.training.loop import train
 
 DIGITS_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "digits" / "pgd_at.yaml"
@@ -52,7 +55,7 @@ def test_evaluations_started_in_the_same_second_get_their_own_folders(tmp_path, 
     monkeypatch.chdir(tmp_path)
     model = tmp_path / "m.safetensors"
     model.write_bytes(b"x")
-    folders = [_eval_out_dir(str(model), None) for _ in range(3)]
+    folders = [EvalFolder(str(model)).claim() for _ in range(3)]
     assert len(set(folders)) == 3 and all(f.is_dir() for f in folders)
     assert folders[1].name == folders[0].name + "-2"
 
@@ -179,7 +182,7 @@ def test_a_teacher_trained_on_another_dataset_is_refused(tmp_path, capsys):
     spec = ModelSpec("small_cnn", 10, 1, {"width": 8})
     torch.manual_seed(0)
     teacher = tmp_path / "svhn_teacher.safetensors"
-    save_model(teacher, create_model(spec), ModelMeta(spec, data={"name": "svhn"}, eps=8 / 255))
+    save_model(teacher, create_model(spec), ModelMeta(spec, data={"name": "svhn"}, threat=ThreatModel(8 / 255)))
     overrides = [f"teachers.robust.path={teacher}", f"out_dir={tmp_path / 'runs'}", "train.epochs=1"]
     assert main(["train", str(DIGITS_RECIPE.parent / "rslad.yaml"), *overrides]) == 2
     err = capsys.readouterr().err
@@ -206,16 +209,90 @@ def test_a_run_edited_to_another_eps_or_holding_a_link_out_is_refused(tmp_path, 
     assert "is a symbolic link to" in capsys.readouterr().err and outside.read_bytes() == before
 
 
+def _mount(*args: str) -> None:
+    """mount(8), as root; where that is not allowed the test skips, except in CI (CI=true, which
+    .ci/run sets), where it fails: CI never passes with these tests silently skipped."""
+    done = subprocess.run(["mount", *args], capture_output=True)
+    if done.returncode != 0:
+        why = f"cannot mount here ({done.stderr.decode().strip()[:80]}): needs root"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+
+
 @pytest.fixture
-def small_disk(tmp_path):
+def mounts():
+    """Mount points to unmount after the test, last first."""
+    points = []
+    yield points
+    for point in reversed(points):
+        subprocess.run(["umount", str(point)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path, mounts):
     """A 64 KiB file system (tmpfs; needs root and mount, as in CI), full after a few files."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.decode().strip()[:80]}): needs root")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    _mount("-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount))
+    mounts.append(mount)
+    return mount
+
+
+def _read_only(folder: Path, mounts: list) -> None:
+    """`folder` made read-only in place (a bind mount of itself, remounted read-only)."""
+    _mount("--bind", str(folder), str(folder))
+    mounts.append(folder)
+    _mount("-o", "remount,bind,ro", str(folder))
+
+
+def _resumable(folder: Path) -> Path:
+    """A run folder with everything a resume looks at before it writes (its state is never read: the
+    folder is refused first)."""
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / MARKER).write_text("{}")
+    (folder / "config.yaml").write_text(DIGITS_RECIPE.read_text())
+    (folder / "metrics.jsonl").write_text('{"type": "step", "step": 1}\n')
+    (folder / "checkpoints" / "train_state.pt").write_bytes(b"state")
+    return folder
+
+
+@pytest.mark.parametrize("which", ["the run folder", "its checkpoints"])
+def test_resuming_a_read_only_run_is_refused_before_anything_changes(tmp_path, mounts, capsys, which):
+    run = _resumable(tmp_path / "runs" / "pgd_at")
+    _read_only(run if which == "the run folder" else run / "checkpoints", mounts)
+    before = snapshot(tmp_path)
+    assert main(["train", str(run), "--resume", "train.epochs=40"]) == 2  # a change config.yaml would record
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write") and "is on a read-only file system" in err and err.count("\n") == 1
+    assert snapshot(tmp_path) == before
+
+
+def test_a_full_disk_while_a_torch_file_is_written_is_one_line_and_changes_nothing(small_disk):
+    import torch
+
+    target = small_disk / "train_state.pt"
+    save_torch({"epoch": 1}, target)
+    before = target.read_bytes()
+    with pytest.raises(UserError, match="no space left on the device while writing .*train_state.pt") as caught:
+        save_torch({"weights": torch.zeros(100_000)}, target)
+    assert "\n" not in str(caught.value)
+    assert target.read_bytes() == before and [p.name for p in small_disk.iterdir()] == ["train_state.pt"]
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_at_the_first_training_state_leaves_no_run_and_says_so(tmp_path, mounts, capsys):
+    """800 KiB: config, metrics and both model files of the first epoch fit, its train_state.pt does not."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    _mount("-t", "tmpfs", "-o", "size=800k", "tmpfs", str(disk))
+    mounts.append(disk)
+    argv = ["train", str(DIGITS_RECIPE), f"out_dir={disk / 'runs'}", "train.epochs=2", "attack.steps=2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: no space left on the device while writing") and "train_state.pt" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert list((disk / "runs").iterdir()) == []  # the run failed before its first checkpoint: no folder
 
 
 def test_a_full_disk_is_one_error_line_and_leaves_no_half_written_run(small_disk, capsys):
@@ -259,3 +336,25 @@ def test_resume_refuses_a_damaged_metrics_line_but_drops_a_last_line_cut_by_a_cr
     metrics.write_text(good + '{"type": "step", "ste')  # a crash cut the last line
     assert main(["train", str(run), "--resume", "train.epochs=2"]) == 0
     assert all(json.loads(line) for line in metrics.read_text().splitlines())
+
+
+@pytest.mark.slow
+def test_a_run_interrupted_after_a_checkpoint_says_how_to_continue_it(tmp_path, monkeypatch, capsys):
+    from robustdistill.methods.pgd_at import PGDAT
+
+    run = train(_tiny(tmp_path, "pgd_at", "interrupted"))
+    calls = {"n": 0}
+    original = PGDAT.loss
+
+    def interrupted_later(self, x, y):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, x, y)
+
+    monkeypatch.setattr(PGDAT, "loss", interrupted_later)
+    assert main(["train", str(run), "--resume", "train.epochs=2"]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted after epoch 1; to continue: robustdistill train {run} --resume" in err
+    assert err.strip().endswith("interrupted") and "removed" not in err
+    assert (run / "checkpoints" / "train_state.pt").is_file()

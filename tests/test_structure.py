@@ -186,12 +186,17 @@ def _public_definitions(modules=None):
             names = []
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 names = [node.name]
-            elif isinstance(node, ast.Assign):
+            elif isinstance(node, ast.Assign) and not _is_type_variable(node.value):
                 names = [t.id for t in node.targets if isinstance(t, ast.Name)]
             for name in names:
                 if not name.startswith("_") and name != "log":  # each module's logger is the one logger
                     defined.setdefault(name, []).append(me)
     return defined
+
+
+def _is_type_variable(value: ast.expr) -> bool:
+    """`T = TypeVar("T")`: a module's own type parameter, not a name it offers."""
+    return isinstance(value, ast.Call) and getattr(value.func, "id", None) == "TypeVar"
 
 
 def test_no_public_name_is_defined_twice():

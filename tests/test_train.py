@@ -11,9 +11,10 @@ from robustdistill.core.errors import ConfigError, TrainingError, UserError
 from robustdistill.core.timing import FlopCount, duration, time_left
 from robustdistill.data import load_dataset
 from robustdistill.storage.runs import read_metrics
+from robustdistill.training.builders import lr_decays
 from robustdistill.training.config import load_config
 from robustdistill.training.estimate import estimate
-from robustdistill.training.loop import lr_decays, setup, train
+from robustdistill.training.loop import setup, train
 
 
 def test_lr_decays_counts_milestones_reached():

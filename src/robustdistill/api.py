@@ -7,19 +7,23 @@
     report = evaluate_path(run, ["eval.attacks=[clean,pgd20,autoattack_fast]", "eval.subset=200"])
 
 `evaluate_path` takes a run folder, a checkpoint file or `robustbench:<Name>` (resolved by
-`teachers.resolve_model_source`, as training resolves its teachers) and the same dotted
+`models.sources.resolve_model_source`, as training resolves its teachers) and the same dotted
 `eval.key=value` overrides as `robustdistill train`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+
+import torch
 
 from .core.distributed import DistInfo, resolve_device
 from .core.errors import ConfigError, UserError
 from .core.schema import apply_overrides, build
+from .core.threat import ThreatModel
 from .core.timing import intra_op_threads
 from .data import DataConfig, load_dataset
 from .evaluation.config import EvalConfig
@@ -27,7 +31,7 @@ from .evaluation.pipeline import evaluate_source
 from .models import ModelSpec
 from .models.checkpoint import read_model_meta
 from .models.robustbench import is_robustbench
-from .models.sources import resolve_model_source
+from .models.sources import ModelSource, TeacherConfig, resolve_model_source
 from .training.config import Config, TrainConfig, load_config
 from .training.estimate import estimate
 from .training.loop import train
@@ -47,6 +51,41 @@ def eval_config(base: EvalConfig, overrides: list[str]) -> EvalConfig:
     return cfg
 
 
+@dataclass
+class _Recorded:
+    """What a model path says about itself: a run folder its whole config, a checkpoint of this tool
+    its dataset and threat model, a foreign file or a RobustBench entry nothing (`source` None: resolved later,
+    with the dataset's name)."""
+
+    source: Optional[ModelSource]
+    data: Optional[DataConfig] = None
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    threat: Optional[ThreatModel] = None
+    teachers: dict[str, TeacherConfig] = field(default_factory=dict)
+    memory_format: torch.memory_format = TrainConfig().memory_format  # the training default
+    threads: Optional[int] = None
+
+
+def _recorded(target: str, which: str) -> _Recorded:
+    if is_robustbench(target):
+        return _Recorded(None)
+    source = resolve_model_source(target, which)
+    if source.kind == "run":
+        cfg = load_config(source.run_dir / "config.yaml")
+        meta = read_model_meta(source.checkpoint)  # what the weights were trained with wins over config.yaml
+        if meta is not None and meta.threat is not None and meta.threat != cfg.threat:
+            raise ConfigError(
+                f"{source.run_dir / 'config.yaml'} says eps {cfg.threat.eps:g} but {source.checkpoint.name} was "
+                f"trained at eps {meta.threat.eps:g}: config.yaml was edited; restore it (or evaluate at another "
+                "eps with --eps, which the report records)"
+            )
+        train = cfg.train
+        return _Recorded(source, cfg.data, cfg.eval, cfg.threat, cfg.teachers, train.memory_format, train.threads)
+    meta = read_model_meta(source.checkpoint) if source.checkpoint.suffix == ".safetensors" else None
+    data = build(DataConfig, meta.data, "data") if meta and meta.data is not None else None
+    return _Recorded(source, data, threat=meta.threat if meta else None)
+
+
 def evaluate_path(
     target: str | Path,
     overrides: Optional[list[str]] = None,
@@ -60,34 +99,19 @@ def evaluate_path(
     model_dir: Optional[str] = None,
     state_dir: Optional[Path] = None,
     progress: bool = True,
+    dist: Optional[DistInfo] = None,
 ) -> dict[str, Any]:
     """Evaluate a run folder, a checkpoint file or a RobustBench entry; returns the report.json document.
 
     A run folder supplies its config (dataset, eps, eval settings); a checkpoint written by this
     tool carries dataset and eps in its metadata; a foreign checkpoint needs `data`, `model` and
-    `eval.eps`. `overrides`: dotted `eval.<key>=<value>` (attacks, eps, subset, ...).
+    `eval.eps`. `overrides`: dotted `eval.<key>=<value>` (attacks, eps, subset, ...). Under DDP
+    (`dist`, the process group joined) each rank attacks its blocks of samples and every rank
+    returns the same document, equal to one process's.
     """
-    target = str(target)
-    base, data_cfg, default_eps, teachers, threads = EvalConfig(), None, None, {}, None
-    memory_format = TrainConfig().memory_format  # a run's own (below), else the training default
-    source = None
-    if not is_robustbench(target):
-        source = resolve_model_source(target, which)
-        if source.kind == "run":
-            cfg = load_config(source.run_dir / "config.yaml")
-            data_cfg, base, default_eps, teachers = cfg.data, cfg.eval, cfg.default_eps, cfg.teachers
-            memory_format, threads = cfg.train.memory_format, cfg.train.threads
-            meta = read_model_meta(source.checkpoint)  # what the weights were trained with wins over config.yaml
-            if meta is not None and meta.eps is not None and default_eps is not None and meta.eps != default_eps:
-                raise ConfigError(
-                    f"{source.run_dir / 'config.yaml'} says eps {default_eps:g} but {source.checkpoint.name} was "
-                    f"trained at eps {meta.eps:g}: config.yaml was edited; restore it (or evaluate at another "
-                    "eps with --eps, which the report records)"
-                )
-        else:
-            meta = read_model_meta(source.checkpoint) if source.checkpoint.suffix == ".safetensors" else None
-            data_cfg = build(DataConfig, meta.data, "data") if meta and meta.data is not None else None
-            default_eps = meta.eps if meta else None
+    target, dist = str(target), dist or DistInfo()
+    recorded = _recorded(target, which)
+    data_cfg = recorded.data
     if data is not None and (data_cfg is None or data_cfg.name != data):
         data_cfg = DataConfig(name=data)
     if data_cfg is None:
@@ -95,14 +119,12 @@ def evaluate_path(
     if data_root is not None:
         data_cfg.root = data_root
     data_cfg.validate()
-    eval_cfg = eval_config(base, list(overrides or []))
-    settings = eval_cfg.resolve(default_eps)
-    if source is None:
-        source = resolve_model_source(target, which, data_cfg.name, model_dir)
-    dev = resolve_device(device, DistInfo())
-    dataset = load_dataset(data_cfg, dev)
+    eval_cfg = eval_config(recorded.eval, list(overrides or []))
+    settings = eval_cfg.resolve(recorded.threat)
+    source = recorded.source or resolve_model_source(target, which, data_cfg.name, model_dir)
+    dataset = load_dataset(data_cfg, resolve_device(device, dist, "device"))
     spec = ModelSpec(model, dataset.num_classes, dataset.channels) if model is not None else None
-    with intra_op_threads(threads):  # a run's own thread count, as its final report used
+    with intra_op_threads(recorded.threads):  # a run's own thread count, as its final report used
         return evaluate_source(
             source,
             dataset,
@@ -110,8 +132,9 @@ def evaluate_path(
             eval_cfg,
             settings,
             spec=spec,
-            memory_format=memory_format,
-            teachers=teachers,
+            memory_format=recorded.memory_format,
+            teachers=recorded.teachers,
             progress=progress,
             state_dir=state_dir,
+            dist=dist,
         )

@@ -20,14 +20,13 @@ import argparse
 import datetime
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 from .api import evaluate_path
 from .attacks import ATTACKS
-from .core.distributed import cleanup
+from .core.distributed import cleanup, from_main, init_distributed, is_main_process
 from .core.errors import UserError
 from .core.timing import duration
 from .data import DATASETS
@@ -37,8 +36,7 @@ from .evaluation.plots import plot_classwise, plot_run, plot_scatter
 from .evaluation.report import attack_table, check_lines, comparison_table, read_report, to_markdown, write_report
 from .methods import METHODS
 from .models import MODELS
-from .storage.files import INSIDE_LOCK, FolderLock
-from .storage.runs import check_no_links_out, check_writable
+from .storage.evals import EvalFolder, check_out_folder
 from .studies.demo import run_demo
 from .studies.execute import compare_locally
 from .studies.slurm import compare_on_slurm
@@ -58,7 +56,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _print_estimate(cfg, e: Estimate) -> int:
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main_process():
         return 0
     print(f"estimate for {cfg.run_dir} ({cfg.method.name}, {cfg.model.name} on {cfg.data.name}, {e.device}):")
     print(f"  one step        {1e3 * e.step:.1f} ms (median of the timed steps, after 2 warm-up steps)")
@@ -90,7 +88,7 @@ def _cmd_train(args) -> int:
     if args.estimate:
         return _print_estimate(cfg, estimate(cfg, force=args.force, resume=args.resume))
     run_dir = train(cfg, force=args.force, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for the run
+    if not is_main_process():  # under torchrun, rank 0 speaks for the run
         return 0
     print(f"run folder: {run_dir}")
     report = read_report(run_dir / "report.json")
@@ -98,34 +96,6 @@ def _cmd_train(args) -> int:
     for line in check_lines(report):
         print(line)
     return 0
-
-
-def _eval_out_dir(target: str, out: Optional[str]) -> Path:
-    """A new report folder; an existing --out is taken only to resume an unfinished evaluation."""
-    if out is not None:
-        path = Path(out)
-        _check_out_folder(path)
-        if (path / "report.json").exists():
-            raise UserError(f"{path} already holds a report; choose another --out")
-        return path
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    where = Path(target)
-    if where.is_dir():
-        base = where / f"eval-{stamp}"
-    elif where.is_file():
-        base = where.parent / f"{where.stem}-eval-{stamp}"
-    else:  # robustbench:<name>
-        base = Path("evals") / f"{target.split(':', 1)[-1].replace('@', '-')}-eval-{stamp}"
-    check_writable(base)
-    path, k = base, 1
-    base.parent.mkdir(parents=True, exist_ok=True)
-    while True:  # created here, atomically: two evaluations started in the same second get two folders
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            k += 1
-            path = base.with_name(f"{base.name}-{k}")
 
 
 def _warn_failed_checks(report: dict) -> list:
@@ -138,56 +108,45 @@ def _warn_failed_checks(report: dict) -> list:
     return bad
 
 
-def _first_missing(path: Path) -> Optional[Path]:
-    """The outermost folder of `path` that does not exist yet (None: all of it exists)."""
-    missing = None
-    while not path.exists() and path != path.parent:
-        missing, path = path, path.parent
-    return missing
-
-
 def _cmd_eval(args) -> int:
-    target = Path(args.target)
-    if args.out is not None:  # the outermost folder this evaluation creates, removed if it fails
-        created = _first_missing(Path(args.out))
-    else:
-        created = None if target.exists() else _first_missing(Path("evals"))
-    out_dir = _eval_out_dir(args.target, args.out)
-    if args.out is None:
-        created = created or out_dir
-    try:
-        with FolderLock(out_dir, "evaluating into", inside=True):  # a second evaluation into it is refused
-            return _evaluate_into(args, out_dir)
-    finally:  # a failed evaluation leaves no empty folder behind (none it did not find there)
-        if created is not None and out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= {INSIDE_LOCK}:
-            (out_dir / INSIDE_LOCK).unlink(missing_ok=True)
-            folder = out_dir
-            while folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-                if folder == created:
-                    break
-                folder = folder.parent
-
-
-def _evaluate_into(args, out_dir: Path) -> int:
-    if (out_dir / "report.json").exists():  # written by another evaluation since the folder was chosen
-        raise UserError(f"{out_dir} already holds a report; choose another --out")
-    check_no_links_out(out_dir)
-    if (out_dir / "autoattack_state.json").exists() or (out_dir / "autoattack_fast_state.json").exists():
-        log.info("resuming the AutoAttack state in %s", out_dir)
+    """One evaluation, in one process or under torchrun: every rank joins the group and attacks its
+    blocks of samples; rank 0 alone chooses, creates and locks the folder, writes and prints."""
+    dist = init_distributed(args.device)
     overrides = _flag_overrides(args) + args.overrides
-    report = evaluate_path(
-        args.target,
-        overrides,
-        which=args.checkpoint,
-        split=args.split,
-        data=args.data,
-        data_root=args.data_root,
-        model=args.model,
-        device=args.device,
-        model_dir=args.model_dir,
-        state_dir=out_dir,
-    )
+    folder = EvalFolder(args.target, args.out)
+    out_dir = from_main(folder.claim)
+    try:
+        if dist.is_main and folder.resumes():
+            log.info("resuming the AutoAttack state in %s", out_dir)
+        report = evaluate_path(
+            args.target,
+            overrides,
+            which=args.checkpoint,
+            split=args.split,
+            data=args.data,
+            data_root=args.data_root,
+            model=args.model,
+            device=args.device,
+            model_dir=args.model_dir,
+            state_dir=out_dir,
+            dist=dist,
+        )
+        return _write_evaluation(args, out_dir, report) if dist.is_main else 0
+    except KeyboardInterrupt:
+        if dist.is_main and folder.resumes():
+            log.info(
+                "interrupted; AutoAttack's progress is kept: to continue, robustdistill eval %s --out %s",
+                args.target,
+                out_dir,
+            )
+        raise
+    finally:
+        if dist.is_main:
+            folder.close()
+
+
+def _write_evaluation(args, out_dir: Path, report: dict) -> int:
+    """The report into `out_dir`, its table (and W-Robust Acc, the checks, failed checks) printed."""
     title = f"Evaluation of {args.target}"
     write_report(out_dir, report, title=title)
     _try_plot(lambda: plot_classwise(report, out_dir / "classwise.png"))
@@ -245,7 +204,7 @@ def _try_plot(draw) -> None:
 
 def _cmd_report(args) -> int:
     out = Path(args.out) if args.out else Path("reports") / f"compare-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    _check_out_folder(out)
+    check_out_folder(out)
     named = []
     for item in args.runs:
         path = Path(item)
@@ -253,6 +212,13 @@ def _cmd_report(args) -> int:
         if not report_path.is_file():
             raise UserError(f"{item} has no report.json (is it a finished run or an eval folder?)")
         named.append((path.name if path.is_dir() else path.parent.name, read_report(report_path)))
+    lacking = [name for name, report in named if args.attack not in report["attacks"]]
+    if lacking:
+        common = sorted(set.intersection(*(set(report["attacks"]) for _, report in named)))
+        raise UserError(
+            f"--attack {args.attack} is not in the report of {', '.join(lacking)} "
+            f"(attacks every report has: {', '.join(common) or 'none'})"
+        )
     if (out / "comparison.md").exists():
         raise UserError(f"{out} already holds a comparison; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -293,18 +259,11 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def _check_out_folder(out: Path) -> None:
-    """An --out that must be a folder: refused in one line when it is a file, or cannot be written."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is an existing file; give a folder")
-    check_writable(out)
-
-
 def _cmd_plot(args) -> int:
     if not (Path(args.run) / "metrics.jsonl").is_file():
         raise UserError(f"{args.run} is not a run folder (no metrics.jsonl)")
     if args.out is not None:
-        _check_out_folder(Path(args.out))
+        check_out_folder(Path(args.out))
     written = plot_run(args.run, args.out)
     if not written:
         print(f"nothing to plot in {args.run}")
@@ -345,7 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="robustdistill", description="Adversarial robustness distillation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="more detail in logs and tables")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_eval, _add_report, _add_compare, _add_demo, _add_plot, _add_list):
+        add(sub)
+    return parser
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train one run from a YAML config")
     p.add_argument("config", help="YAML config file (or, with --resume, a run folder)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=5 attack.eps=8/255")
@@ -359,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run folder given instead of a config")
     p.set_defaults(func=_cmd_train)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a run folder, a checkpoint file or robustbench:<Name>")
     p.add_argument(
         "target", help="run folder, checkpoint (.safetensors, or .pt/.pth state dict), or robustbench:<Name>[@<threat>]"
@@ -403,12 +369,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_eval)
 
+
+def _add_report(sub) -> None:
     p = sub.add_parser("report", help="compare finished runs: one table and a robustness-fairness scatter")
     p.add_argument("runs", nargs="+", help="run folders, eval folders or report.json files")
     p.add_argument("--attack", default="pgd20", help="the robust attack to compare on (default pgd20)")
     p.add_argument("--out", help="folder for comparison.md and scatter.png (default: reports/compare-<time>)")
     p.set_defaults(func=_cmd_report)
 
+
+def _add_compare(sub) -> None:
     p = sub.add_parser("compare", help="train a grid of methods x seeds (x axes) and compare them with intervals")
     p.add_argument("grid", help="grid file (YAML: cells, seeds, axes, teachers, eval, reference, pairs)")
     p.add_argument("--out", help="the grid's folder: its runs and the report (default: comparisons/<grid name>)")
@@ -433,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_compare)
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="teachers, students and a comparison on the embedded digits")
     p.add_argument("--out", default="runs/demo", help="folder for the demo runs")
     p.add_argument("--force", action="store_true", help="replace an earlier demo in --out")
@@ -440,15 +412,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--into", help="also write the table into this markdown file, between <!-- demo:begin/end -->")
     p.set_defaults(func=_cmd_demo)
 
+
+def _add_plot(sub) -> None:
     p = sub.add_parser("plot", help="draw a run's temperature / loss-weight trajectories and class-wise accuracy")
     p.add_argument("run", help="run folder")
     p.add_argument("--out", help="folder for the PNGs (default: RUN/plots)")
     p.set_defaults(func=_cmd_plot)
 
+
+def _add_list(sub) -> None:
     p = sub.add_parser("list", help="list registered models, methods, datasets, attacks, sanity checks")
     p.add_argument("kind", nargs="?", choices=["models", "methods", "datasets", "attacks", "checks"])
     p.set_defaults(func=_cmd_list)
-    return parser
 
 
 def _parse(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> argparse.Namespace:
@@ -468,10 +443,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         _setup_logging(args.verbose)
         return args.func(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if is_main_process():  # under torchrun every rank fails alike; one says why
+            print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; checkpoints written so far are kept", file=sys.stderr)
+    except KeyboardInterrupt:  # what was kept, and how to continue, was said where it was known
+        print("interrupted", file=sys.stderr)
         return 130
     finally:
         cleanup()  # leave the DDP process group before exit (gloo aborts the process otherwise)

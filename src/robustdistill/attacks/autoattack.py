@@ -81,7 +81,6 @@ class AutoAttack(Attack):
         s, name = env.settings, self.name
         x_all = env.x_all if env.x_all is not None else x
         y_all = env.y_all if env.y_all is not None else y
-        n, chunk, ranks = len(y_all), s.block, env.world_size
         with torch.no_grad():
             num_classes = model(x_all[:1]).shape[1]
         adversary = _PackageAutoAttack(
@@ -95,42 +94,15 @@ class AutoAttack(Attack):
         key = {
             "model": fingerprint(model),
             "data": _data_digest(x_all, y_all),
-            "n": n,
+            "n": len(y_all),
             "attacks": order,
             "eps": s.eps,
             "seed": s.seed,
-            "chunk": chunk,
+            "chunk": s.block,
         }
-        state: dict[str, Any] = {
-            "key": key,
-            "done": [],
-            "candidates": None,
-            "next_chunk": 0,
-            "robust": None,
-            "accuracy": {},
-            "flags": [],
-        }
-        if path is not None and path.exists():
-            try:
-                state = json.loads(path.read_text())
-                old = state["key"]
-                intact = state.get("digest") == _state_digest(state)
-            except (ValueError, KeyError, TypeError, AttributeError):
-                raise UserError(f"{path} is not an AutoAttack state of this tool; use another --out") from None
-            if not intact:
-                raise UserError(
-                    f"{path} was changed since this tool wrote it (its digest does not match): its verdicts cannot be "
-                    "trusted; delete it to start this attack over, or use another --out"
-                )
-            state.pop("digest")
-            differ = [k for k in key if old.get(k) != key[k]]
-            if differ:
-                raise UserError(
-                    f"{path} was left by a different AutoAttack evaluation (its {', '.join(differ)} differ); "
-                    "use another --out, or delete that file to start over"
-                )
+        state = _load_state(path, key)
         if state["robust"] is None:
-            robust = assemble(predict(model, x, s.batch_size) == y, env.sample_index(len(x)), n)
+            robust = assemble(predict(model, x, s.batch_size) == y, env.sample_index(len(x)), len(y_all))
             state.update(robust=robust.tolist(), accuracy={"clean": robust.double().mean().item()})
         robust = torch.tensor(state["robust"], dtype=torch.bool, device=x_all.device)
         x_adv = x_all.clone()
@@ -138,36 +110,68 @@ class AutoAttack(Attack):
         adversary.logger.addHandler(collect)
         try:
             for attack in order:
-                if attack in state["done"]:
-                    continue
-                if state["candidates"] is None:
-                    state["candidates"] = torch.nonzero(robust).flatten().tolist()
-                candidates = torch.tensor(state["candidates"], dtype=torch.long, device=x_all.device)
-                adversary.attacks_to_run = [attack]
-                n_chunks = -(-len(candidates) // chunk)
-                rounds = range(state["next_chunk"], n_chunks, ranks)
-                for first in tqdm(rounds, desc=f"{name}:{attack}", leave=False, disable=None if env.progress else True):
-                    broken = torch.zeros(n, dtype=torch.bool, device=x_all.device)
-                    j = first + env.rank
-                    if j < n_chunks:
-                        idx = candidates[j * chunk : (j + 1) * chunk]
-                        adv, _ = adversary.run_standard_evaluation(x_all[idx], y_all[idx], batch_size=s.batch_size)
-                        hit = predict(model, adv, s.batch_size) != y_all[idx]
-                        x_adv[idx[hit]] = adv[hit]
-                        broken[idx[hit]] = True
-                    robust &= ~(all_reduce_sum(broken.int()) > 0)
-                    flags = set(state["flags"]).union(*gather_objects(sorted(collect.messages)))
-                    state.update(next_chunk=first + ranks, robust=robust.tolist(), flags=sorted(flags))
-                    _save_state(path, state, env.rank)
-                accuracy = {**state["accuracy"], attack: robust.double().mean().item()}
-                state.update(done=state["done"] + [attack], candidates=None, next_chunk=0, accuracy=accuracy)
-                _save_state(path, state, env.rank)
+                if attack not in state["done"]:
+                    self._sub_attack(attack, adversary, model, x_all, y_all, x_adv, robust, state, path, env, collect)
             aa_checks.check_square_sr(state["accuracy"], logger=adversary.logger)  # the package's own final check
         finally:
             adversary.logger.removeHandler(collect)
         env.notes[name] = sorted(set(state["flags"]).union(*gather_objects(sorted(collect.messages))))
         mine = env.sample_index(len(x)).to(x_all.device)
         return x_adv[mine], robust[mine]
+
+    def _sub_attack(self, attack, adversary, model, x_all, y_all, x_adv, robust, state, path, env, collect) -> None:
+        """One sub-attack on the points still robust when it starts (its candidates, kept in the state),
+        chunk j on rank j mod world_size, the state saved after each round of chunks; `robust` and
+        `x_adv` updated in place."""
+        s, n, chunk, ranks = env.settings, len(y_all), env.settings.block, env.world_size
+        if state["candidates"] is None:
+            state["candidates"] = torch.nonzero(robust).flatten().tolist()
+        candidates = torch.tensor(state["candidates"], dtype=torch.long, device=x_all.device)
+        adversary.attacks_to_run = [attack]
+        n_chunks = -(-len(candidates) // chunk)
+        rounds = range(state["next_chunk"], n_chunks, ranks)
+        for first in tqdm(rounds, desc=f"{self.name}:{attack}", leave=False, disable=None if env.progress else True):
+            broken = torch.zeros(n, dtype=torch.bool, device=x_all.device)
+            j = first + env.rank
+            if j < n_chunks:
+                idx = candidates[j * chunk : (j + 1) * chunk]
+                adv, _ = adversary.run_standard_evaluation(x_all[idx], y_all[idx], batch_size=s.batch_size)
+                hit = predict(model, adv, s.batch_size) != y_all[idx]
+                x_adv[idx[hit]] = adv[hit]
+                broken[idx[hit]] = True
+            robust &= ~(all_reduce_sum(broken.int()) > 0)
+            flags = set(state["flags"]).union(*gather_objects(sorted(collect.messages)))
+            state.update(next_chunk=first + ranks, robust=robust.tolist(), flags=sorted(flags))
+            _save_state(path, state, env.rank)
+        accuracy = {**state["accuracy"], attack: robust.double().mean().item()}
+        state.update(done=state["done"] + [attack], candidates=None, next_chunk=0, accuracy=accuracy)
+        _save_state(path, state, env.rank)
+
+
+def _load_state(path: Optional[Path], key: dict[str, Any]) -> dict[str, Any]:
+    """The saved state of this evaluation (its digest intact, its key this evaluation's), or a new one."""
+    fresh = {"key": key, "done": [], "candidates": None, "next_chunk": 0, "robust": None, "accuracy": {}, "flags": []}
+    if path is None or not path.exists():
+        return fresh
+    try:
+        state = json.loads(path.read_text())
+        old = state["key"]
+        intact = state.get("digest") == _state_digest(state)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{path} is not an AutoAttack state of this tool; use another --out") from None
+    if not intact:
+        raise UserError(
+            f"{path} was changed since this tool wrote it (its digest does not match): its verdicts cannot be "
+            "trusted; delete it to start this attack over, or use another --out"
+        )
+    state.pop("digest")
+    differ = [k for k in key if old.get(k) != key[k]]
+    if differ:
+        raise UserError(
+            f"{path} was left by a different AutoAttack evaluation (its {', '.join(differ)} differ); "
+            "use another --out, or delete that file to start over"
+        )
+    return state
 
 
 @register

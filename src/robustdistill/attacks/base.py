@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..core.errors import UserError
 from ..core.registry import Registry
+from ..core.threat import ThreatModel
 from .pgd import PGD, sample_noise
 
 Kind = Literal["reference", "white-box", "black-box"]
@@ -25,10 +26,10 @@ ROBUST_ATTACK = "pgd20"  # the attack behind "robust accuracy" in model selectio
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """The evaluation config resolved once (`config.EvalConfig.resolve`): every fallback applied
-    (eps from the training attack, step size eps / 4), so nothing downstream resolves it again."""
+    """The evaluation config resolved once (`EvalConfig.resolve`): every fallback applied (the threat
+    model from the run's, the step size from it), so nothing downstream resolves it again."""
 
-    eps: float
+    threat: ThreatModel
     step_size: float
     attacks: tuple[str, ...] = ("clean", "pgd20")
     restarts: int = 1
@@ -39,6 +40,10 @@ class EvalSettings:
     checks_subset: int = 500
     large_eps: float = 1.0
     fold_batchnorm: bool = True
+
+    @property
+    def eps(self) -> float:
+        return self.threat.eps
 
     @property
     def check_steps(self) -> int:
@@ -53,12 +58,14 @@ class EvalSettings:
 
     def at_eps(self, eps: float) -> EvalSettings:
         """The same settings at another budget, the step size scaled with it (the sanity checks)."""
-        step = self.step_size * eps / self.eps if self.eps > 0 else eps / 4
-        return dataclasses.replace(self, eps=eps, step_size=step)
+        step = self.step_size * eps / self.eps if self.eps > 0 else ThreatModel(eps).default_step_size
+        return dataclasses.replace(self, threat=dataclasses.replace(self.threat, eps=eps), step_size=step)
 
     def common(self) -> dict[str, Any]:
-        """The report's `settings.common` (the attack list is the report's own keys)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "attacks"}
+        """The report's `settings.common` (the attack list is the report's own keys; the threat
+        model as its eps and norm)."""
+        rest = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("attacks", "threat")}
+        return {"eps": self.threat.eps, "norm": self.threat.norm, **rest}
 
 
 @dataclass

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import require
+from ..core.threat import ThreatModel
 from ..models import eval_mode
 from ..models.fold import eval_view, release
 
@@ -41,7 +42,8 @@ EarlyStop = Literal["first_adversarial", "last_clean"]
 
 @dataclass
 class AttackConfig:
-    """The inner maximisation used during training (config section `attack`)."""
+    """The inner maximisation used during training (config section `attack`); its eps is the run's
+    threat model (`threat`)."""
 
     eps: float = 8 / 255
     step_size: float = 2 / 255
@@ -51,8 +53,13 @@ class AttackConfig:
     )
     fold_batchnorm: bool = True  # PGD steps on the model with batch norm folded into its convolutions
 
+    @property
+    def threat(self) -> ThreatModel:
+        """The run's threat model: its evaluations default to it, its model files record it."""
+        return ThreatModel(self.eps)
+
     def validate(self) -> None:
-        require(0 <= self.eps <= 1, "attack.eps", "must be in [0, 1] (images are in [0, 1]; e.g. 8/255)")
+        ThreatModel.check_eps(self.eps, "attack.eps")
         require(0 < self.step_size <= 1, "attack.step_size", "must be in (0, 1] (e.g. 2/255)")
         require(self.steps >= 1, "attack.steps", "must be >= 1")
 

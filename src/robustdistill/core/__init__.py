@@ -3,6 +3,7 @@
 errors.py       the errors a user can cause and fix (`UserError`: one line, exit code 2); `require`
 registry.py     the name registries (models, datasets, attacks, methods, checks)
 schema.py       YAML and `key=value` overrides typed into dataclasses, with errors naming the key
+threat.py       the threat model (norm and eps): every budget is checked, and defaulted, there
 distributed.py  DDP plumbing (no-ops in one process), devices, every rank's random streams
 timing.py       FLOP counting, durations for people, thread counts
 """

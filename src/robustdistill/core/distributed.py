@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -18,6 +20,8 @@ import torch.distributed as dist
 from .errors import ConfigError, TrainingError, UserError
 
 log = logging.getLogger("robustdistill")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -59,18 +63,20 @@ def check_device(name: str, key: str = "device") -> None:
         raise ConfigError(f"{key}={name} is not a device; use auto, cpu, cuda, cuda:N or mps")
 
 
-def resolve_device(name: str, dist_info: DistInfo) -> torch.device:
-    check_device(name)
+def resolve_device(name: str, dist_info: DistInfo, key: str = "train.device") -> torch.device:
+    """The torch device `name` stands for (`key`: the setting it came from, for the error message):
+    auto is a GPU where there is one; under DDP, cuda is this process's own GPU (LOCAL_RANK)."""
+    check_device(name, key)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         name = f"cuda:{dist_info.local_rank}"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but CUDA is not available; use train.device=cpu or auto")
+        raise ConfigError(f"{key}={name} but CUDA is not available; use {key}=cpu or auto")
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        raise ConfigError(f"train.device={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise ConfigError(f"{key}={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("train.device=mps but MPS (Apple GPU) is not available here; use train.device=cpu or auto")
+        raise ConfigError(f"{key}=mps but MPS (Apple GPU) is not available here; use {key}=cpu or auto")
     device = torch.device(name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -81,16 +87,48 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def is_main_process() -> bool:
+    """Whether this process speaks for the group: rank 0 of a joined process group, or a lone process
+    (a stray RANK variable without a process group does not silence it)."""
+    return not is_distributed() or dist.get_rank() == 0
+
+
+def from_main(compute: Callable[[], T]) -> T:
+    """`compute()` run by rank 0 alone, its result given to every rank (a `UserError` it raises is
+    raised on every rank, so none waits for the others forever); in one process, just `compute()`."""
+    if not is_distributed():
+        return compute()
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [(True, compute())]
+        except UserError as exc:
+            box = [(False, str(exc))]
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise UserError(value)
+    return value
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+def all_reduce_mean(t: torch.Tensor, count: Optional[int] = None) -> torch.Tensor:
+    """The mean of `t` over the ranks; with `count` (how many samples this rank's `t` averages over),
+    the mean weighted by it: the value of the whole global batch, also when ranks hold different
+    numbers of samples. In one process `t` itself, untouched."""
     if is_distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= dist.get_world_size()
+        if count is None:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t /= dist.get_world_size()
+        else:
+            weighted = torch.cat([t.flatten() * count, t.new_full((1,), float(count))])
+            dist.all_reduce(weighted, op=dist.ReduceOp.SUM)
+            t.copy_((weighted[:-1] / weighted[-1]).view_as(t))
     return t
 
 

@@ -161,8 +161,25 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], schema: type) -> 
             if not isinstance(child, dict):
                 raise ConfigError(f"cannot set '{'.'.join(parts)}': '{'.'.join(parts[: i + 1])}' is not a mapping")
             node = child
+        _check_section_value(_field_type(tp, parts[-1]), ".".join(parts), value)
         node[parts[-1]] = value
     return raw
+
+
+def _check_section_value(tp: Any, key: str, value: Any) -> None:
+    """An override that sets a whole section must give it as a mapping (a named section: or its name;
+    an optional one: or null); `train=` would otherwise silently put every key back to its default."""
+    optional = typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
+    if optional:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if not dataclasses.is_dataclass(tp) or isinstance(value, dict) or (value is None and optional):
+        return
+    if isinstance(value, str) and _named(tp):
+        return
+    raise ConfigError(
+        f"override '{key}={'' if value is None else value}' would replace the whole {key} section: set its keys "
+        f"one by one ({key}.<key>=<value>)" + (f", or name it ({key}=<name>)" if _named(tp) else "")
+    )
 
 
 MAX_YAML_BYTES = 1_000_000  # a config, a grid: kilobytes; anything near this is not one

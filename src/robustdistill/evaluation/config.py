@@ -11,6 +11,7 @@ from typing import Any, Optional
 from ..attacks import ATTACKS, EvalSettings
 from ..core.errors import ConfigError, require
 from ..core.schema import SEED_LIMIT
+from ..core.threat import ThreatModel
 from ..models import ModelConfig
 
 log = logging.getLogger("robustdistill")
@@ -36,6 +37,7 @@ class EvalConfig:
     fold_batchnorm: bool = True  # PGD / CW steps on the model with batch norm folded into its convolutions
 
     def validate(self) -> None:
+        require(bool(self.attacks), "eval.attacks", "must name at least one attack (e.g. [clean, pgd20])")
         for name in self.attacks:
             attack = ATTACKS.get(name)
             require(
@@ -48,7 +50,8 @@ class EvalConfig:
         require(self.square_queries >= 1, "eval.square_queries", "must be >= 1")
         require(self.checks_subset >= 1, "eval.checks_subset", "must be >= 1")
         require(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
-        require(self.eps is None or 0 <= self.eps <= 1, "eval.eps", "must be in [0, 1] (e.g. 8/255)")
+        if self.eps is not None:
+            ThreatModel.check_eps(self.eps, "eval.eps")
         require(self.step_size is None or 0 < self.step_size <= 1, "eval.step_size", "must be in (0, 1]")
         require(0 < self.large_eps <= 1, "eval.large_eps", "must be in (0, 1]")
         require(self.subset is None or self.subset >= 1, "eval.subset", "must be >= 1")
@@ -82,12 +85,13 @@ class EvalConfig:
         )
         return raw
 
-    def resolve(self, default_eps: Optional[float]) -> EvalSettings:
-        """The settings every evaluation runs with: eps falls back to `default_eps` (the training
-        attack's, or a checkpoint's recorded one), the step size to eps / 4. Done once, here."""
-        eps = self.eps if self.eps is not None else default_eps
-        if eps is None:
+    def resolve(self, default: Optional[ThreatModel]) -> EvalSettings:
+        """The settings every evaluation runs with: the threat model is `eval.eps`'s if set, else
+        `default` (the run's, or a checkpoint's recorded one); the step size falls back to the threat
+        model's default. Done once, here."""
+        threat = ThreatModel(self.eps) if self.eps is not None else default
+        if threat is None:
             raise ConfigError("no eps known for this model; set eval.eps (--eps), e.g. 8/255")
-        step = self.step_size if self.step_size is not None else eps / 4
-        rest = {f.name: getattr(self, f.name) for f in dataclasses.fields(EvalSettings)}
-        return EvalSettings(**rest | {"eps": eps, "step_size": step, "attacks": tuple(self.attacks)})
+        step = self.step_size if self.step_size is not None else threat.default_step_size
+        rest = {f.name: getattr(self, f.name) for f in dataclasses.fields(EvalSettings) if f.name != "threat"}
+        return EvalSettings(**rest | {"threat": threat, "step_size": step, "attacks": tuple(self.attacks)})

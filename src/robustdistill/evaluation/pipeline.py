@@ -1,7 +1,7 @@
 """The one evaluation pipeline: a model source in, a report.json document out.
 
     source = resolve_model_source("runs/rslad")
-    report = evaluate_source(source, dataset, "test", cfg.eval, cfg.eval.resolve(cfg.default_eps))
+    report = evaluate_source(source, dataset, "test", cfg.eval, cfg.eval.resolve(cfg.threat))
 
 A training run's final report (`training.loop.final_report`) and `robustdistill eval`
 (`api.evaluate_path`) both call `evaluate_source`: the same loading, memory format, subset,
@@ -19,7 +19,7 @@ from torch import nn
 
 from ..attacks import EvalSettings, needs_surrogate
 from ..core.distributed import DistInfo
-from ..core.errors import UserError
+from ..core.errors import CheckpointError, UserError
 from ..data import Dataset, subset_of
 from ..models import ModelSpec
 from ..models.sources import ModelSource, TeacherConfig, load_source, load_teacher
@@ -55,6 +55,7 @@ def evaluate_source(
     dist = dist or DistInfo()
     device = dataset.test.y.device
     model, spec = load_source(source, dataset, spec)
+    _check_finite(model, source)
     model = model.to(device).to(memory_format=memory_format)
     chosen = subset_of(dataset.split(split), eval_cfg.subset, f"the {split} split", "eval.subset")
     surrogate = load_surrogate(eval_cfg, dict(teachers or {}), dataset, device, loaded=loaded)
@@ -72,6 +73,17 @@ def evaluate_source(
         state_dir=state_dir,
     )
     return build_report(summary, spec, source.checkpoint, dataset, split, len(chosen), settings.seed)
+
+
+def _check_finite(model: nn.Module, source: ModelSource) -> None:
+    """NaN or infinite weights make every prediction meaningless (and every attack look weak or
+    strong at random): refused whether or not the sanity checks run."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(
+                f"{source.checkpoint} has non-finite weights ({name} holds NaN or inf): its accuracies would mean "
+                "nothing; evaluate a sound checkpoint (a run's last good one is in its checkpoints/ folder)"
+            )
 
 
 def load_surrogate(

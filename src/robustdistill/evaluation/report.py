@@ -45,6 +45,7 @@ import torch
 from .. import __version__
 from ..core.errors import UserError
 from ..storage.files import atomic_write
+from .metrics import unpack_verdicts
 
 SCHEMA_VERSION = 1
 
@@ -72,6 +73,7 @@ def build_report(summary: dict[str, Any], spec, checkpoint, dataset, split: str,
     }
 
 
+CHECKS_OFF = "not run (eval.checks=false, --no-checks): nothing here was checked for gradient masking"
 GAP_POINTS = 3.0  # PGD above AutoAttack by more than this many points: said in the report
 
 
@@ -104,6 +106,8 @@ def check_lines(report: dict[str, Any]) -> list[str]:
         counts = {k: sum(c["status"] == k for c in checks) for k in ("passed", "failed", "skipped")}
         lines.append("sanity checks: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n))
         lines += [f"  skipped {c['id']} {c['name']}: {c['message']}" for c in checks if c["status"] == "skipped"]
+    elif not report.get("settings", {}).get("common", {}).get("checks", True):
+        lines.append(f"sanity checks: {CHECKS_OFF}")
     lines += [f"note: {n}" for n in report.get("notes", [])]
     return lines
 
@@ -271,6 +275,8 @@ def to_markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
         ]
     if report.get("notes"):
         parts += ["## Notes", "", *[f"- {n}" for n in report["notes"]], ""]
+    if not report.get("checks") and not report.get("settings", {}).get("common", {}).get("checks", True):
+        parts += ["## Sanity checks", "", f"{CHECKS_OFF[0].upper()}{CHECKS_OFF[1:]}.", ""]
     if report.get("checks"):
         parts += ["## Sanity checks", "", checks_table(report), ""]
         parts += [
@@ -300,7 +306,28 @@ def read_report(path: str | Path) -> dict[str, Any]:
         raise UserError(f"cannot read {path}: {exc.strerror}") from None
     if not isinstance(report, dict) or not isinstance(report.get("attacks"), dict):
         raise UserError(f"{path} is not a report of this tool (no attacks); evaluate the run again to rewrite it")
+    _check_against_verdicts(report, path)
     return report
+
+
+def _check_against_verdicts(report: dict[str, Any], path: str | Path) -> None:
+    """Each accuracy must be what the report's own per-sample verdicts give: a number edited by hand
+    (or a damaged file) is refused, never shown."""
+    n = report.get("data", {}).get("num_samples")
+    entries = {**report["attacks"], **({"robust to all": report["robust_to_all"]} if "robust_to_all" in report else {})}
+    for name, entry in entries.items():
+        if not isinstance(n, int) or not isinstance(entry, dict) or "verdicts" not in entry:
+            continue  # reports written before the verdicts were kept
+        try:
+            measured = float(unpack_verdicts(entry["verdicts"], n).mean()) if n else 0.0
+            claimed = float(entry["accuracy"])
+        except (ValueError, TypeError, KeyError):
+            raise UserError(f"{path} has a damaged {name} entry; evaluate the run again to rewrite it") from None
+        if abs(measured - claimed) > 1e-9:
+            raise UserError(
+                f"{path} was edited: its {name} accuracy {100 * claimed:.2f} % is not what its own per-sample "
+                f"verdicts give ({100 * measured:.2f} %); evaluate the run again to rewrite it"
+            )
 
 
 def write_section(path: str | Path, name: str, body: Optional[str] = None) -> None:

@@ -1,7 +1,7 @@
 """The evaluation suite (spec/evaluation.md): run the configured attacks, assemble per-sample
 verdicts, compute the metrics, run the sanity checks.
 
-    settings = EvalSettings(eps=8 / 255, step_size=2 / 255, attacks=("clean", "pgd20"))
+    settings = EvalSettings(ThreatModel(8 / 255), step_size=2 / 255, attacks=("clean", "pgd20"))
     summary = evaluate(model, split, settings, num_classes=10)
 
 The attacks are the registered classes of `attacks` (`robustdistill list attacks`); the metrics

@@ -75,8 +75,10 @@ class EntropyBalance:
         self.tau = torch.full((2,), float(init), device=device)  # (adv, nat)
 
     @torch.no_grad()
-    def update(self, h_adv: torch.Tensor, h_nat: torch.Tensor, eta: float) -> None:
-        h = all_reduce_mean(torch.stack([h_adv, h_nat]).detach().float())
+    def update(self, h_adv: torch.Tensor, h_nat: torch.Tensor, eta: float, count: Optional[int] = None) -> None:
+        """`h_adv`, `h_nat`: this rank's batch means, over `count` samples (under DDP the global
+        batch's are their mean weighted by each rank's count)."""
+        h = all_reduce_mean(torch.stack([h_adv, h_nat]).detach().float(), count)
         step = torch.stack([torch.sign(h[0] / h[1] - 1), torch.sign(h[1] / h[0] - 1)])
         self.tau = (self.tau - eta * step).clamp(self.lo, self.hi)
 
@@ -100,8 +102,9 @@ class LossBalance:
         self.initial: Optional[torch.Tensor] = None
 
     @torch.no_grad()
-    def update(self, losses: torch.Tensor, eta: float) -> None:
-        losses = all_reduce_mean(losses.detach().float().clone())
+    def update(self, losses: torch.Tensor, eta: float, count: Optional[int] = None) -> None:
+        """`losses`: this rank's batch means, over `count` samples (as `EntropyBalance.update`)."""
+        losses = all_reduce_mean(losses.detach().float().clone(), count)
         if self.initial is None:
             self.initial = losses.clone()
         relative = losses / self.initial

@@ -166,7 +166,7 @@ class Composed(Method):
             for kind, policy in (("adv", o.adv_temperature), ("nat", o.nat_temperature))
             if policy == "anti_bias"
         }
-        self._last_entropy: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._last_entropy: Optional[tuple[torch.Tensor, torch.Tensor, int]] = None
 
     def _temperature(self, kind: str, y: torch.Tensor) -> torch.Tensor | float:
         scalar = self.entropy.tau[0 if kind == "adv" else 1] if self.options.entropy_balance else None
@@ -205,17 +205,18 @@ class Composed(Method):
                 if kind in self.class_wise:
                     self.class_wise[kind].accumulate(F.cross_entropy(logits.float(), y, reduction="none"), y)
         if o.weights == "nlb":
-            self.weights.update(torch.stack([adv.detach(), nat.detach()]), self._step_rate(o.nlb_lr))
+            self.weights.update(torch.stack([adv.detach(), nat.detach()]), self._step_rate(o.nlb_lr), len(y))
             w_adv, w_nat = self.weights.w[0], self.weights.w[1]
         else:
             w_adv, w_nat = o.adv_weight, 1 - o.adv_weight
         if o.entropy_balance:
-            self._last_entropy = (negative_entropy(q_adv), negative_entropy(q_nat))
+            self._last_entropy = (negative_entropy(q_adv), negative_entropy(q_nat), len(y))
         return o.loss_scale * (w_adv * adv + w_nat * nat), {"loss_adv": adv.detach(), "loss_nat": nat.detach()}
 
     def on_step_end(self, progress):
         if self._last_entropy is not None:  # the new temperatures act from the next step
-            self.entropy.update(*self._last_entropy, eta=self._step_rate(self.options.ebb_lr))
+            h_adv, h_nat, count = self._last_entropy
+            self.entropy.update(h_adv, h_nat, self._step_rate(self.options.ebb_lr), count)
             self._last_entropy = None
 
     def on_epoch_end(self, progress):

@@ -85,16 +85,17 @@ class MTARD(Method):
         adv = kl_div(q_adv, self.student(x_adv), o.reduction)
         nat = kl_div(q_nat, self.student(x), o.reduction)
         if o.nlb:
-            self.weights.update(torch.stack([adv.detach(), nat.detach()]), self._rate(o.weight_lr))
+            self.weights.update(torch.stack([adv.detach(), nat.detach()]), self._rate(o.weight_lr), len(y))
         if o.ebb:
-            self._last_entropy = (negative_entropy(q_adv), negative_entropy(q_nat))
+            self._last_entropy = (negative_entropy(q_adv), negative_entropy(q_nat), len(y))
         w_adv, w_nat = self.weights.w[0], self.weights.w[1]
         loss = o.loss_scale * (w_adv * adv + w_nat * nat)
         return loss, {"loss_adv": adv.detach(), "loss_nat": nat.detach()}
 
     def on_step_end(self, progress):
         if self._last_entropy is not None:
-            self.entropy.update(*self._last_entropy, eta=self._rate(self.options.temperature_lr))
+            h_adv, h_nat, count = self._last_entropy
+            self.entropy.update(h_adv, h_nat, self._rate(self.options.temperature_lr), count)
             self._last_entropy = None
 
     def state_dict(self):

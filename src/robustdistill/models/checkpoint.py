@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -18,7 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from ..core.errors import CheckpointError
+from ..core.errors import CheckpointError, ConfigError
+from ..core.threat import ThreatModel
 from ..storage.files import atomic_write, load_torch
 from .base import Classifier, ModelSpec, create_model
 
@@ -33,20 +35,31 @@ class ModelMeta:
 
     spec: ModelSpec
     epoch: Optional[int] = None  # the epoch after which it was saved (1-based)
-    data: Optional[dict[str, Any]] = None  # the run's `data` config section (typed by config.DataConfig)
-    eps: Optional[float] = None  # the run's training eps: the default budget of its evaluation
+    data: Optional[dict[str, Any]] = None  # the run's `data` config section (typed by data.DataConfig)
+    threat: Optional[ThreatModel] = None  # the run's threat model: the default of its evaluations
     method: Optional[str] = None
     run: Optional[str] = None  # the run folder it was written to
 
+    @property
+    def eps(self) -> Optional[float]:
+        return None if self.threat is None else self.threat.eps
+
     def to_json(self) -> str:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return json.dumps({k: v.to_dict() if k == "spec" else v for k, v in fields.items() if v is not None})
+        return json.dumps(
+            {k: v.to_dict() if k in ("spec", "threat") else v for k, v in fields.items() if v is not None}
+        )
 
     @classmethod
     def from_mapping(cls, raw: dict[str, Any]) -> ModelMeta:
-        """Typed from the header's JSON; keys this version does not know are ignored."""
-        known = {f.name for f in dataclasses.fields(cls)} - {"spec"}
-        return cls(ModelSpec(**raw["spec"]), **{k: v for k, v in raw.items() if k in known})
+        """Typed from the header's JSON; keys this version does not know are ignored (files written
+        before the threat model was recorded whole give their `eps`, an L-inf budget)."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"spec", "threat"}
+        threat = raw.get("threat", {"eps": raw["eps"]} if raw.get("eps") is not None else None)
+        extra = {k: v for k, v in raw.items() if k in known}
+        return cls(
+            ModelSpec(**raw["spec"]), threat=None if threat is None else ThreatModel.from_mapping(threat), **extra
+        )
 
 
 def save_model(path: str | Path, model: torch.nn.Module, meta: ModelMeta | ModelSpec) -> None:
@@ -144,6 +157,25 @@ def load_model(path: str | Path, spec: Optional[ModelSpec] = None) -> tuple[Clas
                 "in the config (e.g. teachers.robust.model.name=wrn34_10)"
             )
         spec = meta.spec
-    model = create_model(spec)
+    model = _build(spec, path)
     load_into(model, read_state_dict(path), path)
     return model, meta
+
+
+def _build(spec: ModelSpec, path: Path) -> Classifier:
+    """The model of `spec`, or one line naming the file whose architecture cannot be built here: options
+    its builder refuses, or more weights than this machine has memory (a damaged or edited header)."""
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no compute
+            blueprint = create_model(spec)
+        need = sum(t.numel() * t.element_size() for t in blueprint.state_dict().values())
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if need > have:
+            raise CheckpointError(
+                f"{path} asks for a {spec.name} model of {need / 2**30:.1f} GiB of weights ({spec.kwargs}), more "
+                f"than this machine's {have / 2**30:.1f} GiB of memory: is its header damaged or edited?"
+            )
+        return create_model(spec)
+    except (ConfigError, MemoryError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: its model cannot be built here ({first})") from None

@@ -11,6 +11,7 @@ surrogate all go through `resolve_model_source`; a missing file is a `Checkpoint
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -21,8 +22,10 @@ from ..core.errors import CheckpointError, UserError, require
 from ..data import Dataset
 from ..storage.runs import model_checkpoint
 from .base import Classifier, ModelConfig, ModelSpec
-from .checkpoint import load_model, read_model_meta
+from .checkpoint import ModelMeta, load_model, read_model_meta
 from .robustbench import is_robustbench, load_robustbench, zoo_file
+
+log = logging.getLogger("robustdistill")
 
 
 @dataclass(frozen=True)
@@ -106,11 +109,18 @@ def load_teacher(role: str, tcfg: TeacherConfig, dataset: Dataset, device: torch
     """A teacher from a run folder, a checkpoint file or a local RobustBench entry, frozen, in
     eval mode, on `device`."""
     source = resolve_teacher(role, tcfg, dataset.name)
-    trained_on = _dataset_of(source)
+    meta = _recorded(source)
+    trained_on = meta.data.get("name") if meta is not None and isinstance(meta.data, dict) else None
     if trained_on is not None and trained_on != dataset.name:
         raise CheckpointError(
             f"teacher '{role}' ({source.checkpoint}) was trained on {trained_on}, not on {dataset.name}: "
             "give a teacher of this dataset"
+        )
+    if role == "robust" and meta is not None and meta.method == "natural":  # an ablation may mean it: a warning
+        log.warning(
+            "WARNING: the robust teacher %s was trained by natural training (no adversarial examples): its soft "
+            "labels carry no robustness to distil; give an adversarially trained teacher",
+            source.checkpoint,
         )
     model, _ = load_source(source, dataset, model_spec(tcfg.model, dataset) if tcfg.model is not None else None)
     model = model.to(device).eval().requires_grad_(False)
@@ -135,10 +145,8 @@ def load_teacher(role: str, tcfg: TeacherConfig, dataset: Dataset, device: torch
     return model
 
 
-def _dataset_of(source: ModelSource) -> Optional[str]:
-    """The dataset a checkpoint of this tool records (None: a foreign file or a RobustBench entry)."""
+def _recorded(source: ModelSource) -> Optional[ModelMeta]:
+    """What a checkpoint of this tool records (None: a foreign file or a RobustBench entry)."""
     if source.kind == "robustbench" or source.checkpoint.suffix != ".safetensors":
         return None
-    meta = read_model_meta(source.checkpoint)
-    data = meta.data if meta is not None else None
-    return data.get("name") if isinstance(data, dict) else None
+    return read_model_meta(source.checkpoint)

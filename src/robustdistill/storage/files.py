@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import glob
+import io
 import os
 import socket
 import tempfile
@@ -142,7 +143,13 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def save_torch(obj: Any, path: str | Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """`torch.save` atomically. Serialised in memory first: writing the bytes then fails as a plain
+    write does (a full disk is ENOSPC, reported in one line), where torch's own file writer fails
+    with an internal position error."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getbuffer()
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def load_torch(path: str | Path) -> Any:

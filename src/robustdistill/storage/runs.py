@@ -119,12 +119,22 @@ def check_run_dir(run_dir: Path, force: bool, resume: bool) -> None:
         if not (run_dir / CHECKPOINTS / "train_state.pt").is_file():
             raise UserError(f"cannot resume: {run_dir} has no {CHECKPOINTS}/train_state.pt")
         check_no_links_out(run_dir)
+        for folder in (run_dir, run_dir / CHECKPOINTS):  # a resume writes both: refused before it changes either
+            check_writable(folder)
+        for log in ("metrics.jsonl", "config_history.jsonl"):  # appended to, not replaced
+            if (run_dir / log).exists() and not os.access(run_dir / log, os.W_OK):
+                raise UserError(f"cannot resume: {run_dir / log} is read-only; make it writable first")
         return
     if run_dir.exists() and any(run_dir.iterdir()):
         if not force:
             raise UserError(
                 f"run folder {run_dir} already exists; pass --force to replace it, --resume to continue it, "
                 "or choose another name (name=...)"
+            )
+        if run_dir.is_symlink():
+            raise UserError(
+                f"--force refuses to delete {run_dir}: it is a symbolic link (to {run_dir.resolve()}); "
+                "remove the link yourself, or choose another name (name=...)"
             )
         if not (run_dir / MARKER).is_file():
             raise UserError(
@@ -167,8 +177,17 @@ def check_writable(path: Path) -> None:
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
         raise UserError(f"cannot write {path}: {existing} is a file, not a folder")
+    if _read_only_file_system(existing):
+        raise UserError(f"cannot write {path}: {existing} is on a read-only file system")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"cannot write {path}: no write permission in {existing}")
+
+
+def _read_only_file_system(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def create_run_dir(run_dir: Path, force: bool, resume: bool) -> None:

@@ -33,12 +33,14 @@ def run_demo(
     """Train teachers and students on digits under `out_dir`; return the comparison table (also
     written into the markdown file `into` between `<!-- demo:begin -->` and `<!-- demo:end -->`)."""
     out_dir = Path(out_dir)
+    if epochs is not None and epochs < 1:
+        raise UserError(f"--epochs must be >= 1 (or left out: the recipes' epochs), got {epochs}")
     if into is not None:
         write_section(into, "demo")  # the markers are there, before anything trains
     started = time.perf_counter()
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise UserError(f"{out_dir} already exists; pass --force to replace the demo runs, or --out another folder")
-    extra = [f"out_dir={out_dir}"] + ([f"train.epochs={epochs}", "train.milestones=[]"] if epochs else [])
+    extra = [f"out_dir={out_dir}"] + ([f"train.epochs={epochs}", "train.milestones=[]"] if epochs is not None else [])
     teacher_paths = {role: out_dir / name for role, name in TEACHERS.items()}
     rows = []
     for label, name in [("clean teacher (natural)", "natural"), ("robust teacher (TRADES)", "trades")] + [
@@ -51,7 +53,7 @@ def run_demo(
     table = comparison_table(rows)
     (out_dir / "comparison.md").write_text("# robustdistill demo on digits (test split, eps = 0.2)\n\n" + table + "\n")
     if into is not None:
-        command = "robustdistill demo" + (f" --epochs {epochs}" if epochs else "")
+        command = "robustdistill demo" + (f" --epochs {epochs}" if epochs is not None else "")
         setup = setup_line(versions(), machine())
         took = duration(time.perf_counter() - started)
         write_section(into, "demo", f"`{command}` ({setup}; {took}), as it printed it:\n\n{table}")

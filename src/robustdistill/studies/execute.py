@@ -197,23 +197,28 @@ def _record(run: GridRun, outcome: Optional[str], failed: dict[str, str]) -> Non
 
 
 def dry_run_table(teachers: list[GridRun], cells: list[GridRun], jobs: int = 1) -> str:
-    """Each run, its status and, for runs still to train, the estimated training time."""
+    """Each run, what the grid would do with it (as `train_run` decides) and, for runs still to
+    train, the estimated training time."""
     rows, total = [], 0.0
     known: dict[str, float] = {}
     for run in teachers + cells:
-        state, seconds = status(run), None
+        state = action = status(run)
+        if state == "finished":
+            action, state = _finished_action(run)
+        seconds = None
         if state != "finished":
-            key = f"{run.cell or run.name}/{run.group}"  # one estimate per cell and group: seeds cost the same
+            # one estimate per cell, group and kind: seeds cost the same
+            key = f"{run.cell or run.name}/{run.group}/{state}"
             if key not in known:
                 try:
-                    known[key] = estimate(run.cfg, force=True, resume=state == "partial").total
+                    known[key] = estimate(run.cfg, force=True, resume=state != "new").total
                 except UserError as exc:
                     log.info("compare: no estimate for %s: %s", run.name, exc)
                     known[key] = math.nan
             seconds = known[key]
             total += seconds if math.isfinite(seconds) else 0.0
         shown = "-" if seconds is None else duration(seconds) if math.isfinite(seconds) else "unknown (teachers?)"
-        rows.append([run.name, "teacher" if run.cell is None else run.cell, state, shown])
+        rows.append([run.name, "teacher" if run.cell is None else run.cell, action, shown])
     unknown = any(math.isnan(v) for v in known.values())
     tail = (
         f"at least {duration(total)} one run at a time (runs whose teachers are not trained yet not counted)"
@@ -223,3 +228,17 @@ def dry_run_table(teachers: list[GridRun], cells: list[GridRun], jobs: int = 1) 
     if jobs > 1:  # each estimate was measured alone: side by side, only the cores' share is gained
         tail += f"; with --jobs {jobs}, down to about {duration(total / jobs)} where the cores allow (train.threads)"
     return markdown_table(["run", "cell", "status", "training time"], rows) + f"\n\nto train: {tail}"
+
+
+def _finished_action(run: GridRun) -> tuple[str, str]:
+    """(what the grid does with a finished run, and its state for the estimate): kept as it is, resumed
+    for the keys that changed since (a resume trains any new epochs), or refused."""
+    try:
+        changes = finished_changes(run)
+    except ConfigError as exc:
+        return f"finished; refused: {exc}", "finished"
+    if not changes:
+        return "finished", "finished"
+    shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+    more = "train.epochs" in changes
+    return f"finished; resumed ({shown}){'' if more else ', evaluated again'}", "partial" if more else "finished"

@@ -27,6 +27,7 @@ from ..attacks import AttackConfig
 from ..core.distributed import check_device
 from ..core.errors import require
 from ..core.schema import SEED_LIMIT, apply_overrides, build, read_yaml
+from ..core.threat import ThreatModel
 from ..data import DataConfig
 from ..evaluation.config import EvalConfig
 from ..evaluation.metrics import SELECTION_METRICS
@@ -109,9 +110,10 @@ class Config:
         return Path(self.out_dir) / (self.name or "run")
 
     @property
-    def default_eps(self) -> float:
-        """The budget evaluations of this run default to (`eval.eps` unset): the training attack's."""
-        return self.attack.eps
+    def threat(self) -> ThreatModel:
+        """The run's threat model (its training attack's eps): what its model files record and what
+        its evaluations default to (`eval.eps` unset)."""
+        return self.attack.threat
 
     def validate(self) -> None:
         require(0 <= self.seed < SEED_LIMIT, "seed", "must be an integer in [0, 2**32)")

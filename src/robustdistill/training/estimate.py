@@ -20,7 +20,7 @@ from ..core.errors import UserError
 from ..core.timing import intra_op_threads, synchronize
 from ..storage.runs import check_run_dir
 from .config import Config
-from .loop import Tally, setup, start_epoch, train_batch, validate, validates_after
+from .loop import Tally, setup
 
 log = logging.getLogger("robustdistill")
 
@@ -66,7 +66,7 @@ def _measure(cfg: Config, force: bool, resume: bool, steps: int, warmup: int) ->
         except UserError as error:
             note = str(error)
     run = setup(cfg, force=force, resume=resume, write=False)
-    start_epoch(run, run.start_epoch)
+    run.begin_epoch(run.state.start_epoch)
     tally, times = Tally(run.device), []
     batches = iter(run.loader)
     log.info("estimate: %d training steps (%d of them warm-up)", warmup + steps, warmup)
@@ -77,22 +77,22 @@ def _measure(cfg: Config, force: bool, resume: bool, steps: int, warmup: int) ->
         if batch is None:  # an epoch shorter than the timed steps: the next one
             batches = iter(run.loader)
             batch = next(batches)
-        train_batch(run, *batch, tally)
+        run.step(*batch, tally)
         synchronize(run.device)
         if i >= warmup:
             times.append(time.perf_counter() - started)
-    log.info("estimate: one validation (%d images of the %s split)", len(run.select_split), cfg.train.select_on)
+    log.info("estimate: one validation (%d images of the %s split)", len(run.selection.split), cfg.train.select_on)
     started = time.perf_counter()
-    validate(run, run.student)
+    run.validate(run.student)
     validation = (time.perf_counter() - started) * (2 if run.method.averages_weights(run.method.options) else 1)
-    epochs = range(run.start_epoch, cfg.train.epochs)
+    epochs = range(run.state.start_epoch, cfg.train.epochs)
     return Estimate(
         step=statistics.median(times),
         steps_per_epoch=len(run.loader),
         validation=validation,
         epochs=len(epochs),
-        validations=sum(validates_after(cfg, e) for e in epochs),
-        final_attacks=tuple(run.settings.attacks),
+        validations=sum(run.validates_after(e) for e in epochs),
+        final_attacks=tuple(run.selection.settings.attacks),
         device=str(run.device) + (f", {torch.get_num_threads()} threads" if run.device.type == "cpu" else ""),
         folder_note=note,
     )
