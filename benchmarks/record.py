@@ -15,6 +15,7 @@ Keys and commands:
     batch32, batch128   python -m benchmarks.train_step --workloads digits --methods bmtard --no-memory --batch N
     epoch               python -m benchmarks.epoch
     eval                python -m benchmarks.eval
+    eval_ranks          python -m benchmarks.eval_ranks
     estimate            python -m benchmarks.estimate
     parallel            python -m benchmarks.parallel
     parallel_active     OMP_WAIT_POLICY=ACTIVE python -m benchmarks.parallel
@@ -49,6 +50,7 @@ COMMANDS = {
     "batch128": "python -m benchmarks.train_step --workloads digits --methods bmtard --no-memory --batch 128",
     "epoch": "python -m benchmarks.epoch",
     "eval": "python -m benchmarks.eval",
+    "eval_ranks": "python -m benchmarks.eval_ranks",
     "estimate": "python -m benchmarks.estimate",
     "parallel": "python -m benchmarks.parallel",
     "parallel_active": "OMP_WAIT_POLICY=ACTIVE python -m benchmarks.parallel",

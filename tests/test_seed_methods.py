@@ -1,4 +1,4 @@
-"""ABSLD, MTARD and B-MTARD against spec/methods.md: update rules by hand, reductions to the
+"""ABSLD, MTARD and B-MTARD against their papers' equations: update rules by hand, reductions to the
 baselines, and no per-sample Python on the hot path."""
 
 import sys

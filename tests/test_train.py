@@ -21,6 +21,34 @@ def test_lr_decays_counts_milestones_reached():
     assert [lr_decays(e, [2, 4]) for e in range(6)] == [0, 0, 1, 1, 2, 2]
 
 
+def test_the_builders_of_a_run_work_one_by_one(tmp_path):
+    """`setup` is these builders in a row; each takes only what it needs and can be called alone."""
+    from robustdistill.core.distributed import DistInfo
+    from robustdistill.training.builders import Optimiser, build_loader, build_method, build_models, build_selection
+
+    cfg = digits_config(tmp_path, "mtard", train__milestones="[2, 4]", train__batch_size=32)
+    cfg.teachers = {}  # MTARD's teachers are not needed to build its parts
+    cfg.method.name = "natural"
+    dataset = load_dataset(cfg.data)
+    models = build_models(cfg, dataset, DistInfo(), torch.device("cpu"))
+    assert models.student is models.forward is models.attacked and models.teachers == {}  # one process, no compile
+    assert models.student(dataset.test.images()[:3]).shape == (3, 10)
+    method = build_method(cfg, models, dataset.num_classes)
+    assert method.ctx.student is models.forward and method.ctx.num_classes == 10
+    optimiser = Optimiser.build(cfg.train, models.student)
+    lrs = [optimiser.set_epoch(e) for e in range(6)]
+    assert lrs == pytest.approx([cfg.train.lr] * 2 + [cfg.train.lr * 0.1] * 2 + [cfg.train.lr * 0.01] * 2)
+    assert optimiser.optimizer.param_groups[0]["lr"] == lrs[-1]
+    loader = build_loader(cfg, dataset, DistInfo())
+    assert len(loader) == len(dataset.train) // 32
+    selection = build_selection(cfg, dataset, method)
+    assert (selection.metric, len(selection.split)) == ("clean", len(dataset.val))
+    assert selection.settings.threat == cfg.threat
+    cfg.train.batch_size = 10_000
+    with pytest.raises(ConfigError, match="larger than the training split"):
+        build_loader(cfg, dataset, DistInfo())
+
+
 def test_flop_count_by_hand_and_through_autograd_grad():
     layer = torch.nn.Linear(10, 5)
     x = torch.rand(4, 10, requires_grad=True)

@@ -1,4 +1,4 @@
-"""The sanity checks of spec/evaluation.md, run with every evaluation.
+"""The sanity checks of the evaluation protocol, run with every evaluation.
 
 Each check is one small function registered in `CHECKS` with its id, its name and what it asserts
 (`robustdistill list checks` prints them); `run_checks` runs them all, in id order, and each gives

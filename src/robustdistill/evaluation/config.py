@@ -19,7 +19,7 @@ log = logging.getLogger("robustdistill")
 
 @dataclass
 class EvalConfig:
-    """The evaluation run at the end of training and by `robustdistill eval` (spec/evaluation.md)."""
+    """The evaluation run at the end of training and by `robustdistill eval`."""
 
     attacks: list[str] = field(default_factory=lambda: ["clean", "pgd20"])  # pgd<N>, cw<N>: N steps
     eps: Optional[float] = None  # None: the training attack's eps
@@ -28,7 +28,7 @@ class EvalConfig:
     square_queries: int = 5000
     surrogate: Optional[str] = None  # transfer attack source (run folder or checkpoint); None: the robust teacher
     surrogate_model: Optional[ModelConfig] = None  # the surrogate's architecture, for a foreign state dict
-    checks: bool = True  # run the sanity checks of spec/evaluation.md
+    checks: bool = True  # run the sanity checks (robustdistill list checks)
     checks_subset: int = 500  # images the extra check attacks use
     large_eps: float = 1.0  # the budget of the large-eps check
     batch_size: int = 256

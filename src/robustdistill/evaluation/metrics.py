@@ -1,5 +1,5 @@
 """Metrics of per-sample verdicts: accuracy and class-wise accuracy with 95 % Wilson intervals,
-worst/best class, NSD, packed verdicts, and the model-selection scores (spec/evaluation.md)."""
+worst/best class, NSD, packed verdicts, and the model-selection scores."""
 
 from __future__ import annotations
 

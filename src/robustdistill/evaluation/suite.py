@@ -1,4 +1,4 @@
-"""The evaluation suite (spec/evaluation.md): run the configured attacks, assemble per-sample
+"""The evaluation suite: run the configured attacks, assemble per-sample
 verdicts, compute the metrics, run the sanity checks.
 
     settings = EvalSettings(ThreatModel(8 / 255), step_size=2 / 255, attacks=("clean", "pgd20"))

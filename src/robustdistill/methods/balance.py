@@ -23,7 +23,7 @@ from ..core.distributed import all_reduce_mean, all_reduce_sum
 class ClassWiseTemperature:
     """tau in R^C, clipped to [lo, hi], with the epoch's per-class error-risk sums E[c].
 
-    End of epoch (spec/methods.md, ABSLD):  g = E - mean(E);  tau <- clip(tau - r g / max|g|, lo, hi).
+    End of epoch (ABSLD):  g = E - mean(E);  tau <- clip(tau - r g / max|g|, lo, hi).
     A high-risk ("hard") class gets a lower temperature: sharper soft labels, fitted harder.
     """
 

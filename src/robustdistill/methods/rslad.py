@@ -3,7 +3,7 @@
 The robust teacher's soft labels on clean inputs, q = softmax(t(x)), replace the hard labels
 everywhere: the inner max maximises sum_i KL(q_i || s(x'_i)) from x + 0.001 N(0,1), and the
 student minimises 5/6 KL(q || s(x_adv)) + 1/6 KL(q || s(x)). It is ABSLD with every temperature
-fixed at 1 (spec/methods.md).
+fixed at 1.
 
 Investigation options (not the paper's; their defaults are RSLAD): they take RSLAD one factor at a
 time towards MTARD's Baseline, which differs from RSLAD in exactly these three places and in
