@@ -28,7 +28,7 @@ def main(run: str) -> None:
     model = load_source(resolve_model_source(run), dataset)[0].eval()
     teacher = cfg.teachers.get("robust")
     surrogate = load_source(resolve_model_source(teacher.path), dataset)[0].eval() if teacher else model
-    settings = cfg.eval.resolve(cfg.default_eps)  # the run's own evaluation settings
+    settings = cfg.eval.resolve(cfg.threat)  # the run's own evaluation settings
     env = AttackEnv(settings, surrogate=surrogate)
     x, y = dataset.test.images(), dataset.test.y
     total = time.perf_counter()

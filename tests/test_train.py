@@ -376,7 +376,7 @@ def test_the_final_report_is_the_one_evaluation_pipeline(trained_runs):
     trained = json.loads((run / "report.json").read_text())
     cfg = load_config(run / "config.yaml")
     dataset = load_dataset(cfg.data)
-    settings = cfg.eval.resolve(cfg.default_eps)
+    settings = cfg.eval.resolve(cfg.threat)
     direct = evaluate_source(
         resolve_model_source(run), dataset, "test", cfg.eval, settings, memory_format=cfg.train.memory_format
     )
