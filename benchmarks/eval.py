@@ -2,7 +2,7 @@
 on the same model, images and settings, side by side (interleaved rounds, medians).
 
     python -m benchmarks.eval                      # trains a digits TRADES model for 5 epochs first (~20 s)
-    python -m benchmarks.eval --run runs/demo/trades --repeats 5
+    python -m benchmarks.eval --run runs/trades --repeats 5
 
 Rows: pgd20 (torchattacks.PGD), cw30 (CW-inf: PGD on the Carlini-Wagner margin; torchattacks has no
 L-inf CW, so the direct side is a plain loop in torchattacks' style), autoattack_fast (pyautoattack,
@@ -26,7 +26,7 @@ import torch
 from benchmarks.common import print_table, settings_line
 from robustdistill.attacks import EvalSettings, cw_margin
 from robustdistill.data import load_dataset
-from robustdistill.evaluation.suite import evaluate
+from robustdistill.evaluation.suite import evaluate_model
 from robustdistill.models.sources import load_source, resolve_model_source
 from robustdistill.recipes import recipe
 from robustdistill.training.config import from_dict, load_config
@@ -118,7 +118,7 @@ def main() -> None:
                 for side in ("ours", "direct") if r % 2 == 0 else ("direct", "ours"):
                     start = time.perf_counter()
                     if side == "ours":
-                        summary = evaluate(model, test, settings, dataset.num_classes)
+                        summary = evaluate_model(model, test, settings, dataset.num_classes)
                         acc[side] = summary["attacks"][attacks[-1]]["accuracy"]
                     else:
                         acc[side] = [direct(a, model, x, y, settings) for a in attacks][-1]

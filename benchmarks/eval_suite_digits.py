@@ -1,6 +1,6 @@
 """Time the full evaluation suite on a digits model on this machine's CPU (target: under a minute).
 
-    python -m benchmarks.eval_suite_digits RUN_FOLDER        # e.g. runs/demo/trades after `robustdistill demo`
+    python -m benchmarks.eval_suite_digits RUN_FOLDER        # e.g. runs/trades after `robustdistill demo`
 
 Runs clean, fgsm, pgd20, cw30, autoattack_fast, square (5000 queries) and transfer (from the run's
 robust teacher, or the run itself when it has none) on the whole digits test split, then the
@@ -42,4 +42,4 @@ def main(run: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/demo/trades")
+    main(sys.argv[1] if len(sys.argv) > 1 else "runs/trades")

@@ -27,9 +27,12 @@ def snapshot(root):
 
 
 def digits_config(tmp_path, which="natural", **overrides):
-    """A digits recipe shrunk for tests; `overrides` are dotted keys (`train__epochs` -> train.epochs)."""
+    """A digits recipe shrunk for tests; `overrides` are dotted keys (`train__epochs` -> train.epochs).
+    Its final evaluation is clean and PGD-20 unless a test asks for more (the recipes' AutoAttack costs
+    a test run about 20 s, and the tests of AutoAttack ask for it)."""
     raw = copy.deepcopy(recipe(which))
     raw["out_dir"] = str(tmp_path / "runs")
+    raw["eval"] = {**raw.get("eval", {}), "attacks": ["clean", "pgd20"]}
     extra = [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()]
     return from_dict(raw, extra)
 

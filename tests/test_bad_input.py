@@ -279,6 +279,8 @@ CASES = [
     (train("train="), "override 'train=' would replace the whole train section"),
     (train("data=7"), "override 'data=7' would replace the whole data section"),
     (evaluate("--device", "cuda:9"), "error: device=cuda:9 but"),
+    (["train", "rslad", "out_dir=runs"], "at runs/trades; train it first: robustdistill train trades (or"),
+    (student("teachers.robust.path=teachers/natural"), "train it first: robustdistill train natural out_dir=teachers"),
     # the other commands
     (["report", "nowhere"], "nowhere has no report.json"),
     (["plot", "nowhere"], "nowhere is not a run folder"),

@@ -13,7 +13,7 @@ from conftest import digits_config
 from robustdistill.attacks import PGD, EvalSettings
 from robustdistill.core.threat import ThreatModel
 from robustdistill.evaluation.metrics import wilson_interval
-from robustdistill.evaluation.suite import evaluate
+from robustdistill.evaluation.suite import evaluate_model
 from robustdistill.methods.ard import ard_kl
 from robustdistill.methods.fair_ard import class_weights, weighted_distillation
 from robustdistill.methods.iad import iad_loss
@@ -177,7 +177,7 @@ def test_a_short_digits_run_beats_an_untrained_model(name, tmp_path, trained_run
     torch.manual_seed(0)
     untrained = create_model(ModelSpec("small_cnn", 10, 1, {"width": 16})).eval()
     settings = EvalSettings(ThreatModel(cfg.attack.eps), step_size=cfg.attack.eps / 4, attacks=("pgd20",))
-    baseline = evaluate(untrained, digits.test, settings, 10)["attacks"]["pgd20"]["accuracy"]
+    baseline = evaluate_model(untrained, digits.test, settings, 10)["attacks"]["pgd20"]["accuracy"]
     n = len(digits.test)
     # beyond the test set's noise: the 95 % Wilson intervals (359 images) do not overlap
     assert wilson_interval(trained * n, n)[0] > wilson_interval(baseline * n, n)[1], (trained, baseline)

@@ -14,7 +14,7 @@ from robustdistill.cli import main
 from robustdistill.core.errors import UserError
 from robustdistill.core.threat import ThreatModel
 from robustdistill.evaluation.checks import CHECKS, CheckContext, Outcome, check, registered
-from robustdistill.evaluation.suite import evaluate
+from robustdistill.evaluation.suite import evaluate_model
 from robustdistill.models.checkpoint import load_model
 
 
@@ -47,7 +47,7 @@ def test_full_suite_and_checks_pass_on_a_sound_model(robust_model, natural_model
     test = digits.test.take(slice(0, 150))
     before = {k: v.clone() for k, v in robust_model.state_dict().items()}
     attacks = ["clean", "fgsm", "pgd20", "cw30", "autoattack_fast", "square", "transfer"]
-    out = evaluate(robust_model, test, _settings(attacks), 10, surrogate=natural_model)
+    out = evaluate_model(robust_model, test, _settings(attacks), 10, surrogate=natural_model)
     assert _status(out) == {
         name: "passed"
         for name in [
@@ -83,7 +83,7 @@ class Quantised(nn.Module):
 def test_checks_catch_a_gradient_masked_model(natural_model, digits):
     masked = Quantised(natural_model).eval()
     test = digits.test.take(slice(0, 150))
-    out = evaluate(masked, test, _settings(["clean", "pgd20", "square"], square_queries=500), 10)
+    out = evaluate_model(masked, test, _settings(["clean", "pgd20", "square"], square_queries=500), 10)
     status = _status(out)
     assert status["large_eps"] == "failed"  # PGD cannot move the input: accuracy stays near clean
     assert status["black_box"] == "failed"  # Square, which needs no gradient, breaks what PGD could not
@@ -94,12 +94,12 @@ def test_checks_catch_a_gradient_masked_model(natural_model, digits):
 
 def test_the_gradient_check_catches_nan_weights_and_passes_a_sound_model(natural_model, digits):
     test = digits.test.take(slice(0, 64))
-    sound = evaluate(natural_model, test, _settings(["clean", "pgd20"]), 10)
+    sound = evaluate_model(natural_model, test, _settings(["clean", "pgd20"]), 10)
     assert _status(sound)["gradient"] == "passed" and sound["checks"][8]["numbers"]["nonzero_share"] > 0.9
     broken = copy.deepcopy(natural_model)
     with torch.no_grad():
         next(broken.parameters()).fill_(float("nan"))
-    out = evaluate(broken, test, _settings(["clean", "pgd20"]), 10)
+    out = evaluate_model(broken, test, _settings(["clean", "pgd20"]), 10)
     assert _status(out)["gradient"] == "failed" and "NaN or infinite gradient" in out["checks"][8]["message"]
 
 
@@ -108,7 +108,7 @@ def test_eps_zero_check_catches_a_randomised_model(natural_model, digits):
         def forward(self, x):
             return natural_model(x) + 30 * torch.randn(len(x), 10)
 
-    out = evaluate(Noisy().eval(), digits.test.take(slice(0, 100)), _settings(["clean", "pgd20"]), 10)
+    out = evaluate_model(Noisy().eval(), digits.test.take(slice(0, 100)), _settings(["clean", "pgd20"]), 10)
     assert _status(out)["eps_zero"] == "failed"
 
 
@@ -120,7 +120,7 @@ def test_perturbation_check_catches_an_attack_that_leaves_the_ball(natural_model
             return (x + 2 * env.settings.eps).clamp(0, 1), None
 
     monkeypatch.setitem(ATTACKS._items, "fgsm", Leaky)
-    out = evaluate(natural_model, digits.test.take(slice(0, 50)), _settings(["clean", "fgsm"]), 10)
+    out = evaluate_model(natural_model, digits.test.take(slice(0, 50)), _settings(["clean", "fgsm"]), 10)
     assert _status(out)["perturbation"] == "failed"
 
 
@@ -134,7 +134,7 @@ def test_unchanged_check_catches_a_model_that_changes(natural_model, digits, mon
         return original(x)
 
     net.forward = counting
-    out = evaluate(net.eval(), digits.test.take(slice(0, 30)), _settings(["clean"]), 10)
+    out = evaluate_model(net.eval(), digits.test.take(slice(0, 30)), _settings(["clean"]), 10)
     assert _status(out)["unchanged"] == "failed"
 
 
@@ -292,7 +292,7 @@ def test_autoattack_warnings_become_a_failed_check(natural_model, digits, monkey
     """pyautoattack's own flags (here: its "Square Attack has decreased the robust accuracy" check,
     fired by a model that masks gradients) are kept in the report and fail check 8."""
     masked = Quantised(natural_model).eval()
-    out = evaluate(
+    out = evaluate_model(
         masked, digits.test.take(slice(0, 40)), _settings(["clean", "autoattack"], batch_size=20, checks_subset=40), 10
     )
     flags = out["autoattack_flags"]["autoattack"]
@@ -313,14 +313,14 @@ def test_report_command_compares_runs(trained_runs, tmp_path, capsys):
 def test_eval_strict_turns_failed_checks_into_an_exit_code(trained_runs, tmp_path, monkeypatch, capsys):
     import robustdistill.cli as cli
 
-    real = cli.evaluate_path
+    real = cli.evaluate
 
     def with_failure(*args, **kwargs):
         report = real(*args, **kwargs)
         report["checks"][2]["status"] = "failed"
         return report
 
-    monkeypatch.setattr(cli, "evaluate_path", with_failure)
+    monkeypatch.setattr(cli, "evaluate", with_failure)
     args = ["eval", str(trained_runs["natural"]), "--subset", "40", "--out"]
     assert main(args + [str(tmp_path / "lenient")]) == 0
     assert main(args + [str(tmp_path / "strict"), "--strict"]) == 1
@@ -359,7 +359,7 @@ def test_transfer_surrogate_is_the_runs_teacher_even_a_foreign_state_dict(traine
     """Training and `eval` resolve the surrogate through the same teacher loader, so a teacher
     given as a plain state dict plus its architecture works in both."""
     from conftest import digits_config
-    from robustdistill.api import evaluate_path
+    from robustdistill.api import evaluate
     from robustdistill.training.loop import train
 
     teacher, _ = load_model(trained_runs["trades"] / "checkpoints" / "best.safetensors")
@@ -379,7 +379,7 @@ def test_transfer_surrogate_is_the_runs_teacher_even_a_foreign_state_dict(traine
     )
     run = train(cfg)
     assert "transfer" in json.loads((run / "report.json").read_text())["attacks"]
-    report = evaluate_path(run, ["eval.subset=40", "eval.checks=false"], progress=False)
+    report = evaluate(run, ["eval.subset=40", "eval.checks=false"], progress=False)
     assert report["data"]["num_samples"] == 40 and report["settings"]["common"]["checks"] is False
     trained = json.loads((run / "report.json").read_text())["attacks"]["transfer"]["verdicts"]
     assert report["attacks"]["transfer"]["verdicts"] == trained  # the same teacher as surrogate: the same verdicts
@@ -417,3 +417,27 @@ def test_a_pgd_accuracy_autoattack_beats_by_more_than_a_few_points_is_a_note_and
     full = {**report, "attacks": attacks, "settings": {"common": {"eps": 0.2}}}
     text = to_markdown(full, title="t")
     assert "- skipped 4 worst_case: needs at least two attacks" in text and f"- {notes[0]}" in text
+
+
+def test_check_5_reads_the_square_of_the_standard_autoattack_when_no_black_box_attack_ran():
+    """AutoAttack's Square attacks the points its white-box parts left robust: breaking more of them
+    than sampling noise allows is the black-box evidence of gradient masking that check 5 asks for."""
+    from types import SimpleNamespace
+
+    from robustdistill.evaluation.checks import CHECKS
+
+    black_box = CHECKS.get("black_box")
+    verdicts = torch.tensor([True] * 55 + [False] * 45)
+    parts = {"clean": 0.9, "apgd-ce": 0.6, "apgd-t": 0.56, "fab-t": 0.55, "square": 0.55}
+    c = SimpleNamespace(correct={"clean": verdicts, "autoattack": verdicts}, env=SimpleNamespace(parts={}), tol=0.01)
+    assert black_box.run(c).passed is None  # no black-box attack and no standard AutoAttack: skipped
+    c.env.parts["autoattack"] = parts
+    sound = black_box.run(c)
+    assert sound.passed and sound.numbers == {
+        "white:autoattack apgd-ce+apgd-t+fab-t": 0.55,
+        "black:autoattack square (after them)": 0.55,
+    }
+    masked = black_box.run(
+        SimpleNamespace(**{**vars(c), "env": SimpleNamespace(parts={"autoattack": parts | {"square": 0.4}})})
+    )
+    assert masked.passed is False

@@ -84,10 +84,64 @@ def test_cli_train_then_eval_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / r.stdout.strip().splitlines()[-1].split("report: ")[1]).read_text())
     assert report["data"]["num_samples"] == 30 and report["settings"]["pgd5"]["steps"] == 5
-    assert "| pgd5 " in r.stdout and "checks" not in report and "w_robust" not in report  # W-Robust is PGD-20's
+    assert "| pgd5 " in r.stdout and "checks" not in report
+    assert report["w_robust"]["definition"] == "(clean + pgd5) / 2"  # under the strongest attack that ran
     r = run("train", str(cfg / "rslad.yaml"), "train.epochs=2")
     assert r.returncode == 2 and "already exists" in r.stderr
     r = run("list", "methods")
     assert "rslad" in r.stdout and "trades" in r.stdout
     r = subprocess.run([sys.executable, "-m", "robustdistill", "list", "models"], capture_output=True, text=True)
     assert "wrn34_10" in r.stdout
+
+
+def test_the_front_door_version_recipes_grids_and_every_grid_key(capsys):
+    """What a newcomer types first: --version, the shipped recipes and grids, the grid file's keys."""
+    import dataclasses
+
+    import robustdistill
+    from robustdistill.recipes import grid_names, recipe_names
+    from robustdistill.studies.grid import Grid
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"robustdistill {robustdistill.__version__}"
+    assert main(["list", "recipes"]) == 0 and main(["list", "grids"]) == 0
+    listed = capsys.readouterr().out
+    assert all(f"  {name} " in listed for name in recipe_names() + grid_names())
+    assert "Robust teacher on digits: TRADES" in listed  # each with what it is
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    shown = capsys.readouterr().out
+    for key in (f.name for f in dataclasses.fields(Grid)):
+        assert f"\n  {key} " in shown, key  # every key of a grid file, with its meaning
+
+
+def test_import_robustdistill_offers_the_public_api():
+    import robustdistill as rd
+
+    for name in ("train", "evaluate", "compare", "demo", "estimate", "load_config", "eval_config"):
+        assert callable(getattr(rd, name)), name
+    assert set(rd.__all__) >= {"train", "evaluate", "compare", "demo", "load_config", "Config", "__version__"}
+    cfg = rd.load_config("rslad", ["train.epochs=3"])  # a shipped recipe, by its name
+    assert cfg.name == "rslad" and cfg.train.epochs == 3 and cfg.teachers["robust"].path == "runs/trades"
+
+
+def test_library_calls_show_progress_unless_asked_not_to(capsys, monkeypatch):
+    import logging
+    import os
+
+    from robustdistill.core.progress import shown
+
+    log = logging.getLogger("robustdistill")
+    monkeypatch.setattr(log, "handlers", [])
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # nobody configured logging
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    with shown(True):
+        log.info("epoch 1/30")
+    with shown(False):
+        log.info("not this")
+        log.warning("but a warning")
+        assert os.environ["TQDM_DISABLE"] == "1"
+    err = capsys.readouterr().err
+    assert "epoch 1/30" in err and "not this" not in err and "but a warning" in err
+    assert log.handlers == [] and "TQDM_DISABLE" not in os.environ  # nothing left behind

@@ -267,3 +267,40 @@ def test_dry_run_lists_the_runs_and_the_time_and_writes_nothing(tmp_path, capsys
     assert "unknown (teachers?)" in shown  # the cells need the teacher the grid has not trained yet
     assert "to train: at least" in shown and "with --jobs 2" in shown
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml"]
+
+
+def test_a_report_on_fewer_than_three_seeds_says_so_and_a_cell_beaten_beyond_its_interval_is_noted():
+    from types import SimpleNamespace
+
+    from robustdistill.studies.assemble import _weaker_focus
+    from robustdistill.studies.render import comparison_markdown
+
+    def cell(seeds, aa, pgd):
+        return {"seeds": seeds, "metrics": {"clean": [90.0, 88.0, 92.0], "autoattack": aa, "pgd20": pgd}}
+
+    cells = {
+        "a": cell([0, 1], [40.0, 35.0, 45.0], [50.0, 45.0, 55.0]),
+        "b": cell([0, 1], [30.0, 25.0, 35.0], [20.0, 15, 25]),
+    }
+    results = SimpleNamespace(focus="autoattack", attacks=["clean", "pgd20", "autoattack"])
+    assert _weaker_focus(cells, results) == [
+        "b: pgd20 (20.0 %) is below the interval of autoattack (from 25.0 %); quote pgd20 for this cell"
+    ]
+    group = {"axes": {}, "cells": cells, "differences": [], "missing": {}, "notes": _weaker_focus(cells, results)}
+    document = {
+        "command": "",
+        "data": {"name": "digits", "num_samples": 359},
+        "versions": {},
+        "machine": {},
+        "threads": 1,
+        "intervals": "",
+        "metrics": ["clean", "pgd20", "autoattack"],
+        "groups": [group],
+        "published": {},
+        "failed": {},
+    }
+    text = comparison_markdown(document, Path("grid.yaml"), {0: {"a": 1.0, "b": 1.0}})
+    assert "These intervals rest on 2 seeds: the variation between trainings is barely estimated" in text
+    assert "Note: b: pgd20 (20.0 %) is below the interval of autoattack" in text
+    group["cells"] = {"a": cell([0, 1, 2], [40.0, 35.0, 45.0], [50.0, 45.0, 55.0])}
+    assert "These intervals rest on" not in comparison_markdown(document, Path("grid.yaml"), {0: {"a": 1.0}})

@@ -16,7 +16,7 @@ from robustdistill.attacks import AttackConfig, EvalSettings
 from robustdistill.core.threat import ThreatModel
 from robustdistill.data import load_dataset
 from robustdistill.evaluation.metrics import unpack_verdicts
-from robustdistill.evaluation.suite import evaluate
+from robustdistill.evaluation.suite import evaluate_model
 from robustdistill.methods import Context, create_method
 from robustdistill.models import ModelSpec, create_model
 from robustdistill.models.checkpoint import load_model
@@ -82,10 +82,10 @@ def test_channels_last_and_compile_give_the_eager_verdicts(device, trained):
     model, data = copy.deepcopy(trained[0]).to(device), trained[1]
     split = data.test.take(torch.arange(128)).to(device)
     settings = EvalSettings(ThreatModel(0.2), step_size=0.05, attacks=("clean", "pgd20"))
-    eager = evaluate(model, split, settings, 10)
-    last = evaluate(model.to(memory_format=torch.channels_last), split, settings, 10)
+    eager = evaluate_model(model, split, settings, 10)
+    last = evaluate_model(model.to(memory_format=torch.channels_last), split, settings, 10)
     backend = "inductor" if device.startswith("cuda") else "aot_eager"  # the dry run: the tracing, not codegen
-    compiled = evaluate(torch.compile(model, backend=backend), split, settings, 10)
+    compiled = evaluate_model(torch.compile(model, backend=backend), split, settings, 10)
     for other in (last, compiled):
         assert _agreement(eager, other, "clean", 128) == 1.0
         assert _agreement(eager, other, "pgd20", 128) >= 0.97  # a few verdicts at the boundary may flip
@@ -127,8 +127,8 @@ def test_attacks_on_the_device_give_the_cpus_verdicts(device, trained):
     model, data = copy.deepcopy(trained[0]), trained[1]
     split = data.test.take(torch.arange(96))
     settings = EvalSettings(ThreatModel(0.2), step_size=0.05, attacks=("clean", "pgd20", "autoattack_fast"))
-    on_cpu = evaluate(model.to("cpu"), split, settings, 10)
-    on_device = evaluate(model.to(device), split.to(device), settings, 10)
+    on_cpu = evaluate_model(model.to("cpu"), split, settings, 10)
+    on_device = evaluate_model(model.to(device), split.to(device), settings, 10)
     assert _agreement(on_cpu, on_device, "clean", 96) == 1.0
     for attack in ("pgd20", "autoattack_fast"):
         assert _agreement(on_cpu, on_device, attack, 96) >= 0.95, attack

@@ -11,7 +11,7 @@ import pytest
 from robustdistill.attacks import EvalSettings
 from robustdistill.core.threat import ThreatModel
 from robustdistill.core.timing import intra_op_threads
-from robustdistill.evaluation.suite import evaluate
+from robustdistill.evaluation.suite import evaluate_model
 from robustdistill.models.checkpoint import load_model
 from robustdistill.storage.runs import read_metrics
 
@@ -56,7 +56,7 @@ def test_torchrun_two_ranks(tmp_path, trained_runs, digits, which):
     # the sharded, all-reduced evaluation equals a single-process evaluation of the same checkpoint
     report = json.loads((run / "report.json").read_text())
     model, _ = load_model(run / "checkpoints" / "best.safetensors")
-    single = evaluate(model, digits.test, EvalSettings(ThreatModel(0.2), step_size=0.05, attacks=("clean",)), 10)
+    single = evaluate_model(model, digits.test, EvalSettings(ThreatModel(0.2), step_size=0.05, attacks=("clean",)), 10)
     assert report["attacks"]["clean"] == single["attacks"]["clean"]
     # the loop all-gathers the adaptive state every epoch and stops if ranks disagree; it moved:
     assert epochs[-1]["temperature_adv"] != ([1.0] * 10 if which == "absld" else 1.0) or epochs[-1]["weight_adv"] != 0.5
@@ -109,7 +109,7 @@ def _evaluation(rank: int, world: int) -> dict:
 
     from robustdistill.attacks import EvalSettings
     from robustdistill.data import Split
-    from robustdistill.evaluation.suite import evaluate
+    from robustdistill.evaluation.suite import evaluate_model
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).eval()
@@ -118,7 +118,7 @@ def _evaluation(rank: int, world: int) -> dict:
         y = model(x).argmax(dim=1)
     y[::4] = (y[::4] + 1) % 3  # a quarter of the labels wrong: clean accuracy 75 %
     settings = EvalSettings(ThreatModel(0.05), step_size=0.0125, attacks=("clean", "pgd3"), batch_size=2, checks=True)
-    return json.loads(json.dumps(evaluate(model, Split(x, y), settings, 3, rank, world)))
+    return json.loads(json.dumps(evaluate_model(model, Split(x, y), settings, 3, rank, world)))
 
 
 def _collectives_worker(rank, port, results):
@@ -196,7 +196,7 @@ def _evaluate_digits(model_path, surrogate_path, rank=0, world_size=1, patch=set
         attacks=tuple(EVAL_ATTACKS),
     )
     with intra_op_threads(1):
-        out = evaluate(
+        out = evaluate_model(
             model.eval(), digits.test.take(slice(0, 100)), settings, 10, rank, world_size, surrogate=surrogate.eval()
         )
     return json.loads(json.dumps(out))

@@ -10,7 +10,7 @@ from robustdistill.evaluation.metrics import (
     unpack_verdicts,
     wilson_interval,
 )
-from robustdistill.evaluation.suite import evaluate
+from robustdistill.evaluation.suite import evaluate_model
 
 
 def test_class_metrics_by_hand():
@@ -58,10 +58,12 @@ def test_evaluate_reports_every_attack_and_leaves_the_model_untouched(natural_mo
         ThreatModel(0.1), step_size=0.025, batch_size=64, attacks=("clean", "fgsm", "pgd20", "cw30")
     )
     test = digits.test.take(slice(0, 150))
-    out = evaluate(model, test, settings, 10)
+    out = evaluate_model(model, test, settings, 10)
     acc = {k: v["accuracy"] for k, v in out["attacks"].items()}
     assert acc["clean"] > 0.9 and acc["pgd20"] <= acc["fgsm"] and acc["pgd20"] < acc["clean"]
-    assert out["w_robust"]["value"] == pytest.approx((acc["clean"] + acc["pgd20"]) / 2)
+    strongest = min(("cw30", "fgsm", "pgd20"), key=acc.get)  # the lowest accuracy; a tie: by name
+    assert out["w_robust"]["attack"] == strongest and out["w_robust"]["definition"] == f"(clean + {strongest}) / 2"
+    assert out["w_robust"]["value"] == pytest.approx((acc["clean"] + acc[strongest]) / 2)
     assert model.training  # the mode is restored
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert len(out["attacks"]["clean"]["class_accuracy"]) == 10
@@ -70,7 +72,7 @@ def test_evaluate_reports_every_attack_and_leaves_the_model_untouched(natural_mo
 def test_evaluate_is_deterministic_under_its_seed(natural_model, digits):
     settings = EvalSettings(ThreatModel(0.1), step_size=0.025, batch_size=64, seed=3, attacks=("pgd20",))
     test = digits.test.take(slice(0, 100))
-    runs = [evaluate(natural_model, test, settings, 10) for _ in range(2)]
+    runs = [evaluate_model(natural_model, test, settings, 10) for _ in range(2)]
     assert runs[0]["attacks"] == runs[1]["attacks"]
 
 
@@ -81,7 +83,7 @@ def test_folding_is_recorded_and_moves_a_verdict_at_most_by_rounding(natural_mod
 
     test = digits.test.take(slice(0, 150))
     out = {
-        fold: evaluate(
+        fold: evaluate_model(
             natural_model,
             test,
             EvalSettings(ThreatModel(0.1), step_size=0.025, attacks=("pgd20",), fold_batchnorm=fold),
@@ -97,7 +99,7 @@ def test_folding_is_recorded_and_moves_a_verdict_at_most_by_rounding(natural_mod
 
 def test_eps_zero_attack_equals_clean(natural_model, digits):
     settings = EvalSettings(ThreatModel(0.0), step_size=0.0, batch_size=64, attacks=("clean", "pgd20", "fgsm"))
-    out = evaluate(natural_model, digits.test, settings, 10)
+    out = evaluate_model(natural_model, digits.test, settings, 10)
     assert out["attacks"]["pgd20"] == out["attacks"]["clean"] == out["attacks"]["fgsm"]
 
 
@@ -111,3 +113,31 @@ def test_comparison_table_shows_the_intervals():
     assert f"30.00 [{100 * lo:.1f}, {100 * hi:.1f}]" in row and "55.00" in row
     lo, hi = wilson_interval(11, 20)
     assert f"55.00 [{100 * lo:.1f}, {100 * hi:.1f}]" in row
+
+
+def test_tables_quote_the_strongest_attack_and_say_where_another_beats_it():
+    from robustdistill.evaluation.report import comparison_table
+
+    def report(clean, pgd, aa):
+        n = torch.tensor([50.0, 50.0])
+        attacks = {
+            k: class_metrics(torch.tensor(v), n) for k, v in (("clean", clean), ("pgd20", pgd), ("autoattack", aa))
+        }
+        return {"attacks": attacks}
+
+    table = comparison_table(
+        [
+            ("a", report([45.0, 45.0], [30.0, 25.0], [25.0, 10.0])),
+            ("b", report([40.0, 40.0], [20.0, 20.0], [30.0, 25.0])),
+        ]
+    )
+    header, _, row_a, row_b, *notes = table.splitlines()
+    assert (
+        "| autoattack % [95% CI] |" in header
+        and "worst-class autoattack" in header
+        and "W-Robust (autoattack)" in header
+    )
+    # AutoAttack: 45 % on average against PGD-20's 47.5 %; on run a 35 %, its worst class 20 %
+    assert "| 35.00 [26.4, 44.7]" in row_a and "| 20.00 [11.2, 33.0]" in row_a
+    # on run b, PGD-20 (40 %) is below AutoAttack's interval (55 %, from about 45 %): said, not hidden
+    assert notes == ["note: b: pgd20 (40.00 %) is below the interval of autoattack; quote pgd20 for it"]

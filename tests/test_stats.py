@@ -8,8 +8,13 @@ from robustdistill.studies.stats import bootstrap, differences, interval, metric
 
 
 def test_metric_names_follow_the_attacks():
-    assert metric_names(["clean", "pgd20"]) == ["clean", "pgd20", "worst pgd20", "NSD pgd20", "W-Robust"]
-    assert metric_names(["clean", "cw30"]) == ["clean", "cw30", "worst cw30", "NSD cw30"]  # W-Robust is PGD-20's
+    assert metric_names(["clean", "pgd20"]) == ["clean", "pgd20", "worst pgd20", "NSD pgd20", "W-Robust pgd20"]
+    # with several attacks, the class-wise numbers and W-Robust Acc are those of the one quoted
+    names = metric_names(["clean", "pgd20", "autoattack"], "autoattack")
+    assert names == ["clean", "pgd20", "autoattack", "worst autoattack", "NSD autoattack", "W-Robust autoattack"]
+    assert metric_names(["pgd20"]) == ["pgd20", "worst pgd20", "NSD pgd20"]  # no clean accuracy: no W-Robust
+    with pytest.raises(ValueError, match="not among"):
+        metric_names(["clean", "pgd20"], "autoattack")
 
 
 def test_run_metrics_by_hand():

@@ -366,9 +366,9 @@ def test_init_from_starts_the_student_from_given_weights(trained_runs, tmp_path)
 def test_the_final_report_is_the_one_evaluation_pipeline(trained_runs):
     """A run's report.json is `pipeline.evaluate_source` of its best checkpoint with its config's
     settings and memory format (the only evaluation path), and `robustdistill eval RUN`
-    (api.evaluate_path) resolves those same settings from the run folder: every attack's per-sample
+    (api.evaluate) resolves those same settings from the run folder: every attack's per-sample
     verdicts agree."""
-    from robustdistill.api import evaluate_path
+    from robustdistill.api import evaluate
     from robustdistill.evaluation.pipeline import evaluate_source
     from robustdistill.models.sources import resolve_model_source
 
@@ -380,7 +380,7 @@ def test_the_final_report_is_the_one_evaluation_pipeline(trained_runs):
     direct = evaluate_source(
         resolve_model_source(run), dataset, "test", cfg.eval, settings, memory_format=cfg.train.memory_format
     )
-    again = evaluate_path(run, progress=False)
+    again = evaluate(run, progress=False)
     assert list(direct["attacks"]) == list(again["attacks"]) == list(trained["attacks"])
     assert len(trained["attacks"]) >= 2 and cfg.train.memory_format == torch.channels_last
     for name, result in trained["attacks"].items():
@@ -405,7 +405,7 @@ def test_intra_op_threads_sets_and_restores():
 def test_a_run_trains_and_is_evaluated_on_its_own_thread_count(tmp_path):
     """train.threads: the run's config records it, its training and final report use it (report.json
     `threads`), `robustdistill eval RUN` uses it again, and the caller's thread count is restored."""
-    from robustdistill.api import evaluate_path
+    from robustdistill.api import evaluate
 
     before = torch.get_num_threads()
     cfg = digits_config(tmp_path, "natural", train__epochs=1, train__threads=1, eval__checks="false")
@@ -413,7 +413,7 @@ def test_a_run_trains_and_is_evaluated_on_its_own_thread_count(tmp_path):
     assert torch.get_num_threads() == before
     assert load_config(run / "config.yaml").train.threads == 1
     report = json.loads((run / "report.json").read_text())
-    again = evaluate_path(run, progress=False)
+    again = evaluate(run, progress=False)
     assert report["threads"] == again["threads"] == 1 and torch.get_num_threads() == before
     assert report["machine"]["cpu"] and report["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert again["attacks"]["pgd20"]["verdicts"] == report["attacks"]["pgd20"]["verdicts"]

@@ -1,12 +1,12 @@
 """The library's front door: train a config, evaluate any model path.
 
-    from robustdistill.api import load_config, train, estimate, evaluate_path
+    from robustdistill.api import load_config, train, estimate, evaluate
     cfg = load_config("configs/digits/rslad.yaml", ["train.epochs=5"])
     print(estimate(cfg).total)        # seconds the training will take, from 10 timed steps; writes nothing
     run = train(cfg)
-    report = evaluate_path(run, ["eval.attacks=[clean,pgd20,autoattack_fast]", "eval.subset=200"])
+    report = evaluate(run, ["eval.attacks=[clean,pgd20,autoattack_fast]", "eval.subset=200"])
 
-`evaluate_path` takes a run folder, a checkpoint file or `robustbench:<Name>` (resolved by
+`evaluate` takes a run folder, a checkpoint file or `robustbench:<Name>` (resolved by
 `models.sources.resolve_model_source`, as training resolves its teachers) and the same dotted
 `eval.key=value` overrides as `robustdistill train`.
 """
@@ -22,6 +22,7 @@ import torch
 
 from .core.distributed import DistInfo, resolve_device
 from .core.errors import ConfigError, UserError
+from .core.progress import shown
 from .core.schema import apply_overrides, build
 from .core.threat import ThreatModel
 from .core.timing import intra_op_threads
@@ -36,7 +37,7 @@ from .training.config import Config, TrainConfig, load_config
 from .training.estimate import estimate
 from .training.loop import train
 
-__all__ = ["estimate", "evaluate_path", "eval_config", "load_config", "resolve_model_source", "train"]
+__all__ = ["estimate", "evaluate", "eval_config", "load_config", "resolve_model_source", "train"]
 
 
 def eval_config(base: EvalConfig, overrides: list[str]) -> EvalConfig:
@@ -86,7 +87,7 @@ def _recorded(target: str, which: str) -> _Recorded:
     return _Recorded(source, data, threat=meta.threat if meta else None)
 
 
-def evaluate_path(
+def evaluate(
     target: str | Path,
     overrides: Optional[list[str]] = None,
     *,
@@ -109,32 +110,32 @@ def evaluate_path(
     (`dist`, the process group joined) each rank attacks its blocks of samples and every rank
     returns the same document, equal to one process's.
     """
-    target, dist = str(target), dist or DistInfo()
-    recorded = _recorded(target, which)
-    data_cfg = recorded.data
-    if data is not None and (data_cfg is None or data_cfg.name != data):
-        data_cfg = DataConfig(name=data)
-    if data_cfg is None:
-        raise UserError(f"{target} does not say which dataset it belongs to; pass --data NAME (and --data-root)")
-    if data_root is not None:
-        data_cfg.root = data_root
-    data_cfg.validate()
-    eval_cfg = eval_config(recorded.eval, list(overrides or []))
-    settings = eval_cfg.resolve(recorded.threat)
-    source = recorded.source or resolve_model_source(target, which, data_cfg.name, model_dir)
-    dataset = load_dataset(data_cfg, resolve_device(device, dist, "device"))
-    spec = ModelSpec(model, dataset.num_classes, dataset.channels) if model is not None else None
-    with intra_op_threads(recorded.threads):  # a run's own thread count, as its final report used
-        return evaluate_source(
-            source,
-            dataset,
-            split,
-            eval_cfg,
-            settings,
-            spec=spec,
-            memory_format=recorded.memory_format,
-            teachers=recorded.teachers,
-            progress=progress,
-            state_dir=state_dir,
-            dist=dist,
-        )
+    with shown(progress):
+        target, dist = str(target), dist or DistInfo()
+        recorded = _recorded(target, which)
+        data_cfg = recorded.data
+        if data is not None and (data_cfg is None or data_cfg.name != data):
+            data_cfg = DataConfig(name=data)
+        if data_cfg is None:
+            raise UserError(f"{target} does not say which dataset it belongs to; pass --data NAME (and --data-root)")
+        if data_root is not None:
+            data_cfg.root = data_root
+        data_cfg.validate()
+        eval_cfg = eval_config(recorded.eval, list(overrides or []))
+        settings = eval_cfg.resolve(recorded.threat)
+        source = recorded.source or resolve_model_source(target, which, data_cfg.name, model_dir)
+        dataset = load_dataset(data_cfg, resolve_device(device, dist, "device"))
+        spec = ModelSpec(model, dataset.num_classes, dataset.channels) if model is not None else None
+        with intra_op_threads(recorded.threads):  # a run's own thread count, as its final report used
+            return evaluate_source(
+                source,
+                dataset,
+                split,
+                eval_cfg,
+                settings,
+                spec=spec,
+                memory_format=recorded.memory_format,
+                teachers=recorded.teachers,
+                state_dir=state_dir,
+                dist=dist,
+            )

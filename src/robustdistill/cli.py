@@ -24,21 +24,33 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .api import evaluate_path
+from .api import evaluate
 from .attacks import ATTACKS
+from .core import __version__
 from .core.distributed import cleanup, from_main, init_distributed, is_main_process
 from .core.errors import UserError
+from .core.schema import field_comments
 from .core.timing import duration
 from .data import DATASETS
 from .evaluation.checks import CHECKS, failed, registered
 from .evaluation.config import EvalConfig
 from .evaluation.plots import plot_classwise, plot_run, plot_scatter
-from .evaluation.report import attack_table, check_lines, comparison_table, read_report, to_markdown, write_report
+from .evaluation.report import (
+    attack_table,
+    check_lines,
+    comparison_table,
+    quoted_attack,
+    read_report,
+    to_markdown,
+    write_report,
+)
 from .methods import METHODS
 from .models import MODELS
+from .recipes import grid_names, recipe_names, summary
 from .storage.evals import EvalFolder, check_out_folder
 from .studies.demo import run_demo
 from .studies.execute import compare_locally
+from .studies.grid import Grid
 from .studies.slurm import compare_on_slurm
 from .training.config import load_config
 from .training.estimate import Estimate, estimate
@@ -118,7 +130,7 @@ def _cmd_eval(args) -> int:
     try:
         if dist.is_main and folder.resumes():
             log.info("resuming the AutoAttack state in %s", out_dir)
-        report = evaluate_path(
+        report = evaluate(
             args.target,
             overrides,
             which=args.checkpoint,
@@ -212,7 +224,7 @@ def _cmd_report(args) -> int:
         if not report_path.is_file():
             raise UserError(f"{item} has no report.json (is it a finished run or an eval folder?)")
         named.append((path.name if path.is_dir() else path.parent.name, read_report(report_path)))
-    lacking = [name for name, report in named if args.attack not in report["attacks"]]
+    lacking = [name for name, report in named if args.attack is not None and args.attack not in report["attacks"]]
     if lacking:
         common = sorted(set.intersection(*(set(report["attacks"]) for _, report in named)))
         raise UserError(
@@ -221,10 +233,11 @@ def _cmd_report(args) -> int:
         )
     if (out / "comparison.md").exists():
         raise UserError(f"{out} already holds a comparison; choose another --out")
+    robust = args.attack or quoted_attack(named)
+    table = comparison_table(named, robust)  # refuses reports that share no attack, before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    table = comparison_table(named, args.attack)
-    (out / "comparison.md").write_text(f"# Comparison ({args.attack})\n\n{table}\n")
-    _try_plot(lambda: plot_scatter(named, out / "scatter.png", args.attack))
+    (out / "comparison.md").write_text(f"# Comparison ({robust})\n\n{table}\n")
+    _try_plot(lambda: plot_scatter(named, out / "scatter.png", robust))
     print(table)
     print(f"\ncomparison: {out}/")
     return 0
@@ -255,7 +268,7 @@ def _cmd_compare(args) -> int:
 def _cmd_demo(args) -> int:
     table = run_demo(args.out, force=args.force, epochs=args.epochs, into=args.into)
     print(table)
-    print(f"\nruns and reports: {args.out}/")
+    print(f"\nteachers: {args.out}/natural, {args.out}/trades; students and the table: {args.out}/demo/")
     return 0
 
 
@@ -272,9 +285,19 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+LISTED = ["models", "methods", "datasets", "attacks", "checks", "recipes", "grids"]
+
+
 def _cmd_list(args) -> int:
     registries = {"models": MODELS, "methods": METHODS, "datasets": DATASETS, "attacks": ATTACKS, "checks": CHECKS}
-    for kind in [args.kind] if args.kind else registries:
+    for kind in [args.kind] if args.kind else LISTED:
+        if kind in ("recipes", "grids"):
+            names = recipe_names() if kind == "recipes" else grid_names()
+            how = "robustdistill train NAME" if kind == "recipes" else "robustdistill compare NAME"
+            print(f"{kind} (shipped with the package; {how}):")
+            for name in names:
+                print(f"  {name:16s} {summary(name, 'digits' if kind == 'recipes' else 'grids')}")
+            continue
         if kind == "checks":
             print("checks (run with every evaluation; a failure says the numbers may overestimate robustness):")
             for c in registered():
@@ -303,6 +326,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="robustdistill", description="Adversarial robustness distillation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="more detail in logs and tables")
+    parser.add_argument("--version", action="version", version=f"robustdistill {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_eval, _add_report, _add_compare, _add_demo, _add_plot, _add_list):
         add(sub)
@@ -373,14 +397,22 @@ def _add_eval(sub) -> None:
 def _add_report(sub) -> None:
     p = sub.add_parser("report", help="compare finished runs: one table and a robustness-fairness scatter")
     p.add_argument("runs", nargs="+", help="run folders, eval folders or report.json files")
-    p.add_argument("--attack", default="pgd20", help="the robust attack to compare on (default pgd20)")
+    p.add_argument(
+        "--attack", help="the attack to quote robustness under (default: the strongest the reports share, AutoAttack)"
+    )
     p.add_argument("--out", help="folder for comparison.md and scatter.png (default: reports/compare-<time>)")
     p.set_defaults(func=_cmd_report)
 
 
 def _add_compare(sub) -> None:
-    p = sub.add_parser("compare", help="train a grid of methods x seeds (x axes) and compare them with intervals")
-    p.add_argument("grid", help="grid file (YAML: cells, seeds, axes, teachers, eval, reference, pairs)")
+    keys = "\n".join(f"  {key:10s} {meaning}" for key, meaning in field_comments(Grid).items())
+    p = sub.add_parser(
+        "compare",
+        help="train a grid of methods x seeds (x axes) and compare them with intervals",
+        epilog=f"the keys of a grid file:\n{keys}\n(robustdistill list grids: the shipped grids)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("grid", help="a grid file (YAML; its keys below), or the name of a shipped grid")
     p.add_argument("--out", help="the grid's folder: its runs and the report (default: comparisons/<grid name>)")
     p.add_argument("--dry-run", action="store_true", help="list the runs, which are finished, and the time to train")
     p.add_argument(
@@ -406,7 +438,12 @@ def _add_compare(sub) -> None:
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="teachers, students and a comparison on the embedded digits")
-    p.add_argument("--out", default="runs/demo", help="folder for the demo runs")
+    p.add_argument(
+        "--out",
+        default="runs",
+        help="folder of the demo's runs: OUT/natural, OUT/trades (where the digits "
+        "recipes look for their teachers) and OUT/demo/<student>",
+    )
     p.add_argument("--force", action="store_true", help="replace an earlier demo in --out")
     p.add_argument("--epochs", type=int, help="epochs per run (default: the recipes', 30)")
     p.add_argument("--into", help="also write the table into this markdown file, between <!-- demo:begin/end -->")
@@ -421,8 +458,10 @@ def _add_plot(sub) -> None:
 
 
 def _add_list(sub) -> None:
-    p = sub.add_parser("list", help="list registered models, methods, datasets, attacks, sanity checks")
-    p.add_argument("kind", nargs="?", choices=["models", "methods", "datasets", "attacks", "checks"])
+    p = sub.add_parser(
+        "list", help="list registered models, methods, datasets, attacks, sanity checks; shipped recipes and grids"
+    )
+    p.add_argument("kind", nargs="?", choices=LISTED)
     p.set_defaults(func=_cmd_list)
 
 

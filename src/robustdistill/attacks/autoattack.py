@@ -116,6 +116,7 @@ class AutoAttack(Attack):
         finally:
             adversary.logger.removeHandler(collect)
         env.notes[name] = sorted(set(state["flags"]).union(*gather_objects(sorted(collect.messages))))
+        env.parts[name] = dict(state["accuracy"])
         mine = env.sample_index(len(x)).to(x_all.device)
         return x_adv[mine], robust[mine]
 

@@ -87,6 +87,8 @@ class AttackEnv:
     rank: int = 0
     world_size: int = 1
     notes: dict[str, list[str]] = field(default_factory=dict)  # warnings an attack raised, by attack
+    # an ensemble's accuracy after each of its parts, in order, by attack (AutoAttack: clean, apgd-ce, ...)
+    parts: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def sample_index(self, n: int) -> torch.Tensor:
         return torch.arange(n) if self.index is None else self.index.cpu()

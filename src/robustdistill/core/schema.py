@@ -11,7 +11,11 @@ A section type may declare `config_upgrade(raw, key)` (read keys of an older ver
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import io
 import math
+import textwrap
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -117,6 +121,26 @@ def _named(tp: Any) -> bool:
     """Whether `tp` is a config section with a `name` (data, model, method): one that may be given
     by its name alone (`method=trades`, `model: resnet18`)."""
     return dataclasses.is_dataclass(tp) and any(f.name == "name" for f in dataclasses.fields(tp))
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The comment after each field of dataclass `cls` in its source (its meaning, as the code gives
+    it), by field name; "" for a field without one. Read with `tokenize`, so a `#` in a string is not one."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    comments: dict[str, str] = {}
+    current = None  # the field whose statement the tokens are in (a comment inside it is its meaning)
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.NAME and token.start[1] == 4 and current is None and token.string in names:
+            current = token.string
+        elif token.type == tokenize.COMMENT and current is not None:
+            comments[current] = (comments.get(current, "") + " " + token.string.lstrip("#").strip()).strip()
+        elif token.type == tokenize.NEWLINE:
+            current = None
+    return {f.name: comments.get(f.name, "") for f in dataclasses.fields(cls)}
 
 
 def parse_overrides(items: list[str]) -> list[tuple[list[str], Any]]:

@@ -167,10 +167,20 @@ def worst_case(c: CheckContext) -> Outcome:
 
 @check(5, "black_box", "a black-box attack stronger than every white-box one points to gradient masking")
 def black_box(c: CheckContext) -> Outcome:
+    """A black-box attack run on its own (square, transfer) against the white-box attacks; else the
+    standard AutoAttack's Square, which attacks the points its white-box parts left robust: it must
+    not lower the accuracy they reached."""
     white = {k: _accuracy(c.correct[k]) for k in of_kind(c.correct, "white-box")}
     black = {k: _accuracy(c.correct[k]) for k in of_kind(c.correct, "black-box")}
+    parts = c.env.parts.get("autoattack", {})
+    if not black and "square" in parts:
+        order = list(parts)
+        before = parts[order[order.index("square") - 1]]
+        white = {f"autoattack {'+'.join(order[1 : order.index('square')])}": before}
+        black = {"autoattack square (after them)": parts["square"]}
     if not (white and black):
-        return Outcome(None, detail=f"needs a white-box and a black-box attack ({' or '.join(names_of('black-box'))})")
+        others = " or ".join(names_of("black-box"))
+        return Outcome(None, detail=f"needs a white-box and a black-box attack ({others}, or autoattack)")
     strongest = min(white.values())
     numbers = {**{f"white:{k}": v for k, v in white.items()}, **{f"black:{k}": v for k, v in black.items()}}
     return Outcome(all(a + c.tol >= strongest for a in black.values()), numbers)

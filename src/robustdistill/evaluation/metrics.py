@@ -9,7 +9,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..attacks import ROBUST_ATTACK
+from ..attacks import ATTACKS, ROBUST_ATTACK
 
 SELECTION_METRICS = ("clean", "robust", "robust_plus_worst", "w_robust")
 Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile
@@ -63,6 +63,35 @@ def pack_verdicts(correct: torch.Tensor) -> str:
 def unpack_verdicts(text: str, n: int) -> np.ndarray:
     """The per-sample booleans of `pack_verdicts` (n: the number of samples)."""
     return np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[:n].astype(bool)
+
+
+def strongest_attack(accuracy: dict[str, float]) -> Optional[str]:
+    """The attack robust accuracy is quoted under: of those that ran (clean aside), the one with the
+    lowest accuracy, an AutoAttack on a tie (standard before fast). None when only clean ran.
+    A weaker attack overstates robustness, so W-Robust Acc, the worst class and every comparison
+    table use this one (model selection during training alone uses PGD-20, for its cost)."""
+    candidates = [name for name in accuracy if name != "clean"]
+    if not candidates:
+        return None
+
+    def strength(name: str):
+        attack = ATTACKS.get(name)
+        return accuracy[name], not attack.autoattack, name != "autoattack", name
+
+    return min(candidates, key=strength)
+
+
+def w_robust(accuracy: dict[str, float]) -> Optional[dict[str, Any]]:
+    """W-Robust Acc, (clean + robust) / 2 under the strongest attack, with its definition; None
+    without clean accuracy or any attack."""
+    robust = strongest_attack(accuracy)
+    if robust is None or "clean" not in accuracy:
+        return None
+    return {
+        "value": (accuracy["clean"] + accuracy[robust]) / 2,
+        "definition": f"(clean + {robust}) / 2",
+        "attack": robust,
+    }
 
 
 def needed_attacks(metric: str) -> tuple[str, ...]:

@@ -4,7 +4,7 @@
     report = evaluate_source(source, dataset, "test", cfg.eval, cfg.eval.resolve(cfg.threat))
 
 A training run's final report (`training.loop.final_report`) and `robustdistill eval`
-(`api.evaluate_path`) both call `evaluate_source`: the same loading, memory format, subset,
+(`api.evaluate`) both call `evaluate_source`: the same loading, memory format, subset,
 surrogate and suite, so `robustdistill eval RUN` computes the verdicts the run's own report holds.
 """
 
@@ -25,7 +25,7 @@ from ..models import ModelSpec
 from ..models.sources import ModelSource, TeacherConfig, load_source, load_teacher
 from .config import EvalConfig
 from .report import build_report
-from .suite import evaluate
+from .suite import evaluate_model
 
 
 def evaluate_source(
@@ -61,7 +61,7 @@ def evaluate_source(
     surrogate = load_surrogate(eval_cfg, dict(teachers or {}), dataset, device, loaded=loaded)
     if surrogate is not None:
         surrogate = surrogate.to(memory_format=memory_format)
-    summary = evaluate(
+    summary = evaluate_model(
         model,
         chosen,
         settings,

@@ -21,8 +21,9 @@ report.json schema (version 1):
              verdicts: per-sample correctness, hex of numpy.packbits in sample order
              (`metrics.unpack_verdicts(text, num_samples)` reads it back)
     robust_to_all: {attacks: [...], accuracy, class_accuracy, ...}   (two or more attacks run)
-    w_robust: {value, definition}                   (when clean and pgd20 both ran)
+    w_robust: {value, definition, attack}          (clean + robust) / 2 under the strongest attack that ran
     autoattack_flags: {<autoattack|autoattack_fast>: [warnings pyautoattack's own checks logged]}   (when run)
+    autoattack_parts: {<autoattack|autoattack_fast>: {clean, apgd-ce, apgd-t, ...: accuracy after that part}}
     checks: [{id, name, status: passed|failed|skipped, numbers: {...}, message}]   (sanity checks 1-9)
     notes: [what a reader must not miss: PGD above AutoAttack by more than 3 points]
     selection: {metric, split, best_epoch, best_score}   (reports written by training only)
@@ -42,10 +43,10 @@ from typing import Any, Optional
 import numpy
 import torch
 
-from .. import __version__
+from ..core import __version__
 from ..core.errors import UserError
 from ..storage.files import atomic_write
-from .metrics import unpack_verdicts
+from .metrics import strongest_attack, unpack_verdicts
 
 SCHEMA_VERSION = 1
 
@@ -222,33 +223,44 @@ def _worst_class_interval(metrics: dict[str, Any]) -> Optional[list[float]]:
     return min(present, key=lambda p: p[0])[1] if present else None
 
 
-def comparison_table(named_reports: list[tuple[str, dict[str, Any]]], robust: str = "pgd20") -> str:
-    """One row per run: clean, robust, worst-class robust (each with its 95 % Wilson interval over
-    the test images, where the report has one), NSD (of the robust attack), W-Robust."""
-    rows = []
+def quoted_attack(named_reports: list[tuple[str, dict[str, Any]]]) -> Optional[str]:
+    """The attack the reports' robustness is quoted under: the strongest they all ran (the lowest mean
+    accuracy; `metrics.strongest_attack`), None when they share none besides clean."""
+    shared = [a for a in named_reports[0][1]["attacks"] if all(a in rep["attacks"] for _, rep in named_reports)]
+    mean = {a: sum(rep["attacks"][a]["accuracy"] for _, rep in named_reports) / len(named_reports) for a in shared}
+    return strongest_attack(mean)
+
+
+def comparison_table(named_reports: list[tuple[str, dict[str, Any]]], robust: Optional[str] = None) -> str:
+    """One row per run: clean accuracy and every attack the reports share, each with its 95 % Wilson
+    interval over the test images (where the report has one); under `robust` (default: the strongest
+    shared attack, `metrics.strongest_attack` of the mean accuracies) the worst class with its
+    interval, NSD and W-Robust Acc. Below the table, a note for each run on which another attack
+    beats `robust` beyond its interval (the row's robust columns overstate that run)."""
+    shared = [a for a in named_reports[0][1]["attacks"] if all(a in rep["attacks"] for _, rep in named_reports)]
+    robust = robust or quoted_attack(named_reports)
+    if robust is None:
+        raise UserError("the reports share no attack besides clean accuracy: nothing to quote robustness under")
+    others = [a for a in shared if a not in ("clean", robust)]
+    rows, notes = [], []
     for name, rep in named_reports:
         attacks = rep["attacks"]
         clean, adv = attacks.get("clean", {}), attacks.get(robust, {})
-        w = rep.get("w_robust", {}).get("value")
-        rows.append(
-            [
-                name,
-                _with_interval(clean.get("accuracy"), clean.get("accuracy_interval")),
-                _with_interval(adv.get("accuracy"), adv.get("accuracy_interval")),
-                _with_interval(adv.get("worst_class_accuracy"), _worst_class_interval(adv)),
-                _nsd(adv.get("nsd")),
-                _pct(w),
-            ]
-        )
-    header = [
-        "run",
-        "clean % [95% CI]",
-        f"{robust} % [95% CI]",
-        f"worst-class {robust} % [95% CI]",
-        f"NSD ({robust})",
-        "W-Robust %",
-    ]
-    return markdown_table(header, rows)
+        w = (clean["accuracy"] + adv["accuracy"]) / 2 if "accuracy" in clean and "accuracy" in adv else None
+        row = [name, _with_interval(clean.get("accuracy"), clean.get("accuracy_interval"))]
+        row += [_with_interval(attacks[a].get("accuracy"), attacks[a].get("accuracy_interval")) for a in others]
+        row += [_with_interval(adv.get("accuracy"), adv.get("accuracy_interval"))]
+        row += [_with_interval(adv.get("worst_class_accuracy"), _worst_class_interval(adv)), _nsd(adv.get("nsd"))]
+        rows.append(row + [_pct(w)])
+        low = (adv.get("accuracy_interval") or [adv.get("accuracy")])[0]
+        notes += [
+            f"note: {name}: {a} ({_pct(attacks[a]['accuracy'])} %) is below the interval of {robust}; quote {a} for it"
+            for a in others
+            if low is not None and attacks[a]["accuracy"] < low
+        ]
+    header = ["run", "clean % [95% CI]", *[f"{a} % [95% CI]" for a in others], f"{robust} % [95% CI]"]
+    header += [f"worst-class {robust} % [95% CI]", f"NSD ({robust})", f"W-Robust ({robust}) %"]
+    return "\n".join([markdown_table(header, rows), *notes])
 
 
 def to_markdown(report: dict[str, Any], title: str = "Evaluation") -> str:

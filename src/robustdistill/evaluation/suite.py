@@ -2,11 +2,12 @@
 verdicts, compute the metrics, run the sanity checks.
 
     settings = EvalSettings(ThreatModel(8 / 255), step_size=2 / 255, attacks=("clean", "pgd20"))
-    summary = evaluate(model, split, settings, num_classes=10)
+    summary = evaluate_model(model, split, settings, num_classes=10)
 
 The attacks are the registered classes of `attacks` (`robustdistill list attacks`); the metrics
 come from `metrics`, the checks from `checks`. Per attack: accuracy, class-wise accuracy,
-worst/best class, NSD = std / mean of the class-wise accuracies; W-Robust Acc = (clean + pgd20) / 2;
+worst/best class, NSD = std / mean of the class-wise accuracies; W-Robust Acc = (clean + robust) / 2
+under the strongest attack that ran (`metrics.strongest_attack`, AutoAttack where it ran);
 and `robust_to_all`, the per-sample worst case over every attack run (a sample counts only if it
 survives all of them). A failed check is reported, never hidden.
 Under DDP each rank attacks its blocks of samples and the per-sample verdicts are assembled on
@@ -22,12 +23,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..attacks import ROBUST_ATTACK, AttackEnv, EvalSettings, get_attack, predict
+from ..attacks import AttackEnv, EvalSettings, get_attack, predict
 from ..core.distributed import all_reduce_max, assemble, owned_indices
 from ..data import Split
 from ..models import eval_mode, fingerprint
 from .checks import CheckContext, run_checks
-from .metrics import sample_metrics
+from .metrics import sample_metrics, w_robust
 
 
 def _bounds(x_adv: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
@@ -39,7 +40,7 @@ def _bounds(x_adv: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
     return {"max_linf": out[0], "min": -out[1], "max": out[2]}
 
 
-def evaluate(
+def evaluate_model(
     model: nn.Module,
     split: Split,
     settings: EvalSettings,
@@ -85,13 +86,13 @@ def evaluate(
         if len(attacks) > 1:
             everything = torch.stack(list(correct.values())).all(dim=0)
             summary["robust_to_all"] = {"attacks": attacks, **sample_metrics(everything, y_all, num_classes)}
-        if "clean" in correct and ROBUST_ATTACK in correct:
-            summary["w_robust"] = {
-                "value": (summary["attacks"]["clean"]["accuracy"] + summary["attacks"][ROBUST_ATTACK]["accuracy"]) / 2,
-                "definition": f"(clean + {ROBUST_ATTACK}) / 2",
-            }
+        weighted = w_robust({name: m["accuracy"] for name, m in summary["attacks"].items()})
+        if weighted is not None:
+            summary["w_robust"] = weighted
         if env.notes:
             summary["autoattack_flags"] = env.notes
+        if env.parts:
+            summary["autoattack_parts"] = env.parts
         if settings.checks:
             summary["checks"] = run_checks(CheckContext(model, correct, bounds, env, num_classes, before))
     return summary

@@ -20,6 +20,7 @@ import torch
 
 from ..core.errors import CheckpointError, UserError, require
 from ..data import Dataset
+from ..recipes import recipe_names
 from ..storage.runs import model_checkpoint
 from .base import Classifier, ModelConfig, ModelSpec
 from .checkpoint import ModelMeta, load_model, read_model_meta
@@ -102,7 +103,17 @@ def resolve_teacher(role: str, tcfg: TeacherConfig, dataset: str) -> ModelSource
     try:
         return resolve_model_source(tcfg.path, tcfg.checkpoint, dataset, tcfg.model_dir)
     except CheckpointError as exc:
-        raise CheckpointError(f"teacher '{role}' (teachers.{role}.path): {exc}") from None
+        raise CheckpointError(f"teacher '{role}' (teachers.{role}.path): {exc}{_how_to_train(tcfg.path)}") from None
+
+
+def _how_to_train(path: str) -> str:
+    """For a missing teacher named like a shipped recipe, the command that trains it there."""
+    where = Path(path)
+    if where.exists() or where.name not in recipe_names():
+        return ""
+    out = f" out_dir={where.parent}" if str(where.parent) != "runs" else ""
+    also = "or robustdistill demo, which trains natural and trades"
+    return f"; train it first: robustdistill train {where.name}{out} ({also})"
 
 
 def load_teacher(role: str, tcfg: TeacherConfig, dataset: Dataset, device: torch.device) -> Classifier:

@@ -33,6 +33,18 @@ def grid_names() -> list[str]:
     return _names(GRIDS)
 
 
+def summary(name: str, kind: str = "digits") -> str:
+    """What a shipped recipe (`kind` digits) or grid (`kind` grids) is: the first line of its comments."""
+    folder = RECIPES if kind == "digits" else GRIDS
+    text = []
+    for line in (folder / f"{name}.yaml").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text.append(line.lstrip("#").strip())
+    sentence = " ".join(text).split(". ")[0].rstrip(".")
+    return sentence if len(sentence) <= 100 else sentence[:97].rsplit(" ", 1)[0] + " ..."
+
+
 def recipe(name: str, teachers: Optional[Mapping[str, str | Path]] = None) -> dict[str, Any]:
     """The raw config mapping of digits recipe `name` (digits/<name>.yaml), named after it;
     `teachers` (role -> run folder or checkpoint) replaces the paths of the teachers it uses."""

@@ -41,6 +41,7 @@ from typing import Any, Optional
 import torch
 
 from ..core.errors import ConfigError, UserError
+from ..core.progress import shown
 from ..core.timing import duration
 from ..evaluation.report import markdown_table
 from ..storage.runs import MARKER
@@ -53,7 +54,7 @@ from .grid import GridRun, prepare, status
 log = logging.getLogger("robustdistill")
 
 
-def train_run(run: GridRun) -> None:
+def train_run(run: GridRun, progress: bool = True) -> None:
     """Train or finish one run. A finished run whose config changed since only in keys a resume may
     change (`config.RESUMABLE`: the evaluation's, more epochs) is resumed, so re-evaluated (and its
     config_history.jsonl records it); any other change is refused."""
@@ -62,12 +63,12 @@ def train_run(run: GridRun) -> None:
         changes = finished_changes(run)
         if changes:
             log.info("compare: %s: %s changed: resumed, evaluated again", run.name, ", ".join(changes))
-            train(run.cfg, resume=True)
+            train(run.cfg, resume=True, progress=progress)
         return
     if state == "partial":
-        train(run.cfg, resume=True)
+        train(run.cfg, resume=True, progress=progress)
     else:  # a folder with nothing to resume from (killed before its first checkpoint) is replaced
-        train(run.cfg, force=(run.folder / MARKER).is_file())
+        train(run.cfg, force=(run.folder / MARKER).is_file(), progress=progress)
 
 
 def finished_changes(run: GridRun) -> dict[str, tuple[Any, Any]]:
@@ -88,10 +89,17 @@ def compare_locally(
     command: str = "",
     jobs: int = 1,
     into: Optional[str | Path] = None,
+    progress: bool = True,
 ) -> Path:
     """Train what is missing, `jobs` runs at a time, and write the comparison into `out` (default:
     comparisons/<grid name>); `into`: also into that markdown file, between its markers
-    `<!-- compare:<grid name>:begin -->` and `<!-- compare:<grid name>:end -->`."""
+    `<!-- compare:<grid name>:begin -->` and `<!-- compare:<grid name>:end -->`. `progress`: log
+    lines and progress bars (False: warnings and errors only)."""
+    with shown(progress):
+        return _compare(grid_path, out, dry_run, command, jobs, into)
+
+
+def _compare(grid_path, out, dry_run: bool, command: str, jobs: int, into) -> Path:
     grid, grid_path, out, teachers, cells = prepare(grid_path, out, into)
     if jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {jobs}")
@@ -151,7 +159,7 @@ def run_locally(runs: list[GridRun], jobs: int, failed: dict[str, str]) -> None:
     if jobs == 1 or len(todo) <= 1:
         for run in todo:
             log.info("compare: training %s (%d to train)", run.name, len(todo) - done)
-            _record(run, _outcome(run), failed)
+            _record(run, _outcome(run, progress=True), failed)
             progress(run)
         return
     gpus = torch.cuda.device_count()
@@ -161,7 +169,7 @@ def run_locally(runs: list[GridRun], jobs: int, failed: dict[str, str]) -> None:
         slots.put(str(k % gpus) if gpus else None)
     log.info("compare: %d runs to train, %d at a time", len(todo), jobs)
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker, initargs=(slots,)) as pool:
-        futures = {pool.submit(_outcome, run): run for run in todo}
+        futures = {pool.submit(_outcome, run, False): run for run in todo}  # the workers say nothing
         for future in as_completed(futures):
             run = futures[future]
             try:
@@ -181,10 +189,10 @@ def _worker(slots) -> None:
     log.setLevel(logging.WARNING)
 
 
-def _outcome(run: GridRun) -> Optional[str]:
+def _outcome(run: GridRun, progress: bool = True) -> Optional[str]:
     """Train (or check) one run; the one-line error of a run that failed on the user's side, else None."""
     try:
-        train_run(run)
+        train_run(run, progress)
     except UserError as exc:
         return str(exc)
     return None

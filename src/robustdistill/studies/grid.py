@@ -88,14 +88,16 @@ class SlurmSpec:
 
 @dataclass
 class Grid:
-    cells: dict[str, CellSpec] = field(default_factory=dict)
-    seeds: list[int] = field(default_factory=lambda: [0])
-    axes: dict[str, list[Any]] = field(default_factory=dict)
-    teachers: dict[str, TeacherSpec] = field(default_factory=dict)
-    eval: dict[str, Any] = field(default_factory=dict)
-    reference: Optional[str] = None
-    pairs: list[list[str]] = field(default_factory=list)
-    draws: int = 2000  # bootstrap draws
+    """A comparison grid file's keys; the comment after each is its meaning (`compare --help` shows them)."""
+
+    cells: dict[str, CellSpec] = field(default_factory=dict)  # name: {recipe | config, overrides, teachers}
+    seeds: list[int] = field(default_factory=lambda: [0])  # every cell runs once per seed (3 or more for intervals)
+    axes: dict[str, list[Any]] = field(default_factory=dict)  # dotted key: values; every combination is a group
+    teachers: dict[str, TeacherSpec] = field(default_factory=dict)  # role: {recipe | config | path}, shared
+    eval: dict[str, Any] = field(default_factory=dict)  # eval.* keys of every cell (attacks, subset, ...)
+    reference: Optional[str] = None  # a cell every other one is compared with, pair by pair
+    pairs: list[list[str]] = field(default_factory=list)  # [cell, cell] pairs whose differences are reported
+    draws: int = 2000  # bootstrap draws behind every interval
     threads: Optional[int] = None  # train.threads of every run (a run's own overrides may set another)
     overrides: list[str] = field(default_factory=list)  # dotted overrides of every run, teachers included
     published: dict[str, str] = field(default_factory=dict)  # per cell: what its paper reports, with the source

@@ -34,6 +34,7 @@ def comparison_markdown(document: dict[str, Any], grid_path: Path, seconds: dict
         + _threads_note(document),
         "",
         "Each cell: mean over seeds [95 % interval]. " + document["intervals"],
+        *_few_seeds(document),
     ]
     for index, group in enumerate(document["groups"]):
         lines += _group_lines(group, document["metrics"], seconds[index])
@@ -78,7 +79,22 @@ def _group_lines(group: dict[str, Any], names: list[str], seconds: dict[str, flo
             "",
             "Missing (not finished): " + "; ".join(f"{c}: {', '.join(r)}" for c, r in group["missing"].items()),
         ]
+    lines += [f"\nNote: {note}" for note in group.get("notes", [])]
     return lines
+
+
+def _few_seeds(document: dict[str, Any]) -> list[str]:
+    """A warning when the intervals rest on fewer than three seeds: the spread between training
+    seeds is then barely estimated (one seed: not at all, the intervals cover the test images only)."""
+    counts = [len(cell["seeds"]) for group in document["groups"] for cell in group["cells"].values()]
+    fewest = min(counts, default=3)
+    if fewest >= 3:
+        return []
+    if fewest == 1:
+        why = "one seed: they cover the test images only, not the variation between trainings"
+    else:
+        why = f"{fewest} seeds: the variation between trainings is barely estimated"
+    return ["", f"**These intervals rest on {why}; run 3 or more seeds (`seeds:`) before drawing conclusions.**"]
 
 
 def _with_interval(metric: str, value: Optional[float], lo: Optional[float], hi: Optional[float]) -> str:

@@ -2,7 +2,8 @@
 verdicts, a hierarchical bootstrap over seeds and images, bias-corrected intervals, and paired
 differences between methods.
 
-    names = metric_names(["clean", "pgd20"])  # clean, pgd20, worst pgd20, NSD pgd20, W-Robust
+    names = metric_names(["clean", "pgd20", "autoattack"], "autoattack")  # clean, pgd20, autoattack,
+                                      # worst autoattack, NSD autoattack, W-Robust autoattack
     boot = bootstrap({"rslad": [verdicts_seed0, ...], "absld": [...]}, labels, 10, names)
     point, lo, hi = interval(boot["absld"], names.index("pgd20"))
     for d in differences(boot, [("absld", "rslad")], names): print(d.metric, d.estimate, d.significant)
@@ -16,10 +17,9 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
-
-from ..attacks import ROBUST_ATTACK
 
 HOW = (
     "Intervals: a hierarchical bootstrap; each draw resamples the seeds and the test images (within each "
@@ -35,15 +35,19 @@ HOW = (
 )
 
 
-def metric_names(attacks: Sequence[str]) -> list[str]:
-    """The metrics of a comparison over `attacks`: clean accuracy; per other attack its accuracy,
-    worst-class accuracy (`worst <a>`) and NSD (`NSD <a>`); W-Robust Acc when clean and PGD-20 ran."""
-    names = ["clean"] if "clean" in attacks else []
-    for attack in attacks:
-        if attack != "clean":
-            names += [attack, f"worst {attack}", f"NSD {attack}"]
-    if "clean" in attacks and ROBUST_ATTACK in attacks:
-        names.append("W-Robust")
+def metric_names(attacks: Sequence[str], focus: Optional[str] = None) -> list[str]:
+    """The metrics of a comparison over `attacks`: clean accuracy; each other attack's accuracy; under
+    `focus`, the attack robustness is quoted under (the strongest; default: the only one besides
+    clean), its worst-class accuracy (`worst <focus>`), NSD (`NSD <focus>`) and, with clean accuracy,
+    W-Robust Acc (`W-Robust <focus>`, (clean + focus) / 2)."""
+    others = [a for a in attacks if a != "clean"]
+    if focus is None and len(others) == 1:
+        focus = others[0]
+    if focus is not None and focus not in others:
+        raise ValueError(f"the focus attack {focus} is not among {others}")
+    names = (["clean"] if "clean" in attacks else []) + others
+    if focus is not None:
+        names += [f"worst {focus}", f"NSD {focus}"] + ([f"W-Robust {focus}"] if "clean" in attacks else [])
     return names
 
 
@@ -77,8 +81,8 @@ def run_metrics(
         if name.startswith("class "):
             _, k, attack = name.split(" ", 2)
             out.append(100 * every_class(attack)[int(k)] if present[int(k)] else np.nan)
-        elif name == "W-Robust":
-            out.append(100 * (verdicts["clean"].mean() + verdicts[ROBUST_ATTACK].mean()) / 2)
+        elif name.startswith("W-Robust "):
+            out.append(100 * (verdicts["clean"].mean() + verdicts[name[len("W-Robust ") :]].mean()) / 2)
         elif name.startswith("worst "):
             out.append(100 * class_accuracy(name[len("worst ") :]).min())
         elif is_ratio(name):

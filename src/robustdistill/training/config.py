@@ -34,6 +34,7 @@ from ..evaluation.metrics import SELECTION_METRICS
 from ..methods import MethodOptions
 from ..models import ModelConfig
 from ..models.sources import TeacherConfig
+from ..recipes import recipe, recipe_names
 
 
 @dataclass
@@ -182,8 +183,12 @@ def from_dict(raw: dict[str, Any], overrides: list[str] = ()) -> Config:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Load a YAML config (or the defaults when `path` is None), apply overrides, validate."""
-    raw = read_yaml(path) if path is not None else {}
+    """Load a YAML config file, or a shipped recipe by its name (`rslad`: `robustdistill list recipes`),
+    or the defaults when `path` is None; apply overrides, validate."""
+    if path is not None and not Path(path).exists() and str(path) in recipe_names():
+        raw = recipe(str(path))
+    else:
+        raw = read_yaml(path) if path is not None else {}
     config = from_dict(raw, overrides)
     if config.name is None and path is not None:
         config.name = Path(path).stem

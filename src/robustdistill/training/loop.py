@@ -46,13 +46,14 @@ from ..core.distributed import (
     rng_states,
 )
 from ..core.errors import CheckpointError, TrainingError
+from ..core.progress import shown
 from ..core.timing import FlopCount, duration, intra_op_threads, time_left
 from ..data import BatchLoader, Dataset, load_dataset
 from ..evaluation.checks import failed
 from ..evaluation.metrics import needed_attacks, selection_score
 from ..evaluation.pipeline import evaluate_source
 from ..evaluation.report import write_report
-from ..evaluation.suite import evaluate
+from ..evaluation.suite import evaluate_model
 from ..methods import Method, Progress, update_average
 from ..models import Classifier
 from ..models.checkpoint import ModelMeta, save_model
@@ -253,7 +254,7 @@ class Run:
         attacks = tuple(dict.fromkeys(needed_attacks(self.selection.metric) + self.method.validation_attacks))
         settings = replace(self.selection.settings, attacks=attacks, checks=False)
         rank, world = self.dist.rank, self.dist.world_size
-        return evaluate(model, self.selection.split, settings, self.dataset.num_classes, rank, world)
+        return evaluate_model(model, self.selection.split, settings, self.dataset.num_classes, rank, world)
 
     def validate_and_select(self, epoch: int, record: dict[str, Any]) -> None:
         """Evaluate on the selection split; a better score makes this epoch's model the best checkpoint.
@@ -325,9 +326,10 @@ def _record_validation(record: dict[str, Any], summary: dict[str, Any], prefix: 
         record[f"{prefix}_{name}_worst_class_acc"] = result["worst_class_accuracy"]
 
 
-def train(cfg: Config, *, force: bool = False, resume: bool = False) -> Path:
-    """Train `cfg` into `cfg.run_dir` (`out_dir/name`) and write its report; returns the run folder."""
-    with intra_op_threads(cfg.train.threads):
+def train(cfg: Config, *, force: bool = False, resume: bool = False, progress: bool = True) -> Path:
+    """Train `cfg` into `cfg.run_dir` (`out_dir/name`) and write its report; returns the run folder.
+    `progress`: log lines and progress bars (False: warnings and errors only)."""
+    with shown(progress), intra_op_threads(cfg.train.threads):
         run = setup(cfg, force, resume)
         try:
             fit(run)
