@@ -1,8 +1,8 @@
 """Two measurements behind the README's digits experiment that a comparison table cannot hold:
 the teachers' soft-label entropy, and the robust teacher on the students' adversarial examples.
 
-    robustdistill compare digits_methods --out runs/digits_methods --into README.md
-    python experiments/digits_probes.py runs/digits_methods --update-readme
+    robustdistill compare digits_methods --out runs/digits_methods --into docs/experiments/digits-methods.md
+    python experiments/digits_probes.py runs/digits_methods --into docs/experiments/digits-methods.md
 
 It reads the grid's folder (`OUT/teachers/{clean,robust}`, `OUT/runs/<cell>__seed<k>`):
 - the mean entropy (nats) of each teacher's softmax on the training split, at tau = 1 and at the
@@ -85,7 +85,7 @@ def teacher_on_adversarial(out: Path, x: torch.Tensor, y: torch.Tensor, attack: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="the digits_methods grid's folder (robustdistill compare --out)")
-    parser.add_argument("--update-readme", action="store_true", help="rewrite the README section between its markers")
+    parser.add_argument("--into", type=Path, help="also write them into this markdown file, between its markers")
     args = parser.parse_args()
     dataset = load_dataset(from_dict(recipe("rslad")).data)
     x, y = dataset.train.images(), dataset.train.y
@@ -100,14 +100,13 @@ def main() -> None:
         ]
     )
     print(text)
-    if args.update_readme:
-        readme = Path(__file__).resolve().parents[1] / "README.md"
-        old = readme.read_text()
+    if args.into is not None:
+        old = args.into.read_text()
         pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
         if not pattern.search(old):
-            raise SystemExit(f"{readme} has no {BEGIN} ... {END} section to rewrite")
-        readme.write_text(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", old))
-        print(f"\nrewrote the probes section of {readme}")
+            raise SystemExit(f"{args.into} has no {BEGIN} ... {END} section to rewrite")
+        args.into.write_text(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", old))
+        print(f"\nrewrote the probes section of {args.into}")
 
 
 if __name__ == "__main__":

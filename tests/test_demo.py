@@ -1,5 +1,3 @@
-import json
-
 import pytest
 
 from robustdistill.cli import main
@@ -7,33 +5,23 @@ from robustdistill.studies.demo import STUDENTS
 
 
 @pytest.mark.slow
-def test_demo_trains_teachers_and_a_robust_student(tmp_path, capsys):
+def test_demo_writes_its_table_into_a_file_and_never_replaces_an_earlier_demo(tmp_path, capsys):
+    """What the demo's runs show is checked by the tutorial's test (tests/test_tutorial.py), which runs
+    the full demo; this one, one epoch per run, checks the table it writes where it is asked to."""
     out, notes = tmp_path / "demo", tmp_path / "notes.md"
     notes.write_text("# Notes\n<!-- demo:begin -->\nold table\n<!-- demo:end -->\nafter\n")
-    assert main(["demo", "--out", str(out), "--into", str(notes)]) == 0
+    assert main(["demo", "--out", str(out), "--epochs", "1", "--into", str(notes)]) == 0
     table = capsys.readouterr().out
     written = notes.read_text()
-    printed = table.split("\n\nruns and reports")[0].strip()
-    assert written.startswith("# Notes\n<!-- demo:begin -->\n`robustdistill demo` (robustdistill ")
+    printed = table.split("\n\nteachers:")[0].strip()
+    assert written.startswith("# Notes\n<!-- demo:begin -->\n`robustdistill demo --epochs 1` (robustdistill ")
     assert printed in written and "old table" not in written and written.endswith("<!-- demo:end -->\nafter\n")
     for label in ("clean teacher (natural)", "robust teacher (TRADES)", "W-Robust (autoattack)", "NSD (autoattack)"):
         assert label in table
-    for student in ("rslad", "absld", "mtard", "bmtard"):
-        assert f"student ({student})" in table
-    # the teachers where the digits recipes look for them, the students beside
-    where = {"natural": out / "natural", "trades": out / "trades"} | {s: out / "demo" / s for s in STUDENTS}
-    report = lambda run: json.loads((where[run] / "report.json").read_text())["attacks"]  # noqa: E731
-    assert report("natural")["clean"]["accuracy"] > 0.95 and report("natural")["autoattack"]["accuracy"] < 0.05
-    assert report("trades")["autoattack"]["accuracy"] > 0.3
-    # the students, 4x smaller, inherit much of the robust teacher's robustness; AutoAttack is below PGD-20
-    for student in STUDENTS:
-        attacks = report(student)
-        assert attacks["clean"]["accuracy"] > 0.85 and attacks["autoattack"]["accuracy"] > 0.15, student
-        assert attacks["autoattack"]["accuracy"] <= attacks["pgd20"]["accuracy"], student
-    worst = lambda run: report(run)["autoattack"]["worst_class_accuracy"]  # noqa: E731
-    assert worst("absld") > worst("rslad")  # class-wise temperatures lift the worst class (AutoAttack: 9 vs 3 %)
-    assert (out / "demo" / "comparison.md").read_text().count("|") > 20
+    assert all(f"student ({s})" in table for s in STUDENTS)
+    assert (out / "natural" / "report.json").is_file() and (out / "demo" / "comparison.md").is_file()
     assert main(["demo", "--out", str(out)]) == 2  # an earlier demo is never replaced silently
+    assert "already exist: the runs of an earlier demo" in capsys.readouterr().err
 
 
 def test_demo_into_a_file_without_its_markers_is_refused_before_anything_trains(tmp_path, capsys):

@@ -5,9 +5,9 @@ its own (or from its own package), never from inside a function, and never from 
 `__init__` (base classes live in their own modules), so no import cycle can come back. Within a
 package the modules form no cycle either. No public name is defined twice for different things.
 
-The README's architecture table is drawn from here: `python tests/test_structure.py README.md`
-rewrites it (the layers below, each package's modules and the first line of its docstring), and a
-test fails when the README's copy differs.
+The docs' architecture table is drawn from here: `python tests/test_structure.py
+docs/explanation/architecture.md` rewrites it (the layers below, each package's modules and the first
+sentence of its docstring), and a test fails when the page's copy differs.
 """
 
 import ast
@@ -203,7 +203,9 @@ def test_no_public_name_is_defined_twice():
     assert not twice, f"defined in more than one module (rename one): {twice}"
 
 
-# --- the README's architecture table, drawn from the layers and the packages' docstrings ---------
+# --- the docs' architecture table, drawn from the layers and the packages' docstrings -----------
+
+ARCHITECTURE = ROOT / "docs" / "explanation" / "architecture.md"
 
 BEGIN, END = "<!-- architecture:begin -->", "<!-- architecture:end -->"
 
@@ -233,20 +235,20 @@ def architecture_table() -> str:
     return "\n".join(rows)
 
 
-def _readme_section(text: str) -> str:
+def _section(text: str) -> str:
     return text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
 
 
-def test_the_readme_architecture_table_is_drawn_from_the_package():
-    text = (ROOT / "README.md").read_text()
-    assert BEGIN in text and END in text, f"README.md needs the lines {BEGIN} and {END}"
-    assert _readme_section(text) == architecture_table(), (
-        "README.md's architecture table is out of date: python tests/test_structure.py README.md"
+def test_the_architecture_table_is_drawn_from_the_package():
+    text = ARCHITECTURE.read_text()
+    assert BEGIN in text and END in text, f"{ARCHITECTURE} needs the lines {BEGIN} and {END}"
+    assert _section(text) == architecture_table(), (
+        f"the architecture table is out of date: python tests/test_structure.py {ARCHITECTURE.relative_to(ROOT)}"
     )
 
 
-if __name__ == "__main__":  # python tests/test_structure.py README.md: rewrite the table
-    readme = Path(sys.argv[1])
-    text = readme.read_text()
+if __name__ == "__main__":  # python tests/test_structure.py docs/explanation/architecture.md: rewrite it
+    page = Path(sys.argv[1])
+    text = page.read_text()
     head, rest = text.split(BEGIN, 1)
-    readme.write_text(f"{head}{BEGIN}\n{architecture_table()}\n{END}{rest.split(END, 1)[1]}")
+    page.write_text(f"{head}{BEGIN}\n{architecture_table()}\n{END}{rest.split(END, 1)[1]}")

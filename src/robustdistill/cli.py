@@ -313,6 +313,8 @@ def _cmd_list(args) -> int:
                 method = METHODS.get(name)
                 teachers = ", ".join(method.teachers) or "-"
                 print(f"  {name:8s} teachers: {teachers:14s} {method.summary}")
+                if args.verbose:
+                    print(f"           {method.paper}")
     return 0
 
 

@@ -45,9 +45,9 @@ class AttackConfig:
     """The inner maximisation used during training (config section `attack`); its eps is the run's
     threat model (`threat`)."""
 
-    eps: float = 8 / 255
-    step_size: float = 2 / 255
-    steps: int = 10
+    eps: float = 8 / 255  # the L-inf budget of the training attack: the run's threat model
+    step_size: float = 2 / 255  # each PGD step
+    steps: int = 10  # PGD steps of the inner maximisation
     start: Literal["auto", "uniform", "gaussian", "none"] = (
         "auto"  # auto: the method's own choice (seed methods: x + 0.001 N(0,1))
     )

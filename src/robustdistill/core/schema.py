@@ -126,6 +126,15 @@ def _named(tp: Any) -> bool:
 def field_comments(cls: type) -> dict[str, str]:
     """The comment after each field of dataclass `cls` in its source (its meaning, as the code gives
     it), by field name; "" for a field without one. Read with `tokenize`, so a `#` in a string is not one."""
+    comments: dict[str, str] = {}
+    for base in reversed(cls.__mro__):  # a field's comment in the class that (re)declares it last
+        if dataclasses.is_dataclass(base) and base is not object:
+            comments.update({k: v for k, v in _own_comments(base).items() if v})
+    return {f.name: comments.get(f.name, "") for f in dataclasses.fields(cls)}
+
+
+def _own_comments(cls: type) -> dict[str, str]:
+    """The comments of the fields `cls`'s own source declares."""
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):
@@ -140,7 +149,7 @@ def field_comments(cls: type) -> dict[str, str]:
             comments[current] = (comments.get(current, "") + " " + token.string.lstrip("#").strip()).strip()
         elif token.type == tokenize.NEWLINE:
             current = None
-    return {f.name: comments.get(f.name, "") for f in dataclasses.fields(cls)}
+    return comments
 
 
 def parse_overrides(items: list[str]) -> list[tuple[list[str], Any]]:

@@ -25,15 +25,15 @@ class EvalConfig:
     eps: Optional[float] = None  # None: the training attack's eps
     step_size: Optional[float] = None  # None: eps / 4 (2/255 at 8/255)
     restarts: int = 1  # random restarts of PGD / CW / transfer; a sample must survive all of them
-    square_queries: int = 5000
+    square_queries: int = 5000  # queries of the standalone Square attack
     surrogate: Optional[str] = None  # transfer attack source (run folder or checkpoint); None: the robust teacher
     surrogate_model: Optional[ModelConfig] = None  # the surrogate's architecture, for a foreign state dict
     checks: bool = True  # run the sanity checks (robustdistill list checks)
     checks_subset: int = 500  # images the extra check attacks use
     large_eps: float = 1.0  # the budget of the large-eps check
-    batch_size: int = 256
+    batch_size: int = 256  # images per attack batch (a rank's block is 4 batches)
     subset: Optional[int] = None  # evaluate on the first N test images
-    seed: int = 0
+    seed: int = 0  # the seed of every random start and of AutoAttack
     fold_batchnorm: bool = True  # PGD / CW steps on the model with batch norm folded into its convolutions
 
     def validate(self) -> None:

@@ -24,7 +24,7 @@ def pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError("plotting needs matplotlib: pip install 'robustdistill[plot]'") from None
+        raise UserError("plotting needs matplotlib (a dependency of robustdistill): pip install matplotlib") from None
     return plt
 
 

@@ -41,20 +41,29 @@ from .rslad import SoftLabelOptions
 
 @METHODS.register("absld")
 class ABSLD(Method):
-    summary = "anti-bias soft label distillation: class-wise temperatures for robust fairness (Zhao et al.)"
+    summary = (
+        "anti-bias soft label distillation: class-wise temperatures for robust fairness (Zhao et al., NeurIPS 2024)"
+    )
+    paper = (
+        "Improving Adversarial Robust Fairness via Anti-Bias Soft Label Distillation. "
+        "Zhao, Wang, Wei; NeurIPS 2024. "
+        "https://arxiv.org/abs/2312.05508"
+    )
 
     @dataclass
     class Options(SoftLabelOptions):  # reduction and adv_weight, as RSLAD, plus the temperatures
         name: str = "absld"
-        adaptive: bool = True
-        init_temperature: float = 1.0
-        temperature_min: float = 0.5
-        temperature_max: float = 5.0
-        rate: float = 0.1
+        adaptive: bool = True  # move the class-wise temperatures every epoch (false: frozen at init_temperature)
+        init_temperature: float = 1.0  # every class's starting temperature
+        temperature_min: float = 0.5  # temperatures are clipped to [temperature_min, temperature_max]
+        temperature_max: float = 5.0  # the upper clip of the class-wise temperatures
+        rate: float = 0.1  # r: each epoch's step of the temperatures against the class-wise risk gap
         rate_decay: float = 0.1  # the rate is multiplied by this at every lr milestone
-        fixed_temperature_adv: Optional[list[float]] = None
-        fixed_temperature_nat: Optional[list[float]] = None
-        shared_temperature_quirk: bool = False
+        fixed_temperature_adv: Optional[list[float]] = (
+            None  # the paper's manual ablation: C fixed temperatures of the adversarial target
+        )
+        fixed_temperature_nat: Optional[list[float]] = None  # the same for the natural target
+        shared_temperature_quirk: bool = False  # the published code: both targets from z / (tau_adv[y] tau_nat[y])
 
         def validate(self):
             super().validate()

@@ -29,12 +29,19 @@ class AdaAD(Method):
     """Adaptive adversarial distillation (Huang et al., CVPR 2023)."""
 
     summary = "adaptive adversarial distillation: match the teacher where they disagree most (Huang et al., CVPR 2023)"
+    paper = (
+        "Boosting Accuracy and Robustness of Student Models via Adaptive Adversarial Distillation. "
+        "Huang et al.; CVPR 2023, pp. 24668-24677. https://openaccess.thecvf.com/content/CVPR2023/html/"
+        "Huang_Boosting_Accuracy_and_Robustness_of_Student_Models_via_Adaptive_Adversarial_CVPR_2023_paper.html"
+    )
 
     @dataclass
     class Options(MethodOptions):
         name: str = "adaad"
         alpha: float = 1.0  # weight of the adversarial term; the clean term gets 1 - alpha
-        reduction: Literal["mean", "batchmean"] = "mean"
+        reduction: Literal["mean", "batchmean"] = (
+            "mean"  # KL reduction: torch's KLDivLoss default (mean over B x C), or batchmean
+        )
 
         def validate(self):
             if not 0 <= self.alpha <= 1:

@@ -37,12 +37,17 @@ class ARD(Method):
     """Adversarially robust distillation (Goldblum et al., AAAI 2020)."""
 
     summary = "adversarially robust distillation (Goldblum et al., AAAI 2020)"
+    paper = (
+        "Adversarially Robust Distillation. "
+        "Goldblum, Fowl, Feizi, Goldstein; AAAI 2020. "
+        "https://arxiv.org/abs/1905.09747"
+    )
 
     @dataclass
     class Options(MethodOptions):
         name: str = "ard"
         alpha: float = 1.0  # weight of the distillation term; the clean CE gets 1 - alpha
-        temperature: float = 30.0
+        temperature: float = 30.0  # the distillation temperature tau (30: the official CIFAR-10 setting)
 
         def validate(self):
             if not 0 <= self.alpha <= 1 or self.temperature <= 0:

@@ -78,6 +78,7 @@ class Context:
 class Method:
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     summary: ClassVar[str] = ""  # one line with the paper, for `robustdistill list methods`
+    paper: ClassVar[str] = ""  # title; authors; venue; link (the docs' methods page, `robustdistill -v list methods`)
     teachers: ClassVar[tuple[str, ...]] = ()
     selection_metric: ClassVar[str] = "robust"
     default_start: ClassVar[Start] = "gaussian"

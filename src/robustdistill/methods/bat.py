@@ -52,6 +52,11 @@ class BAT(Method):
     """Balance adversarial training (Sun et al., AAAI 2023)."""
 
     summary = "boundary-straddling adversarial examples with a uniform-target term (Sun et al., AAAI 2023)"
+    paper = (
+        "Improving Robust Fairness via Balance Adversarial Training. "
+        "Sun et al.; AAAI 2023. "
+        "https://arxiv.org/abs/2209.07534"
+    )
 
     @dataclass
     class Options(MethodOptions):

@@ -66,21 +66,26 @@ class CFA(Method):
     """Class-wise calibrated fair adversarial training (Wei et al., CVPR 2023)."""
 
     summary = "class-wise calibrated budgets, TRADES weights and weight averaging (Wei et al., CVPR 2023)"
+    paper = (
+        "CFA: Class-wise Calibrated Fair Adversarial Training. "
+        "Wei, Wang, Guo, Wang; CVPR 2023. "
+        "https://arxiv.org/abs/2303.14460"
+    )
     selection_metric = "robust_plus_worst"
     validation_attacks = ("clean", ROBUST_ATTACK)
 
     @dataclass
     class Options(MethodOptions):
         name: str = "cfa"
-        base: Literal["trades", "at"] = "trades"
-        beta: float = 6.0
+        base: Literal["trades", "at"] = "trades"  # the adversarial training CFA calibrates: TRADES or PGD-AT
+        beta: float = 6.0  # TRADES' beta before calibration
         ccm: bool = True  # class-wise calibrated margin (eps_c)
         ccr: bool = True  # class-wise calibrated regularisation (beta_c; base trades only)
-        lambda_1: float = 0.5
-        lambda_2: float = 0.5
+        lambda_1: float = 0.5  # CCM: eps_c = (lambda_1 + r_c) eps, from class c's training robust accuracy r_c
+        lambda_2: float = 0.5  # CCR: beta_c = (lambda_2 + r_c) beta
         begin: int = 10  # first (0-based) epoch with calibrated eps_c / beta_c
         fawa: bool = True  # fairness-aware weight averaging (needs a validation every epoch)
-        fawa_decay: float = 0.88
+        fawa_decay: float = 0.88  # FAWA's decay d: average <- d average + (1 - d) student
         fawa_threshold: float = 0.2  # worst-class validation PGD accuracy that lets an epoch enter the average
 
         def validate(self):

@@ -91,29 +91,41 @@ PART_DEFAULTS: dict[str, Any] = {  # what a part is when neither the config nor 
 @dataclass
 class ComposedOptions(MethodOptions):
     name: str = "composed"
-    preset: str = "rslad"
+    preset: str = "rslad"  # fills every part not given: rslad, absld, mtard, bmtard, bmtard_absld, bmtard_absld_tx
     # the parts (None only before `config_upgrade` resolves them from the preset)
-    nat_teacher: Optional[Literal["robust", "clean"]] = None
-    adversarial_target: Optional[Literal["clean", "adversarial"]] = None
-    entropy_balance: Optional[bool] = None
-    adv_temperature: Optional[Literal["fixed", "anti_bias"]] = None
-    nat_temperature: Optional[Literal["fixed", "anti_bias"]] = None
-    weights: Optional[Literal["fixed", "nlb"]] = None
-    attack_loss: Optional[Literal["kl", "ce"]] = None
-    select: Optional[Literal["robust", "robust_plus_worst", "w_robust"]] = None
+    nat_teacher: Optional[Literal["robust", "clean"]] = (
+        None  # the natural term's teacher: robust (RSLAD, ABSLD) or clean (MTARD)
+    )
+    adversarial_target: Optional[Literal["clean", "adversarial"]] = (
+        None  # the adversarial term's teacher input: x (RSLAD) or x_adv (MTARD)
+    )
+    entropy_balance: Optional[bool] = None  # EBB's scalar temperatures T_adv, T_nat (B-MTARD)
+    adv_temperature: Optional[Literal["fixed", "anti_bias"]] = (
+        None  # the adversarial target's class-wise tau: fixed, or ABSLD's anti-bias update
+    )
+    nat_temperature: Optional[Literal["fixed", "anti_bias"]] = None  # the same for the natural target
+    weights: Optional[Literal["fixed", "nlb"]] = None  # the terms' weights: fixed (adv_weight), or NLB's (MTARD)
+    attack_loss: Optional[Literal["kl", "ce"]] = (
+        None  # inner max: KL to the adversarial target (RSLAD), or CE with the label (MTARD)
+    )
+    select: Optional[Literal["robust", "robust_plus_worst", "w_robust"]] = (
+        None  # the validation metric that picks the best checkpoint
+    )
     # the parts' constants (each paper's default)
     adv_weight: float = 5 / 6  # fixed weights: w_adv; w_nat = 1 - w_adv
-    reduction: Literal["elementwise_mean", "batchmean"] = "elementwise_mean"
-    loss_scale: float = 1.0
-    ebb_lr: float = 0.001
-    ebb_min: float = 1.0
-    ebb_max: float = 10.0
-    nlb_lr: float = 0.025
-    anti_bias_rate: float = 0.1
-    anti_bias_init: float = 1.0
-    anti_bias_min: float = 0.5
-    anti_bias_max: float = 5.0
-    rate_decay: float = 0.1
+    reduction: Literal["elementwise_mean", "batchmean"] = (
+        "elementwise_mean"  # KL reduction: the published elementwise mean (divided by C), or batchmean
+    )
+    loss_scale: float = 1.0  # multiplies the loss (10 in B-MTARD's CIFAR-100 scripts)
+    ebb_lr: float = 0.001  # EBB's step per training step
+    ebb_min: float = 1.0  # EBB's temperatures are clipped to [ebb_min, ebb_max]
+    ebb_max: float = 10.0  # the upper clip of EBB's temperatures
+    nlb_lr: float = 0.025  # NLB's step per training step
+    anti_bias_rate: float = 0.1  # ABSLD's rate r: each epoch's step against the class-wise risk gap
+    anti_bias_init: float = 1.0  # the class-wise temperatures' start
+    anti_bias_min: float = 0.5  # the class-wise temperatures are clipped to [anti_bias_min, anti_bias_max]
+    anti_bias_max: float = 5.0  # the upper clip of the class-wise temperatures
+    rate_decay: float = 0.1  # every rate (EBB, NLB, anti-bias) is multiplied by this at each lr milestone
 
     @classmethod
     def config_upgrade(cls, data: dict[str, Any], where: str) -> dict[str, Any]:
@@ -148,6 +160,7 @@ class ComposedOptions(MethodOptions):
 @METHODS.register("composed")
 class Composed(Method):
     summary = "ABSLD's and B-MTARD's parts chosen one by one (presets: the four methods, bmtard_absld[_tx])"
+    paper = "none: this project's combination of the ABSLD and B-MTARD papers' parts"
     Options = ComposedOptions
     teachers = ("robust",)  # and "clean" when nat_teacher is clean (`required_teachers`)
 

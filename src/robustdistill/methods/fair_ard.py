@@ -50,15 +50,20 @@ class FairARD(Method):
     """ARD re-weighted by class vulnerability (Yue et al., NeurIPS 2023)."""
 
     summary = "ARD with classes re-weighted by their robustness degree (Yue et al., NeurIPS 2023)"
+    paper = (
+        "Revisiting Adversarial Robustness Distillation from the Perspective of Robust Fairness. "
+        "Yue, Mou, Wang, Zhao; NeurIPS 2023. "
+        "https://openreview.net/forum?id=ywrPcBEXdC"
+    )
 
     @dataclass
     class Options(MethodOptions):
         name: str = "fair_ard"
-        alpha: float = 1.0
-        temperature: float = 30.0
-        beta: float = 2.0
-        weight_min: float = 5 / 6
-        weight_max: float = 5 / 2
+        alpha: float = 1.0  # weight of the distillation term (ARD's alpha); the clean CE gets 1 - alpha
+        temperature: float = 30.0  # the distillation temperature tau (ARD's)
+        beta: float = 2.0  # how strongly a class's vulnerability raises its weight
+        weight_min: float = 5 / 6  # class weights are clipped to [weight_min, weight_max]
+        weight_max: float = 5 / 2  # the upper clip of the class weights
 
         def validate(self):
             if not 0 <= self.alpha <= 1 or self.temperature <= 0 or self.beta < 0:

@@ -65,20 +65,27 @@ class FRL(Method):
     """Fair robust learning (Xu et al., ICML 2021)."""
 
     summary = "fair robust learning: Lagrange-multiplier class weights (and budgets) on TRADES (Xu et al., ICML 2021)"
+    paper = (
+        "To be Robust or to be Fair: Towards Fairness in Adversarial Training. "
+        "Xu, Liu, Li, Jain, Tang; ICML 2021. "
+        "https://arxiv.org/abs/2010.06121"
+    )
     needs_validation = True
     validation_attacks = ("clean", ROBUST_ATTACK)
 
     @dataclass
     class Options(MethodOptions):
         name: str = "frl"
-        variant: Literal["reweight", "remargin"] = "reweight"
-        beta: float = 1.5
+        variant: Literal["reweight", "remargin"] = (
+            "reweight"  # reweight: class-wise loss weights; remargin: and class-wise budgets
+        )
+        beta: float = 1.5  # TRADES' beta of the underlying loss
         delta: Optional[float] = None  # the fairness bound of both constraints (0.1 reweight, 0.07 remargin)
         rate: float = 0.05  # r, the multipliers' step
         margin_rate: Optional[float] = None  # r2 (0.1 reweight, unused; 0.2 remargin)
         margin_max: Optional[float] = None  # clip of exp(2 lam2) (2.5 reweight; 3 remargin)
         limit: float = 0.5  # the multipliers' sum is scaled back to at most this
-        rate_halving_epochs: int = 40
+        rate_halving_epochs: int = 40  # the multipliers' steps halve every this many epochs
 
         def validate(self):
             if self.beta < 0 or self.rate < 0 or self.limit <= 0 or self.rate_halving_epochs < 1:

@@ -47,12 +47,17 @@ class IAD(Method):
     """Introspective adversarial distillation (Zhu et al., ICLR 2022)."""
 
     summary = "introspective adversarial distillation: trust the teacher where it is right (Zhu et al., ICLR 2022)"
+    paper = (
+        "Reliable Adversarial Distillation with Unreliable Teachers. "
+        "Zhu et al.; ICLR 2022. "
+        "https://arxiv.org/abs/2106.04928"
+    )
 
     @dataclass
     class Options(MethodOptions):
         name: str = "iad"
-        alpha: float = 1.0
-        temperature: float = 1.0
+        alpha: float = 1.0  # weight of the distillation term; the clean CE gets 1 - alpha
+        temperature: float = 1.0  # the distillation temperature tau
         beta: float = 0.1  # the trust's exponent
         begin_epoch: int = 60  # (0-based) first epoch of introspection
 

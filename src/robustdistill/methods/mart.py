@@ -41,11 +41,16 @@ class MART(Method):
     """Misclassification-aware adversarial training (Wang et al., ICLR 2020)."""
 
     summary = "misclassification-aware adversarial training (Wang et al., ICLR 2020)"
+    paper = (
+        "Improving Adversarial Robustness Requires Revisiting Misclassified Examples. "
+        "Wang et al.; ICLR 2020. "
+        "https://openreview.net/forum?id=rklOg6EFwS"
+    )
 
     @dataclass
     class Options(MethodOptions):
         name: str = "mart"
-        beta: float = 6.0
+        beta: float = 6.0  # weight of the misclassification-aware KL term
 
         def validate(self):
             if self.beta < 0:

@@ -38,14 +38,16 @@ from .losses import kl_div, soft_targets
 @dataclass
 class MTARDOptions(MethodOptions):
     name: str = "mtard"
-    ebb: bool = False
-    nlb: bool = True
-    reduction: Literal["elementwise_mean", "batchmean"] = "elementwise_mean"
-    loss_scale: float = 1.0
+    ebb: bool = False  # Entropy-Based Balance of the teachers' temperatures (B-MTARD)
+    nlb: bool = True  # Normalization Loss Balance of the two terms' weights (MTARD)
+    reduction: Literal["elementwise_mean", "batchmean"] = (
+        "elementwise_mean"  # KL reduction: the published elementwise mean (divided by C), or batchmean
+    )
+    loss_scale: float = 1.0  # multiplies the loss (10 in the CIFAR-100 reference scripts)
     temperature_lr: float = 0.001  # eta_tau
     weight_lr: float = 0.025  # eta_w
-    temperature_min: float = 1.0
-    temperature_max: float = 10.0
+    temperature_min: float = 1.0  # EBB's temperatures are clipped to [temperature_min, temperature_max]
+    temperature_max: float = 10.0  # the upper clip of EBB's temperatures
     rate_decay: float = 0.1  # both rates are multiplied by this at every lr milestone
     adversarial_target: Literal["adversarial", "clean"] = "adversarial"  # the robust teacher's input in L_adv
 
@@ -59,6 +61,11 @@ class MTARDOptions(MethodOptions):
 @METHODS.register("mtard")
 class MTARD(Method):
     summary = "multi-teacher adversarial robustness distillation (Zhao et al., ECCV 2022)"
+    paper = (
+        "Enhanced Accuracy and Robustness via Multi-Teacher Adversarial Distillation. "
+        "Zhao et al.; ECCV 2022. "
+        "https://doi.org/10.1007/978-3-031-19772-7_34"
+    )
     Options = MTARDOptions
     teachers = ("robust", "clean")
     selection_metric = "w_robust"
@@ -112,10 +119,14 @@ class MTARD(Method):
 
 @METHODS.register("bmtard")
 class BMTARD(MTARD):
-    summary = "balanced MTARD: entropy-based balance of the teachers' temperatures (Zhao et al.)"
+    summary = "balanced MTARD: entropy-based balance of the teachers' temperatures (Zhao et al., TPAMI 2024)"
+    paper = (
+        "Mitigating Accuracy-Robustness Trade-off via Balanced Multi-Teacher Adversarial Distillation. "
+        "Zhao, Wang, Wei; IEEE TPAMI 2024. https://arxiv.org/abs/2306.16170"
+    )
 
     @dataclass
     class Options(MTARDOptions):
         name: str = "bmtard"
-        ebb: bool = True
+        ebb: bool = True  # Entropy-Based Balance on: B-MTARD
         nlb: bool = True

@@ -10,6 +10,7 @@ from .base import METHODS, Method, MethodOptions
 @METHODS.register("natural")
 class Natural(Method):
     summary = "cross-entropy on clean inputs (the clean teacher)"
+    paper = "none: standard training with the cross-entropy, how clean teachers are trained"
 
     @dataclass
     class Options(MethodOptions):

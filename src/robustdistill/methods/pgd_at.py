@@ -14,6 +14,11 @@ from .base import METHODS, Method, MethodOptions
 @METHODS.register("pgd_at")
 class PGDAT(Method):
     summary = "PGD adversarial training (Madry et al., ICLR 2018)"
+    paper = (
+        "Towards Deep Learning Models Resistant to Adversarial Attacks. "
+        "Madry, Makelov, Schmidt, Tsipras, Vladu; ICLR 2018. "
+        "https://arxiv.org/abs/1706.06083"
+    )
 
     @dataclass
     class Options(MethodOptions):

@@ -30,7 +30,9 @@ from .losses import kl_div, soft_targets
 class SoftLabelOptions(MethodOptions):
     """Options shared by RSLAD and ABSLD."""
 
-    reduction: Literal["elementwise_mean", "batchmean"] = "elementwise_mean"
+    reduction: Literal["elementwise_mean", "batchmean"] = (
+        "elementwise_mean"  # KL reduction: the published elementwise mean (divided by C), or batchmean
+    )
     adv_weight: float = 5 / 6  # weight of the adversarial term; the natural term gets 1 - adv_weight
 
     def validate(self):
@@ -41,12 +43,21 @@ class SoftLabelOptions(MethodOptions):
 @METHODS.register("rslad")
 class RSLAD(Method):
     summary = "robust soft label adversarial distillation (Zi et al., ICCV 2021)"
+    paper = (
+        "Revisiting Adversarial Robustness Distillation: Robust Soft Labels Make Student Better. "
+        "Zi, Zhao, Ma, Jiang; ICCV 2021. "
+        "https://arxiv.org/abs/2108.07969"
+    )
 
     @dataclass
     class Options(SoftLabelOptions):
         name: str = "rslad"
-        attack_loss: Literal["kl", "ce"] = "kl"
-        adversarial_target: Literal["clean", "adversarial"] = "clean"
+        attack_loss: Literal["kl", "ce"] = (
+            "kl"  # inner max: KL to the soft labels (RSLAD), or CE with the hard label (MTARD)
+        )
+        adversarial_target: Literal["clean", "adversarial"] = (
+            "clean"  # the teacher's input for the adversarial target: x (RSLAD) or x_adv (MTARD)
+        )
 
     teachers = ("robust",)
 

@@ -16,11 +16,16 @@ from .base import METHODS, Method, MethodOptions
 @METHODS.register("trades")
 class TRADES(Method):
     summary = "clean CE + beta KL to the adversarial example (Zhang et al., ICML 2019)"
+    paper = (
+        "Theoretically Principled Trade-off between Robustness and Accuracy. "
+        "Zhang et al.; ICML 2019. "
+        "https://arxiv.org/abs/1901.08573"
+    )
 
     @dataclass
     class Options(MethodOptions):
         name: str = "trades"
-        beta: float = 6.0
+        beta: float = 6.0  # weight of the KL term: the robustness-accuracy trade-off
 
         def validate(self):
             if self.beta < 0:

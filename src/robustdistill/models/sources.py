@@ -78,7 +78,7 @@ class TeacherConfig:
 
     path: str = ""  # run folder, checkpoint file, or robustbench:<Name>[@<threat>]
     checkpoint: Literal["best", "last"] = "best"  # which checkpoint of a run folder
-    model: Optional[ModelConfig] = None
+    model: Optional[ModelConfig] = None  # the architecture of a plain state dict (a file of this tool records its own)
     model_dir: Optional[str] = None  # RobustBench's local model directory (default: models)
 
     def validate(self, key: str) -> None:

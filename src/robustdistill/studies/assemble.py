@@ -84,7 +84,7 @@ def write_comparison(
     atomic_write(out / "cells.csv", lambda tmp: Path(tmp).write_text(cells_csv(rows_csv, list(grid.axes))))
     try:
         plot_comparison(document, out)
-    except UserError as exc:  # matplotlib is the `plot` extra
+    except UserError as exc:  # matplotlib missing (a dependency, but an install may lack it)
         log.info("compare: no figures: %s", exc)
     return document
 

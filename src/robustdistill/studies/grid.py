@@ -53,9 +53,9 @@ class SlurmSpec:
     """The grid file's `slurm:` section: what each job asks SLURM for (`compare --executor slurm`;
     `--slurm KEY=VALUE` overrides a key for one submission)."""
 
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    qos: Optional[str] = None
+    partition: Optional[str] = None  # sbatch --partition (null: the cluster's default)
+    account: Optional[str] = None  # sbatch --account
+    qos: Optional[str] = None  # sbatch --qos
     time_min: int = 60  # each job's time limit; a run that reaches it is requeued and resumed (`timeouts`)
     timeouts: int = 3  # how many times a job that reached its time limit is requeued (preemptions: always)
     nodes: int = 1  # > 1: the cell trains through torchrun across the nodes (one process per GPU)

@@ -39,13 +39,15 @@ from ..recipes import recipe, recipe_names
 
 @dataclass
 class TrainConfig:
-    epochs: int = 300
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 2e-4
-    milestones: list[int] = field(default_factory=lambda: [215, 260, 285])
-    lr_gamma: float = 0.1
+    epochs: int = 300  # training epochs
+    batch_size: int = 128  # the global batch (split between the ranks under DDP)
+    lr: float = 0.1  # SGD's learning rate before any decay
+    momentum: float = 0.9  # SGD's momentum
+    weight_decay: float = 2e-4  # SGD's weight decay
+    milestones: list[int] = field(
+        default_factory=lambda: [215, 260, 285]
+    )  # (0-based) epochs from which the lr is multiplied by lr_gamma once more
+    lr_gamma: float = 0.1  # the lr's factor at each milestone
     eval_every: int = 1  # epochs between validation evaluations (model selection)
     eval_subset: Optional[int] = None  # evaluate selection on the first N validation images
     select_metric: Optional[str] = None  # None: the method's own selection metric
@@ -56,7 +58,7 @@ class TrainConfig:
     amp: bool = False  # bf16 autocast (fp32 master weights); on CPU too, where it is mostly slower
     channels_last: bool = True  # student and teachers channels-last (faster on CPU and CUDA: benchmarks/README.md)
     compile: bool = False  # torch.compile the student (training passes and attacks) and the teachers
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # torch.compile's mode
     compile_backend: str = "inductor"  # a torch._dynamo backend ("eager", "aot_eager": for debugging)
     init_from: Optional[str] = (
         None  # start from these weights (run folder, checkpoint or robustbench:<Name>): fine-tuning
@@ -95,15 +97,15 @@ class TrainConfig:
 @dataclass
 class Config:
     name: Optional[str] = None  # run folder name; default: the config file's stem
-    seed: int = 0
-    out_dir: str = "runs"
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    attack: AttackConfig = field(default_factory=AttackConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    method: MethodOptions = field(default_factory=MethodOptions)
-    teachers: dict[str, TeacherConfig] = field(default_factory=dict)
+    seed: int = 0  # the training seed (initial weights, batch order, augmentation, attack starts)
+    out_dir: str = "runs"  # the run folder is out_dir/name
+    data: DataConfig = field(default_factory=DataConfig)  # the dataset and its split
+    model: ModelConfig = field(default_factory=ModelConfig)  # the student
+    attack: AttackConfig = field(default_factory=AttackConfig)  # the training attack (the inner maximisation)
+    train: TrainConfig = field(default_factory=TrainConfig)  # the optimisation and the loop
+    eval: EvalConfig = field(default_factory=EvalConfig)  # the final evaluation
+    method: MethodOptions = field(default_factory=MethodOptions)  # the method and its own options
+    teachers: dict[str, TeacherConfig] = field(default_factory=dict)  # role (robust, clean) -> the teacher
 
     @property
     def run_dir(self) -> Path:
