@@ -129,6 +129,26 @@ def test_a_finished_run_resumed_keeps_its_earlier_report(tmp_path, caplog):
     assert train(cfg, force=True) == run and not (run / "previous").exists()
 
 
+@pytest.mark.slow
+def test_a_finished_run_trained_on_evaluates_its_new_model_afresh_and_keeps_the_old_autoattack_state(tmp_path):
+    cfg = digits_config(
+        tmp_path, "pgd_at", name="longer", train__epochs=1, attack__steps=2, train__select_metric="clean"
+    )
+    cfg.eval.checks, cfg.eval.attacks, cfg.eval.subset = False, ["clean", "autoattack_fast"], 40
+    run = train(cfg)
+    state = run / "autoattack_fast_state.json"
+    first = state.read_text()
+    cfg.train.epochs = 2  # the model changes: the state of its last evaluation no longer applies
+    train(cfg, resume=True)
+    kept = sorted((run / "previous").glob("autoattack_fast_state-*.json"))
+    assert len(kept) == 1 and kept[0].read_text() == first
+    assert json.loads(state.read_text())["key"]["model"] != json.loads(first)["key"]["model"]
+    assert "autoattack_fast" in json.loads((run / "report.json").read_text())["attacks"]
+    train(cfg, resume=True)  # nothing more to train: the evaluation resumes from its own state, nothing moves
+    assert len(list((run / "previous").glob("autoattack_fast_state-*.json"))) == 1
+    assert train(cfg, force=True) == run  # the kept states are the tool's own: --force may replace the folder
+
+
 def _tiny(tmp_path, which, name, **overrides):
     cfg = digits_config(tmp_path, which, name=name, train__epochs=1, attack__steps=2, **overrides)
     cfg.eval.checks, cfg.eval.attacks = False, ["clean"]

@@ -178,7 +178,8 @@ def _load_state(path: Optional[Path], key: dict[str, Any]) -> dict[str, Any]:
     differ = [k for k in key if old.get(k) != key[k]]
     if differ:
         raise UserError(
-            f"{path} was left by a different AutoAttack evaluation (its {', '.join(differ)} differ); "
+            f"{path} was left by a different AutoAttack evaluation (its {', '.join(differ)} "
+            f"{'differs' if len(differ) == 1 else 'differ'}); "
             "use another --out, or delete that file to start over"
         )
     return state

@@ -16,9 +16,7 @@ from typing import Optional
 
 from ..core.errors import UserError
 from .files import INSIDE_LOCK, FolderLock
-from .runs import check_no_links_out, check_writable
-
-AUTOATTACK_STATES = ("autoattack_state.json", "autoattack_fast_state.json")  # what an unfinished evaluation leaves
+from .runs import AUTOATTACK_STATES, check_no_links_out, check_writable
 
 
 class EvalFolder:

@@ -24,6 +24,7 @@ from ..core.errors import CheckpointError, UserError
 from .files import INSIDE_LOCK, atomic_write
 
 CHECKPOINTS = "checkpoints"
+AUTOATTACK_STATES = ("autoattack_state.json", "autoattack_fast_state.json")  # an AutoAttack's resumable progress
 MARKER = ".robustdistill-run"  # written into every run folder this tool creates
 # what the tool itself writes into a run folder (and its eval-* folders): --force deletes only these
 _RUN_FILES = {
@@ -33,8 +34,7 @@ _RUN_FILES = {
     "metrics.jsonl",
     "report.json",
     "report.md",
-    "autoattack_state.json",
-    "autoattack_fast_state.json",
+    *AUTOATTACK_STATES,
 }
 _RUN_DIRS = {
     CHECKPOINTS: {"best.safetensors", "last.safetensors", "average.safetensors", "train_state.pt"},
@@ -44,13 +44,12 @@ _EVAL_FILES = {
     "report.json",
     "report.md",
     "classwise.png",
-    "autoattack_state.json",
-    "autoattack_fast_state.json",
+    *AUTOATTACK_STATES,
     INSIDE_LOCK,
 }
 
 
-PREVIOUS = "previous"  # a resumed run's earlier reports, kept when a new one replaces them
+PREVIOUS = "previous"  # a resumed run's earlier reports (and AutoAttack states), kept when replaced
 
 
 def keep_previous_report(run_dir: Path) -> Optional[Path]:
@@ -76,10 +75,31 @@ def keep_previous_report(run_dir: Path) -> Optional[Path]:
     return target
 
 
+def keep_previous_states(run_dir: Path) -> list[Path]:
+    """Move the AutoAttack states of the run's last evaluation to previous/<name>-<time>.json before
+    the run trains on (they belong to the model it had: its next evaluation starts afresh); returns
+    where they went."""
+    stamp, kept = datetime.datetime.now().strftime("%Y%m%d%H%M%S"), []
+    for name in AUTOATTACK_STATES:
+        old = run_dir / name
+        if not old.is_file():
+            continue
+        folder = run_dir / PREVIOUS
+        folder.mkdir(exist_ok=True)
+        target, k = folder / f"{old.stem}-{stamp}.json", 1
+        while target.exists():
+            k += 1
+            target = folder / f"{old.stem}-{stamp}-{k}.json"
+        os.replace(old, target)
+        kept.append(target)
+    return kept
+
+
 def _ours(folder: str, name: str) -> bool:
     """Whether a file of a run folder's subfolder is one this tool writes there."""
     if folder == PREVIOUS:
-        return name.startswith("report-") and name.endswith((".json", ".md"))
+        kept_state = name.startswith(tuple(Path(s).stem + "-" for s in AUTOATTACK_STATES)) and name.endswith(".json")
+        return kept_state or (name.startswith("report-") and name.endswith((".json", ".md")))
     return name in _RUN_DIRS.get(folder, _EVAL_FILES)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..storage.files import FolderLock, atomic_write
-from ..storage.runs import CHECKPOINTS, MetricsLog, create_run_dir, foreign_entries
+from ..storage.runs import CHECKPOINTS, MetricsLog, create_run_dir, foreign_entries, keep_previous_states
 from .config import Config
 from .preflight import record_changes
 
@@ -26,8 +26,9 @@ def open_folder(
     at: tuple[int, int],
 ) -> FolderLock:
     """Lock and write the run folder (rank 0): a new run's config.yaml, or, for a resume from the
-    checkpoint at `at` = (step, next epoch), the metrics trimmed to that step and the accepted config
-    changes recorded. The lock is held for the group until the run ends: a second `train`,
+    checkpoint at `at` = (step, next epoch), the metrics trimmed to that step, the accepted config
+    changes recorded and, when it trains on, its last evaluation's AutoAttack states moved to
+    previous/. The lock is held for the group until the run ends: a second `train`,
     `--resume` or `--force` of the folder meanwhile is refused in one line."""
     run_dir = cfg.run_dir
     lock = FolderLock(run_dir, "training").acquire()
@@ -40,6 +41,9 @@ def open_folder(
             metrics.trim(step)  # records written after the checkpoint are written again
             if changes:
                 record_changes(run_dir, cfg, changes, epoch)
+            if epoch < cfg.train.epochs:  # the model changes: its last evaluation's AutoAttack states are stale
+                for kept in keep_previous_states(run_dir):
+                    log.info("the AutoAttack state of the run's last evaluation is kept as %s", kept)
     except BaseException:
         lock.release()
         raise
