@@ -304,3 +304,33 @@ def test_a_report_on_fewer_than_three_seeds_says_so_and_a_cell_beaten_beyond_its
     assert "Note: b: pgd20 (20.0 %) is below the interval of autoattack" in text
     group["cells"] = {"a": cell([0, 1, 2], [40.0, 35.0, 45.0], [50.0, 45.0, 55.0])}
     assert "These intervals rest on" not in comparison_markdown(document, Path("grid.yaml"), {0: {"a": 1.0}})
+
+
+def test_the_comparison_names_the_runs_whose_sanity_checks_failed():
+    from robustdistill.studies.assemble import failed_checks
+    from robustdistill.studies.render import checks_summary
+
+    def report(*failed):
+        checks = [{"id": 1, "name": "eps_zero", "status": "passed", "message": "ok"}]
+        checks += [{"id": i, "name": n, "status": "failed", "message": "m; detail"} for i, n in failed]
+        return {"checks": checks}
+
+    reports = {
+        "a__seed0": report(),
+        "a__seed1": report((8, "autoattack_flags")),
+        "b__seed0": report((5, "black_box"), (8, "autoattack_flags")),
+    }
+    checks = failed_checks(reports)
+    assert checks["runs"] == 3 and checks["checked"] == 3
+    assert list(checks["failed"]) == ["5 black_box", "8 autoattack_flags"]
+    assert checks["failed"]["8 autoattack_flags"]["runs"] == ["a__seed1", "b__seed0"]
+    assert checks["failed"]["5 black_box"]["asserts"].startswith("a black-box attack stronger")
+    text = "\n".join(checks_summary(checks))
+    assert "1 of 3 runs passed every sanity check." in text and "may overestimate" in text
+    assert "- check 8 autoattack_flags (AutoAttack's own checks must raise no warning): a__seed1, b__seed0" in text
+    assert checks_summary(failed_checks({"a__seed0": report(), "b__seed0": {"checks": []}})) == [
+        "1 of 2 runs passed every sanity check (1 ran none: eval.checks false)."
+    ]
+    assert checks_summary(failed_checks({"a__seed0": {"checks": []}})) == [
+        "None of the 1 runs ran the sanity checks (eval.checks: false)."
+    ]

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from robustdistill.cli import main
@@ -19,6 +21,7 @@ def test_demo_writes_its_table_into_a_file_and_never_replaces_an_earlier_demo(tm
     for label in ("clean teacher (natural)", "robust teacher (TRADES)", "W-Robust (autoattack)", "NSD (autoattack)"):
         assert label in table
     assert all(f"student ({s})" in table for s in STUDENTS)
+    assert re.search(r"\d of 6 runs passed every sanity check", written)  # a failed check is never hidden
     assert (out / "natural" / "report.json").is_file() and (out / "demo" / "comparison.md").is_file()
     assert main(["demo", "--out", str(out)]) == 2  # an earlier demo is never replaced silently
     assert "already exist: the runs of an earlier demo" in capsys.readouterr().err

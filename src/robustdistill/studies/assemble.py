@@ -22,6 +22,7 @@ import torch
 
 from ..core.errors import UserError
 from ..data import load_dataset, subset_of
+from ..evaluation.checks import CHECKS
 from ..evaluation.metrics import strongest_attack, unpack_verdicts
 from ..evaluation.report import machine, read_report, versions, write_section
 from ..recipes import is_shipped
@@ -75,6 +76,7 @@ def write_comparison(
         "draws": grid.draws,
         "groups": groups_out,
         "failed": failed,
+        "checks": results.checks,
         "published": grid.published,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -99,6 +101,7 @@ class _Results:
         first = reports[done[0].name]
         self.attacks = [a for a in first["attacks"] if all(a in rep["attacks"] for rep in reports.values())]
         self.verdicts = {name: _verdicts(report, self.attacks) for name, report in reports.items()}
+        self.checks = failed_checks(reports)
         # robustness is quoted under the strongest attack: the lowest accuracy over every run
         mean = {a: float(np.mean([v[a].mean() for v in self.verdicts.values()])) for a in self.attacks}
         self.focus = strongest_attack(mean) or self.attacks[0]
@@ -198,6 +201,21 @@ def _difference(d) -> dict[str, Any]:
         "interval": [_number(d.lo), _number(d.hi)],
         "significant": bool(d.significant),
     }
+
+
+def failed_checks(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The sanity checks that failed in the runs' own reports: per check ("<id> <name>"), what it
+    asserts and the runs it failed in; with the number of runs read and of those that ran checks."""
+    failed: dict[str, dict[str, Any]] = {}
+    checked = 0
+    for name, report in reports.items():
+        ran = [c for c in report.get("checks", []) if c.get("status") in ("passed", "failed")]
+        checked += bool(ran)
+        for check in (c for c in ran if c["status"] == "failed"):
+            what = CHECKS.get(check["name"]).asserts if check["name"] in CHECKS.names() else check["name"]
+            failed.setdefault(f"{check['id']} {check['name']}", {"asserts": what, "runs": []})["runs"].append(name)
+    ordered = dict(sorted(failed.items(), key=lambda kv: int(kv[0].split()[0])))
+    return {"runs": len(reports), "checked": checked, "failed": ordered}
 
 
 def _verdicts(report: dict[str, Any], attacks: list[str]) -> dict[str, np.ndarray]:

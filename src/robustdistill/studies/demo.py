@@ -22,6 +22,8 @@ from ..evaluation.report import comparison_table, machine, read_report, setup_li
 from ..recipes import recipe
 from ..training.config import from_dict
 from ..training.loop import train
+from .assemble import failed_checks
+from .render import checks_summary
 
 log = logging.getLogger("robustdistill")
 
@@ -73,7 +75,8 @@ def _train_and_tabulate(runs: dict[str, Path], force: bool, epochs: int | None, 
         log.info("demo: training %s -> %s", label, runs[name])
         run_dir = train(cfg, force=force)
         rows.append((label, read_report(run_dir / "report.json")))
-    table = comparison_table(rows)
+    checks = checks_summary(failed_checks(dict(rows)))
+    table = comparison_table(rows) + "\n\n" + "\n".join(checks)
     heading = "# robustdistill demo on digits (test split, eps = 0.2)\n\n"
     (runs[STUDENTS[0]].parent / "comparison.md").write_text(heading + table + "\n")
     if into is not None:

@@ -38,6 +38,8 @@ def comparison_markdown(document: dict[str, Any], grid_path: Path, seconds: dict
     ]
     for index, group in enumerate(document["groups"]):
         lines += _group_lines(group, document["metrics"], seconds[index])
+    if document.get("checks"):
+        lines += ["", "## Sanity checks", "", *checks_summary(document["checks"])]
     if document["published"]:
         lines += [
             "",
@@ -81,6 +83,22 @@ def _group_lines(group: dict[str, Any], names: list[str], seconds: dict[str, flo
         ]
     lines += [f"\nNote: {note}" for note in group.get("notes", [])]
     return lines
+
+
+def checks_summary(checks: dict[str, Any]) -> list[str]:
+    """The sanity checks of the runs' own evaluations (`failed_checks`): how many runs passed them
+    all, and each check that failed somewhere with its runs (a failure: that run's numbers may
+    overestimate its robustness; its report.md says why)."""
+    failed, runs, checked = checks["failed"], checks["runs"], checks["checked"]
+    if not checked:
+        return [f"None of the {runs} runs ran the sanity checks (eval.checks: false)."]
+    bad = {r for entry in failed.values() for r in entry["runs"]}
+    line = f"{checked - len(bad)} of {runs} runs passed every sanity check"
+    line += f" ({runs - checked} ran none: eval.checks false)." if checked < runs else "."
+    if not failed:
+        return [line]
+    line += " A failed check says that a run's numbers may overestimate its robustness; its report.md says by how much."
+    return [line, "", *[f"- check {c} ({e['asserts']}): {', '.join(sorted(e['runs']))}" for c, e in failed.items()]]
 
 
 def _few_seeds(document: dict[str, Any]) -> list[str]:
