@@ -2,7 +2,7 @@
 repeats) into benchmarks/README.md, each between its own markers, with the command, the commit, the
 machine and the wall time: the README's figures are never typed by hand.
 
-    python -m benchmarks.record                        # every benchmark below, one after another (~45 min, 2 CPU cores)
+    python -m benchmarks.record                        # every benchmark below, one after another (~75 min, 2 CPU cores)
     python -m benchmarks.record --only eval flops      # some of them; the other blocks are kept
     python -m benchmarks.record --outputs DIR --commit "commit abc1234"   # DIR/<key>.txt, written by these commands
 
@@ -16,6 +16,8 @@ Keys and commands:
     epoch               python -m benchmarks.epoch
     eval                python -m benchmarks.eval
     eval_ranks          python -m benchmarks.eval_ranks
+    grid_cost           python -m benchmarks.grid_cost --repeats 1
+    aa_cost             python -m benchmarks.grid_cost --cells rslad absld mtard bmtard --repeats 3
     estimate            python -m benchmarks.estimate
     parallel            python -m benchmarks.parallel
     parallel_active     OMP_WAIT_POLICY=ACTIVE python -m benchmarks.parallel
@@ -51,6 +53,8 @@ COMMANDS = {
     "epoch": "python -m benchmarks.epoch",
     "eval": "python -m benchmarks.eval",
     "eval_ranks": "python -m benchmarks.eval_ranks",
+    "grid_cost": "python -m benchmarks.grid_cost --repeats 1",
+    "aa_cost": "python -m benchmarks.grid_cost --cells rslad absld mtard bmtard --repeats 3",
     "estimate": "python -m benchmarks.estimate",
     "parallel": "python -m benchmarks.parallel",
     "parallel_active": "OMP_WAIT_POLICY=ACTIVE python -m benchmarks.parallel",
