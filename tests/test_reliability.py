@@ -106,7 +106,11 @@ def test_a_run_folder_being_trained_refuses_force_and_resume_until_its_process_e
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # kill -9: the operating system releases the lock
         process.wait()
-    cfg = digits_config(tmp_path, "pgd_at", name="busy", train__epochs=2, attack__steps=2)
+    import torch
+
+    # the killed process may have trained several epochs past its first checkpoint: one more than it did
+    done = torch.load(run / "checkpoints" / "train_state.pt", weights_only=True)["epoch"] + 1
+    cfg = digits_config(tmp_path, "pgd_at", name="busy", train__epochs=done + 1, attack__steps=2)
     cfg.eval.checks = False
     assert train(cfg, resume=True) == run  # resumable now, from its last checkpoint
     assert (run / "report.json").exists()

@@ -62,13 +62,8 @@ def keep_previous_report(run_dir: Path) -> Optional[Path]:
         created = str(json.loads(old.read_text()).get("created", ""))
     except ValueError:
         created = ""
-    stamp = "".join(c for c in created if c.isdigit())[:14] or datetime.datetime.now().strftime("%Y%m%d%H%M%S")
-    folder = run_dir / PREVIOUS
-    folder.mkdir(exist_ok=True)
-    target, k = folder / f"report-{stamp}.json", 1
-    while target.exists():
-        k += 1
-        target = folder / f"report-{stamp}-{k}.json"
+    stamp = "".join(c for c in created if c.isdigit())[:14] or _now()
+    target = _free_previous(run_dir, f"report-{stamp}")
     if (run_dir / "report.md").is_file():
         os.replace(run_dir / "report.md", target.with_suffix(".md"))
     os.replace(old, target)
@@ -79,20 +74,27 @@ def keep_previous_states(run_dir: Path) -> list[Path]:
     """Move the AutoAttack states of the run's last evaluation to previous/<name>-<time>.json before
     the run trains on (they belong to the model it had: its next evaluation starts afresh); returns
     where they went."""
-    stamp, kept = datetime.datetime.now().strftime("%Y%m%d%H%M%S"), []
-    for name in AUTOATTACK_STATES:
-        old = run_dir / name
-        if not old.is_file():
-            continue
-        folder = run_dir / PREVIOUS
-        folder.mkdir(exist_ok=True)
-        target, k = folder / f"{old.stem}-{stamp}.json", 1
-        while target.exists():
-            k += 1
-            target = folder / f"{old.stem}-{stamp}-{k}.json"
-        os.replace(old, target)
-        kept.append(target)
+    kept = []
+    for old in (run_dir / name for name in AUTOATTACK_STATES):
+        if old.is_file():
+            kept.append(_free_previous(run_dir, f"{old.stem}-{_now()}"))
+            os.replace(old, kept[-1])
     return kept
+
+
+def _now() -> str:
+    return datetime.datetime.now().strftime("%Y%m%d%H%M%S")
+
+
+def _free_previous(run_dir: Path, stem: str) -> Path:
+    """previous/<stem>.json in `run_dir` (the folder created), or <stem>-2.json, -3 ... when taken."""
+    folder = run_dir / PREVIOUS
+    folder.mkdir(exist_ok=True)
+    target, k = folder / f"{stem}.json", 1
+    while target.exists():
+        k += 1
+        target = folder / f"{stem}-{k}.json"
+    return target
 
 
 def _ours(folder: str, name: str) -> bool:
