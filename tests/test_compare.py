@@ -304,6 +304,10 @@ def test_a_report_on_fewer_than_three_seeds_says_so_and_a_cell_beaten_beyond_its
     assert "Note: b: pgd20 (20.0 %) is below the interval of autoattack" in text
     group["cells"] = {"a": cell([0, 1, 2], [40.0, 35.0, 45.0], [50.0, 45.0, 55.0])}
     assert "These intervals rest on" not in comparison_markdown(document, Path("grid.yaml"), {0: {"a": 1.0}})
+    document["extra"] = {"30 extra images (arrays, /x.npz), 50 % of every batch": ["a__seed1", "a__seed0"]}
+    assert "Trained with 30 extra images (arrays, /x.npz), 50 % of every batch: a__seed0, a__seed1." in (
+        comparison_markdown(document, Path("grid.yaml"), {0: {"a": 1.0}})
+    )
 
 
 def test_the_comparison_names_the_runs_whose_sanity_checks_failed():

@@ -124,7 +124,7 @@ def evaluate(
         eval_cfg = eval_config(recorded.eval, list(overrides or []))
         settings = eval_cfg.resolve(recorded.threat)
         source = recorded.source or resolve_model_source(target, which, data_cfg.name, model_dir)
-        dataset = load_dataset(data_cfg, resolve_device(device, dist, "device"))
+        dataset = load_dataset(data_cfg, resolve_device(device, dist, "device"), extra=False)
         spec = ModelSpec(model, dataset.num_classes, dataset.channels) if model is not None else None
         with intra_op_threads(recorded.threads):  # a run's own thread count, as its final report used
             return evaluate_source(

@@ -185,6 +185,7 @@ EVAL_FLAGS = {
     "subset": "eval.subset",
     "batch_size": "eval.batch_size",
     "seed": "eval.seed",
+    "corruptions": "eval.corruptions",
 }
 
 
@@ -379,6 +380,9 @@ def _add_eval(sub) -> None:
         "--surrogate-model", help="the surrogate's architecture name, for a foreign state dict (e.g. wrn34_10)"
     )
     p.add_argument("--subset", type=int, help="evaluate on the first N images only")
+    p.add_argument(
+        "--corruptions", help="a CIFAR-10-C style folder (labels.npy, <corruption>.npy): accuracy per corruption"
+    )
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--no-checks", action="store_true", help="skip the sanity checks")

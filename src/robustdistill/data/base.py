@@ -9,15 +9,16 @@ stratified, as a pure function of `data.split_seed`, so model selection never se
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core.errors import ConfigError, require
+from ..core.errors import ConfigError, DataError, require
 from ..core.registry import Registry
 from ..core.schema import SEED_LIMIT
 
@@ -38,6 +39,9 @@ class DataConfig:
     flip: bool = True  # random horizontal flip
     cache: bool = True  # keep decoded images of JPEG datasets (Tiny-ImageNet) as one tensor file
     cache_dir: Optional[str] = None  # where (default: <root>/.robustdistill-cache)
+    layout: Optional[Literal["NHWC", "NCHW"]] = None  # arrays: the images' axes (None: inferred from the shape)
+    class_names: Optional[list[str]] = None  # arrays: the classes' names (None: "0" .. the largest label)
+    extra: Optional[ExtraData] = None  # extra training images (e.g. generated ones) mixed into every batch
 
     def validate(self) -> None:
         DATASETS.get(self.name)
@@ -48,6 +52,26 @@ class DataConfig:
         require(self.train_subset is None or self.train_subset > 0, "data.train_subset", "must be > 0")
         require(self.imbalance is None or self.imbalance >= 1, "data.imbalance", "must be >= 1 (largest / smallest)")
         require(0 <= self.split_seed < SEED_LIMIT, "data.split_seed", "must be an integer in [0, 2**32)")
+        require(self.layout in (None, "NHWC", "NCHW"), "data.layout", "must be NHWC or NCHW")
+        if self.class_names is not None:
+            names = self.class_names
+            require(len(names) >= 2, "data.class_names", "must name at least two classes")
+            require(len(set(map(str, names))) == len(names), "data.class_names", "names a class twice")
+        if self.extra is not None:
+            self.extra.validate()
+
+
+@dataclass
+class ExtraData:
+    """Extra training images, read by any data section, each training batch `fraction` of them."""
+
+    source: DataConfig = field(default_factory=lambda: DataConfig(name="arrays"))  # where they are: a data section
+    fraction: float = 0.5  # share of every training batch (0.7 in the generated-data papers)
+
+    def validate(self) -> None:
+        require(0.0 <= self.fraction < 1.0, "data.extra.fraction", "must be in [0, 1)")
+        require(self.source.extra is None, "data.extra.source.extra", "must be empty: extra data has no extra data")
+        self.source.validate()
 
 
 @dataclass
@@ -81,11 +105,13 @@ def subset_of(split: Split, n: Optional[int], what: str, key: str) -> Split:
 
 @dataclass
 class Source:
-    """What a reader returns: the training pool, the official test split if there is one."""
+    """What a reader returns: the training pool, the official test split if there is one, and a
+    validation split when the data comes with one (otherwise it is held out of the pool)."""
 
     train: Split
     test: Optional[Split]
     class_names: list[str]
+    val: Optional[Split] = None
 
 
 @dataclass
@@ -97,6 +123,9 @@ class Dataset:
     test: Split
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
+    extra: Optional[Split] = None  # extra training images (data.extra), mixed into the training batches
+    extra_fraction: float = 0.0
+    extra_info: Optional[dict] = None  # what the reports say of data.extra (source, root, fraction, images)
 
     @property
     def num_classes(self) -> int:
@@ -110,15 +139,8 @@ class Dataset:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
 
     def to(self, device) -> Dataset:
-        return Dataset(
-            self.name,
-            self.class_names,
-            self.train.to(device),
-            self.val.to(device),
-            self.test.to(device),
-            self.mean,
-            self.std,
-        )
+        moved = {k: getattr(self, k).to(device) for k in ("train", "val", "test")}
+        return dataclasses.replace(self, **moved, extra=None if self.extra is None else self.extra.to(device))
 
 
 def stratified_split(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,15 +183,19 @@ def _resize(split: Split, size: int) -> Split:
     return Split(x.clamp_(0.0, 1.0), split.y)
 
 
-def load_dataset(cfg, device: torch.device | str = "cpu") -> Dataset:
-    """Read dataset `cfg.name` (a `DataConfig`), split it, and put it on `device`."""
+def load_dataset(cfg, device: torch.device | str = "cpu", extra: bool = True) -> Dataset:
+    """Read dataset `cfg.name` (a `DataConfig`), split it, and put it on `device`; `extra=False`
+    leaves `data.extra`'s images unread (an evaluation does not need them; its report still names them)."""
     source: Source = DATASETS.get(cfg.name)(cfg)
     pool, test = source.train, source.test
     if test is None:
         keep, held = stratified_split(pool.y, cfg.test_fraction, cfg.split_seed)
         pool, test = pool.take(keep), pool.take(held)
-    keep, held = stratified_split(pool.y, cfg.val_fraction, cfg.split_seed + 1)
-    train, val = pool.take(keep), pool.take(held)
+    if source.val is not None:
+        train, val = pool, source.val
+    else:
+        keep, held = stratified_split(pool.y, cfg.val_fraction, cfg.split_seed + 1)
+        train, val = pool.take(keep), pool.take(held)
     if cfg.imbalance is not None:  # the training pool only: validation and test keep every class whole
         train = train.take(long_tailed(train.y, cfg.imbalance, cfg.split_seed + 2))
     if cfg.train_subset is not None and cfg.train_subset < len(train):
@@ -180,5 +206,37 @@ def load_dataset(cfg, device: torch.device | str = "cpu") -> Dataset:
     images = train.images()
     mean = images.mean(dim=(0, 2, 3)).tolist()
     std = images.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
-    dataset = Dataset(cfg.name, source.class_names, train, val, test, mean, std)
+    mixed = cfg.extra is not None and cfg.extra.fraction > 0
+    added = _extra(cfg, train, source.class_names) if mixed and extra else None
+    info = None
+    if mixed:
+        info = {"source": cfg.extra.source.name, "root": cfg.extra.source.root, "fraction": cfg.extra.fraction}
+        info |= {"images": len(added)} if added is not None else {}
+    fraction = cfg.extra.fraction if added is not None else 0.0
+    dataset = Dataset(cfg.name, source.class_names, train, val, test, mean, std, added, fraction, info)
     return dataset.to(device)
+
+
+def _extra(cfg, train: Split, class_names: list[str]) -> Split:
+    """The training images of `data.extra.source` (its test and validation splits unused), resized
+    with the original ones; refused when their shape or classes are not the original data's."""
+    source: Source = DATASETS.get(cfg.extra.source.name)(cfg.extra.source)
+    extra = source.train
+    for size in (cfg.extra.source.image_size, cfg.image_size):  # its own resize, then the original data's
+        if size is not None:
+            extra = _resize(extra, size)
+    if len(extra) == 0:
+        raise DataError(f"data.extra ({cfg.extra.source.name}) holds no training images")
+    if extra.x.shape[1:] != train.x.shape[1:]:
+        raise DataError(
+            f"data.extra holds images of shape {tuple(extra.x.shape[1:])}, the training data "
+            f"{tuple(train.x.shape[1:])}: give data.extra.source.image_size, or convert them"
+        )
+    names = source.class_names
+    numbered = names == [str(c) for c in range(len(names))]  # a reader that knows no names
+    if len(names) > len(class_names) or not (numbered or names == class_names):
+        raise DataError(
+            f"data.extra's classes ({', '.join(names[:12])}) are not the training data's "
+            f"({', '.join(class_names[:12])})"
+        )
+    return extra

@@ -48,6 +48,13 @@ class BatchLoader:
     `batch_size` is the global batch; with `world_size` ranks each yields batch_size/world_size.
     Training loaders (`shuffle=True`) drop the last incomplete global batch so that every rank
     does the same number of steps; evaluation loaders keep every sample exactly once.
+
+    With `extra` (a second split, e.g. generated images) and `fraction`, every training batch is
+    round(fraction * batch_size) extra images and the rest original ones, the original ones first;
+    an epoch is one pass over the original split, and the extra images of each epoch are a fresh
+    permutation of the extra split (several, back to back, when one is not enough). Both streams
+    are sharded across the ranks as the original one alone is, so a global batch holds the same
+    images on any number of ranks.
     """
 
     def __init__(
@@ -60,6 +67,8 @@ class BatchLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        extra: Optional[Split] = None,
+        fraction: float = 0.0,
     ):
         self.split = split
         self.shuffle = shuffle
@@ -69,6 +78,12 @@ class BatchLoader:
         self.world_size = world_size
         self.local_batch = max(1, batch_size // world_size)
         self.epoch = 0
+        self.extra = extra if extra is not None and fraction > 0 else None
+        self.local_extra = 0  # of local_batch, the extra images
+        if self.extra is not None:
+            assert shuffle, "extra images mix into training batches only"
+            self.local_extra = round(fraction * batch_size) // world_size
+        self.local_original = self.local_batch - self.local_extra
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -78,25 +93,51 @@ class BatchLoader:
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(n, generator=g)
-            usable = (n // (self.local_batch * self.world_size)) * self.local_batch * self.world_size
+            usable = (n // (self.local_original * self.world_size)) * self.local_original * self.world_size
             order = order[: max(usable, 0)]
         else:
             order = torch.arange(n)
         return order[self.rank :: self.world_size]
 
+    def _extra_indices(self, steps: int) -> torch.Tensor:
+        """This rank's extra images of the epoch: `steps` batches' worth of back-to-back permutations."""
+        need, n = steps * self.local_extra * self.world_size, len(self.extra)
+        parts, k = [], 0
+        while sum(len(p) for p in parts) < need:
+            k += 1
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 1_000_003 * k)
+            parts.append(torch.randperm(n, generator=g))
+        order = torch.cat(parts)[:need] if parts else torch.zeros(0, dtype=torch.long)
+        return order[self.rank :: self.world_size]
+
     def __len__(self) -> int:
         n = len(self._indices())
-        return n // self.local_batch if self.shuffle else math.ceil(n / self.local_batch)
+        return n // self.local_original if self.shuffle else math.ceil(n / self.local_batch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        index = self._indices().to(self.split.y.device)
+        device = self.split.y.device
+        index = self._indices().to(device)
         generator = None
         if self.augment is not None:
-            generator = torch.Generator(device=self.split.y.device)
+            generator = torch.Generator(device=device)
             generator.manual_seed(self.seed * 100_003 + self.epoch + 7919 * (self.rank + 1))
+        if self.extra is not None:
+            yield from self._mixed(index, generator)
+            return
         for start in range(0, len(index), self.local_batch):
             batch = index[start : start + self.local_batch]
             x = self.split.images(batch)
             if self.augment is not None:
                 x = self.augment(x, generator)
             yield x, self.split.y[batch]
+
+    def _mixed(self, index: torch.Tensor, generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        steps, original, added = len(self), self.local_original, self.local_extra
+        extra = self._extra_indices(steps).to(self.extra.y.device)
+        for step in range(steps):
+            mine = index[step * original : (step + 1) * original]
+            theirs = extra[step * added : (step + 1) * added]
+            x = torch.cat([self.split.images(mine), self.extra.images(theirs).to(index.device)])
+            if self.augment is not None:
+                x = self.augment(x, generator)
+            yield x, torch.cat([self.split.y[mine], self.extra.y[theirs].to(index.device)])

@@ -19,11 +19,12 @@ from ..storage.files import atomic_write
 from .base import DATASETS, Source, Split
 
 
-def _root(cfg, layout: str) -> Path:
+def _root(cfg, layout: str, file_ok: bool = False) -> Path:
+    """`data.root`, which must exist: a folder holding `layout` (or, with `file_ok`, a file)."""
     if not cfg.root:
         raise DataError(f"dataset '{cfg.name}' needs data.root: a local folder holding {layout}")
     root = Path(cfg.root).expanduser()
-    if not root.is_dir():
+    if not (root.exists() if file_ok else root.is_dir()):
         raise DataError(f"data.root {root} does not exist; it should hold {layout}")
     return root
 
@@ -158,9 +159,10 @@ def _files_digest(folder: Path, paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def _cached_splits(cfg, root: Path, name: str, digest: str, decode) -> tuple[Split, Split]:
-    """(train, test) decoded once and then read from `<cache_dir>/<name>-<digest>.pt`; a cache that
-    cannot be written (a read-only data folder) is skipped with a warning, never an error."""
+def _cached_splits(cfg, root: Path, name: str, digest: str, decode) -> dict[str, Split]:
+    """The splits `decode()` returns ({"train": ..., "test": ...}), decoded once and then read from
+    `<cache_dir>/<name>-<digest>.pt`; a cache that cannot be written (a read-only data folder) is
+    skipped with a warning, never an error."""
     if not cfg.cache:
         return decode()
     folder = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else root / ".robustdistill-cache"
@@ -168,17 +170,17 @@ def _cached_splits(cfg, root: Path, name: str, digest: str, decode) -> tuple[Spl
     if path.is_file():
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
-            return Split(raw["train_x"], raw["train_y"]), Split(raw["test_x"], raw["test_y"])
+            return {k[:-2]: Split(raw[k], raw[k[:-2] + "_y"]) for k in raw if k.endswith("_x")}
         except Exception as exc:  # a damaged cache is decoded again and replaced
             log.warning("ignoring the unreadable cache %s (%s)", path, exc)
-    train, test = decode()
-    raw = {"train_x": train.x, "train_y": train.y, "test_x": test.x, "test_y": test.y}
+    splits = decode()
+    raw = {f"{k}_{part}": getattr(s, part) for k, s in splits.items() for part in ("x", "y")}
     try:
         atomic_write(path, lambda tmp: torch.save(raw, tmp))
         log.info("decoded %s once; cached as %s", name, path)
     except OSError as exc:
         log.warning("could not write the decoded-image cache %s (%s); set data.cache_dir", path, exc)
-    return train, test
+    return splits
 
 
 def _read_images(paths: list[Path]) -> torch.Tensor:
@@ -220,10 +222,10 @@ def tinyimagenet(cfg) -> Source:
             words[wnid] = text.split(",")[0].strip()
     names = [words.get(w, w) for w in wnids]
 
-    def decode() -> tuple[Split, Split]:
+    def decode() -> dict[str, Split]:
         train = Split(_read_images(train_paths), torch.tensor(train_labels, dtype=torch.int64))
-        return train, Split(_read_images(val_paths), torch.tensor(val_labels, dtype=torch.int64))
+        return {"train": train, "test": Split(_read_images(val_paths), torch.tensor(val_labels, dtype=torch.int64))}
 
     listing = [folder / "wnids.txt", folder / "val" / "val_annotations.txt", *train_paths, *val_paths]
-    train, test = _cached_splits(cfg, root, "tinyimagenet", _files_digest(folder, listing), decode)
-    return Source(train, test, names)
+    splits = _cached_splits(cfg, root, "tinyimagenet", _files_digest(folder, listing), decode)
+    return Source(splits["train"], splits["test"], names)

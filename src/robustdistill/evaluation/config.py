@@ -35,6 +35,7 @@ class EvalConfig:
     subset: Optional[int] = None  # evaluate on the first N test images
     seed: int = 0  # the seed of every random start and of AutoAttack
     fold_batchnorm: bool = True  # PGD / CW steps on the model with batch norm folded into its convolutions
+    corruptions: Optional[str] = None  # a CIFAR-10-C style folder (labels.npy, <corruption>.npy): accuracy on each
 
     def validate(self) -> None:
         require(bool(self.attacks), "eval.attacks", "must name at least one attack (e.g. [clean, pgd20])")

@@ -24,6 +24,7 @@ from ..data import Dataset, subset_of
 from ..models import ModelSpec
 from ..models.sources import ModelSource, TeacherConfig, load_source, load_teacher
 from .config import EvalConfig
+from .corruptions import corruption_accuracy, corruption_files
 from .report import build_report
 from .suite import evaluate_model
 
@@ -54,6 +55,8 @@ def evaluate_source(
     `state_dir`: where AutoAttack keeps its resumable state."""
     dist = dist or DistInfo()
     device = dataset.test.y.device
+    if eval_cfg.corruptions is not None:
+        corruption_files(Path(eval_cfg.corruptions))  # a missing folder is said before any attack runs
     model, spec = load_source(source, dataset, spec)
     _check_finite(model, source)
     model = model.to(device).to(memory_format=memory_format)
@@ -72,6 +75,11 @@ def evaluate_source(
         surrogate=surrogate,
         state_dir=state_dir,
     )
+    if eval_cfg.corruptions is not None:  # every rank predicts every image: no attack, a small cost
+        shape = tuple(chosen.x.shape[1:])
+        summary["corruptions"] = corruption_accuracy(
+            model.eval(), Path(eval_cfg.corruptions), dataset.num_classes, shape, settings.batch_size
+        )
     return build_report(summary, spec, source.checkpoint, dataset, split, len(chosen), settings.seed)
 
 

@@ -8,7 +8,10 @@ report.json schema (version 1):
     threads: intra-op CPU threads of the evaluating process (on CPU the attacks' float rounding, so a
              verdict at the edge, can depend on it)
     model: ModelSpec of the evaluated model;  checkpoint: path
-    data: {name, split, num_samples, class_names}
+    data: {name, split, num_samples, class_names, train_class_counts, extra (when the model was trained
+           with data.extra: {source, root, fraction, images (when they were read)})}
+    corruptions (with eval.corruptions): {folder, images, accuracy: {corruption: [severity 1..5]}, mean,
+           class_accuracy}
     seed: int
     settings: {common: {eps, step_size, restarts, square_queries, batch_size, seed, checks,
                checks_subset, large_eps, fold_batchnorm}, <attack>: {its own settings, label}}
@@ -46,6 +49,7 @@ import torch
 from ..core import __version__
 from ..core.errors import UserError
 from ..storage.files import atomic_write
+from .corruptions import corruption_table
 from .metrics import strongest_attack, unpack_verdicts
 
 SCHEMA_VERSION = 1
@@ -67,6 +71,7 @@ def build_report(summary: dict[str, Any], spec, checkpoint, dataset, split: str,
             "num_samples": n,
             "class_names": dataset.class_names,
             "train_class_counts": torch.bincount(dataset.train.y.cpu(), minlength=dataset.num_classes).tolist(),
+            **({"extra": dataset.extra_info} if dataset.extra_info else {}),
         },
         "seed": seed,
         **summary,
@@ -263,6 +268,17 @@ def comparison_table(named_reports: list[tuple[str, dict[str, Any]]], robust: Op
     return "\n".join([markdown_table(header, rows), *notes])
 
 
+def extra_description(extra: dict[str, Any]) -> str:
+    """`data.extra` as a report names it: "1797 extra images (arrays, /data/x.npz), 50 % of every batch"."""
+    images = f"{extra['images']} " if "images" in extra else ""
+    share = f"{100 * extra['fraction']:.0f} %"
+    return f"{images}extra images ({extra['source']}, {extra['root']}), {share} of every batch"
+
+
+def _extra_line(extra: Optional[dict[str, Any]]) -> list[str]:
+    return [f"- trained with {extra_description(extra)}"] if extra else []
+
+
 def to_markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
     data = report.get("data", {})
     parts = [
@@ -272,6 +288,7 @@ def to_markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
         f"- data: {data.get('name', '?')} / {data.get('split', '?')} ({data.get('num_samples', '?')} images), "
         f"seed {report.get('seed')}",
         f"- eps: {report['settings']['common']['eps']:.6g}, created {report.get('created')}",
+        *_extra_line(data.get("extra")),
         "",
         attack_table(report),
         "",
@@ -285,6 +302,8 @@ def to_markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
             f"({', '.join(report['robust_to_all']['attacks'])}).",
             "",
         ]
+    if report.get("corruptions"):
+        parts += [*corruption_table(report["corruptions"]), ""]
     if report.get("notes"):
         parts += ["## Notes", "", *[f"- {n}" for n in report["notes"]], ""]
     if not report.get("checks") and not report.get("settings", {}).get("common", {}).get("checks", True):

@@ -24,7 +24,7 @@ from ..core.errors import UserError
 from ..data import load_dataset, subset_of
 from ..evaluation.checks import CHECKS
 from ..evaluation.metrics import strongest_attack, unpack_verdicts
-from ..evaluation.report import machine, read_report, versions, write_section
+from ..evaluation.report import extra_description, machine, read_report, versions, write_section
 from ..recipes import is_shipped
 from ..storage.files import atomic_write
 from ..storage.runs import read_metrics
@@ -77,6 +77,7 @@ def write_comparison(
         "groups": groups_out,
         "failed": failed,
         "checks": results.checks,
+        "extra": results.extra,
         "published": grid.published,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -102,6 +103,11 @@ class _Results:
         self.attacks = [a for a in first["attacks"] if all(a in rep["attacks"] for rep in reports.values())]
         self.verdicts = {name: _verdicts(report, self.attacks) for name, report in reports.items()}
         self.checks = failed_checks(reports)
+        # extra training data (data.extra) as the runs' reports name it: {description: runs}
+        self.extra: dict[str, list[str]] = {}
+        for name, report in reports.items():
+            if report["data"].get("extra"):
+                self.extra.setdefault(extra_description(report["data"]["extra"]), []).append(name)
         # robustness is quoted under the strongest attack: the lowest accuracy over every run
         mean = {a: float(np.mean([v[a].mean() for v in self.verdicts.values()])) for a in self.attacks}
         self.focus = strongest_attack(mean) or self.attacks[0]
@@ -118,7 +124,7 @@ class _Results:
         """The dataset and the labels of the test images a run was evaluated on."""
         key = f"{run.cfg.data}|{run.cfg.eval.subset}"
         if key not in self._loaded:
-            dataset = load_dataset(run.cfg.data)
+            dataset = load_dataset(run.cfg.data, extra=False)
             labels = subset_of(dataset.test, run.cfg.eval.subset, "the test split", "eval.subset").y.numpy()
             self._loaded[key] = dataset, labels
         return self._loaded[key]

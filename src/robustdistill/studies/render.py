@@ -35,6 +35,7 @@ def comparison_markdown(document: dict[str, Any], grid_path: Path, seconds: dict
         "",
         "Each cell: mean over seeds [95 % interval]. " + document["intervals"],
         *_few_seeds(document),
+        *[f"Trained with {what}: {', '.join(sorted(runs))}." for what, runs in document.get("extra", {}).items()],
     ]
     for index, group in enumerate(document["groups"]):
         lines += _group_lines(group, document["metrics"], seconds[index])

@@ -146,7 +146,17 @@ def build_loader(cfg: Config, dataset: Dataset, dist: DistInfo) -> BatchLoader:
         seed=cfg.seed,
         rank=dist.rank,
         world_size=dist.world_size,
+        extra=dataset.extra,
+        fraction=dataset.extra_fraction,
     )
+    if dataset.extra is not None:
+        added = round(dataset.extra_fraction * cfg.train.batch_size)
+        if not 0 < added < cfg.train.batch_size or added % dist.world_size or cfg.train.batch_size % dist.world_size:
+            raise ConfigError(
+                f"data.extra.fraction={dataset.extra_fraction} of train.batch_size={cfg.train.batch_size} is {added} "
+                f"extra images a batch: it must leave both kinds in every batch, split evenly over the "
+                f"{dist.world_size} process(es)"
+            )
     if len(loader) == 0:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} is larger than the training split ({len(dataset.train)} images)"

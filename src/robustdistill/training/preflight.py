@@ -15,6 +15,7 @@ from typing import Any
 from ..attacks import needs_surrogate
 from ..core.errors import CheckpointError, ConfigError
 from ..data import Dataset
+from ..evaluation.corruptions import corruption_files
 from ..evaluation.report import now
 from ..methods import METHODS
 from ..models import Classifier, ModelSpec
@@ -49,6 +50,8 @@ def preflight(cfg: Config, force: bool, resume: bool, check_folder: bool = True)
         raise ConfigError(
             "eval.attacks has transfer: set eval.surrogate to a run folder or checkpoint (no robust teacher to use)"
         )
+    if cfg.eval.corruptions is not None:  # said now, not after the training
+        corruption_files(Path(cfg.eval.corruptions))
     if cfg.train.select_on == "val" and cfg.data.val_fraction <= 0:
         raise ConfigError("train.select_on=val needs data.val_fraction > 0 (a validation split)")
     if check_folder:
