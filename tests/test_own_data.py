@@ -360,3 +360,18 @@ def test_a_digits_run_with_noisy_copies_mixed_into_every_batch(tmp_path):
     # an epoch is one pass over the original images, half a batch each step
     assert "trained with 1797 extra images (arrays, " in (run / "report.md").read_text()
     assert epochs[0]["step"] == len(load_dataset(cfg.data, extra=False).train) // (cfg.train.batch_size // 2)
+
+
+def test_a_validation_split_of_its_own_needs_no_val_fraction(tmp_path):
+    from robustdistill.core.errors import ConfigError
+    from robustdistill.training.preflight import preflight
+
+    for split in ("train", "val", "test"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("L", (4, 4), 9).save(tmp_path / split / c / "0.png")
+    cfg = digits_config(tmp_path, "pgd_at", data__name="folder", data__root=str(tmp_path), data__val_fraction=0.0)
+    assert preflight(cfg, force=False, resume=False, check_folder=False) == {}  # val/ is the validation split
+    cfg.data.root = str(tmp_path / "train")  # one tree: the validation split must be held out
+    with pytest.raises(ConfigError, match="needs data.val_fraction > 0"):
+        preflight(cfg, force=False, resume=False, check_folder=False)

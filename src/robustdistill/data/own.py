@@ -40,6 +40,19 @@ FOLDER_LAYOUT = "train/<class>/<images> and test/<class>/<images> (optionally va
 IMAGE_KEYS, LABEL_KEYS = ("image", "images", "x"), ("label", "labels", "y")
 
 
+def has_own_validation(cfg) -> bool:
+    """Whether `cfg` (a data section) reads a validation split of its own (a folder's val/, an
+    array folder's val.npz or val_images.npy), so that `data.val_fraction` is not used."""
+    root = Path(cfg.root).expanduser() if cfg.root else None
+    if root is None or not root.is_dir():
+        return False
+    if cfg.name == "folder":
+        return (root / "val").is_dir() and (root / "train").is_dir()
+    if cfg.name == "arrays":
+        return (root / "val.npz").is_file() or (root / "val_images.npy").is_file()
+    return False
+
+
 # ----------------------------------------------------------------------------------- image folders
 
 

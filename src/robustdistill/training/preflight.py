@@ -15,6 +15,7 @@ from typing import Any
 from ..attacks import needs_surrogate
 from ..core.errors import CheckpointError, ConfigError
 from ..data import Dataset
+from ..data.own import has_own_validation
 from ..evaluation.corruptions import corruption_files
 from ..evaluation.report import now
 from ..methods import METHODS
@@ -52,7 +53,7 @@ def preflight(cfg: Config, force: bool, resume: bool, check_folder: bool = True)
         )
     if cfg.eval.corruptions is not None:  # said now, not after the training
         corruption_files(Path(cfg.eval.corruptions))
-    if cfg.train.select_on == "val" and cfg.data.val_fraction <= 0:
+    if cfg.train.select_on == "val" and cfg.data.val_fraction <= 0 and not has_own_validation(cfg.data):
         raise ConfigError("train.select_on=val needs data.val_fraction > 0 (a validation split)")
     if check_folder:
         check_run_dir(cfg.run_dir, force, resume)
