@@ -64,7 +64,7 @@ def test_any_named_section_may_be_given_by_its_name(tmp_path):
         (["train.epochs=five"], "train.epochs must be an integer"),
         (["train.epochs=0"], "train.epochs must be >= 1"),
         (["train.select_on=test2"], "train.select_on must be one of val, test"),
-        (["data.name=imagenet"], "unknown dataset 'imagenet'; available: cifar10, cifar100, digits"),
+        (["data.name=imagenet"], "unknown dataset 'imagenet'; available: arrays, cifar10, cifar100, digits, folder"),
         (["model.name=vgg"], "unknown model 'vgg'"),
         (["method.name=foo"], "unknown method 'foo'; available:"),
         (["model.kwargs.depth=10"], "model.kwargs.depth is not an option of model 'resnet18'"),
