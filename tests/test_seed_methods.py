@@ -52,6 +52,24 @@ def test_classwise_update_by_hand():
     assert t.risk.tolist() == [0.0, 0.0, 0.0]  # statistics restart every epoch
 
 
+def test_classwise_mean_risk_ranks_a_small_badly_fitted_class_hard_where_the_sum_calls_it_easy():
+    losses, y = torch.tensor([1.0, 1.0, 1.0, 2.0, 1.5]), torch.tensor([0, 0, 0, 1, 2])
+    summed, mean = ClassWiseTemperature(3), ClassWiseTemperature(3, mean=True)
+    for t in (summed, mean):
+        t.accumulate(losses, y)
+        t.update(rate=0.1)
+    # sums [3, 2, 1.5]: g = [0.83, -0.17, -0.67]; means [1, 2, 1.5]: g = [-0.5, 0.5, 0]
+    assert summed.tau.tolist() == pytest.approx([0.9, 1.02, 1.08])
+    assert mean.tau.tolist() == pytest.approx([1.1, 0.9, 1.0])
+    assert mean.count.tolist() == [0.0, 0.0, 0.0] and "count" in mean.state_dict()
+    assert "count" not in summed.state_dict()  # the paper's mode keeps its checkpoints as they were
+    lonely = ClassWiseTemperature(3, mean=True)  # a class with no sample this epoch is at the others' mean
+    lonely.accumulate(torch.tensor([1.0, 3.0]), torch.tensor([0, 1]))
+    lonely.update(rate=0.1)
+    assert lonely.tau.tolist() == pytest.approx([1.1, 0.9, 1.0])
+    assert _method("absld", "class_risk=mean").temperatures["adv"].mean
+
+
 def test_classwise_update_clips_to_its_range():
     t = ClassWiseTemperature(3)
     t.tau = torch.tensor([0.55, 4.95, 1.0])

@@ -20,14 +20,18 @@ Options beyond the paper's defaults:
 - `adaptive: false`: freeze both vectors at `init_temperature`;
 - `shared_temperature_quirk: true`: the published code's behaviour, where both targets are built
   from z_t / (tau_adv[y] * tau_nat[y]) (one tensor divided in place twice);
-- `reduction`: `elementwise_mean` (published) or `batchmean`.
+- `reduction`: `elementwise_mean` (published) or `batchmean`;
+- `class_risk: mean` (not in the paper or its code): each class's risk is its mean cross-entropy
+  instead of the sum over its images. Both rank the classes alike on balanced data (CIFAR-10, the
+  paper's); on long-tailed data the sum calls a class of a dozen images easy however badly the
+  student fits it, and gives it the smoothest soft labels.
 Model selection: average PGD-20 accuracy + worst-class PGD-20 accuracy on the validation split.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +68,7 @@ class ABSLD(Method):
         )
         fixed_temperature_nat: Optional[list[float]] = None  # the same for the natural target
         shared_temperature_quirk: bool = False  # the published code: both targets from z / (tau_adv[y] tau_nat[y])
+        class_risk: Literal["sum", "mean"] = "sum"  # a class's risk: summed over its images (paper, code) or mean
 
         def validate(self):
             super().validate()
@@ -82,7 +87,12 @@ class ABSLD(Method):
         self.adaptive: dict[str, bool] = {}
         for kind, fixed in (("adv", o.fixed_temperature_adv), ("nat", o.fixed_temperature_nat)):
             temp = ClassWiseTemperature(
-                ctx.num_classes, o.init_temperature, o.temperature_min, o.temperature_max, self.device
+                ctx.num_classes,
+                o.init_temperature,
+                o.temperature_min,
+                o.temperature_max,
+                self.device,
+                mean=o.class_risk == "mean",
             )
             if fixed is not None:
                 if len(fixed) != ctx.num_classes:

@@ -25,12 +25,17 @@ class ClassWiseTemperature:
 
     End of epoch (ABSLD):  g = E - mean(E);  tau <- clip(tau - r g / max|g|, lo, hi).
     A high-risk ("hard") class gets a lower temperature: sharper soft labels, fitted harder.
+    `mean=True` divides each class's sum by its number of samples first (the class's mean risk):
+    on imbalanced data a sum ranks a small class as easy however badly it is fitted.
     """
 
-    def __init__(self, num_classes: int, init: float = 1.0, lo: float = 0.5, hi: float = 5.0, device=None):
-        self.lo, self.hi = lo, hi
+    def __init__(
+        self, num_classes: int, init: float = 1.0, lo: float = 0.5, hi: float = 5.0, device=None, mean: bool = False
+    ):
+        self.lo, self.hi, self.mean = lo, hi, mean
         self.tau = torch.full((num_classes,), float(init), device=device)
         self.risk = torch.zeros(num_classes, device=device)
+        self.count = torch.zeros(num_classes, device=device)  # samples per class this epoch (for `mean`)
 
     def per_sample(self, y: torch.Tensor) -> torch.Tensor:
         """Each sample's temperature, gathered by its label."""
@@ -39,22 +44,32 @@ class ClassWiseTemperature:
     @torch.no_grad()
     def accumulate(self, losses: torch.Tensor, y: torch.Tensor) -> None:
         self.risk.index_add_(0, y, losses.detach().float())
+        if self.mean:
+            self.count.index_add_(0, y, torch.ones_like(losses, dtype=torch.float32))
 
     @torch.no_grad()
     def update(self, rate: float) -> None:
         risk = all_reduce_sum(self.risk.clone())
+        if self.mean:  # a class without samples this epoch has no risk to compare: the mean of the others
+            count = all_reduce_sum(self.count.clone())
+            seen = count > 0
+            risk = torch.where(seen, risk / count.clamp_min(1), (risk[seen] / count[seen]).mean())
         gap = risk - risk.mean()
         largest = gap.abs().max()
         if largest > 0:  # all classes equally at risk: nothing to correct
             self.tau = (self.tau - rate * gap / largest).clamp(self.lo, self.hi)
         self.risk.zero_()
+        self.count.zero_()
 
     def state_dict(self) -> dict:
-        return {"tau": self.tau.clone(), "risk": self.risk.clone()}
+        state = {"tau": self.tau.clone(), "risk": self.risk.clone()}
+        return state | ({"count": self.count.clone()} if self.mean else {})
 
     def load_state_dict(self, state: dict) -> None:
         self.tau = state["tau"].to(self.tau.device).float()
         self.risk = state["risk"].to(self.risk.device).float()
+        if "count" in state:
+            self.count = state["count"].to(self.count.device).float()
 
 
 def negative_entropy(q: torch.Tensor) -> torch.Tensor:
