@@ -46,10 +46,13 @@ def has_own_validation(cfg) -> bool:
     root = Path(cfg.root).expanduser() if cfg.root else None
     if root is None or not root.is_dir():
         return False
-    if cfg.name == "folder":
-        return (root / "val").is_dir() and (root / "train").is_dir()
-    if cfg.name == "arrays":
-        return (root / "val.npz").is_file() or (root / "val_images.npy").is_file()
+    try:
+        if cfg.name == "folder":
+            return "val" in _folder_parts(root)
+        if cfg.name == "arrays":
+            return "val" in _array_files(root)
+    except DataError:  # a layout the reader refuses: it says so when the data is read
+        return False
     return False
 
 
@@ -122,17 +125,23 @@ def _all_gray(paths: list[Path]) -> bool:
     return True
 
 
+def _folder_parts(root: Path) -> dict[str, Path]:
+    """{split: its tree}: train/ and test/ (and val/) when the folder has them, else {"train": root}."""
+    parts = {name: root / name for name in ("train", "val", "test") if (root / name).is_dir()}
+    if parts and ("train" not in parts or "test" not in parts):
+        raise DataError(f"{root} holds {', '.join(sorted(parts))}/ but not both train/ and test/: {FOLDER_LAYOUT}")
+    return parts or {"train": root}
+
+
 @DATASETS.register("folder")
 def folder(cfg) -> Source:
     """A tree of image files, one folder per class (see the module's docstring)."""
     root = _root(cfg, FOLDER_LAYOUT, file_ok=True)
     if not root.is_dir():
         raise DataError(f"data.root {root} is a file; dataset 'folder' reads a folder holding {FOLDER_LAYOUT}")
-    parts = {name: root / name for name in ("train", "val", "test") if (root / name).is_dir()}
-    if parts and ("train" not in parts or "test" not in parts):
-        raise DataError(f"{root} holds {', '.join(sorted(parts))}/ but not both train/ and test/: {FOLDER_LAYOUT}")
-    trees = {name: _class_folders(tree) for name, tree in (parts or {"train": root}).items()}
+    trees = {name: _class_folders(tree) for name, tree in _folder_parts(root).items()}
     names = list(trees["train"])
+    index = {c: i for i, c in enumerate(names)}
     for split, classes in trees.items():
         stray = sorted(set(classes) - set(names))
         if stray:
@@ -144,7 +153,7 @@ def folder(cfg) -> Source:
         out = {}
         for split, classes in trees.items():
             paths = [p for files in classes.values() for p in files]
-            labels = [names.index(c) for c, files in classes.items() for _ in files]
+            labels = [index[c] for c, files in classes.items() for _ in files]
             out[split] = Split(_decode(paths, gray, cfg.image_size), torch.tensor(labels, dtype=torch.int64))
         return out
 

@@ -65,7 +65,7 @@ def corruption_accuracy(
         raise DataError(f"{folder / 'labels.npy'} has labels outside 0..{num_classes - 1}: not this model's dataset")
     n = len(labels) // SEVERITIES
     device = next(model.parameters()).device
-    y_all = torch.from_numpy(labels.astype(np.int64)).to(device)
+    y_all = torch.from_numpy(labels.astype(np.int64))
     hits = torch.zeros(num_classes, dtype=torch.long)
     counts = torch.zeros(num_classes, dtype=torch.long)
     accuracy = {}
@@ -82,8 +82,8 @@ def corruption_accuracy(
             block = slice(s * n, (s + 1) * n)
             x = torch.from_numpy(np.array(images[block].transpose(0, 3, 1, 2), order="C"))  # a copy of this block
             x = x.to(device).float().div_(255.0)
-            right = (predict(model, x, batch_size) == y_all[block]).cpu()
-            y = y_all[block].cpu()
+            y = y_all[block]
+            right = predict(model, x, batch_size).cpu() == y
             hits += torch.bincount(y[right], minlength=num_classes)
             counts += torch.bincount(y, minlength=num_classes)
             per_severity.append(right.double().mean().item() if n else 0.0)

@@ -74,10 +74,10 @@ def keep_previous_states(run_dir: Path) -> list[Path]:
     """Move the AutoAttack states of the run's last evaluation to previous/<name>-<time>.json before
     the run trains on (they belong to the model it had: its next evaluation starts afresh); returns
     where they went."""
-    kept = []
+    kept, stamp = [], _now()
     for old in (run_dir / name for name in AUTOATTACK_STATES):
         if old.is_file():
-            kept.append(_free_previous(run_dir, f"{old.stem}-{_now()}"))
+            kept.append(_free_previous(run_dir, f"{old.stem}-{stamp}"))
             os.replace(old, kept[-1])
     return kept
 
