@@ -1,24 +1,31 @@
 """Datasets: the `data` config section, the readers of the papers' datasets (registered by name),
 a deterministic train/val/test split, device-resident tensors and the batch loader.
 
-    base.py     DataConfig, the registry DATASETS, Split / Dataset, `load_dataset` (split, imbalance, resize)
+    split.py    Split (images and labels as tensors), resizing
+    base.py     DataConfig, the registry DATASETS, Dataset, `load_dataset` (split, imbalance, resize, loader)
     sources.py  the readers: digits (embedded), CIFAR-10/100, SVHN, Tiny-ImageNet (local files)
     own.py      one's own data: image folders (`folder`) and .npz / .npy files (`arrays`)
-    loader.py   batches cut and augmented on the device (`BatchLoader`, `Augment`)
+    mapped.py   images left on the host: memory-mapped .npy / .npz files, `HostSplit`
+    loader.py   batches cut and augmented on the device (`BatchLoader`, `Augment`), or streamed
+                from the host by a background thread (`StreamingLoader`)
 """
 
 from . import own, sources  # noqa: F401  (registers the readers)
-from .base import DATASETS, DataConfig, Dataset, Source, Split, load_dataset, subset_of
-from .loader import Augment, BatchLoader
+from .base import DATASETS, DataConfig, Dataset, Source, load_dataset
+from .loader import Augment, BatchLoader, StreamingLoader
+from .mapped import HostSplit
+from .split import Split, subset_of
 
 __all__ = [
     "DATASETS",
     "Augment",
     "BatchLoader",
     "DataConfig",
+    "HostSplit",
     "Dataset",
     "Source",
     "Split",
+    "StreamingLoader",
     "load_dataset",
     "subset_of",
 ]

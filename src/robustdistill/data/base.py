@@ -10,19 +10,22 @@ stratified, as a pure function of `data.split_seed`, so model selection never se
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..core.errors import ConfigError, DataError, require
+from ..core.errors import DataError, require
 from ..core.registry import Registry
 from ..core.schema import SEED_LIMIT
+from .mapped import HostSplit
+from .split import Split, resize
 
 DATASETS: Registry[Callable] = Registry("dataset")
+log = logging.getLogger("robustdistill")
 
 
 @dataclass
@@ -42,6 +45,7 @@ class DataConfig:
     layout: Optional[Literal["NHWC", "NCHW"]] = None  # arrays: the images' axes (None: inferred from the shape)
     class_names: Optional[list[str]] = None  # arrays: the classes' names (None: "0" .. the largest label)
     extra: Optional[ExtraData] = None  # extra training images (e.g. generated ones) mixed into every batch
+    loader: Literal["auto", "device", "stream"] = "auto"  # training images on the device, or streamed from the host
 
     def validate(self) -> None:
         DATASETS.get(self.name)
@@ -53,6 +57,7 @@ class DataConfig:
         require(self.imbalance is None or self.imbalance >= 1, "data.imbalance", "must be >= 1 (largest / smallest)")
         require(0 <= self.split_seed < SEED_LIMIT, "data.split_seed", "must be an integer in [0, 2**32)")
         require(self.layout in (None, "NHWC", "NCHW"), "data.layout", "must be NHWC or NCHW")
+        require(self.loader in ("auto", "device", "stream"), "data.loader", "must be auto, device or stream")
         if self.class_names is not None:
             names = self.class_names
             require(len(names) >= 2, "data.class_names", "must name at least two classes")
@@ -72,35 +77,6 @@ class ExtraData:
         require(0.0 <= self.fraction < 1.0, "data.extra.fraction", "must be in [0, 1)")
         require(self.source.extra is None, "data.extra.source.extra", "must be empty: extra data has no extra data")
         self.source.validate()
-
-
-@dataclass
-class Split:
-    x: torch.Tensor  # N,C,H,W: uint8 in 0..255, or float in [0, 1]
-    y: torch.Tensor  # N, int64
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    def images(self, index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Float images in [0, 1] (all, or those at `index`)."""
-        x = self.x if index is None else self.x[index]
-        return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-
-    def take(self, index) -> Split:
-        return Split(self.x[index], self.y[index])
-
-    def to(self, device) -> Split:
-        return Split(self.x.to(device), self.y.to(device))
-
-
-def subset_of(split: Split, n: Optional[int], what: str, key: str) -> Split:
-    """The first n samples of `split`; more than it has is an error, never silently fewer."""
-    if n is None:
-        return split
-    if n > len(split):
-        raise ConfigError(f"{key} = {n} is larger than {what} ({len(split)} images)")
-    return split.take(slice(0, n))
 
 
 @dataclass
@@ -126,6 +102,7 @@ class Dataset:
     extra: Optional[Split] = None  # extra training images (data.extra), mixed into the training batches
     extra_fraction: float = 0.0
     extra_info: Optional[dict] = None  # what the reports say of data.extra (source, root, fraction, images)
+    streamed: bool = False  # train and extra stay on the host (HostSplit or CPU tensors): the streaming loader
 
     @property
     def num_classes(self) -> int:
@@ -133,14 +110,17 @@ class Dataset:
 
     @property
     def channels(self) -> int:
-        return int(self.train.x.shape[1])
+        return int(self.train.shape[1])
 
     def split(self, name: str) -> Split:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
 
     def to(self, device) -> Dataset:
-        moved = {k: getattr(self, k).to(device) for k in ("train", "val", "test")}
-        return dataclasses.replace(self, **moved, extra=None if self.extra is None else self.extra.to(device))
+        """The dataset on `device`; a streamed one's training (and extra) images stay on the host."""
+        moved = {k: getattr(self, k).to(device) for k in ("val", "test")}
+        if not self.streamed:
+            moved |= {"train": self.train.to(device), "extra": None if self.extra is None else self.extra.to(device)}
+        return dataclasses.replace(self, **moved)
 
 
 def stratified_split(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,16 +156,10 @@ def long_tailed(y: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
     return torch.from_numpy(np.sort(np.concatenate(keep)))
 
 
-def _resize(split: Split, size: int) -> Split:
-    if split.x.shape[-1] == size and split.x.shape[-2] == size:
-        return split
-    x = F.interpolate(split.images(), size=(size, size), mode="bilinear", align_corners=False)
-    return Split(x.clamp_(0.0, 1.0), split.y)
-
-
 def load_dataset(cfg, device: torch.device | str = "cpu", extra: bool = True) -> Dataset:
-    """Read dataset `cfg.name` (a `DataConfig`), split it, and put it on `device`; `extra=False`
-    leaves `data.extra`'s images unread (an evaluation does not need them; its report still names them)."""
+    """Read dataset `cfg.name` (a `DataConfig`), split it, and put it on `device` (the training images
+    stay on the host when `cfg.loader` streams them, see `streams`); `extra=False` leaves
+    `data.extra`'s images unread (an evaluation does not need them; its report still names them)."""
     source: Source = DATASETS.get(cfg.name)(cfg)
     pool, test = source.train, source.test
     if test is None:
@@ -201,36 +175,96 @@ def load_dataset(cfg, device: torch.device | str = "cpu", extra: bool = True) ->
     if cfg.train_subset is not None and cfg.train_subset < len(train):
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.split_seed))
         train = train.take(order[: cfg.train_subset].sort().values)
-    if cfg.image_size is not None:
-        train, val, test = (_resize(s, cfg.image_size) for s in (train, val, test))
-    images = train.images()
-    mean = images.mean(dim=(0, 2, 3)).tolist()
-    std = images.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+    sizes = () if cfg.image_size is None else (cfg.image_size,)
+    val, test = (_in_memory(s, sizes) for s in (val, test))
+    train = _sized(train, sizes)
     mixed = cfg.extra is not None and cfg.extra.fraction > 0
     added = _extra(cfg, train, source.class_names) if mixed and extra else None
+    streamed = streams(cfg.loader, device, train, added)
+    if not streamed:
+        train = _in_memory(train, ())
+        added = None if added is None else _in_memory(added, ())
+    if isinstance(train, HostSplit):  # never read whole: float64 sums, chunk by chunk
+        mean, std = train.moments()
+    else:
+        images = train.images()
+        mean = images.mean(dim=(0, 2, 3)).tolist()
+        std = images.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
     info = None
     if mixed:
         info = {"source": cfg.extra.source.name, "root": cfg.extra.source.root, "fraction": cfg.extra.fraction}
         info |= {"images": len(added)} if added is not None else {}
     fraction = cfg.extra.fraction if added is not None else 0.0
-    dataset = Dataset(cfg.name, source.class_names, train, val, test, mean, std, added, fraction, info)
+    dataset = Dataset(cfg.name, source.class_names, train, val, test, mean, std, added, fraction, info, streamed)
     return dataset.to(device)
 
 
-def _extra(cfg, train: Split, class_names: list[str]) -> Split:
+def _sized(split, sizes: tuple[int, ...]):
+    """`split` resized to each of `sizes` in turn: a host split when it is read, a tensor split now."""
+    if isinstance(split, HostSplit):
+        return split.resized(*split.sizes, *sizes)
+    for size in sizes:
+        split = resize(split, size)
+    return split
+
+
+def _in_memory(split, sizes: tuple[int, ...]) -> Split:
+    """`split` (a tensor split, or a host split read whole) resized to `sizes`."""
+    split = _sized(split, sizes)
+    return split.materialise() if isinstance(split, HostSplit) else split
+
+
+def streams(choice: str, device, train, extra) -> bool:
+    """Whether the training images are streamed from the host (`data.loader`): as chosen, or with
+    "auto" when they (and the extra ones) would take more than half of the device's free memory;
+    on a CPU, only memory-mapped files that would take more than half of the available memory are."""
+    splits = [s for s in (train, extra) if s is not None]
+    need = sum(s.nbytes for s in splits)
+    device = torch.device(device)
+    if choice != "auto":
+        chosen, why = choice == "stream", f"data.loader={choice}"
+    elif device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        chosen, why = need > free // 2, f"data.loader=auto, {_gib(free)} free on {device}"
+    else:
+        files = any(isinstance(s, HostSplit) for s in splits)
+        free = _available_memory()
+        chosen = files and need > free // 2
+        why = f"data.loader=auto, {_gib(free)} of memory available"
+    where = "streamed from the host by a background thread" if chosen else f"held on {device}"
+    # said when it is not the plain case (the images fit and stay on the device unasked)
+    say = log.info if chosen or choice != "auto" else log.debug
+    say("data: the training images (%s) are %s (%s)", _gib(need), where, why)
+    return chosen
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2**62  # unknown: assume it fits
+
+
+def _extra(cfg, train, class_names: list[str]):
     """The training images of `data.extra.source` (its test and validation splits unused), resized
     with the original ones; refused when their shape or classes are not the original data's."""
     source: Source = DATASETS.get(cfg.extra.source.name)(cfg.extra.source)
-    extra = source.train
-    for size in (cfg.extra.source.image_size, cfg.image_size):  # its own resize, then the original data's
-        if size is not None:
-            extra = _resize(extra, size)
+    sizes = tuple(s for s in (cfg.extra.source.image_size, cfg.image_size) if s is not None)
+    extra = _sized(source.train, sizes)  # its own resize, then the original data's
     if len(extra) == 0:
         raise DataError(f"data.extra ({cfg.extra.source.name}) holds no training images")
-    if extra.x.shape[1:] != train.x.shape[1:]:
+    if extra.shape[1:] != train.shape[1:]:
         raise DataError(
-            f"data.extra holds images of shape {tuple(extra.x.shape[1:])}, the training data "
-            f"{tuple(train.x.shape[1:])}: give data.extra.source.image_size, or convert them"
+            f"data.extra holds images of shape {tuple(extra.shape[1:])}, the training data "
+            f"{tuple(train.shape[1:])}: give data.extra.source.image_size, or convert them"
         )
     names = source.class_names
     numbered = names == [str(c) for c in range(len(names))]  # a reader that knows no names

@@ -1,7 +1,10 @@
-"""Batches cut from device-resident tensors, augmented as whole batches (airbench-style).
+"""Training batches, augmented as whole batches on the device (airbench-style).
 
-Random crop with zero padding and horizontal flip are done on the batch tensor with one gather
-per axis and one `where`, so augmentation costs a few kernel launches per batch on any device.
+`BatchLoader` cuts them from tensors that live on the device; `StreamingLoader` (for data that does
+not fit there) assembles the same batches on the host, in a background thread, from host memory or
+memory-mapped files, and copies each to the device (from pinned memory on a GPU) while the previous
+one trains. Random crop with zero padding and horizontal flip are done on the batch tensor with one
+gather per axis and one `where`, so augmentation costs a few kernel launches per batch on any device.
 Shuffling is a pure function of (seed, epoch): a resumed run sees the same order, and every DDP
 rank draws the same permutation and takes its own interleaved shard of it.
 """
@@ -9,6 +12,8 @@ rank draws the same permutation and takes its own interleaved shard of it.
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional
@@ -16,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .base import Split
+from .split import Split
 
 
 @dataclass
@@ -141,3 +146,95 @@ class BatchLoader:
             if self.augment is not None:
                 x = self.augment(x, generator)
             yield x, torch.cat([self.split.y[mine], self.extra.y[theirs].to(index.device)])
+
+
+class StreamingLoader(BatchLoader):
+    """`BatchLoader`'s batches, for training images that stay on the host.
+
+    The same seed gives the same batches, image for image and bit for bit: the same indices, read
+    from the host split (`batch(index)`: uint8 as stored, or float once resized), moved to
+    `device`, turned into float there and augmented there with the same generator. A background
+    thread reads up to `prefetch` batches ahead (pinned when the device is a GPU); an error in it
+    is raised in the training loop.
+    """
+
+    def __init__(self, *args, device: torch.device | str = "cpu", prefetch: int = 2, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.device = torch.device(device)
+        self.prefetch = max(1, prefetch)
+
+    def _plan(self) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """Each step's (original, extra) indices, this rank's, as `BatchLoader` takes them."""
+        index = self._indices()
+        if self.extra is None:
+            return [(index[s : s + self.local_batch], None) for s in range(0, len(index), self.local_batch)]
+        steps, original, added = len(self), self.local_original, self.local_extra
+        extra = self._extra_indices(steps)
+        return [(index[i * original : (i + 1) * original], extra[i * added : (i + 1) * added]) for i in range(steps)]
+
+    def _assemble(self, mine: torch.Tensor, theirs: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.split.batch(mine), self.split.y[mine]
+        if theirs is not None:
+            other = self.extra.batch(theirs)
+            if other.dtype != x.dtype:  # one of them resized or stored as float: both as float
+                x, other = (_float(t) for t in (x, other))
+            x, y = torch.cat([x, other]), torch.cat([y, self.extra.y[theirs]])
+        if self.device.type == "cuda":
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        generator = None
+        if self.augment is not None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(self.seed * 100_003 + self.epoch + 7919 * (self.rank + 1))
+        ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        worker = threading.Thread(target=self._work, args=(self._plan(), ready, stop), daemon=True)
+        worker.start()
+        try:
+            while (item := ready.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                x, y = item
+                x = _float(x.to(self.device, non_blocking=True))
+                y = y.to(self.device, non_blocking=True)
+                if self.augment is not None:
+                    x = self.augment(x, generator)
+                yield x, y
+        finally:
+            stop.set()
+            while worker.is_alive():  # unblock a worker waiting to put
+                try:
+                    ready.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            worker.join()
+
+    def _work(self, plan, ready: queue.Queue, stop: threading.Event) -> None:
+        try:
+            for mine, theirs in plan:
+                item = self._assemble(mine, theirs)
+                if not _put(ready, item, stop):
+                    return
+        except BaseException as exc:  # raised in the training loop
+            _put(ready, exc, stop)
+            return
+        _put(ready, _END, stop)
+
+
+_END = object()
+
+
+def _put(ready: queue.Queue, item, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            ready.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()

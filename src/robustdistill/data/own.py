@@ -23,6 +23,7 @@ has 1, 3 or 4 entries (an ambiguous shape is refused). Classes are 0..max label 
 from __future__ import annotations
 
 import logging
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -30,8 +31,10 @@ import numpy as np
 import torch
 
 from ..core.errors import DataError
-from .base import DATASETS, Source, Split
+from .base import DATASETS, Source
+from .mapped import CHUNK_BYTES, HostSplit, Mapping, as_array, map_npy, npz_members
 from .sources import _cached_splits, _files_digest, _root
+from .split import Split
 
 log = logging.getLogger("robustdistill")
 
@@ -186,34 +189,35 @@ def _layout(shape: tuple[int, ...], given: Optional[str], path: Path) -> str:
     return "NHWC" if last else "NCHW"
 
 
-def _images(raw: np.ndarray, layout: str, path: Path) -> torch.Tensor:
-    if layout == "NHW":
-        raw = raw[:, None]
-    elif layout == "NHWC":
-        raw = raw.transpose(0, 3, 1, 2)
-    if raw.shape[1] == 4:
-        raw = raw[:, :3]  # alpha dropped, as for image files
+def _check_images(raw: np.ndarray, path: Path) -> None:
+    """uint8, or float in [0, 1] (checked a chunk at a time: a mapped file is never read whole)."""
     if raw.dtype == np.uint8:
-        return torch.from_numpy(np.ascontiguousarray(raw))
+        return
     if not np.issubdtype(raw.dtype, np.floating):
         raise DataError(f"{path}: images of type {raw.dtype}; expected uint8 (0..255) or float in [0, 1]")
-    low, high = float(raw.min()), float(raw.max())
-    if not (0.0 <= low and high <= 1.0):
+    step = max(1, CHUNK_BYTES // max(1, raw[:1].nbytes))
+    low, high = np.inf, -np.inf
+    for start in range(0, len(raw), step):
+        chunk = raw[start : start + step]
+        low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
+    if len(raw) and not (0.0 <= low and high <= 1.0):
         raise DataError(f"{path}: float images must lie in [0, 1], these span [{low:g}, {high:g}]")
-    return torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32))
 
 
-def _array_split(cfg, images_file: Path, labels_file: Optional[Path] = None) -> tuple[Split, str]:
+def _array_split(cfg, images_file: Path, labels_file: Optional[Path] = None) -> tuple[HostSplit, str]:
+    """One split of array files: its images memory-mapped where the file allows (see `mapped`), its
+    labels read; checked whole before any training."""
     try:
         if labels_file is None:
-            with np.load(images_file, allow_pickle=False) as arrays:
-                raw_x = _pick(arrays, IMAGE_KEYS, "images", images_file)
-                raw_y = _pick(arrays, LABEL_KEYS, "labels", images_file)
+            arrays = npz_members(images_file)
+            images = _pick(arrays, IMAGE_KEYS, "images", images_file)
+            raw_y = as_array(_pick(arrays, LABEL_KEYS, "labels", images_file))
         else:
-            raw_x = np.load(images_file, allow_pickle=False)
+            images = map_npy(images_file)
             raw_y = np.load(labels_file, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{images_file} is not a readable numpy file ({exc})") from None
+    raw_x = as_array(images)
     layout = _layout(tuple(raw_x.shape), cfg.layout, images_file)
     raw_y = np.asarray(raw_y).reshape(-1)
     if len(raw_y) != raw_x.shape[0]:
@@ -222,7 +226,13 @@ def _array_split(cfg, images_file: Path, labels_file: Optional[Path] = None) -> 
         raise DataError(f"{labels_file or images_file}: labels of type {raw_y.dtype}; expected integers")
     if len(raw_y) and raw_y.min() < 0:
         raise DataError(f"{labels_file or images_file}: negative label {raw_y.min()}")
-    return Split(_images(raw_x, layout, images_file), torch.from_numpy(raw_y.astype(np.int64))), layout
+    _check_images(raw_x, images_file)
+    if isinstance(images, Mapping):
+        images.release()
+    else:
+        log.info("%s: read into memory (compressed or Fortran-ordered, so it cannot be memory-mapped)", images_file)
+    labels = torch.from_numpy(raw_y.astype(np.int64))
+    return HostSplit(images, labels, layout, images_file), layout
 
 
 def _array_files(root: Path) -> dict[str, tuple[Path, Optional[Path]]]:
@@ -251,7 +261,7 @@ def arrays(cfg) -> Source:
     for split, (images_file, labels_file) in _array_files(root).items():
         splits[split], used = _array_split(cfg, images_file, labels_file)
         layouts.add(used)
-    shapes = {tuple(s.x.shape[1:]) for s in splits.values()}
+    shapes = {tuple(s.shape[1:]) for s in splits.values()}
     if len(shapes) > 1:
         raise DataError(f"{root}: the splits' images differ in shape ({', '.join(map(str, sorted(shapes)))})")
     top = max(int(s.y.max()) for s in splits.values() if len(s))

@@ -16,7 +16,8 @@ import torch
 
 from ..core.errors import DataError
 from ..storage.files import atomic_write
-from .base import DATASETS, Source, Split
+from .base import DATASETS, Source
+from .split import Split
 
 
 def _root(cfg, layout: str, file_ok: bool = False) -> Path:

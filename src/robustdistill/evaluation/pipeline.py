@@ -76,7 +76,7 @@ def evaluate_source(
         state_dir=state_dir,
     )
     if eval_cfg.corruptions is not None:  # every rank predicts every image: no attack, a small cost
-        shape = tuple(chosen.x.shape[1:])
+        shape = tuple(chosen.shape[1:])
         summary["corruptions"] = corruption_accuracy(
             model.eval(), Path(eval_cfg.corruptions), dataset.num_classes, shape, settings.batch_size
         )

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..attacks import EvalSettings
 from ..core.distributed import DistInfo
 from ..core.errors import CheckpointError, ConfigError
-from ..data import Augment, BatchLoader, Dataset, Split, subset_of
+from ..data import Augment, BatchLoader, Dataset, Split, StreamingLoader, subset_of
 from ..methods import Context, FrozenTeacher, Method, create_method
 from ..models import Classifier, ModelSpec, create_model, eval_mode, fingerprint
 from ..models.sources import load_teacher, model_spec
@@ -137,8 +137,10 @@ def lr_decays(epoch: int, milestones: list[int]) -> int:
 
 
 def build_loader(cfg: Config, dataset: Dataset, dist: DistInfo) -> BatchLoader:
-    """The training batches: shuffled by (seed, epoch), augmented on the device, this rank's shard."""
-    loader = BatchLoader(
+    """The training batches: shuffled by (seed, epoch), augmented on the device, this rank's shard;
+    read from the host by a background thread when the dataset is streamed."""
+    kind, where = (StreamingLoader, {"device": dataset.test.y.device}) if dataset.streamed else (BatchLoader, {})
+    loader = kind(
         dataset.train,
         cfg.train.batch_size,
         shuffle=True,
@@ -148,6 +150,7 @@ def build_loader(cfg: Config, dataset: Dataset, dist: DistInfo) -> BatchLoader:
         world_size=dist.world_size,
         extra=dataset.extra,
         fraction=dataset.extra_fraction,
+        **where,
     )
     if dataset.extra is not None:
         added = round(dataset.extra_fraction * cfg.train.batch_size)
