@@ -1,18 +1,24 @@
-"""Images that stay on the host: arrays memory-mapped from `.npy` / uncompressed `.npz` files (or held
-in host memory), read one batch at a time.
+"""Images that stay on the host: arrays left in their `.npy` / uncompressed `.npz` files (or held in
+host memory), read one batch at a time.
 
-`map_npy` and `map_npz` open a file's image array without reading it: an `.npy` file and every
-member of an `.npz` written by `np.savez` (stored, not compressed) are mapped read-only; only a
-compressed member (`np.savez_compressed`) has to be read into memory whole. `HostSplit` is a split
-over such an array: taking a subset, holding out a validation split or a long-tailed profile only
-composes row indices, and `batch(index)` reads the rows of one batch, in the array's own layout
-turned to N,C,H,W. After each read the mapping's pages are handed back to the kernel, so the
-process's resident memory holds a batch, not the file (the kernel's page cache is the kernel's).
+`open_npy` and `npz_members` open a file's arrays without reading them: an `.npy` file and every
+member of an `.npz` written by `np.savez` (stored, not compressed) become a `FileArray`, whose rows
+are read with positioned reads (`os.preadv`: one per run of consecutive rows, or one for the whole
+stretch when the rows lie within 1 MiB or 4x the batch's bytes) into a buffer of the batch's size;
+only a compressed member (`np.savez_compressed`) or a Fortran-ordered array has to be read into
+memory whole. Positioned reads rather than a memory map: touching one 3 KB row of a map
+makes the kernel map the pages around it too (fault-around, 64 KB), so a batch of random rows would
+occupy twenty times its size of resident memory; a read occupies what it reads. The kernel's page
+cache still keeps a file that fits in memory there, so a second epoch reads from memory.
+
+`HostSplit` is a split over such an array: taking a subset, holding out a validation split or a
+long-tailed profile only composes row indices, and `batch(index)` reads the rows of one batch, in
+the array's own layout turned to N,C,H,W.
 """
 
 from __future__ import annotations
 
-import mmap
+import os
 import zipfile
 from pathlib import Path
 from typing import Optional
@@ -23,25 +29,63 @@ import torch
 from ..core.errors import DataError
 from .split import Split, resize, resize_images
 
-CHUNK_BYTES = 64 * 2**20  # what one pass over a mapped array reads at a time
+CHUNK_BYTES = 64 * 2**20  # what one pass over a whole array reads at a time
+SPAN_BYTES = 2**20  # rows of a batch this close together are read in one stretch
 
 
-class Mapping:
-    """A read-only mapping of (part of) a file as a numpy array."""
+class FileArray:
+    """An array stored in a file at `offset` (C order), read a set of rows at a time."""
 
     def __init__(self, path: Path, offset: int, dtype: np.dtype, shape: tuple[int, ...]):
-        self.path = path
-        with open(path, "rb") as f:
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        count = int(np.prod(shape))
-        if offset + count * dtype.itemsize > len(self._mm):
+        self.path, self.offset, self.dtype, self.shape = path, offset, np.dtype(dtype), tuple(shape)
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        if offset + shape[0] * self.row_bytes > path.stat().st_size:
             raise DataError(f"{path} is truncated: it ends before its {shape} array of {dtype} does")
-        self.array = np.frombuffer(self._mm, dtype=dtype, count=count, offset=offset).reshape(shape)
+        self._fd = os.open(path, os.O_RDONLY)
 
-    def release(self) -> None:
-        """Drop the pages read so far from this process (they stay in the kernel's page cache)."""
-        if hasattr(mmap, "MADV_DONTNEED"):
-            self._mm.madvise(mmap.MADV_DONTNEED)
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        """The rows at `rows` (an integer array, any order, repeats allowed, or a slice), in that order."""
+        if isinstance(rows, slice):
+            rows = np.arange(len(self))[rows]
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return np.empty((0, *self.shape[1:]), dtype=self.dtype)
+        low, high = int(rows.min()), int(rows.max()) + 1
+        if (high - low) * self.row_bytes <= max(SPAN_BYTES, 4 * len(rows) * self.row_bytes):
+            return self._span(low, high)[rows - low]  # rows close together: one read of the stretch
+        order = np.argsort(rows, kind="stable")  # read the file front to back, one read per run
+        ordered = rows[order]
+        got = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        flat = memoryview(got.reshape(-1).view(np.uint8))
+        breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
+        for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
+            at = self.offset + int(ordered[start]) * self.row_bytes
+            self._fill(flat[int(start) * self.row_bytes : int(stop) * self.row_bytes], at)
+        out = np.empty_like(got)
+        out[order] = got
+        return out
+
+    def _span(self, low: int, high: int) -> np.ndarray:
+        got = np.empty((high - low, *self.shape[1:]), dtype=self.dtype)
+        self._fill(memoryview(got.reshape(-1).view(np.uint8)), self.offset + low * self.row_bytes)
+        return got
+
+    def _fill(self, buffer: memoryview, at: int) -> None:
+        """Read len(buffer) bytes from `at` into `buffer`."""
+        begin = 0
+        while begin < len(buffer):
+            n = os.preadv(self._fd, [buffer[begin:]], at + begin)
+            if n <= 0:
+                raise DataError(f"{self.path} ended while reading it (was it changed during the run?)")
+            begin += n
 
 
 def _header(f, path: Path) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -54,19 +98,20 @@ def _header(f, path: Path) -> tuple[tuple[int, ...], bool, np.dtype]:
         raise DataError(f"{path} is not a readable numpy file ({exc})") from None
 
 
-def map_npy(path: Path) -> np.ndarray | Mapping:
-    """The array of an .npy file, mapped (a C-ordered, non-object array) or else read."""
+def open_npy(path: Path) -> np.ndarray | FileArray:
+    """The array of an .npy file, left in the file (a C-ordered, non-object array) or else read."""
     with open(path, "rb") as f:
         shape, fortran, dtype = _header(f, path)
         offset = f.tell()
     if fortran or dtype.hasobject:
         return np.load(path, allow_pickle=False)
-    return Mapping(path, offset, dtype, shape)
+    return FileArray(path, offset, dtype, shape)
 
 
-def npz_members(path: Path) -> dict[str, np.ndarray | Mapping]:
-    """Every array of an .npz file by name (without `.npy`): stored members mapped, compressed ones read."""
-    out: dict[str, np.ndarray | Mapping] = {}
+def npz_members(path: Path) -> dict[str, np.ndarray | FileArray]:
+    """Every array of an .npz file by name (without `.npy`): stored members left in the file,
+    compressed ones read."""
+    out: dict[str, np.ndarray | FileArray] = {}
     with zipfile.ZipFile(path) as archive:
         for info in archive.infolist():
             if not info.filename.endswith(".npy"):
@@ -88,16 +133,17 @@ def npz_members(path: Path) -> dict[str, np.ndarray | Mapping]:
                 with archive.open(info) as member:
                     out[name] = np.lib.format.read_array(member, allow_pickle=False)
             else:
-                out[name] = Mapping(path, offset, dtype, shape)
+                out[name] = FileArray(path, offset, dtype, shape)
     return out
 
 
-def as_array(value: np.ndarray | Mapping) -> np.ndarray:
-    return value.array if isinstance(value, Mapping) else value
+def as_array(value: np.ndarray | FileArray) -> np.ndarray:
+    """The whole array (a file's read into memory)."""
+    return value[:] if isinstance(value, FileArray) else value
 
 
 class HostSplit:
-    """A split whose images stay in a host array (memory-mapped or in memory), read per batch.
+    """A split whose images stay in a host array (a `FileArray` or one in memory), read per batch.
 
     `array` is N,H,W / N,H,W,C / N,C,H,W as `layout` says; `rows` picks and orders the rows this
     split holds (None: all); each of `sizes` in turn resizes every image (bilinear, as
@@ -107,7 +153,7 @@ class HostSplit:
 
     def __init__(
         self,
-        source: np.ndarray | Mapping,
+        source: np.ndarray | FileArray,
         y: torch.Tensor,
         layout: str,
         path: Path,
@@ -117,16 +163,12 @@ class HostSplit:
         self.source, self.y, self.layout, self.path = source, y, layout, path
         self.rows, self.sizes = rows, sizes
 
-    @property
-    def array(self) -> np.ndarray:
-        return as_array(self.source)
-
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        raw = self.array.shape
+        raw = self.source.shape
         if self.layout == "NHW":
             h, w, c = raw[1], raw[2], 1
         elif self.layout == "NHWC":
@@ -143,7 +185,7 @@ class HostSplit:
         """Bytes of the split as the on-device loader holds it (float32 once resized or stored as float)."""
         n, c, h, w = self.shape
         resized = (h, w) != self.resized().shape[2:]
-        return n * c * h * w * (4 if resized or self.array.dtype != np.uint8 else 1)
+        return n * c * h * w * (4 if resized or self.source.dtype != np.uint8 else 1)
 
     def take(self, index) -> HostSplit:
         if isinstance(index, slice):
@@ -158,12 +200,7 @@ class HostSplit:
 
     def _read(self, index: np.ndarray) -> torch.Tensor:
         """The images at `index` (positions in this split) as N,C,H,W, uint8 or float32, unresized."""
-        rows = index if self.rows is None else self.rows[index]
-        order = np.argsort(rows, kind="stable")  # read the file front to back, then restore the order
-        raw = np.empty((len(rows), *self.array.shape[1:]), dtype=self.array.dtype)
-        raw[order] = self.array[rows[order]]
-        if isinstance(self.source, Mapping):
-            self.source.release()
+        raw = self.source[index if self.rows is None else self.rows[index]]
         if self.layout == "NHW":
             raw = raw[:, None]
         elif self.layout == "NHWC":
@@ -191,7 +228,7 @@ class HostSplit:
         """The split read into one in-memory tensor, chunk by chunk, then resized whole: the tensors
         the on-device loader holds, as `load_dataset` built them from an array read at once."""
         n, c, h, w = self.resized().shape
-        x = torch.empty((n, c, h, w), dtype=torch.uint8 if self.array.dtype == np.uint8 else torch.float32)
+        x = torch.empty((n, c, h, w), dtype=torch.uint8 if self.source.dtype == np.uint8 else torch.float32)
         step = max(1, CHUNK_BYTES // max(1, c * h * w * x.element_size()))
         for start in range(0, n, step):
             x[start : start + step] = self._read(np.arange(start, min(n, start + step)))

@@ -32,7 +32,7 @@ import torch
 
 from ..core.errors import DataError
 from .base import DATASETS, Source
-from .mapped import CHUNK_BYTES, HostSplit, Mapping, as_array, map_npy, npz_members
+from .mapped import CHUNK_BYTES, FileArray, HostSplit, as_array, npz_members, open_npy
 from .sources import _cached_splits, _files_digest, _root
 from .split import Split
 
@@ -189,13 +189,13 @@ def _layout(shape: tuple[int, ...], given: Optional[str], path: Path) -> str:
     return "NHWC" if last else "NCHW"
 
 
-def _check_images(raw: np.ndarray, path: Path) -> None:
-    """uint8, or float in [0, 1] (checked a chunk at a time: a mapped file is never read whole)."""
+def _check_images(raw: np.ndarray | FileArray, path: Path) -> None:
+    """uint8, or float in [0, 1] (checked a chunk at a time: a file is never read whole)."""
     if raw.dtype == np.uint8:
         return
     if not np.issubdtype(raw.dtype, np.floating):
         raise DataError(f"{path}: images of type {raw.dtype}; expected uint8 (0..255) or float in [0, 1]")
-    step = max(1, CHUNK_BYTES // max(1, raw[:1].nbytes))
+    step = max(1, CHUNK_BYTES // max(1, int(np.prod(raw.shape[1:])) * raw.dtype.itemsize))
     low, high = np.inf, -np.inf
     for start in range(0, len(raw), step):
         chunk = raw[start : start + step]
@@ -205,7 +205,7 @@ def _check_images(raw: np.ndarray, path: Path) -> None:
 
 
 def _array_split(cfg, images_file: Path, labels_file: Optional[Path] = None) -> tuple[HostSplit, str]:
-    """One split of array files: its images memory-mapped where the file allows (see `mapped`), its
+    """One split of array files: its images left in the file where it allows (see `mapped`), its
     labels read; checked whole before any training."""
     try:
         if labels_file is None:
@@ -213,23 +213,20 @@ def _array_split(cfg, images_file: Path, labels_file: Optional[Path] = None) -> 
             images = _pick(arrays, IMAGE_KEYS, "images", images_file)
             raw_y = as_array(_pick(arrays, LABEL_KEYS, "labels", images_file))
         else:
-            images = map_npy(images_file)
+            images = open_npy(images_file)
             raw_y = np.load(labels_file, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{images_file} is not a readable numpy file ({exc})") from None
-    raw_x = as_array(images)
-    layout = _layout(tuple(raw_x.shape), cfg.layout, images_file)
+    layout = _layout(tuple(images.shape), cfg.layout, images_file)
     raw_y = np.asarray(raw_y).reshape(-1)
-    if len(raw_y) != raw_x.shape[0]:
-        raise DataError(f"{images_file} holds {raw_x.shape[0]} images but {len(raw_y)} labels")
+    if len(raw_y) != images.shape[0]:
+        raise DataError(f"{images_file} holds {images.shape[0]} images but {len(raw_y)} labels")
     if not np.issubdtype(raw_y.dtype, np.integer):
         raise DataError(f"{labels_file or images_file}: labels of type {raw_y.dtype}; expected integers")
     if len(raw_y) and raw_y.min() < 0:
         raise DataError(f"{labels_file or images_file}: negative label {raw_y.min()}")
-    _check_images(raw_x, images_file)
-    if isinstance(images, Mapping):
-        images.release()
-    else:
+    _check_images(images, images_file)
+    if not isinstance(images, FileArray):
         log.info("%s: read into memory (compressed or Fortran-ordered, so it cannot be memory-mapped)", images_file)
     labels = torch.from_numpy(raw_y.astype(np.int64))
     return HostSplit(images, labels, layout, images_file), layout
