@@ -21,6 +21,7 @@ Keys and commands:
     estimate            python -m benchmarks.estimate
     parallel            python -m benchmarks.parallel
     parallel_active     OMP_WAIT_POLICY=ACTIVE python -m benchmarks.parallel
+    streaming           python -m benchmarks.streaming
     flops               python -m benchmarks.flops --rate R   (R: train_step's best dense kernel, GFLOP/s)
     gpu_kit             python -m benchmarks.gpu_kit --out OUT  (on a GPU machine; recorded from --outputs only)
 """
@@ -58,6 +59,7 @@ COMMANDS = {
     "estimate": "python -m benchmarks.estimate",
     "parallel": "python -m benchmarks.parallel",
     "parallel_active": "OMP_WAIT_POLICY=ACTIVE python -m benchmarks.parallel",
+    "streaming": "python -m benchmarks.streaming",
     "flops": "python -m benchmarks.flops --rate {rate}",
     "gpu_kit": "python -m benchmarks.gpu_kit --out OUT",
 }

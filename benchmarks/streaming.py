@@ -9,8 +9,8 @@ Throughput: `robustdistill train` (natural training, small_cnn, the lightest wor
 loader's share is largest) on the same .npy files through both loaders, interleaved rounds (the
 order alternates), each round a few epochs; the epochs' images/s come from the runs' metrics.jsonl
 (the first epoch left out), the round's figure is their median. Workloads: digits (written to an
-.npy, 8x8 gray) and a CIFAR-shaped synthetic set (10,000 random uint8 32x32x3 images). Target:
-stream / device >= 0.9.
+.npy, 8x8 gray, 1,797 images of which the run trains on 1,366) and a CIFAR-shaped synthetic set
+(10,000 random uint8 32x32x3 images, 9,500 trained on). Target: stream / device >= 0.9.
 
 Memory: a synthetic CIFAR-shaped .npy 10x the limit is streamed for one epoch (batch 512, crop and
 flip) in a fresh process whose data segment may grow by at most the limit (RLIMIT_DATA: the heap
@@ -102,8 +102,8 @@ def throughput(tmp: Path, rounds: int, epochs: int, threads: int) -> list[list[s
     _digits(digits)
     _synthetic(cifar / "train_images.npy", 10_000)
     workloads = {
-        "digits (1,151 x 8x8x1)": (digits, ["model.kwargs.width=16", "train.batch_size=64", "data.test_fraction=0.2"]),
-        "CIFAR-shaped (9,500 x 32x32x3)": (cifar, ["model.kwargs.width=16", "train.batch_size=128"]),
+        "digits (8x8x1, batch 64)": (digits, ["model.kwargs.width=16", "train.batch_size=64"]),
+        "CIFAR-shaped (32x32x3, batch 128)": (cifar, ["model.kwargs.width=16", "train.batch_size=128"]),
     }
     rows = []
     for name, (root, extra) in workloads.items():

@@ -289,3 +289,45 @@ def test_torchrun_eval_through_the_cli_writes_one_report_equal_to_one_processes(
     (created,) = {p.name for p in run.iterdir()} - before
     assert created.startswith("eval-") and report(run / created) == one
     assert 0 < one["attacks"]["pgd20"]["accuracy"] < one["attacks"]["clean"]["accuracy"]
+
+
+@pytest.mark.slow
+def test_torchrun_trains_with_extra_data_streamed_from_array_files(tmp_path, digits):
+    """Two ranks through the CLI: the digits as an .npz, noisy copies mixed into every batch at 0.5,
+    both streamed from their files; an epoch is one pass over the original images, and the report
+    names the extra set."""
+    import numpy as np
+    import torch
+
+    pool = digits.train
+    x = (pool.x * 255).round().to(torch.uint8).numpy()
+    np.savez(tmp_path / "digits.npz", image=x, label=pool.y.numpy())
+    noise = np.random.default_rng(0).normal(0, 20, x.shape)
+    np.savez(tmp_path / "noisy.npz", image=np.clip(x + noise, 0, 255).astype(np.uint8), label=pool.y.numpy())
+    cmd = [
+        *TORCHRUN,
+        str(ROOT / "configs" / "digits" / "pgd_at.yaml"),
+        f"out_dir={tmp_path}",
+        "name=extra",
+        "train.epochs=2",
+        "attack.steps=2",
+        "train.device=cpu",
+        "eval.checks=false",
+        "eval.attacks=[clean]",
+        "data.name=arrays",
+        f"data.root={tmp_path / 'digits.npz'}",
+        "data.loader=stream",
+        "data.extra.source.name=arrays",
+        f"data.extra.source.root={tmp_path / 'noisy.npz'}",
+        "data.extra.fraction=0.5",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "streamed from the host" in result.stderr
+    report = json.loads((tmp_path / "extra" / "report.json").read_text())
+    extra = report["data"]["extra"]
+    assert extra["fraction"] == 0.5 and extra["images"] == len(pool) and extra["root"].endswith("noisy.npz")
+    train_images = report["data"]["train_class_counts"]
+    epochs = [r for r in read_metrics(tmp_path / "extra") if r["type"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert epochs[0]["step"] == sum(train_images) // 32  # 32 original images (and 32 extra) a global batch

@@ -35,6 +35,12 @@ def test_digits_written_to_an_npz_read_back_bit_for_bit_as_the_builtin_reader(tm
     _same(own, load_dataset(DataConfig(name="digits", **DIGITS)))
 
 
+def _spec(dataset):
+    from robustdistill.models import ModelSpec
+
+    return ModelSpec("small_cnn", dataset.num_classes, dataset.channels)
+
+
 def _digits_uint8(tmp_path):
     """The digits as 8-bit images (value * 15), written as a folder tree and as an .npz in the
     tree's order (class by class, then by file name)."""
@@ -58,6 +64,13 @@ def test_an_image_tree_reads_the_same_tensors_as_the_same_images_in_an_npz(tmp_p
     assert folder.train.x.dtype == torch.uint8 and folder.train.x.shape[1:] == (1, 8, 8)
     assert folder.class_names == [f"digit{c}" for c in range(10)]
     _same(folder, arrays)
+    assert arrays.info == {"layout": "NHWC", "layout_from": "inferred", "in_file": ["train"]}  # what reports record
+    from robustdistill.evaluation.report import build_report
+
+    report = build_report({}, _spec(arrays), "m.safetensors", arrays, "test", len(arrays.test), 0)
+    assert report["data"]["read"]["layout"] == "NHWC" and "read" not in build_report(
+        {}, _spec(folder), "m.safetensors", folder, "test", len(folder.test), 0
+    )["data"]
 
 
 def test_an_image_tree_is_decoded_once_then_read_from_its_cache(tmp_path, monkeypatch):
@@ -375,3 +388,35 @@ def test_a_validation_split_of_its_own_needs_no_val_fraction(tmp_path):
     cfg.data.root = str(tmp_path / "train")  # one tree: the validation split must be held out
     with pytest.raises(ConfigError, match="needs data.val_fraction > 0"):
         preflight(cfg, force=False, resume=False, check_folder=False)
+
+
+@pytest.mark.slow
+def test_the_how_to_example_runs_as_written(tmp_path):
+    """docs/how-to/own-data.md's bash blocks, in an empty folder, through the installed command."""
+    import json
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "how-to" / "own-data.md"
+    blocks = re.findall(r"```bash\n(.*?)```", page.read_text(), re.S)
+    assert blocks, "the how-to lost its example"
+    bin_dir = Path(shutil.which("robustdistill") or Path(sys.executable).parent / "robustdistill").parent
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    script = "set -euo pipefail\n" + "\n".join(blocks)
+    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    plain, extra = (
+        json.loads((tmp_path / "runs" / n / "report.json").read_text()) for n in ("digits_npz", "digits_extra")
+    )
+    assert plain["data"]["num_samples"] == extra["data"]["num_samples"]  # the same test images
+    assert "extra" not in plain["data"] and extra["data"]["extra"]["images"] == 1797
+    assert "streamed from the host" in done.stderr
+    text = (tmp_path / "runs" / "digits_extra" / "report.md").read_text()
+    assert "trained with 1797 extra images (arrays, noisy.npz), 50 % of every batch" in text
+    for report in (plain, extra):
+        attacks = report["attacks"]
+        assert attacks["clean"]["accuracy"] > 0.5 and attacks["autoattack"]["accuracy"] <= attacks["pgd20"]["accuracy"]

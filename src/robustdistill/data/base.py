@@ -88,6 +88,7 @@ class Source:
     test: Optional[Split]
     class_names: list[str]
     val: Optional[Split] = None
+    info: dict = field(default_factory=dict)  # what the reports record of how it was read (arrays: the layout)
 
 
 @dataclass
@@ -103,6 +104,7 @@ class Dataset:
     extra_fraction: float = 0.0
     extra_info: Optional[dict] = None  # what the reports say of data.extra (source, root, fraction, images)
     streamed: bool = False  # train and extra stay on the host (HostSplit or CPU tensors): the streaming loader
+    info: dict = field(default_factory=dict)  # the reader's record of how it read the data (Source.info)
 
     @property
     def num_classes(self) -> int:
@@ -195,7 +197,9 @@ def load_dataset(cfg, device: torch.device | str = "cpu", extra: bool = True) ->
         info = {"source": cfg.extra.source.name, "root": cfg.extra.source.root, "fraction": cfg.extra.fraction}
         info |= {"images": len(added)} if added is not None else {}
     fraction = cfg.extra.fraction if added is not None else 0.0
-    dataset = Dataset(cfg.name, source.class_names, train, val, test, mean, std, added, fraction, info, streamed)
+    dataset = Dataset(
+        cfg.name, source.class_names, train, val, test, mean, std, added, fraction, info, streamed, source.info
+    )
     return dataset.to(device)
 
 

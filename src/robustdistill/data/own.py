@@ -266,4 +266,6 @@ def arrays(cfg) -> Source:
     if top >= len(names):
         raise DataError(f"{root}: label {top} is outside the {len(names)} classes of data.class_names")
     log.info("arrays: %s, layout %s, %d classes", root, "/".join(sorted(layouts)), len(names))
-    return Source(splits["train"], splits.get("test"), names, val=splits.get("val"))
+    info = {"layout": "/".join(sorted(layouts)), "layout_from": "data.layout" if cfg.layout else "inferred"}
+    info["in_file"] = sorted(k for k, s in splits.items() if isinstance(s.source, FileArray))  # read a batch at a time
+    return Source(splits["train"], splits.get("test"), names, val=splits.get("val"), info=info)

@@ -9,7 +9,9 @@ report.json schema (version 1):
              verdict at the edge, can depend on it)
     model: ModelSpec of the evaluated model;  checkpoint: path
     data: {name, split, num_samples, class_names, train_class_counts, extra (when the model was trained
-           with data.extra: {source, root, fraction, images (when they were read)})}
+           with data.extra: {source, root, fraction, images (when they were read)}), read (how the reader
+           read the data, when it says: arrays gives {layout: NHWC | NCHW | NHW, layout_from: inferred |
+           data.layout, in_file: the splits read from their files a batch at a time})}
     corruptions (with eval.corruptions): {folder, images, accuracy: {corruption: [severity 1..5]}, mean,
            class_accuracy}
     seed: int
@@ -72,6 +74,7 @@ def build_report(summary: dict[str, Any], spec, checkpoint, dataset, split: str,
             "class_names": dataset.class_names,
             "train_class_counts": torch.bincount(dataset.train.y.cpu(), minlength=dataset.num_classes).tolist(),
             **({"extra": dataset.extra_info} if dataset.extra_info else {}),
+            **({"read": dataset.info} if dataset.info else {}),
         },
         "seed": seed,
         **summary,
