@@ -338,3 +338,46 @@ def test_the_comparison_names_the_runs_whose_sanity_checks_failed():
     assert checks_summary(failed_checks({"a__seed0": {"checks": []}})) == [
         "None of the 1 runs ran the sanity checks (eval.checks: false)."
     ]
+
+
+@pytest.mark.slow
+def test_a_grid_evaluated_on_corruptions_compares_them_with_intervals(tmp_path):
+    import numpy as np
+    import torch
+
+    from robustdistill.data import load_dataset
+    from robustdistill.recipes import recipe
+    from robustdistill.training.config import from_dict
+
+    test = load_dataset(from_dict(recipe("pgd_at")).data).test
+    x = (test.x[:100].clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    folder = tmp_path / "digits-c"
+    folder.mkdir()
+    np.save(folder / "labels.npy", np.tile(test.y[:100].numpy(), 5))
+    rng = np.random.default_rng(0)
+    for name, scale in (("noise", 40), ("speckle", 80)):
+        severities = [np.clip(x + rng.normal(0, scale * s / 5, x.shape), 0, 255).astype(np.uint8) for s in range(1, 6)]
+        np.save(folder / f"{name}.npy", np.concatenate(severities))
+    text = GRID.replace("subset: 120}", f"subset: 120, corruptions: {folder}}}")
+    _grid(tmp_path / "grid", text)
+    done = _compare(tmp_path / "grid")
+    _, err = done.communicate(timeout=600)
+    assert done.returncode == 0, err
+    report = json.loads((tmp_path / "grid" / "out" / "report.json").read_text())
+    assert report["metrics"][-2:] == ["corruptions", "worst corruptions"]
+    assert report["corruptions"]["images"] == 100 and report["corruptions"]["variants"] == 10
+    for cell in ("rslad", "pgd_at"):
+        estimate, lo, hi = report["groups"][0]["cells"][cell]["metrics"]["corruptions"]
+        assert 0 < lo <= estimate <= hi < 100
+        runs = [
+            json.loads((tmp_path / "grid" / "out" / "runs" / f"{cell}__seed{s}" / "report.json").read_text())
+            for s in (0, 1)
+        ]
+        assert estimate == pytest.approx(100 * np.mean([r["corruptions"]["mean"] for r in runs]))  # mean over seeds
+    assert any(d["metric"] == "corruptions" for d in report["groups"][0]["differences"])
+    csv = (tmp_path / "grid" / "out" / "cells.csv").read_text()
+    assert csv.count(",corruptions,") == 4 and csv.count(",worst corruptions,") == 4
+    assert (
+        "Corruptions: accuracy on 100 images x 10 corrupted versions"
+        in (tmp_path / "grid" / "out" / "report.md").read_text()
+    )

@@ -8,7 +8,13 @@ import torch
 from torch import nn
 
 from robustdistill.core.errors import DataError
-from robustdistill.evaluation.corruptions import corruption_accuracy, corruption_table
+from robustdistill.evaluation.corruptions import (
+    check_corruptions,
+    corruption_accuracy,
+    corruption_table,
+    pack_counts,
+    per_image_scores,
+)
 
 
 def _brightness_model():
@@ -55,6 +61,55 @@ def test_accuracy_per_corruption_and_severity_by_hand(tmp_path):
         "Mean corruption accuracy: 55.00 %" in table
         and "| bright | 100.00 | 50.00 | 50.00 | 0.00 | 100.00 | 60.00 |" in table
     )
+
+    # each image's count of its 10 corrupted versions classified right: what comparisons bootstrap
+    scores, labels = per_image_scores(summary)
+    assert labels.tolist() == [0, 1, 0, 1] and scores.tolist() == [0.8, 0.3, 0.8, 0.3]
+    check_corruptions(summary)  # the numbers are the record's
+
+
+def test_a_report_whose_corruption_numbers_are_not_its_images_is_refused(tmp_path):
+    from robustdistill.core.errors import UserError
+    from robustdistill.evaluation.report import read_report
+
+    summary = corruption_accuracy(_brightness_model(), _folder(tmp_path), num_classes=2, shape=(1, 8, 8))
+    path = tmp_path / "report.json"
+    for change, message in [
+        (lambda c: c.update(mean=0.6), "its mean corruption accuracy 60.00 % is not its images' 55.00 %"),
+        (lambda c: c["class_accuracy"].__setitem__(1, 0.4), "class-wise corruption accuracies are not its images'"),
+        (lambda c: c["per_image"].update(hits="00"), "1 values where 4 were expected"),
+    ]:
+        edited = json.loads(json.dumps(summary))
+        change(edited)
+        path.write_text(json.dumps({"attacks": {}, "corruptions": edited}))
+        with pytest.raises(UserError, match="was edited or damaged: .*" + message.replace("%", ".")):
+            read_report(path)
+    path.write_text(json.dumps({"attacks": {}, "corruptions": summary}))
+    assert read_report(path)["corruptions"]["mean"] == summary["mean"]
+
+
+def test_a_comparison_gets_corruption_columns_only_when_every_run_has_the_same_images():
+    from robustdistill.studies.assemble import _corruptions
+    from robustdistill.studies.render import _corruption_lines
+
+    def report(hits, labels=(0, 1, 0, 1)):
+        record = {"hits": pack_counts(np.array(hits)), "labels": pack_counts(np.array(labels)), "variants": 10}
+        return {"corruptions": {"folder": "/c", "images": len(hits), "per_image": record}}
+
+    found, info = _corruptions({"a": report([8, 3, 8, 3]), "b": report([10, 0, 5, 5])})
+    labels, scores = found
+    assert labels.tolist() == [0, 1, 0, 1] and scores["b"].tolist() == [1.0, 0.0, 0.5, 0.5]
+    assert info["images"] == 4 and info["variants"] == 10 and info["folders"] == ["/c"]
+    assert "4 images x 10 corrupted versions (/c)" in "\n".join(_corruption_lines(info))
+    assert _corruptions({"a": {}, "b": {}}) == (None, None)
+    found, info = _corruptions({"a": report([8, 3, 8, 3]), "b": {}})
+    assert found is None and "b have no per-image corruption record" in info["note"]
+    found, info = _corruptions({"a": report([8, 3, 8, 3]), "b": report([8, 3, 8, 3], labels=(1, 1, 0, 0))})
+    assert found is None and "different corrupted images" in info["note"]
+    assert _corruption_lines(info) == [
+        "",
+        "Corruption accuracy not compared: the runs were evaluated on different corrupted images.",
+    ]
 
 
 BAD = {

@@ -68,9 +68,10 @@ def test_an_image_tree_reads_the_same_tensors_as_the_same_images_in_an_npz(tmp_p
     from robustdistill.evaluation.report import build_report
 
     report = build_report({}, _spec(arrays), "m.safetensors", arrays, "test", len(arrays.test), 0)
-    assert report["data"]["read"]["layout"] == "NHWC" and "read" not in build_report(
-        {}, _spec(folder), "m.safetensors", folder, "test", len(folder.test), 0
-    )["data"]
+    assert (
+        report["data"]["read"]["layout"] == "NHWC"
+        and "read" not in build_report({}, _spec(folder), "m.safetensors", folder, "test", len(folder.test), 0)["data"]
+    )
 
 
 def test_an_image_tree_is_decoded_once_then_read_from_its_cache(tmp_path, monkeypatch):
@@ -367,12 +368,54 @@ def test_a_digits_run_with_noisy_copies_mixed_into_every_batch(tmp_path):
     cfg.eval.checks = False
     run = train(cfg, progress=False)
     data = json.loads((run / "report.json").read_text())["data"]
-    assert data["extra"] == {"source": "arrays", "root": str(npz), "fraction": 0.5, "images": 1797}
+    assert data["extra"] == {"source": "arrays", "root": str(npz), "fraction": 0.5, "images": 1797, "labels": True}
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r.get("type") == "epoch"]
     # an epoch is one pass over the original images, half a batch each step
     assert "trained with 1797 extra images (arrays, " in (run / "report.md").read_text()
     assert epochs[0]["step"] == len(load_dataset(cfg.data, extra=False).train) // (cfg.train.batch_size // 2)
+
+
+def _unlabeled_digits(tmp_path):
+    images, _ = _raw_digits()
+    np.savez(tmp_path / "unlabeled.npz", image=(images * 15).astype(np.uint8))  # no labels: generated, say
+    return tmp_path / "unlabeled.npz"
+
+
+def test_unlabeled_extra_images_are_read_and_a_label_using_method_is_refused_in_one_line(tmp_path, capsys):
+    from robustdistill.cli import main
+    from robustdistill.data.base import ExtraData
+
+    npz = _unlabeled_digits(tmp_path)
+    cfg = DataConfig(name="digits", extra=ExtraData(DataConfig(name="arrays", root=str(npz)), 0.5), **DIGITS)
+    dataset = load_dataset(cfg)
+    assert dataset.extra_info["labels"] is False and bool((dataset.extra.y == -1).all())
+    with pytest.raises(DataError, match="unlabeled.npz has no labels .*; only data.extra may be unlabeled"):
+        load_dataset(DataConfig(name="arrays", root=str(npz)))
+    out = f"out_dir={tmp_path / 'runs'}"
+    extra = ["data.extra.source.name=arrays", f"data.extra.source.root={npz}", "data.extra.fraction=0.5"]
+    assert main(["train", "pgd_at", out, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"method pgd_at uses the training labels, and data.extra ({npz}) has none" in err
+    assert "a method that learns from its teachers alone (adaad, rslad)" in err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_rslad_trains_on_unlabeled_extra_images(tmp_path, trained_runs):
+    import json
+
+    from robustdistill.training.loop import train
+
+    npz = _unlabeled_digits(tmp_path)
+    extra = {"data__extra__source__name": "arrays", "data__extra__source__root": str(npz), "data__extra__fraction": 0.5}
+    teacher = {"teachers__robust__path": str(trained_runs["trades"])}
+    cfg = digits_config(tmp_path, "rslad", name="unlabeled", train__epochs=2, attack__steps=2, **extra, **teacher)
+    cfg.eval.checks = False
+    run = train(cfg, progress=False)
+    report = json.loads((run / "report.json").read_text())
+    assert report["data"]["extra"]["labels"] is False and report["attacks"]["clean"]["accuracy"] > 0.3
+    assert "trained with 1797 unlabeled extra images (arrays, " in (run / "report.md").read_text()
 
 
 def test_a_validation_split_of_its_own_needs_no_val_fraction(tmp_path):

@@ -163,6 +163,8 @@ def load_dataset(cfg, device: torch.device | str = "cpu", extra: bool = True) ->
     stay on the host when `cfg.loader` streams them, see `streams`); `extra=False` leaves
     `data.extra`'s images unread (an evaluation does not need them; its report still names them)."""
     source: Source = DATASETS.get(cfg.name)(cfg)
+    if source.info.get("unlabeled"):
+        raise DataError(f"{source.info['unlabeled']}; only data.extra may be unlabeled")
     pool, test = source.train, source.test
     if test is None:
         keep, held = stratified_split(pool.y, cfg.test_fraction, cfg.split_seed)
@@ -195,7 +197,8 @@ def load_dataset(cfg, device: torch.device | str = "cpu", extra: bool = True) ->
     info = None
     if mixed:
         info = {"source": cfg.extra.source.name, "root": cfg.extra.source.root, "fraction": cfg.extra.fraction}
-        info |= {"images": len(added)} if added is not None else {}
+        if added is not None:
+            info |= {"images": len(added), "labels": bool(len(added) and int(added.y.min()) >= 0)}
     fraction = cfg.extra.fraction if added is not None else 0.0
     dataset = Dataset(
         cfg.name, source.class_names, train, val, test, mean, std, added, fraction, info, streamed, source.info

@@ -204,20 +204,28 @@ def _check_images(raw: np.ndarray | FileArray, path: Path) -> None:
         raise DataError(f"{path}: float images must lie in [0, 1], these span [{low:g}, {high:g}]")
 
 
-def _array_split(cfg, images_file: Path, labels_file: Optional[Path] = None) -> tuple[HostSplit, str]:
+def _array_split(cfg, images_file: Path, labels_file: Optional[Path] = None) -> tuple[HostSplit, str, Optional[str]]:
     """One split of array files: its images left in the file where it allows (see `mapped`), its
-    labels read; checked whole before any training."""
+    labels read; checked whole before any training. Without labels: every label -1, and the line
+    that says so (the third value; None when it has labels)."""
     try:
         if labels_file is None:
             arrays = npz_members(images_file)
             images = _pick(arrays, IMAGE_KEYS, "images", images_file)
-            raw_y = as_array(_pick(arrays, LABEL_KEYS, "labels", images_file))
+            key = next((k for k in LABEL_KEYS if k in arrays), None)
+            raw_y = as_array(arrays[key]) if key else None
+            holds = ", ".join(sorted(arrays))
+            unlabeled = f"{images_file} has no labels (looked for {', '.join(LABEL_KEYS)}; it holds {holds})"
         else:
             images = open_npy(images_file)
-            raw_y = np.load(labels_file, allow_pickle=False)
+            raw_y = np.load(labels_file, allow_pickle=False) if labels_file.is_file() else None
+            unlabeled = f"{images_file} has no {labels_file.name} beside it"
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{images_file} is not a readable numpy file ({exc})") from None
     layout = _layout(tuple(images.shape), cfg.layout, images_file)
+    if raw_y is None:  # refused unless it is data.extra, for a method that needs no labels (load_dataset)
+        labels = torch.full((images.shape[0],), -1, dtype=torch.int64)
+        return HostSplit(images, labels, layout, images_file), layout, unlabeled
     raw_y = np.asarray(raw_y).reshape(-1)
     if len(raw_y) != images.shape[0]:
         raise DataError(f"{images_file} holds {images.shape[0]} images but {len(raw_y)} labels")
@@ -229,7 +237,7 @@ def _array_split(cfg, images_file: Path, labels_file: Optional[Path] = None) -> 
     if not isinstance(images, FileArray):
         log.info("%s: read into memory (compressed or Fortran-ordered, so it cannot be memory-mapped)", images_file)
     labels = torch.from_numpy(raw_y.astype(np.int64))
-    return HostSplit(images, labels, layout, images_file), layout
+    return HostSplit(images, labels, layout, images_file), layout, None
 
 
 def _array_files(root: Path) -> dict[str, tuple[Path, Optional[Path]]]:
@@ -240,10 +248,7 @@ def _array_files(root: Path) -> dict[str, tuple[Path, Optional[Path]]]:
         if (root / f"{split}.npz").is_file():
             found[split] = (root / f"{split}.npz", None)
         elif (root / f"{split}_images.npy").is_file():
-            labels = root / f"{split}_labels.npy"
-            if not labels.is_file():
-                raise DataError(f"{root / f'{split}_images.npy'} has no {labels.name} beside it")
-            found[split] = (root / f"{split}_images.npy", labels)
+            found[split] = (root / f"{split}_images.npy", root / f"{split}_labels.npy")
     if "train" not in found:
         raise DataError(f"{root} holds neither train.npz nor train_images.npy (with train_labels.npy)")
     return found
@@ -254,10 +259,11 @@ def arrays(cfg) -> Source:
     """Images and labels from .npz / .npy files (see the module's docstring)."""
     layout = "train.npz and test.npz (or train_images.npy, train_labels.npy, ...), or be one .npz file"
     root = _root(cfg, layout, file_ok=True)
-    splits, layouts = {}, set()
+    splits, layouts, unlabeled = {}, set(), []
     for split, (images_file, labels_file) in _array_files(root).items():
-        splits[split], used = _array_split(cfg, images_file, labels_file)
+        splits[split], used, without = _array_split(cfg, images_file, labels_file)
         layouts.add(used)
+        unlabeled += [without] if without else []
     shapes = {tuple(s.shape[1:]) for s in splits.values()}
     if len(shapes) > 1:
         raise DataError(f"{root}: the splits' images differ in shape ({', '.join(map(str, sorted(shapes)))})")
@@ -268,4 +274,6 @@ def arrays(cfg) -> Source:
     log.info("arrays: %s, layout %s, %d classes", root, "/".join(sorted(layouts)), len(names))
     info = {"layout": "/".join(sorted(layouts)), "layout_from": "data.layout" if cfg.layout else "inferred"}
     info["in_file"] = sorted(k for k, s in splits.items() if isinstance(s.source, FileArray))  # read a batch at a time
+    if unlabeled:
+        info["unlabeled"] = unlabeled[0]
     return Source(splits["train"], splits.get("test"), names, val=splits.get("val"), info=info)

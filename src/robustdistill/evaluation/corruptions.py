@@ -7,6 +7,11 @@ of `labels.npy` (5 x N, the same N labels five times in the release). No attack 
 number is the model's prediction on the corrupted image.
 
     summary = corruption_accuracy(model, Path("~/data/CIFAR-10-C"), num_classes=10, shape=(3, 32, 32))
+
+Besides the accuracies, the summary keeps each image's count of corrupted versions classified right
+(`per_image`: hits, variants, labels) when every severity holds the same images (the same labels in
+the same order, as in the release): what a comparison bootstraps over images and seeds, and what a
+report's numbers are checked against when it is read.
 """
 
 from __future__ import annotations
@@ -54,8 +59,9 @@ def corruption_accuracy(
     batch_size: int = 256,
 ) -> dict[str, Any]:
     """{folder, accuracy: {corruption: [severity 1..5]}, mean, class_accuracy (over every corruption
-    and severity), images (per severity)}; each file is read memory-mapped, one severity at a time.
-    `shape`: the model's input (C, H, W), which every file must match."""
+    and severity), images (per severity), per_image (see the module's docstring)}; each file is read
+    memory-mapped, one severity at a time. `shape`: the model's input (C, H, W), which every file
+    must match."""
     folder = Path(folder).expanduser()
     files = corruption_files(folder)
     labels = _load(folder / "labels.npy").reshape(-1)
@@ -67,6 +73,7 @@ def corruption_accuracy(
     device = next(model.parameters()).device
     y_all = torch.from_numpy(labels.astype(np.int64))
     hits = torch.zeros(num_classes, dtype=torch.long)
+    per_image = torch.zeros(n, dtype=torch.long)
     counts = torch.zeros(num_classes, dtype=torch.long)
     accuracy = {}
     for path in files:
@@ -85,17 +92,70 @@ def corruption_accuracy(
             y = y_all[block]
             right = predict(model, x, batch_size).cpu() == y
             hits += torch.bincount(y[right], minlength=num_classes)
+            per_image += right.long()
             counts += torch.bincount(y, minlength=num_classes)
             per_severity.append(right.double().mean().item() if n else 0.0)
         accuracy[path.stem] = per_severity
     everything = [a for values in accuracy.values() for a in values]
-    return {
+    summary = {
         "folder": str(folder),
         "images": n,
         "accuracy": accuracy,
         "mean": float(np.mean(everything)),
         "class_accuracy": (hits.double() / counts.clamp_min(1)).tolist(),
     }
+    first = labels[:n]
+    if all(np.array_equal(labels[s * n : (s + 1) * n], first) for s in range(1, SEVERITIES)):
+        variants = len(files) * SEVERITIES
+        summary["per_image"] = {
+            "hits": pack_counts(per_image.numpy()),
+            "variants": variants,
+            "labels": pack_counts(first),
+        }
+    return summary
+
+
+def pack_counts(values: np.ndarray) -> str:
+    """Small non-negative integers (below 65536) as hex text: two bytes each, little-endian."""
+    return np.asarray(values, dtype="<u2").tobytes().hex()
+
+
+def unpack_counts(text: str, n: int) -> np.ndarray:
+    """The n integers of `pack_counts`; ValueError when the text does not hold exactly n."""
+    values = np.frombuffer(bytes.fromhex(text), dtype="<u2")
+    if len(values) != n:
+        raise ValueError(f"{len(values)} values where {n} were expected")
+    return values.astype(np.int64)
+
+
+def per_image_scores(summary: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(each image's share of its corrupted versions classified right, its label) from a report's
+    `corruptions` entry; ValueError when it has no per-image record or a damaged one."""
+    record, n = summary["per_image"], int(summary["images"])
+    hits, labels = unpack_counts(record["hits"], n), unpack_counts(record["labels"], n)
+    variants = int(record["variants"])
+    if variants <= 0 or hits.max(initial=0) > variants:
+        raise ValueError(f"hits above the {variants} variants")
+    return hits / variants, labels
+
+
+def check_corruptions(summary: dict[str, Any]) -> None:
+    """The mean and class-wise corruption accuracies must be what the per-image record gives
+    (ValueError naming the first that is not); a summary without that record is not checked."""
+    if "per_image" not in summary:
+        return
+    scores, labels = per_image_scores(summary)
+    mean = float(scores.mean()) if len(scores) else 0.0
+    if abs(mean - float(summary["mean"])) > 1e-9:
+        raise ValueError(
+            f"its mean corruption accuracy {100 * summary['mean']:.2f} % is not its images' {100 * mean:.2f} %"
+        )
+    counts = np.bincount(labels, minlength=len(summary["class_accuracy"]))
+    classwise = np.bincount(labels, weights=scores, minlength=len(counts)) / np.maximum(counts, 1)
+    if len(classwise) != len(summary["class_accuracy"]) or not np.allclose(
+        classwise, summary["class_accuracy"], rtol=0, atol=1e-9
+    ):
+        raise ValueError("its class-wise corruption accuracies are not its images'")
 
 
 def corruption_table(summary: dict[str, Any]) -> list[str]:

@@ -13,7 +13,9 @@ report.json schema (version 1):
            read the data, when it says: arrays gives {layout: NHWC | NCHW | NHW, layout_from: inferred |
            data.layout, in_file: the splits read from their files a batch at a time})}
     corruptions (with eval.corruptions): {folder, images, accuracy: {corruption: [severity 1..5]}, mean,
-           class_accuracy}
+           class_accuracy, per_image (when every severity holds the same images): {hits: each image's
+           count of corrupted versions classified right, variants: how many it has, labels}, both
+           packed as 2-byte little-endian hex}
     seed: int
     settings: {common: {eps, step_size, restarts, square_queries, batch_size, seed, checks,
                checks_subset, large_eps, fold_batchnorm}, <attack>: {its own settings, label}}
@@ -51,7 +53,7 @@ import torch
 from ..core import __version__
 from ..core.errors import UserError
 from ..storage.files import atomic_write
-from .corruptions import corruption_table
+from .corruptions import check_corruptions, corruption_table
 from .metrics import strongest_attack, unpack_verdicts
 
 SCHEMA_VERSION = 1
@@ -274,6 +276,7 @@ def comparison_table(named_reports: list[tuple[str, dict[str, Any]]], robust: Op
 def extra_description(extra: dict[str, Any]) -> str:
     """`data.extra` as a report names it: "1797 extra images (arrays, /data/x.npz), 50 % of every batch"."""
     images = f"{extra['images']} " if "images" in extra else ""
+    images += "unlabeled " if extra.get("labels") is False else ""
     share = f"{100 * extra['fraction']:.0f} %"
     return f"{images}extra images ({extra['source']}, {extra['root']}), {share} of every batch"
 
@@ -341,6 +344,13 @@ def read_report(path: str | Path) -> dict[str, Any]:
     if not isinstance(report, dict) or not isinstance(report.get("attacks"), dict):
         raise UserError(f"{path} is not a report of this tool (no attacks); evaluate the run again to rewrite it")
     _check_against_verdicts(report, path)
+    if isinstance(report.get("corruptions"), dict):
+        try:
+            check_corruptions(report["corruptions"])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise UserError(
+                f"{path} was edited or damaged: {exc} (corruptions); evaluate the run again to rewrite it"
+            ) from None
     return report
 
 

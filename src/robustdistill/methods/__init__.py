@@ -23,10 +23,21 @@ from . import (  # noqa: F401  (register the methods)
     rslad,
     trades,
 )
-from .base import METHODS, Context, FrozenTeacher, Method, MethodOptions, Progress, create_method, update_average
+from .base import (
+    METHODS,
+    Context,
+    FrozenTeacher,
+    Method,
+    MethodOptions,
+    Progress,
+    create_method,
+    label_free_methods,
+    update_average,
+)
 
 __all__ = [
     "METHODS",
+    "label_free_methods",
     "Context",
     "FrozenTeacher",
     "Method",

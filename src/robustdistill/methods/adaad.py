@@ -49,6 +49,10 @@ class AdaAD(Method):
 
     teachers = ("robust",)
 
+    @classmethod
+    def uses_labels(cls, options) -> bool:
+        return False  # the teacher's outputs alone, in the inner max and in both terms
+
     def loss(self, x, y):
         o = self.options
         teacher = self.ctx.teachers["robust"]

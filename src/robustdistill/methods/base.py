@@ -142,6 +142,12 @@ class Method:
         return cls.teachers
 
     @classmethod
+    def uses_labels(cls, options: MethodOptions) -> bool:
+        """Whether a run with these options reads the training labels (a loss term, an inner
+        maximisation, class-wise state); one that does not can train on unlabeled extra images."""
+        return True
+
+    @classmethod
     def validates(cls, options: MethodOptions) -> bool:
         """Whether a run with these options adapts to a validation every epoch (the preflight then
         requires train.eval_every=1 and train.select_on=val)."""
@@ -167,6 +173,11 @@ class Method:
     def log_state(self) -> dict[str, Any]:
         """Adaptive state worth a line in metrics.jsonl (temperatures, weights, ...)."""
         return {}
+
+
+def label_free_methods() -> list[str]:
+    """The methods that, with their default options, learn without the training labels."""
+    return [name for name in METHODS.names() if not METHODS.get(name).uses_labels(METHODS.get(name).Options())]
 
 
 def create_method(options: MethodOptions, ctx: Context) -> Method:

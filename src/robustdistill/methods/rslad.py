@@ -61,6 +61,10 @@ class RSLAD(Method):
 
     teachers = ("robust",)
 
+    @classmethod
+    def uses_labels(cls, options) -> bool:
+        return options.attack_loss == "ce"  # the soft labels alone, unless the inner max takes the hard label
+
     def loss(self, x, y):
         o = self.options
         teacher = self.ctx.teachers["robust"]

@@ -23,6 +23,7 @@ import torch
 from ..core.errors import UserError
 from ..data import load_dataset, subset_of
 from ..evaluation.checks import CHECKS
+from ..evaluation.corruptions import per_image_scores
 from ..evaluation.metrics import strongest_attack, unpack_verdicts
 from ..evaluation.report import extra_description, machine, read_report, versions, write_section
 from ..recipes import is_shipped
@@ -71,13 +72,14 @@ def write_comparison(
         "data": {"name": dataset.name, "split": "test", "num_samples": results.n, "classes": dataset.class_names},
         "attacks": results.attacks,
         "focus": results.focus,  # the attack of the class-wise intervals and the figures' robust accuracy
-        "metrics": results.names,
+        "metrics": results.names + results.corruption_names,
         "intervals": HOW,
         "draws": grid.draws,
         "groups": groups_out,
         "failed": failed,
         "checks": results.checks,
         "extra": results.extra,
+        "corruptions": results.corruption_info,
         "published": grid.published,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -112,6 +114,9 @@ class _Results:
         mean = {a: float(np.mean([v[a].mean() for v in self.verdicts.values()])) for a in self.attacks}
         self.focus = strongest_attack(mean) or self.attacks[0]
         self.names = metric_names(self.attacks, self.focus if self.focus != "clean" else None)
+        # corruption accuracy (eval.corruptions): columns of their own when every run has it per image
+        self.corruptions, self.corruption_info = _corruptions(reports)
+        self.corruption_names = ["corruptions", "worst corruptions"] if self.corruptions else []
         self.done = {r.name for r in done}
         self._loaded: dict[str, tuple] = {}
         self.dataset, self.labels = self.labels_of(done[0])
@@ -146,6 +151,12 @@ def _group(grid: Grid, group, in_group: list[GridRun], results: _Results):
     names, focus = results.names, results.focus
     verdicts = {c: [results.verdicts[r.name] for r in runs] for c, runs in complete.items()}
     boot = bootstrap(verdicts, labels, dataset.num_classes, names, grid.draws) if complete else {}
+    if complete and results.corruptions:  # their own images: bootstrapped apart, over the same seeds
+        labels_c, scores = results.corruptions
+        per_run = {c: [{"corruptions": scores[r.name]} for r in runs] for c, runs in complete.items()}
+        more = bootstrap(per_run, labels_c, dataset.num_classes, results.corruption_names, grid.draws, seed=1)
+        boot = {c: np.hstack([boot[c], more[c]]) for c in boot}
+        names = names + results.corruption_names
     # the class-wise accuracies under the focus attack, from the same resampling draws
     by_class = [f"class {k} {focus}" for k in range(dataset.num_classes)]
     classes = bootstrap(verdicts, labels, dataset.num_classes, by_class, grid.draws) if complete else {}
@@ -168,10 +179,46 @@ def _group(grid: Grid, group, in_group: list[GridRun], results: _Results):
     rows = [
         {**dict(group), "cell": run.cell, "seed": run.seed, "metric": metric, "value": value}
         for run in [r for runs in complete.values() for r in runs]
-        for metric, value in zip(names, run_metrics(results.verdicts[run.name], labels, dataset.num_classes, names))
+        for metric, value in _run_values(results, run.name, labels, dataset.num_classes)
     ]
     seconds = {cell: sum(_seconds(r) for r in runs) for cell, runs in complete.items()}
     return entry, rows, seconds
+
+
+def _run_values(results: _Results, name: str, labels: np.ndarray, num_classes: int) -> list[tuple[str, float]]:
+    """One run's metrics, its corruption accuracy among them, for cells.csv."""
+    values = list(zip(results.names, run_metrics(results.verdicts[name], labels, num_classes, results.names)))
+    if results.corruptions:
+        labels_c, scores = results.corruptions
+        more = run_metrics({"corruptions": scores[name]}, labels_c, num_classes, results.corruption_names)
+        values += list(zip(results.corruption_names, more))
+    return values
+
+
+def _corruptions(reports: dict[str, dict[str, Any]]) -> tuple[Optional[tuple], Optional[dict[str, Any]]]:
+    """((labels, {run: per-image score}), what the report says of them) when every run was evaluated
+    on the same corrupted images with their per-image record; else (None, why not, or None when no
+    run was evaluated on corruptions)."""
+    entries = {name: report.get("corruptions") for name, report in reports.items()}
+    if not any(entries.values()):
+        return None, None
+    lacking = sorted(name for name, entry in entries.items() if not entry or "per_image" not in entry)
+    if lacking:
+        why = f"not compared: {', '.join(lacking)} have no per-image corruption record (evaluate with --corruptions)"
+        return None, {"note": why}
+    scored = {name: per_image_scores(entry) for name, entry in entries.items()}
+    labels = next(iter(scored.values()))[1]
+    if any(len(y) != len(labels) or not np.array_equal(y, labels) for _, y in scored.values()):
+        return None, {"note": "not compared: the runs were evaluated on different corrupted images"}
+    first = next(iter(entries.values()))
+    info = {
+        "folders": sorted({entry["folder"] for entry in entries.values()}),
+        "images": int(first["images"]),
+        "variants": int(first["per_image"]["variants"]),
+        "how": "each image scores the share of its corrupted versions (every corruption and severity) classified "
+        "right; the intervals resample the seeds and these images within each class, apart from the attacks' draws",
+    }
+    return (labels, {name: scores for name, (scores, _) in scored.items()}), info
 
 
 def _weaker_focus(summary: dict[str, Any], results: _Results) -> list[str]:

@@ -36,6 +36,7 @@ def comparison_markdown(document: dict[str, Any], grid_path: Path, seconds: dict
         "Each cell: mean over seeds [95 % interval]. " + document["intervals"],
         *_few_seeds(document),
         *[f"Trained with {what}: {', '.join(sorted(runs))}." for what, runs in document.get("extra", {}).items()],
+        *_corruption_lines(document.get("corruptions")),
     ]
     for index, group in enumerate(document["groups"]):
         lines += _group_lines(group, document["metrics"], seconds[index])
@@ -53,6 +54,19 @@ def comparison_markdown(document: dict[str, Any], grid_path: Path, seconds: dict
     if document["failed"]:
         lines += ["", "## Failed cells", ""] + [f"- {name}: {why}" for name, why in document["failed"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _corruption_lines(info: Optional[dict[str, Any]]) -> list[str]:
+    """What the corruption columns are (or why there are none although runs were evaluated on them)."""
+    if not info:
+        return []
+    if "note" in info:
+        return ["", f"Corruption accuracy {info['note']}."]
+    return [
+        "",
+        f"Corruptions: accuracy on {info['images']} images x {info['variants']} corrupted versions "
+        f"({', '.join(info['folders'])}), no attack; {info['how']}.",
+    ]
 
 
 def _group_lines(group: dict[str, Any], names: list[str], seconds: dict[str, float]) -> list[str]:

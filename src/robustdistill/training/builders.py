@@ -26,7 +26,7 @@ from ..attacks import EvalSettings
 from ..core.distributed import DistInfo
 from ..core.errors import CheckpointError, ConfigError
 from ..data import Augment, BatchLoader, Dataset, Split, StreamingLoader, subset_of
-from ..methods import Context, FrozenTeacher, Method, create_method
+from ..methods import METHODS, Context, FrozenTeacher, Method, create_method, label_free_methods
 from ..models import Classifier, ModelSpec, create_model, eval_mode, fingerprint
 from ..models.sources import load_teacher, model_spec
 from ..storage.files import load_torch
@@ -153,6 +153,12 @@ def build_loader(cfg: Config, dataset: Dataset, dist: DistInfo) -> BatchLoader:
         **where,
     )
     if dataset.extra is not None:
+        if dataset.extra_info.get("labels") is False and METHODS.get(cfg.method.name).uses_labels(cfg.method):
+            raise ConfigError(
+                f"method {cfg.method.name} uses the training labels, and data.extra ({cfg.data.extra.source.root}) "
+                f"has none: give the file its labels, or train a method that learns from its teachers alone "
+                f"({', '.join(label_free_methods())})"
+            )
         added = round(dataset.extra_fraction * cfg.train.batch_size)
         if not 0 < added < cfg.train.batch_size or added % dist.world_size or cfg.train.batch_size % dist.world_size:
             raise ConfigError(
