@@ -77,7 +77,7 @@ def test_a_report_whose_corruption_numbers_are_not_its_images_is_refused(tmp_pat
     for change, message in [
         (lambda c: c.update(mean=0.6), "its mean corruption accuracy 60.00 % is not its images' 55.00 %"),
         (lambda c: c["class_accuracy"].__setitem__(1, 0.4), "class-wise corruption accuracies are not its images'"),
-        (lambda c: c["per_image"].update(hits="00"), "1 values where 4 were expected"),
+        (lambda c: c["per_image"].update(hits="0000"), "1 values where 4 were expected"),
     ]:
         edited = json.loads(json.dumps(summary))
         change(edited)

@@ -324,7 +324,7 @@ def test_data_extra_is_read_checked_and_named_in_the_dataset(tmp_path):
     mixed = load_dataset(cfg)
     _same(mixed, plain)  # the original splits untouched
     assert len(mixed.extra) == 1797 and mixed.extra_fraction == 0.5
-    assert mixed.extra_info == {"source": "arrays", "root": str(npz), "fraction": 0.5, "images": 1797}
+    assert mixed.extra_info == {"source": "arrays", "root": str(npz), "fraction": 0.5, "images": 1797, "labels": True}
     unread = load_dataset(cfg, extra=False)  # an evaluation: not read, still named
     assert unread.extra is None and unread.extra_info == {"source": "arrays", "root": str(npz), "fraction": 0.5}
     np.savez(tmp_path / "big.npz", image=np.zeros((4, 1, 9, 9), np.float32), label=[0, 1, 2, 3])

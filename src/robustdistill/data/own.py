@@ -271,7 +271,7 @@ def arrays(cfg) -> Source:
     names = list(cfg.class_names) if cfg.class_names else [str(c) for c in range(top + 1)]
     if top >= len(names):
         raise DataError(f"{root}: label {top} is outside the {len(names)} classes of data.class_names")
-    log.info("arrays: %s, layout %s, %d classes", root, "/".join(sorted(layouts)), len(names))
+    log.debug("arrays: %s, layout %s, %d classes", root, "/".join(sorted(layouts)), len(names))
     info = {"layout": "/".join(sorted(layouts)), "layout_from": "data.layout" if cfg.layout else "inferred"}
     info["in_file"] = sorted(k for k, s in splits.items() if isinstance(s.source, FileArray))  # read a batch at a time
     if unlabeled:
