@@ -381,3 +381,23 @@ def test_a_grid_evaluated_on_corruptions_compares_them_with_intervals(tmp_path):
         "Corruptions: accuracy on 100 images x 10 corrupted versions"
         in (tmp_path / "grid" / "out" / "report.md").read_text()
     )
+
+
+def test_the_cells_table_names_each_cells_extra_images():
+    from robustdistill.evaluation.report import extra_cell
+    from robustdistill.studies.assemble import _extra_entry
+    from robustdistill.studies.render import _group_lines
+
+    mixed = extra_cell({"source": "arrays", "root": "/g.npz", "fraction": 0.7, "images": 5000, "labels": False})
+    assert mixed == "5000 unlabeled at 70 %" and extra_cell({"fraction": 0.5}) == "at 50 %"
+    assert _extra_entry([None, None]) == {} and _extra_entry([mixed, mixed]) == {"extra": mixed}
+    assert _extra_entry([mixed, None]) == {"extra": "differs between seeds"}
+    metrics = {"clean": [90.0, 88.0, 92.0]}
+    cells = {"plain": {"seeds": [0], "metrics": metrics}, "gen": {"seeds": [0], "metrics": metrics, "extra": mixed}}
+    group = {"axes": {}, "cells": cells, "differences": [], "missing": {}, "notes": []}
+    text = "\n".join(_group_lines(group, ["clean"], {"plain": 60.0, "gen": 90.0}))
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
+    assert rows[0] == ["cell", "seeds", "extra images", "clean %", "training"]
+    assert rows[2][:3] == ["plain", "1", "none"] and rows[3][:3] == ["gen", "1", "5000 unlabeled at 70 %"]
+    del cells["gen"]["extra"]
+    assert "extra images" not in "\n".join(_group_lines(group, ["clean"], {"plain": 60.0, "gen": 90.0}))

@@ -61,6 +61,8 @@ def test_accuracy_per_corruption_and_severity_by_hand(tmp_path):
         "Mean corruption accuracy: 55.00 %" in table
         and "| bright | 100.00 | 50.00 | 50.00 | 0.00 | 100.00 | 60.00 |" in table
     )
+    assert "Per class, over every corruption and severity: 0 80.00 %, 1 30.00 % (worst 30.00 %)." in table
+    assert "dark 80.00 %, bright 30.00 %" in "\n".join(corruption_table(summary, ["dark", "bright"]))
 
     # each image's count of its 10 corrupted versions classified right: what comparisons bootstrap
     scores, labels = per_image_scores(summary)

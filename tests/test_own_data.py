@@ -324,9 +324,22 @@ def test_data_extra_is_read_checked_and_named_in_the_dataset(tmp_path):
     mixed = load_dataset(cfg)
     _same(mixed, plain)  # the original splits untouched
     assert len(mixed.extra) == 1797 and mixed.extra_fraction == 0.5
-    assert mixed.extra_info == {"source": "arrays", "root": str(npz), "fraction": 0.5, "images": 1797, "labels": True}
+    epoch = {"epoch": "one pass over the original training images"}
+    assert mixed.extra_info == {
+        "source": "arrays",
+        "root": str(npz),
+        "fraction": 0.5,
+        **epoch,
+        "images": 1797,
+        "labels": True,
+    }
     unread = load_dataset(cfg, extra=False)  # an evaluation: not read, still named
-    assert unread.extra is None and unread.extra_info == {"source": "arrays", "root": str(npz), "fraction": 0.5}
+    assert unread.extra is None and unread.extra_info == {
+        "source": "arrays",
+        "root": str(npz),
+        "fraction": 0.5,
+        **epoch,
+    }
     np.savez(tmp_path / "big.npz", image=np.zeros((4, 1, 9, 9), np.float32), label=[0, 1, 2, 3])
     cfg.extra.source.root = str(tmp_path / "big.npz")
     with pytest.raises(DataError, match=r"holds images of shape \(1, 9, 9\), the training data \(1, 8, 8\)"):
@@ -368,7 +381,8 @@ def test_a_digits_run_with_noisy_copies_mixed_into_every_batch(tmp_path):
     cfg.eval.checks = False
     run = train(cfg, progress=False)
     data = json.loads((run / "report.json").read_text())["data"]
-    assert data["extra"] == {"source": "arrays", "root": str(npz), "fraction": 0.5, "images": 1797, "labels": True}
+    assert data["extra"]["images"] == 1797 and data["extra"]["labels"] and data["extra"]["fraction"] == 0.5
+    assert data["extra"]["epoch"] == "one pass over the original training images"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r.get("type") == "epoch"]
     # an epoch is one pass over the original images, half a batch each step

@@ -197,6 +197,7 @@ def load_dataset(cfg, device: torch.device | str = "cpu", extra: bool = True) ->
     info = None
     if mixed:
         info = {"source": cfg.extra.source.name, "root": cfg.extra.source.root, "fraction": cfg.extra.fraction}
+        info["epoch"] = "one pass over the original training images"  # what train.epochs counts
         if added is not None:
             info |= {"images": len(added), "labels": bool(len(added) and int(added.y.min()) >= 0)}
     fraction = cfg.extra.fraction if added is not None else 0.0

@@ -17,7 +17,7 @@ report's numbers are checked against when it is read.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -158,13 +158,16 @@ def check_corruptions(summary: dict[str, Any]) -> None:
         raise ValueError("its class-wise corruption accuracies are not its images'")
 
 
-def corruption_table(summary: dict[str, Any]) -> list[str]:
-    """report.md's section: one row per corruption, its five severities and their mean."""
+def corruption_table(summary: dict[str, Any], class_names: Optional[list[str]] = None) -> list[str]:
+    """report.md's section: one row per corruption, its five severities and their mean; then each
+    class's accuracy over every corruption and severity (named by `class_names` when given)."""
     head = "| corruption | " + " | ".join(f"severity {s + 1} %" for s in range(SEVERITIES)) + " | mean % |"
     rows = [head, "|" + "---|" * (SEVERITIES + 2)]
     for name, values in summary["accuracy"].items():
         cells = " | ".join(f"{100 * v:.2f}" for v in values)
         rows.append(f"| {name} | {cells} | {100 * float(np.mean(values)):.2f} |")
+    classes = summary["class_accuracy"]
+    names = class_names if class_names and len(class_names) == len(classes) else [str(k) for k in range(len(classes))]
     return [
         f"## Corruptions ({summary['folder']}, {summary['images']} images per severity)",
         "",
@@ -172,4 +175,8 @@ def corruption_table(summary: dict[str, Any]) -> list[str]:
         "the corrupted images).",
         "",
         *rows,
+        "",
+        "Per class, over every corruption and severity: "
+        + ", ".join(f"{name} {100 * a:.2f} %" for name, a in zip(names, classes))
+        + f" (worst {100 * min(classes, default=0.0):.2f} %).",
     ]

@@ -9,7 +9,8 @@ report.json schema (version 1):
              verdict at the edge, can depend on it)
     model: ModelSpec of the evaluated model;  checkpoint: path
     data: {name, split, num_samples, class_names, train_class_counts, extra (when the model was trained
-           with data.extra: {source, root, fraction, images (when they were read)}), read (how the reader
+           with data.extra: {source, root, fraction, epoch (what train.epochs counts), images and
+           labels (the count, and whether they have labels, when they were read)}), read (how the reader
            read the data, when it says: arrays gives {layout: NHWC | NCHW | NHW, layout_from: inferred |
            data.layout, in_file: the splits read from their files a batch at a time})}
     corruptions (with eval.corruptions): {folder, images, accuracy: {corruption: [severity 1..5]}, mean,
@@ -281,6 +282,13 @@ def extra_description(extra: dict[str, Any]) -> str:
     return f"{images}extra images ({extra['source']}, {extra['root']}), {share} of every batch"
 
 
+def extra_cell(extra: dict[str, Any]) -> str:
+    """`data.extra` in a comparison table's cell: "1797 at 50 %" (images, when read; share of a batch)."""
+    images = f"{extra['images']} " if "images" in extra else ""
+    images += "unlabeled " if extra.get("labels") is False else ""
+    return f"{images}at {100 * extra['fraction']:.0f} %".strip()
+
+
 def _extra_line(extra: Optional[dict[str, Any]]) -> list[str]:
     return [f"- trained with {extra_description(extra)}"] if extra else []
 
@@ -309,7 +317,7 @@ def to_markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
             "",
         ]
     if report.get("corruptions"):
-        parts += [*corruption_table(report["corruptions"]), ""]
+        parts += [*corruption_table(report["corruptions"], report.get("data", {}).get("class_names")), ""]
     if report.get("notes"):
         parts += ["## Notes", "", *[f"- {n}" for n in report["notes"]], ""]
     if not report.get("checks") and not report.get("settings", {}).get("common", {}).get("checks", True):

@@ -25,7 +25,7 @@ from ..data import load_dataset, subset_of
 from ..evaluation.checks import CHECKS
 from ..evaluation.corruptions import per_image_scores
 from ..evaluation.metrics import strongest_attack, unpack_verdicts
-from ..evaluation.report import extra_description, machine, read_report, versions, write_section
+from ..evaluation.report import extra_cell, extra_description, machine, read_report, versions, write_section
 from ..recipes import is_shipped
 from ..storage.files import atomic_write
 from ..storage.runs import read_metrics
@@ -107,9 +107,11 @@ class _Results:
         self.checks = failed_checks(reports)
         # extra training data (data.extra) as the runs' reports name it: {description: runs}
         self.extra: dict[str, list[str]] = {}
+        self.extra_of: dict[str, str] = {}  # run: its extra data in a table cell's words
         for name, report in reports.items():
             if report["data"].get("extra"):
                 self.extra.setdefault(extra_description(report["data"]["extra"]), []).append(name)
+                self.extra_of[name] = extra_cell(report["data"]["extra"])
         # robustness is quoted under the strongest attack: the lowest accuracy over every run
         mean = {a: float(np.mean([v[a].mean() for v in self.verdicts.values()])) for a in self.attacks}
         self.focus = strongest_attack(mean) or self.attacks[0]
@@ -165,6 +167,7 @@ def _group(grid: Grid, group, in_group: list[GridRun], results: _Results):
             "seeds": [r.seed for r in complete[cell]],
             "metrics": {m: list(map(_number, interval(boot[cell], j))) for j, m in enumerate(names)},
             "classwise": [list(map(_number, interval(classes[cell], k))) for k in range(len(by_class))],
+            **_extra_entry([results.extra_of.get(r.name) for r in complete[cell]]),
         }
         for cell in complete
     }
@@ -183,6 +186,13 @@ def _group(grid: Grid, group, in_group: list[GridRun], results: _Results):
     ]
     seconds = {cell: sum(_seconds(r) for r in runs) for cell, runs in complete.items()}
     return entry, rows, seconds
+
+
+def _extra_entry(described: list[Optional[str]]) -> dict[str, str]:
+    """A cell's `extra` (its runs' extra training data, when they had some): one text, or "differs"."""
+    if not any(described):
+        return {}
+    return {"extra": described[0] if len(set(described)) == 1 else "differs between seeds"}
 
 
 def _run_values(results: _Results, name: str, labels: np.ndarray, num_classes: int) -> list[tuple[str, float]]:

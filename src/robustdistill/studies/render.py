@@ -77,6 +77,10 @@ def _group_lines(group: dict[str, Any], names: list[str], seconds: dict[str, flo
         [cell, str(len(s["seeds"])), *[_with_interval(m, *s["metrics"][m]) for m in names], duration(seconds[cell])]
         for cell, s in group["cells"].items()
     ]
+    if any("extra" in s for s in group["cells"].values()):  # the extra images, beside the cell's name
+        header.insert(2, "extra images")
+        for row, s in zip(rows, group["cells"].values()):
+            row.insert(2, s.get("extra", "none"))
     lines = ["", f"## {title}", "", markdown_table(header, rows)]
     if group["differences"]:
         diff_rows: dict[str, list[str]] = {}
