@@ -216,7 +216,8 @@ CASES = [
     (evaluate("eval.bogus=1"), "unknown key 'eval.bogus'"),
     (
         evaluate("train.epochs=3"),
-        "eval takes eval.<key>=<value> overrides (e.g. eval.subset=100), got 'train.epochs=3'",
+        "eval takes eval.*, model.*, data.* and teachers.* overrides, as train does (e.g. eval.subset=100 "
+        "model.kwargs.width=16), got 'train.epochs=3'",
     ),
     (evaluate("--subset", "100000"), "eval.subset = 100000 is larger than the test split (359 images)"),
     (evaluate("--attacks", "clean,bogus"), "unknown attack 'bogus'"),

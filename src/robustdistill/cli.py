@@ -4,7 +4,7 @@
     robustdistill train CONFIG [key=value ...]           one run into runs/<name>/
     robustdistill train CONFIG --print-config            show the resolved config, train nothing
     robustdistill train CONFIG --estimate                time a few steps: how long the run will take
-    robustdistill eval RUN_OR_CHECKPOINT [eval.key=value ...] [--attacks clean,pgd20,autoattack_fast] [--strict]
+    robustdistill eval RUN_OR_CHECKPOINT [eval.k=v model.k=v ...] [--attacks clean,pgd20,autoattack_fast] [--strict]
     robustdistill report RUN1 RUN2 ...                   comparison table + robustness-fairness scatter
     robustdistill compare GRID.yaml [--jobs N] [--dry-run]  methods x seeds (x axes), intervals, paired differences
     robustdistill plot RUN                               temperature / weight trajectories to PNG
@@ -359,7 +359,8 @@ def _add_eval(sub) -> None:
     p.add_argument(
         "overrides",
         nargs="*",
-        help="dotted eval.key=value overrides, as for train (e.g. eval.subset=100 eval.restarts=5); "
+        help="dotted key=value overrides in train's grammar: eval.* (e.g. eval.subset=100 eval.restarts=5), "
+        "model.* (a foreign state dict's architecture: model.name, model.kwargs.width=16), data.*, teachers.*; "
         "the flags below are short aliases",
     )
     p.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of a run folder")
@@ -391,7 +392,7 @@ def _add_eval(sub) -> None:
     )
     p.add_argument("--data", help="dataset name (for checkpoints that do not record it)")
     p.add_argument("--data-root", help="dataset folder (overrides the recorded one)")
-    p.add_argument("--model", help="architecture name (for foreign state dicts)")
+    p.add_argument("--model", help="model.name: the architecture of a foreign state dict (its options: model.kwargs.<key>=<value>)")
     p.add_argument("--model-dir", help="RobustBench's local model directory (default: models)")
     p.add_argument("--device", default="auto")
     p.add_argument(

@@ -138,7 +138,10 @@ def load_into(model: Classifier, state: dict[str, torch.Tensor], path: str | Pat
         if unexpected:
             parts.append(f"unexpected keys: {', '.join(unexpected[:3])}")
             if any(".sub_block1." in k for k in unexpected):
-                parts.append("a TRADES WideResNet checkpoint: set the model's kwargs sub_block1: true")
+                parts.append(
+                    "a TRADES WideResNet checkpoint: set the model's kwargs sub_block1: true "
+                    "(model.kwargs.sub_block1=true on the command line; teachers.<role>.model.kwargs for a teacher)"
+                )
         raise CheckpointError(f"{path} does not fit the model ({' | '.join(parts)})")
     model.load_state_dict(state)
 
