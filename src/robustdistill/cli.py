@@ -392,7 +392,7 @@ def _add_eval(sub) -> None:
     )
     p.add_argument("--data", help="dataset name (for checkpoints that do not record it)")
     p.add_argument("--data-root", help="dataset folder (overrides the recorded one)")
-    p.add_argument("--model", help="model.name: the architecture of a foreign state dict (its options: model.kwargs.<key>=<value>)")
+    p.add_argument("--model", help="model.name: a foreign state dict's architecture (options: model.kwargs.KEY=VALUE)")
     p.add_argument("--model-dir", help="RobustBench's local model directory (default: models)")
     p.add_argument("--device", default="auto")
     p.add_argument(
