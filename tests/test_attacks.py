@@ -169,3 +169,12 @@ def test_random_starts_depend_on_the_seed_and_the_restart_but_not_on_the_batch()
     # a sample's start is the same whichever batch (and rank) it is drawn in
     assert torch.equal(sample_noise(index[3:5], (1, 4, 4), seed=0, stream=0), base[3:5])
     assert not torch.equal(base[0], base[1])
+
+
+def test_every_autoattack_attack_has_its_state_file_among_the_tools_own_files():
+    """--force may delete, and a resumed run moves aside, only the files the tool knows as its own."""
+    from robustdistill.storage.runs import AUTOATTACK_STATES
+
+    family = {n for n in EVAL_ATTACKS.names() if EVAL_ATTACKS.get(n).autoattack}
+    assert {"autoattack", "autoattack_fast", "autoattack_rand", "apgd_ce", "apgd_t", "fab_t"} <= family
+    assert set(AUTOATTACK_STATES) == {f"{n}_state.json" for n in family}

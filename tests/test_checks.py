@@ -441,3 +441,21 @@ def test_check_5_reads_the_square_of_the_standard_autoattack_when_no_black_box_a
         SimpleNamespace(**{**vars(c), "env": SimpleNamespace(parts={"autoattack": parts | {"square": 0.4}})})
     )
     assert masked.passed is False
+
+
+@pytest.mark.slow
+def test_autoattacks_parts_run_alone_and_the_worst_case_is_taken_over_them(robust_model, digits):
+    """apgd_ce, apgd_t, fab_t and square alone: the report's robust-to-all is the per-sample worst case
+    over them; no part alone is held below PGD-20 (check 4 compares whole AutoAttacks only); standard
+    AutoAttack, the same parts one after another, lands within a few points of their worst case."""
+    test = digits.test.take(slice(0, 60))
+    parts = ("apgd_ce", "apgd_t", "fab_t", "square")
+    out = evaluate_model(
+        robust_model, test, _settings(["clean", "pgd20", *parts, "autoattack"], square_queries=5000), 10
+    )
+    acc = {k: v["accuracy"] for k, v in out["attacks"].items()}
+    assert out["robust_to_all"]["accuracy"] <= min(acc.values())
+    assert acc["apgd_ce"] < acc["clean"] and acc["apgd_t"] < acc["clean"]
+    assert abs(acc["autoattack"] - min(acc[p] for p in parts)) <= 0.05
+    assert _status(out)["worst_case"] == "passed" and out["settings"]["apgd_t"]["attacks"] == ["apgd-t"]
+    assert set(out["autoattack_parts"]) >= {"apgd_ce", "apgd_t", "fab_t", "autoattack"}

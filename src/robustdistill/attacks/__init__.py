@@ -5,7 +5,8 @@ registered class.
     base.py        `Attack`, its registry ATTACKS, the resolved `EvalSettings`, batched PGD with restarts
 
     white_box.py   clean, fgsm, pgd<N> and cw<N> (N steps: pgd20, pgd100, cw30)
-    autoattack.py  autoattack, autoattack_fast (pyautoattack, resumable, rank-independent)
+    autoattack.py  autoattack, autoattack_fast, autoattack_rand, and the parts apgd_ce, apgd_t, fab_t
+                   (pyautoattack, resumable, rank-independent; its Square part is `square`)
     black_box.py   square, transfer (crafted on a surrogate)
 
 A new attack is one subclass of `Attack` with `@register`, in one of these files or a new one

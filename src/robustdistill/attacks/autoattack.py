@@ -73,10 +73,12 @@ class AutoAttack(Attack):
 
     name = "autoattack"
     autoattack = True
+    suite = True
+    version = "standard"  # pyautoattack's version: its attacks and their settings
     help = "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square; pyautoattack), resumable"
 
     def parameters(self, s):
-        return {"eps": s.eps, "version": "standard", "package": "pyautoattack", "folded_search": s.fold_batchnorm}
+        return {"eps": s.eps, "version": self.version, "package": "pyautoattack", "folded_search": s.fold_batchnorm}
 
     def sub_attacks(self, adversary) -> list[str]:
         return list(adversary.attacks_to_run)
@@ -91,7 +93,7 @@ class AutoAttack(Attack):
         # are the model's own (`_sub_attack` predicts on `model`)
         searched = eval_view(model) if s.fold_batchnorm else model
         adversary = _PackageAutoAttack(
-            searched, device=x_all.device, eps=s.eps, norm="Linf", seed=s.seed, version="standard"
+            searched, device=x_all.device, eps=s.eps, norm="Linf", seed=s.seed, version=self.version
         )
         adversary.apgd_targeted.n_target_classes = min(9, num_classes - 1)
         adversary.fab.n_target_classes = min(9, num_classes - 1)
@@ -200,3 +202,51 @@ class AutoAttackFast(AutoAttack):
 
     def sub_attacks(self, adversary) -> list[str]:
         return ["apgd-ce", "apgd-t"]
+
+
+class _Part(AutoAttack):
+    """One part of AutoAttack standard, alone, with the standard version's settings (resumable and
+    rank-independent as the whole): the points it breaks, on every point the clean model gets right."""
+
+    suite = False
+    part = ""
+
+    def parameters(self, s):
+        return {
+            "eps": s.eps,
+            "attacks": [self.part],
+            "version": "standard",
+            "package": "pyautoattack",
+            "folded_search": s.fold_batchnorm,
+        }
+
+    def sub_attacks(self, adversary) -> list[str]:
+        return [self.part]
+
+
+@register
+class APGDCE(_Part):
+    name, part = "apgd_ce", "apgd-ce"
+    help = "AutoAttack's APGD-CE alone (100 iterations, 5 restarts), resumable"
+
+
+@register
+class APGDT(_Part):
+    name, part = "apgd_t", "apgd-t"
+    help = "AutoAttack's APGD-T alone (targeted DLR, 100 iterations, up to 9 target classes), resumable"
+
+
+@register
+class FABT(_Part):
+    name, part = "fab_t", "fab-t"
+    help = "AutoAttack's FAB-T alone (targeted, up to 9 target classes), resumable"
+
+
+@register
+class AutoAttackRand(AutoAttack):
+    """AutoAttack's version for randomised defences: APGD-CE and APGD-DLR with 20 EOT iterations."""
+
+    name = "autoattack_rand"
+    version = "rand"
+    suite = False  # on a randomised model PGD-20's verdicts are themselves random: no order between them
+    help = "AutoAttack rand, for randomised models (APGD-CE, APGD-DLR, 20 EOT iterations each), resumable"

@@ -107,7 +107,8 @@ class Attack:
     steps: ClassVar[Optional[int]] = None  # a family member's steps (its name's number)
     kind: ClassVar[Kind] = "white-box"  # the sanity checks compare black-box with white-box attacks
     needs_surrogate: ClassVar[bool] = False  # crafted on another model (eval.surrogate)
-    autoattack: ClassVar[bool] = False  # an AutoAttack run: check 4 holds it below PGD, check 8 reads its flags
+    autoattack: ClassVar[bool] = False  # of the AutoAttack family (pyautoattack): check 8 reads its flags
+    suite: ClassVar[bool] = False  # a whole AutoAttack (standard, fast): check 4 holds it below PGD-20
     help: ClassVar[str] = ""
 
     def parameters(self, s: EvalSettings) -> dict[str, Any]:

@@ -159,7 +159,7 @@ def worst_case(c: CheckContext) -> Outcome:
     accs = {k: _accuracy(v) for k, v in c.correct.items()}
     worst = _accuracy(torch.stack(list(c.correct.values())).all(dim=0))
     ok = all(worst <= a for a in accs.values())
-    autoattacks = [a for k, a in accs.items() if ATTACKS.get(k).autoattack]
+    autoattacks = [a for k, a in accs.items() if ATTACKS.get(k).suite]
     if autoattacks and ROBUST_ATTACK in accs:
         ok = ok and all(a <= accs[ROBUST_ATTACK] + c.tol for a in autoattacks)
     return Outcome(ok, {"robust_to_all": worst, **accs})
@@ -203,7 +203,7 @@ def unchanged(c: CheckContext) -> Outcome:
 def autoattack_flags(c: CheckContext) -> Outcome:
     flags = {k: v for k, v in c.env.notes.items() if ATTACKS.get(k).autoattack}
     if not flags:
-        return Outcome(None, detail="needs autoattack or autoattack_fast")
+        return Outcome(None, detail="needs an AutoAttack (autoattack, autoattack_fast, its parts or its rand version)")
     messages = sorted({m for ms in flags.values() for m in ms})
     return Outcome(
         not messages, {k: len(v) for k, v in flags.items()}, f"it warned: {' | '.join(messages)}" if messages else ""

@@ -30,8 +30,9 @@ report.json schema (version 1):
              (`metrics.unpack_verdicts(text, num_samples)` reads it back)
     robust_to_all: {attacks: [...], accuracy, class_accuracy, ...}   (two or more attacks run)
     w_robust: {value, definition, attack}          (clean + robust) / 2 under the strongest attack that ran
-    autoattack_flags: {<autoattack|autoattack_fast>: [warnings pyautoattack's own checks logged]}   (when run)
-    autoattack_parts: {<autoattack|autoattack_fast>: {clean, apgd-ce, apgd-t, ...: accuracy after that part}}
+    autoattack_flags: {<an attack of the AutoAttack family>: [warnings pyautoattack's own checks logged]}   (when run)
+    autoattack_parts: {<an attack of the AutoAttack family>: {clean, apgd-ce, apgd-t, ...: accuracy after that part}}
+             (the family: autoattack, autoattack_fast, autoattack_rand, and the parts alone apgd_ce, apgd_t, fab_t)
     checks: [{id, name, status: passed|failed|skipped, numbers: {...}, message}]   (sanity checks 1-9)
     notes: [what a reader must not miss: PGD above AutoAttack by more than 3 points]
     selection: {metric, split, best_epoch, best_score}   (reports written by training only)

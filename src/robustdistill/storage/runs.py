@@ -24,7 +24,16 @@ from ..core.errors import CheckpointError, UserError
 from .files import INSIDE_LOCK, atomic_write
 
 CHECKPOINTS = "checkpoints"
-AUTOATTACK_STATES = ("autoattack_state.json", "autoattack_fast_state.json")  # an AutoAttack's resumable progress
+# an AutoAttack's resumable progress, one file per attack of the AutoAttack family (tests/test_attacks.py
+# checks the list against the attacks registered)
+AUTOATTACK_STATES = (
+    "autoattack_state.json",
+    "autoattack_fast_state.json",
+    "autoattack_rand_state.json",
+    "apgd_ce_state.json",
+    "apgd_t_state.json",
+    "fab_t_state.json",
+)
 MARKER = ".robustdistill-run"  # written into every run folder this tool creates
 # what the tool itself writes into a run folder (and its eval-* folders): --force deletes only these
 _RUN_FILES = {
