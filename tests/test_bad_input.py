@@ -200,10 +200,8 @@ CASES = [
     (teacher("garbage.safetensors"), "garbage.safetensors is not a readable safetensors file"),
     (student("teachers.robust.path=state.pt"), "state.pt does not say which architecture it holds"),
     (
-        student(
-            "teachers.robust.path=model.safetensors", "teachers.robust.model={name: small_cnn, kwargs: {width: 8}}"
-        ),
-        "model.safetensors does not fit the model (wrong shapes",
+        student("teachers.robust.path=state.pt", "teachers.robust.model={name: small_cnn, kwargs: {width: 8}}"),
+        "state.pt does not fit the model (wrong shapes",
     ),
     # eval
     (evaluate("--eps", "2"), "eval.eps must be in [0, 1]"),

@@ -445,17 +445,20 @@ def test_check_5_reads_the_square_of_the_standard_autoattack_when_no_black_box_a
 
 @pytest.mark.slow
 def test_autoattacks_parts_run_alone_and_the_worst_case_is_taken_over_them(robust_model, digits):
-    """apgd_ce, apgd_t, fab_t and square alone: the report's robust-to-all is the per-sample worst case
-    over them; no part alone is held below PGD-20 (check 4 compares whole AutoAttacks only); standard
-    AutoAttack, the same parts one after another, lands within a few points of their worst case."""
-    test = digits.test.take(slice(0, 60))
-    parts = ("apgd_ce", "apgd_t", "fab_t", "square")
-    out = evaluate_model(
-        robust_model, test, _settings(["clean", "pgd20", *parts, "autoattack"], square_queries=5000), 10
-    )
+    """apgd_ce, apgd_t and fab_t alone: the report's robust-to-all is the per-sample worst case over
+    them; no part alone is held below PGD-20 (check 4 compares whole AutoAttacks only); the fast
+    AutoAttack, APGD-CE then APGD-T on what it left, lands within a few points of those two's worst case."""
+    from robustdistill.evaluation.metrics import unpack_verdicts
+
+    test = digits.test.take(slice(0, 40))
+    parts = ("apgd_ce", "apgd_t", "fab_t")
+    out = evaluate_model(robust_model, test, _settings(["clean", "pgd20", *parts, "autoattack_fast"]), 10)
     acc = {k: v["accuracy"] for k, v in out["attacks"].items()}
     assert out["robust_to_all"]["accuracy"] <= min(acc.values())
     assert acc["apgd_ce"] < acc["clean"] and acc["apgd_t"] < acc["clean"]
-    assert abs(acc["autoattack"] - min(acc[p] for p in parts)) <= 0.05
+    both = unpack_verdicts(out["attacks"]["apgd_ce"]["verdicts"], 40) & unpack_verdicts(
+        out["attacks"]["apgd_t"]["verdicts"], 40
+    )
+    assert abs(acc["autoattack_fast"] - both.mean()) <= 0.05
     assert _status(out)["worst_case"] == "passed" and out["settings"]["apgd_t"]["attacks"] == ["apgd-t"]
-    assert set(out["autoattack_parts"]) >= {"apgd_ce", "apgd_t", "fab_t", "autoattack"}
+    assert set(out["autoattack_parts"]) >= {"apgd_ce", "apgd_t", "fab_t", "autoattack_fast"}

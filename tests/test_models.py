@@ -171,3 +171,83 @@ def test_a_trades_checkpoint_with_its_unused_sub_block_loads(tmp_path):
     model, _ = load_model(tmp_path / "model_cifar_wrn.pt", spec)
     with pytest.raises(CheckpointError, match=r"unexpected keys: net\.sub_block1.*sub_block1: true"):
         load_model(tmp_path / "model_cifar_wrn.pt", ModelSpec("wrn34_10", 10, 3, {"depth": 10, "widen_factor": 1}))
+
+
+def _official_trades_wrn_keys(depth=34, widen=10, classes=10) -> dict[str, tuple[int, ...]]:
+    """The state dict of TRADES' models/wideresnet.py (its WideResNet(), saved as model_cifar_wrn.pt),
+    key by key with shapes, written from that file's module structure: conv1, block1, sub_block1 (built,
+    never called), block2, block3 (NetworkBlock.layer: BasicBlock's bn1, conv1, bn2, conv2 and, where the
+    width changes, convShortcut), bn1, fc."""
+    n, widths = (depth - 4) // 6, [16, 16 * widen, 32 * widen, 64 * widen]
+    keys: dict[str, tuple[int, ...]] = {"conv1.weight": (16, 3, 3, 3)}
+
+    def bn(name, c):
+        for p in ("weight", "bias", "running_mean", "running_var"):
+            keys[f"{name}.{p}"] = (c,)
+        keys[f"{name}.num_batches_tracked"] = ()
+
+    for block, cin, cout in [("block1", 0, 1), ("sub_block1", 0, 1), ("block2", 1, 2), ("block3", 2, 3)]:
+        for i in range(n):
+            a, b = widths[cin] if i == 0 else widths[cout], widths[cout]
+            bn(f"{block}.layer.{i}.bn1", a)
+            keys[f"{block}.layer.{i}.conv1.weight"] = (b, a, 3, 3)
+            bn(f"{block}.layer.{i}.bn2", b)
+            keys[f"{block}.layer.{i}.conv2.weight"] = (b, b, 3, 3)
+            if a != b:
+                keys[f"{block}.layer.{i}.convShortcut.weight"] = (b, a, 1, 1)
+    bn("bn1", widths[3])
+    keys["fc.weight"], keys["fc.bias"] = (classes, widths[3]), (classes,)
+    return keys
+
+
+def test_the_cifar_recipes_teacher_takes_the_official_trades_checkpoint_as_it_is():
+    """Every shipped CIFAR-10 recipe with the TRADES WRN-34-10 teacher builds exactly the official
+    file's keys and shapes (so it loads without edits; the loading itself is the test below at a small size)."""
+    from pathlib import Path
+
+    from robustdistill.training.config import load_config
+
+    official = _official_trades_wrn_keys()
+    recipes = sorted((Path(__file__).resolve().parents[1] / "configs" / "cifar10").glob("*_resnet18.yaml"))
+    checked = 0
+    for path in recipes:
+        teacher = load_config(path).teachers.get("robust")
+        if teacher is None or teacher.path != "teachers/cifar10/trades_wrn34_10.pt":
+            continue
+        with torch.device("meta"):
+            net = create_model(ModelSpec(teacher.model.name, 10, 3, teacher.model.kwargs)).net
+        built = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        assert built == official, path.name
+        checked += 1
+    assert checked >= 7
+
+
+def test_a_state_dict_in_the_official_trades_layout_loads_into_the_tools_wrn(tmp_path):
+    keys = _official_trades_wrn_keys(depth=10, widen=2)
+    generator = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(s, generator=generator) if s else torch.tensor(3) for k, s in keys.items()}
+    torch.save(state, tmp_path / "model_cifar_wrn.pt")
+    spec = ModelSpec("wrn34_10", 10, 3, {"depth": 10, "widen_factor": 2, "sub_block1": True})
+    model, _ = load_model(tmp_path / "model_cifar_wrn.pt", spec)
+    assert torch.equal(model.net.block2.layer[0].convShortcut.weight, state["block2.layer.0.convShortcut.weight"])
+    assert torch.equal(model.net.fc.bias, state["fc.bias"])
+
+
+def test_a_teachers_model_section_is_for_plain_state_dicts_a_file_of_this_tool_keeps_its_own(tmp_path, caplog):
+    """A recipe names the architecture of the official file (sub_block1 and all); a teacher this tool
+    trained, put in its place, records its own architecture, which wins."""
+    from robustdistill.data import DataConfig, load_dataset
+    from robustdistill.models import ModelConfig
+    from robustdistill.models.sources import TeacherConfig, load_teacher
+
+    own = ModelSpec("small_cnn", 10, 1, {"width": 4})
+    path = tmp_path / "teacher.safetensors"
+    save_model(path, create_model(own), ModelMeta(own, data={"name": "digits"}, threat=ThreatModel(0.2)))
+    dataset = load_dataset(DataConfig(name="digits"))
+    recipe_says = ModelConfig(name="small_cnn", kwargs={"width": 64})  # what a plain state dict would be
+    with caplog.at_level("WARNING", logger="robustdistill"):
+        teacher = load_teacher("robust", TeacherConfig(path=str(path), model=recipe_says), dataset, torch.device("cpu"))
+    assert (
+        "teachers.robust.model (small_cnn {'width': 64}) is not used" in caplog.text and "{'width': 4}" in caplog.text
+    )
+    assert sum(p.numel() for p in teacher.parameters()) == sum(p.numel() for p in create_model(own).parameters())

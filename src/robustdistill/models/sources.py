@@ -133,7 +133,21 @@ def load_teacher(role: str, tcfg: TeacherConfig, dataset: Dataset, device: torch
             "labels carry no robustness to distil; give an adversarially trained teacher",
             source.checkpoint,
         )
-    model, _ = load_source(source, dataset, model_spec(tcfg.model, dataset) if tcfg.model is not None else None)
+    # `model` is the architecture of a plain state dict: a file of this tool records its own, which wins
+    # (a recipe names the official file's architecture; a teacher trained here may stand in for it)
+    if tcfg.model is not None and meta is not None:
+        recorded = (meta.spec.name, meta.spec.kwargs)
+        if (tcfg.model.name, dict(tcfg.model.kwargs)) != recorded:
+            log.warning(
+                "teachers.%s.model (%s %s) is not used: %s records its own architecture (%s %s)",
+                role,
+                tcfg.model.name,
+                dict(tcfg.model.kwargs),
+                source.checkpoint,
+                *recorded,
+            )
+    given = model_spec(tcfg.model, dataset) if tcfg.model is not None and meta is None else None
+    model, _ = load_source(source, dataset, given)
     model = model.to(device).eval().requires_grad_(False)
     probe = dataset.val if len(dataset.val) else dataset.train
     try:
