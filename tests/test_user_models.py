@@ -143,3 +143,20 @@ def test_the_how_to_page_runs_as_written(tmp_path):
     (again,) = list((tmp_path / "runs" / "mine").glob("eval-*/report.json"))
     again = json.loads(again.read_text())["attacks"]
     assert again["clean"]["verdicts"] == report["attacks"]["clean"]["verdicts"] and "pgd20" in again
+
+
+def test_eval_takes_a_teacher_as_train_does_for_the_transfer_attacks_surrogate(tmp_path, capsys):
+    import json
+
+    torch.save(small_cnn(num_classes=10, in_channels=1, width=16).state_dict(), tmp_path / "foreign.pt")
+    torch.manual_seed(1)
+    torch.save(small_cnn(num_classes=10, in_channels=1, width=8).state_dict(), tmp_path / "other.pt")
+    args = ["eval", str(tmp_path / "foreign.pt"), "--data", "digits", "--model", "small_cnn", "model.kwargs.width=16"]
+    args += ["--eps", "0.2", "--attacks", "clean,transfer", "--no-checks", "--subset", "20"]
+    teacher = [f"teachers.robust.path={tmp_path / 'other.pt'}", "teachers.robust.model.name=small_cnn"]
+    assert main([*args, *teacher, "teachers.robust.model.kwargs.width=8", "--out", str(tmp_path / "e")]) == 0
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert "transfer" in report["attacks"] and report["settings"]["transfer"]
+    capsys.readouterr()
+    assert main([*args, *teacher, "--out", str(tmp_path / "e2")]) == 2  # width 32 by default: does not fit
+    assert "other.pt does not fit the model" in capsys.readouterr().err and not (tmp_path / "e2").exists()
