@@ -5,7 +5,7 @@ a deterministic train/val/test split, device-resident tensors and the batch load
     base.py     DataConfig, the registry DATASETS, Dataset, `load_dataset` (split, imbalance, resize, loader)
     sources.py  the readers: digits (embedded), CIFAR-10/100, SVHN, Tiny-ImageNet (local files)
     own.py      one's own data: image folders (`folder`) and .npz / .npy files (`arrays`)
-    mapped.py   images left on the host: memory-mapped .npy / .npz files, `HostSplit`
+    mapped.py   images left on the host: .npy / .npz files read a batch at a time, `HostSplit`
     loader.py   batches cut and augmented on the device (`BatchLoader`, `Augment`), or streamed
                 from the host by a background thread (`StreamingLoader`)
 """

@@ -225,7 +225,8 @@ def _in_memory(split, sizes: tuple[int, ...]) -> Split:
 def streams(choice: str, device, train, extra) -> bool:
     """Whether the training images are streamed from the host (`data.loader`): as chosen, or with
     "auto" when they (and the extra ones) would take more than half of the device's free memory;
-    on a CPU, only memory-mapped files that would take more than half of the available memory are."""
+    on a CPU, only array files (read a batch at a time) that would take more than half of the
+    available memory are."""
     splits = [s for s in (train, extra) if s is not None]
     need = sum(s.nbytes for s in splits)
     device = torch.device(device)

@@ -2,9 +2,10 @@
 
 `BatchLoader` cuts them from tensors that live on the device; `StreamingLoader` (for data that does
 not fit there) assembles the same batches on the host, in a background thread, from host memory or
-memory-mapped files, and copies each to the device (from pinned memory on a GPU) while the previous
-one trains. Random crop with zero padding and horizontal flip are done on the batch tensor with one
-gather per axis and one `where`, so augmentation costs a few kernel launches per batch on any device.
+from array files read a batch at a time, and copies each to the device (from pinned memory on a
+GPU) while the previous one trains. Random crop with zero padding and horizontal flip are done on
+the batch tensor with one gather per axis and one `where`, so augmentation costs a few kernel
+launches per batch on any device.
 Shuffling is a pure function of (seed, epoch): a resumed run sees the same order, and every DDP
 rank draws the same permutation and takes its own interleaved shard of it.
 """

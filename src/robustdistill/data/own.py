@@ -235,7 +235,7 @@ def _array_split(cfg, images_file: Path, labels_file: Optional[Path] = None) -> 
         raise DataError(f"{labels_file or images_file}: negative label {raw_y.min()}")
     _check_images(images, images_file)
     if not isinstance(images, FileArray):
-        log.info("%s: read into memory (compressed or Fortran-ordered, so it cannot be memory-mapped)", images_file)
+        log.info("%s: read into memory whole (compressed or Fortran-ordered: not readable in parts)", images_file)
     labels = torch.from_numpy(raw_y.astype(np.int64))
     return HostSplit(images, labels, layout, images_file), layout, None
 
