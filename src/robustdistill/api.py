@@ -34,7 +34,7 @@ from .evaluation.config import EvalConfig
 from .evaluation.pipeline import evaluate_source
 from .models import ModelConfig
 from .models.checkpoint import read_model_meta
-from .models.robustbench import is_robustbench
+from .models.robustbench import is_robustbench, zoo_threat
 from .models.sources import ModelSource, TeacherConfig, model_spec, resolve_model_source
 from .training.config import Config, TrainConfig, load_config
 from .training.estimate import estimate
@@ -158,7 +158,8 @@ def evaluate(
             given["data"].append(f"data.root={json.dumps(data_root)}")
         data_cfg = _section(DataConfig, "data", data_cfg, given["data"])
         eval_cfg = eval_config(recorded.eval, given["eval"])
-        settings = eval_cfg.resolve(recorded.threat)
+        threat = recorded.threat or (zoo_threat(target, data_cfg.name) if is_robustbench(target) else None)
+        settings = eval_cfg.resolve(threat)
         model_cfg = None
         if model is not None or given["model"]:
             if model is None and not any(o.split("=", 1)[0].strip() == "model.name" for o in given["model"]):

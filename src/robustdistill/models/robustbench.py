@@ -15,6 +15,7 @@ from typing import Any, Optional
 from torch import nn
 
 from ..core.errors import CheckpointError
+from ..core.threat import NORMS, ThreatModel
 from .base import ModelSpec, create_model
 from .checkpoint import load_into, read_state_dict
 
@@ -26,6 +27,27 @@ ZOO: dict[tuple[str, str, str], tuple[str, dict[str, Any]]] = {
     ("cifar10", "Linf", "Zhang2019Theoretically"): ("wrn34_10", {"depth": 34, "widen_factor": 10, "sub_block1": True}),
     ("cifar10", "Linf", "Carmon2019Unlabeled"): ("wrn34_10", {"depth": 28, "widen_factor": 10}),
 }
+
+
+# RobustBench's budget of each (dataset, threat model) leaderboard its entries are ranked on
+ZOO_EPS: dict[tuple[str, str], float] = {
+    ("cifar10", "Linf"): 8 / 255,
+    ("cifar100", "Linf"): 8 / 255,
+    ("imagenet", "Linf"): 4 / 255,
+}
+
+
+def zoo_threat(target: str, dataset: str) -> Optional[ThreatModel]:
+    """The threat model a zoo entry is ranked under (None where this tool does not know its budget);
+    an entry of a threat model this tool cannot evaluate is refused in one line."""
+    name, threat = parse(target)
+    if threat not in NORMS:
+        raise CheckpointError(
+            f"robustbench:{name}@{threat}: this tool evaluates the {', '.join(NORMS)} threat model only, "
+            f"and would quote an {threat} entry under the wrong one"
+        )
+    eps = ZOO_EPS.get((dataset, threat))
+    return ThreatModel(eps, threat) if eps is not None else None
 
 
 def is_robustbench(target: str) -> bool:
