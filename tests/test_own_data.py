@@ -469,7 +469,7 @@ def test_the_how_to_example_runs_as_written(tmp_path):
     plain, extra = (
         json.loads((tmp_path / "runs" / n / "report.json").read_text()) for n in ("digits_npz", "digits_extra")
     )
-    assert plain["data"]["num_samples"] == extra["data"]["num_samples"]  # the same test images
+    assert plain["data"]["num_samples"] == extra["data"]["num_samples"] == 120  # the same test images
     assert "extra" not in plain["data"] and extra["data"]["extra"]["images"] == 1797
     assert "streamed from the host" in done.stderr
     text = (tmp_path / "runs" / "digits_extra" / "report.md").read_text()
