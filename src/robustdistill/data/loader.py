@@ -120,33 +120,34 @@ class BatchLoader:
         n = len(self._indices())
         return n // self.local_original if self.shuffle else math.ceil(n / self.local_batch)
 
+    def _plan(self, device: torch.device) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """Each step's (original, extra) indices, this rank's, on `device` (extra None without extra data)."""
+        index = self._indices().to(device)
+        if self.extra is None:
+            return [(index[s : s + self.local_batch], None) for s in range(0, len(index), self.local_batch)]
+        steps, original, added = len(self), self.local_original, self.local_extra
+        extra = self._extra_indices(steps).to(device)
+        return [(index[i * original : (i + 1) * original], extra[i * added : (i + 1) * added]) for i in range(steps)]
+
+    def _generator(self, device: torch.device) -> Optional[torch.Generator]:
+        """The augmentation's random stream of this epoch and rank, on `device` (None without augmentation)."""
+        if self.augment is None:
+            return None
+        generator = torch.Generator(device=device)
+        generator.manual_seed(self.seed * 100_003 + self.epoch + 7919 * (self.rank + 1))
+        return generator
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         device = self.split.y.device
-        index = self._indices().to(device)
-        generator = None
-        if self.augment is not None:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(self.seed * 100_003 + self.epoch + 7919 * (self.rank + 1))
-        if self.extra is not None:
-            yield from self._mixed(index, generator)
-            return
-        for start in range(0, len(index), self.local_batch):
-            batch = index[start : start + self.local_batch]
-            x = self.split.images(batch)
+        generator = self._generator(device)
+        for mine, theirs in self._plan(device):
+            x, y = self.split.images(mine), self.split.y[mine]
+            if theirs is not None:
+                x = torch.cat([x, self.extra.images(theirs).to(device)])
+                y = torch.cat([y, self.extra.y[theirs].to(device)])
             if self.augment is not None:
                 x = self.augment(x, generator)
-            yield x, self.split.y[batch]
-
-    def _mixed(self, index: torch.Tensor, generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        steps, original, added = len(self), self.local_original, self.local_extra
-        extra = self._extra_indices(steps).to(self.extra.y.device)
-        for step in range(steps):
-            mine = index[step * original : (step + 1) * original]
-            theirs = extra[step * added : (step + 1) * added]
-            x = torch.cat([self.split.images(mine), self.extra.images(theirs).to(index.device)])
-            if self.augment is not None:
-                x = self.augment(x, generator)
-            yield x, torch.cat([self.split.y[mine], self.extra.y[theirs].to(index.device)])
+            yield x, y
 
 
 class StreamingLoader(BatchLoader):
@@ -164,15 +165,6 @@ class StreamingLoader(BatchLoader):
         self.device = torch.device(device)
         self.prefetch = max(1, prefetch)
 
-    def _plan(self) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-        """Each step's (original, extra) indices, this rank's, as `BatchLoader` takes them."""
-        index = self._indices()
-        if self.extra is None:
-            return [(index[s : s + self.local_batch], None) for s in range(0, len(index), self.local_batch)]
-        steps, original, added = len(self), self.local_original, self.local_extra
-        extra = self._extra_indices(steps)
-        return [(index[i * original : (i + 1) * original], extra[i * added : (i + 1) * added]) for i in range(steps)]
-
     def _assemble(self, mine: torch.Tensor, theirs: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.split.batch(mine), self.split.y[mine]
         if theirs is not None:
@@ -185,13 +177,11 @@ class StreamingLoader(BatchLoader):
         return x, y
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        generator = None
-        if self.augment is not None:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(self.seed * 100_003 + self.epoch + 7919 * (self.rank + 1))
+        generator = self._generator(self.device)
         ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
-        worker = threading.Thread(target=self._work, args=(self._plan(), ready, stop), daemon=True)
+        plan = self._plan(torch.device("cpu"))  # the host split is read with host indices
+        worker = threading.Thread(target=self._work, args=(plan, ready, stop), daemon=True)
         worker.start()
         try:
             while (item := ready.get()) is not _END:
