@@ -60,6 +60,11 @@ def _sections(overrides: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def _sets(overrides: list[str], key: str) -> bool:
+    """Whether one of `overrides` sets `key`."""
+    return any(o.split("=", 1)[0].strip() == key for o in overrides)
+
+
 def eval_config(base: EvalConfig, overrides: list[str]) -> EvalConfig:
     """`base` with dotted `eval.<key>=<value>` overrides applied, typed and validated like a config file."""
     raw = apply_overrides({"eval": dataclasses.asdict(base)}, overrides, Config)["eval"]
@@ -151,8 +156,7 @@ def evaluate(
         data_cfg = recorded.data
         if data is not None and (data_cfg is None or data_cfg.name != data):
             data_cfg = DataConfig(name=data)
-        names_data = any(o.split("=", 1)[0].strip() == "data.name" for o in given["data"])
-        if data_cfg is None and not names_data:
+        if data_cfg is None and not _sets(given["data"], "data.name"):
             raise UserError(f"{target} does not say which dataset it belongs to; pass --data NAME (and --data-root)")
         if data_root is not None:
             given["data"].append(f"data.root={json.dumps(data_root)}")
@@ -162,7 +166,7 @@ def evaluate(
         settings = eval_cfg.resolve(threat)
         model_cfg = None
         if model is not None or given["model"]:
-            if model is None and not any(o.split("=", 1)[0].strip() == "model.name" for o in given["model"]):
+            if model is None and not _sets(given["model"], "model.name"):
                 raise UserError("model.* overrides need the architecture's name: --model NAME or model.name=NAME")
             start = {"name": model} if model is not None else {}
             model_cfg = _section(ModelConfig, "model", start, given["model"])

@@ -117,24 +117,26 @@ def npz_members(path: Path) -> dict[str, np.ndarray | FileArray]:
             if not info.filename.endswith(".npy"):
                 continue
             name = info.filename[: -len(".npy")]
-            if info.compress_type != zipfile.ZIP_STORED:
-                with archive.open(info) as member:
-                    out[name] = np.lib.format.read_array(member, allow_pickle=False)
-                continue
-            with open(path, "rb") as f:  # the member's local header says where its bytes begin
-                f.seek(info.header_offset)
-                local = f.read(30)
-                start = info.header_offset + 30 + int.from_bytes(local[26:28], "little")
-                start += int.from_bytes(local[28:30], "little")
-                f.seek(start)
-                shape, fortran, dtype = _header(f, path)
-                offset = f.tell()
-            if fortran or dtype.hasobject:
-                with archive.open(info) as member:
-                    out[name] = np.lib.format.read_array(member, allow_pickle=False)
+            stored = _stored_member(path, info) if info.compress_type == zipfile.ZIP_STORED else None
+            if stored is not None:
+                out[name] = stored
             else:
-                out[name] = FileArray(path, offset, dtype, shape)
+                with archive.open(info) as member:
+                    out[name] = np.lib.format.read_array(member, allow_pickle=False)
     return out
+
+
+def _stored_member(path: Path, info: zipfile.ZipInfo) -> Optional[FileArray]:
+    """A stored .npz member as a `FileArray` (None when its array cannot be read in parts)."""
+    with open(path, "rb") as f:  # the member's local header says where its bytes begin
+        f.seek(info.header_offset)
+        local = f.read(30)
+        start = info.header_offset + 30 + int.from_bytes(local[26:28], "little")
+        start += int.from_bytes(local[28:30], "little")
+        f.seek(start)
+        shape, fortran, dtype = _header(f, path)
+        offset = f.tell()
+    return None if fortran or dtype.hasobject else FileArray(path, offset, dtype, shape)
 
 
 def as_array(value: np.ndarray | FileArray) -> np.ndarray:

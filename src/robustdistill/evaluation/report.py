@@ -277,17 +277,19 @@ def comparison_table(named_reports: list[tuple[str, dict[str, Any]]], robust: Op
 
 def extra_description(extra: dict[str, Any]) -> str:
     """`data.extra` as a report names it: "1797 extra images (arrays, /data/x.npz), 50 % of every batch"."""
-    images = f"{extra['images']} " if "images" in extra else ""
-    images += "unlabeled " if extra.get("labels") is False else ""
     share = f"{100 * extra['fraction']:.0f} %"
-    return f"{images}extra images ({extra['source']}, {extra['root']}), {share} of every batch"
+    return f"{_extra_count(extra)}extra images ({extra['source']}, {extra['root']}), {share} of every batch"
 
 
 def extra_cell(extra: dict[str, Any]) -> str:
     """`data.extra` in a comparison table's cell: "1797 at 50 %" (images, when read; share of a batch)."""
+    return f"{_extra_count(extra)}at {100 * extra['fraction']:.0f} %"
+
+
+def _extra_count(extra: dict[str, Any]) -> str:
+    """ "1797 ", "1797 unlabeled " (when they were read and counted), or ""."""
     images = f"{extra['images']} " if "images" in extra else ""
-    images += "unlabeled " if extra.get("labels") is False else ""
-    return f"{images}at {100 * extra['fraction']:.0f} %".strip()
+    return images + ("unlabeled " if extra.get("labels") is False else "")
 
 
 def _extra_line(extra: Optional[dict[str, Any]]) -> list[str]:
