@@ -464,18 +464,22 @@ def test_autoattacks_parts_run_alone_and_the_worst_case_is_taken_over_them(robus
     assert set(out["autoattack_parts"]) >= {"apgd_ce", "apgd_t", "fab_t", "autoattack_fast"}
 
 
-def test_a_robustbench_entry_is_evaluated_at_its_leaderboards_budget_and_an_l2_entry_is_refused(tmp_path, capsys):
+def test_a_robustbench_entry_is_evaluated_at_its_leaderboards_budget_and_a_corruptions_entry_is_refused(
+    tmp_path, capsys
+):
     from robustdistill.cli import main
     from robustdistill.core.errors import CheckpointError
     from robustdistill.models.robustbench import zoo_threat
 
     assert zoo_threat("robustbench:Zhang2019Theoretically", "cifar10").eps == 8 / 255
     assert zoo_threat("robustbench:X", "imagenet").eps == 4 / 255 and zoo_threat("robustbench:X", "svhn") is None
-    with pytest.raises(CheckpointError, match="evaluates the Linf threat model only"):
-        zoo_threat("robustbench:Rebuffi2021Fixing_70_16_cutmix_extra@L2", "cifar10")
+    l2 = zoo_threat("robustbench:Rebuffi2021Fixing_70_16_cutmix_extra@L2", "cifar10")
+    assert (l2.norm, l2.eps) == ("L2", 0.5)
+    with pytest.raises(CheckpointError, match="evaluates the Linf and L2 threat models only"):
+        zoo_threat("robustbench:Hendrycks2020AugMix_WRN@corruptions", "cifar10")
     base = ["eval", "--data", "cifar10", "--model-dir", str(tmp_path / "models"), "--out", str(tmp_path / "e")]
-    assert main([base[0], "robustbench:Augustin2020Adversarial@L2", *base[1:]]) == 2
-    assert "would quote an L2 entry under the wrong one" in capsys.readouterr().err
+    assert main([base[0], "robustbench:Hendrycks2020AugMix_WRN@corruptions", *base[1:]]) == 2
+    assert "would quote a corruptions entry under the wrong one" in capsys.readouterr().err
     assert main([base[0], "robustbench:Zhang2019Theoretically", *base[1:]]) == 2  # no file: said, not "no eps"
     err = capsys.readouterr().err
     assert "no eps known" not in err and "Zhang2019Theoretically.pt" in err and not (tmp_path / "e").exists()

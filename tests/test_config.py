@@ -18,7 +18,7 @@ def test_defaults_are_the_papers_cifar10_settings():
     cfg = load_config(None)
     assert cfg.train.epochs == 300 and cfg.train.batch_size == 128
     assert cfg.train.milestones == [215, 260, 285]
-    assert cfg.attack.eps == pytest.approx(8 / 255) and cfg.attack.step_size == pytest.approx(2 / 255)
+    assert cfg.attack.eps == pytest.approx(8 / 255) and cfg.attack.step == pytest.approx(2 / 255)
     assert cfg.train.weight_decay == 2e-4 and cfg.train.select_on == "val"
 
 

@@ -221,7 +221,7 @@ def test_a_run_edited_to_another_eps_or_holding_a_link_out_is_refused(tmp_path, 
     text = config.read_text()
     config.write_text(text.replace("eps: 0.2", "eps: 0.1", 1))
     assert main(["eval", str(run), "--attacks", "clean"]) == 2
-    assert "says eps 0.1 but best.safetensors was trained at eps 0.2" in capsys.readouterr().err
+    assert "says L-inf, eps 0.1 but best.safetensors was trained at L-inf, eps 0.2" in capsys.readouterr().err
     config.write_text(text)
     # metrics.jsonl a link to a file outside the folder: resuming would append to that file
     outside = tmp_path / "elsewhere.jsonl"

@@ -114,9 +114,9 @@ def _recorded(target: str, which: str) -> _Recorded:
         meta = read_model_meta(source.checkpoint)  # what the weights were trained with wins over config.yaml
         if meta is not None and meta.threat is not None and meta.threat != cfg.threat:
             raise ConfigError(
-                f"{source.run_dir / 'config.yaml'} says eps {cfg.threat.eps:g} but {source.checkpoint.name} was "
-                f"trained at eps {meta.threat.eps:g}: config.yaml was edited; restore it (or evaluate at another "
-                "eps with --eps, which the report records)"
+                f"{source.run_dir / 'config.yaml'} says {cfg.threat.describe()} but {source.checkpoint.name} was "
+                f"trained at {meta.threat.describe()}: config.yaml was edited; restore it (or evaluate at another "
+                "budget with --eps and --norm, which the report records)"
             )
         train = cfg.train
         return _Recorded(source, cfg.data, cfg.eval, cfg.threat, cfg.teachers, train.memory_format, train.threads)

@@ -41,6 +41,7 @@ from .evaluation.report import (
     comparison_table,
     quoted_attack,
     read_report,
+    report_threat,
     to_markdown,
     write_report,
 )
@@ -104,6 +105,7 @@ def _cmd_train(args) -> int:
         return 0
     print(f"run folder: {run_dir}")
     report = read_report(run_dir / "report.json")
+    print(f"threat model: {report_threat(report).describe()}")
     print(attack_table(report))
     for line in check_lines(report):
         print(line)
@@ -162,6 +164,8 @@ def _write_evaluation(args, out_dir: Path, report: dict) -> int:
     title = f"Evaluation of {args.target}"
     write_report(out_dir, report, title=title)
     _try_plot(lambda: plot_classwise(report, out_dir / "classwise.png"))
+    if not args.verbose:  # the markdown says it
+        print(f"threat model: {report_threat(report).describe()}")
     print(to_markdown(report, title=title) if args.verbose else attack_table(report))
     if "w_robust" in report:
         w = report["w_robust"]
@@ -176,6 +180,7 @@ def _write_evaluation(args, out_dir: Path, report: dict) -> int:
 # eval's short flags: each is an alias of one eval.<key> override
 EVAL_FLAGS = {
     "attacks": "eval.attacks",
+    "norm": "eval.norm",
     "eps": "eval.eps",
     "step_size": "eval.step_size",
     "restarts": "eval.restarts",
@@ -366,7 +371,10 @@ def _add_eval(sub) -> None:
     p.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of a run folder")
     p.add_argument("--split", choices=["test", "val", "train"], default="test")
     p.add_argument("--attacks", help=f"comma-separated: {','.join(ATTACKS.names())} (robustdistill -v list attacks)")
-    p.add_argument("--eps", help="eval.eps: the L-inf budget, e.g. 8/255 (default: the run's)")
+    p.add_argument(
+        "--norm", help="eval.norm: the threat model's norm, linf or l2 (default: the run's; another one needs --eps)"
+    )
+    p.add_argument("--eps", help="eval.eps: the budget, e.g. 8/255 under linf, 0.5 under l2 (default: the run's)")
     p.add_argument("--step-size", help="eval.step_size: the PGD step (default eps/4)")
     p.add_argument("--steps", help=argparse.SUPPRESS)  # gone: the steps are in the attack's name
     p.add_argument(

@@ -93,7 +93,7 @@ class AutoAttack(Attack):
         # are the model's own (`_sub_attack` predicts on `model`)
         searched = eval_view(model) if s.fold_batchnorm else model
         adversary = _PackageAutoAttack(
-            searched, device=x_all.device, eps=s.eps, norm="Linf", seed=s.seed, version=self.version
+            searched, device=x_all.device, eps=s.eps, norm=s.norm, seed=s.seed, version=self.version
         )
         adversary.apgd_targeted.n_target_classes = min(9, num_classes - 1)
         adversary.fab.n_target_classes = min(9, num_classes - 1)
@@ -106,6 +106,7 @@ class AutoAttack(Attack):
             "n": len(y_all),
             "attacks": order,
             "eps": s.eps,
+            "norm": s.norm,
             "seed": s.seed,
             "chunk": s.block,
             "folded": s.fold_batchnorm,
@@ -160,6 +161,10 @@ class AutoAttack(Attack):
         _save_state(path, state, env.rank)
 
 
+# keys a state written before they existed holds implicitly
+_KEY_DEFAULTS = {"norm": "Linf"}
+
+
 def _load_state(path: Optional[Path], key: dict[str, Any]) -> dict[str, Any]:
     """The saved state of this evaluation (its digest intact, its key this evaluation's), or a new one."""
     fresh = {"key": key, "done": [], "candidates": None, "next_chunk": 0, "robust": None, "accuracy": {}, "flags": []}
@@ -177,7 +182,7 @@ def _load_state(path: Optional[Path], key: dict[str, Any]) -> dict[str, Any]:
             "trusted; delete it to start this attack over, or use another --out"
         )
     state.pop("digest")
-    differ = [k for k in key if old.get(k) != key[k]]
+    differ = [k for k in key if old.get(k, _KEY_DEFAULTS.get(k)) != key[k]]
     if differ:
         raise UserError(
             f"{path} was left by a different AutoAttack evaluation (its {', '.join(differ)} "

@@ -38,7 +38,7 @@ class EvalSettings:
     seed: int = 0
     checks: bool = False
     checks_subset: int = 500
-    large_eps: float = 1.0
+    large_eps: Optional[float] = 1.0  # None: the image diagonal (L2; the check measures it)
     fold_batchnorm: bool = True
 
     @property
@@ -58,7 +58,7 @@ class EvalSettings:
 
     def at_eps(self, eps: float) -> EvalSettings:
         """The same settings at another budget, the step size scaled with it (the sanity checks)."""
-        step = self.step_size * eps / self.eps if self.eps > 0 else ThreatModel(eps).default_step_size
+        step = self.step_size * eps / self.eps if self.eps > 0 else ThreatModel(eps, self.norm).default_step_size
         return dataclasses.replace(self, threat=dataclasses.replace(self.threat, eps=eps), step_size=step)
 
     def common(self) -> dict[str, Any]:
@@ -66,6 +66,10 @@ class EvalSettings:
         model as its eps and norm)."""
         rest = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("attacks", "threat")}
         return {"eps": self.threat.eps, "norm": self.threat.norm, **rest}
+
+    @property
+    def norm(self) -> str:
+        return self.threat.norm
 
 
 @dataclass
@@ -221,7 +225,9 @@ def run_pgd(
     `model`. Restart r of sample i starts from noise drawn for (seed, r, i)."""
     s = env.settings
     index = env.sample_index(len(x))
-    attack = PGD(source or model, s.eps, s.step_size, steps, loss=loss, start=start, fold_batchnorm=s.fold_batchnorm)
+    attack = PGD(
+        source or model, s.eps, s.step_size, steps, loss=loss, start=start, fold_batchnorm=s.fold_batchnorm, norm=s.norm
+    )
     out = torch.empty_like(x)
     for i in batches(len(x), s.batch_size, desc, env.progress):
         xb, yb = x[i : i + s.batch_size], y[i : i + s.batch_size]

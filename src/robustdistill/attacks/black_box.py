@@ -29,7 +29,7 @@ class Square(Attack):
         s = env.settings
         attack = SquareAttack(
             model,
-            norm="Linf",
+            norm=s.norm,
             n_queries=s.square_queries,
             eps=s.eps,
             p_init=0.8,

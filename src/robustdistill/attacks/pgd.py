@@ -1,4 +1,5 @@
-"""The L-infinity primitives of training and evaluation: PGD (and FGSM as its one-step case).
+"""The primitives of training and evaluation: PGD (and FGSM as its one-step case), in the L-inf
+or the L2 ball.
 
 Conventions of torchattacks/AutoAttack: an attack is built once around a model that takes
 images in [0, 1] and returns logits, then called on `(x, y)`:
@@ -10,6 +11,12 @@ The model is put in eval mode for the attack (BatchNorm statistics never move) a
 its previous mode afterwards. Gradients are taken with respect to the input only
 (`torch.autograd.grad`), so no parameter's `.grad` is touched. Every iterate is projected onto
 the eps-ball around x and onto [0, 1].
+
+Norms (`norm`): `Linf` steps along the gradient's sign and clips each pixel to [x - eps, x + eps];
+`L2` steps along the gradient divided by its L2 norm (per sample) and scales the perturbation back
+onto the L2 ball when it leaves it (Madry et al.'s PGD-L2, as torchattacks' PGDL2 and the
+robustness library do). Clipping to [0, 1] after the L2 projection only shortens the perturbation,
+so the iterate stays in both sets.
 
 Losses (summed over the batch, so a sample's step does not depend on the batch size):
 - `ce`: cross-entropy with the label `y`;
@@ -31,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import require
-from ..core.threat import ThreatModel
+from ..core.threat import L2_EPS_LIMIT, ConfigNorm, Norm, ThreatModel, norm_of
 from ..models import eval_mode
 from ..models.fold import eval_view, release
 
@@ -45,9 +52,10 @@ class AttackConfig:
     """The inner maximisation used during training (config section `attack`); its eps is the run's
     threat model (`threat`)."""
 
-    eps: float = 8 / 255  # the L-inf budget of the training attack: the run's threat model
-    step_size: float = 2 / 255  # each PGD step
+    eps: float = 8 / 255  # the budget of the training attack in `norm`: the run's threat model
+    step_size: Optional[float] = None  # each PGD step; None: 2/255 under linf, 2.5 * eps / steps under l2
     steps: int = 10  # PGD steps of the inner maximisation
+    norm: ConfigNorm = "linf"  # the ball: linf (the papers') or l2 (eps 0.5 on CIFAR-10, RobustBench's L2)
     start: Literal["auto", "uniform", "gaussian", "none"] = (
         "auto"  # auto: the method's own choice (seed methods: x + 0.001 N(0,1))
     )
@@ -56,11 +64,24 @@ class AttackConfig:
     @property
     def threat(self) -> ThreatModel:
         """The run's threat model: its evaluations default to it, its model files record it."""
-        return ThreatModel(self.eps)
+        return ThreatModel(self.eps, norm_of(self.norm))
+
+    @property
+    def step(self) -> float:
+        """The step of each PGD iteration: `step_size`, or its default for the norm."""
+        if self.step_size is not None:
+            return self.step_size
+        return 2.5 * self.eps / self.steps if self.threat.norm == "L2" else 2 / 255
 
     def validate(self) -> None:
-        ThreatModel.check_eps(self.eps, "attack.eps")
-        require(0 < self.step_size <= 1, "attack.step_size", "must be in (0, 1] (e.g. 2/255)")
+        norm = norm_of(self.norm)
+        ThreatModel.check_eps(self.eps, "attack.eps", norm)
+        limit = 1.0 if norm == "Linf" else L2_EPS_LIMIT
+        require(
+            self.step_size is None or 0 < self.step_size <= limit,
+            "attack.step_size",
+            f"must be in (0, {limit:g}] (e.g. 2/255 under linf, eps / 4 under l2)",
+        )
         require(self.steps >= 1, "attack.steps", "must be >= 1")
 
 
@@ -81,8 +102,31 @@ def attack_loss(logits: torch.Tensor, loss: Loss, y: Optional[torch.Tensor], tar
     raise ValueError(f"unknown attack loss '{loss}'; use ce, kl or cw")
 
 
-def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float | torch.Tensor, norm: Norm = "Linf") -> torch.Tensor:
+    """x_adv moved onto the `norm` ball of radius eps around x, then onto [0, 1]."""
+    if norm == "L2":
+        delta = x_adv - x
+        scale = torch.clamp(eps / l2_norms(delta).clamp_min(1e-12), max=1.0)
+        return (x + delta * scale).clamp_(0.0, 1.0)
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+
+
+def l2_norms(t: torch.Tensor) -> torch.Tensor:
+    """Each sample's L2 norm, shaped to broadcast over it ((B, 1, 1, 1) for images)."""
+    return t.flatten(1).norm(dim=1).view(-1, *[1] * (t.dim() - 1))
+
+
+def l2_start(noise: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
+    """The L2 random start from U[0, 1) draws shaped like the images: a direction uniform on the
+    sphere and a radius uniform in [0, eps] (torchattacks' PGDL2 start), both from the same draws.
+    The draws become a standard normal vector z (inverse normal CDF); its direction z / |z| is
+    uniform on the sphere and independent of |z|, whose chi-square CDF (d degrees of freedom) is
+    U(0, 1): that is the radius, so one draw per pixel serves both and a sample's start stays a pure
+    function of its own noise."""
+    z = torch.special.ndtri(noise.double().clamp(1e-7, 1 - 1e-7))
+    length = l2_norms(z)
+    radius = torch.special.gammainc(torch.tensor(z[0].numel() / 2, dtype=z.dtype), length**2 / 2)
+    return (z / length.clamp_min(1e-12) * radius).to(noise.dtype) * eps
 
 
 def ball_bounds(x: torch.Tensor, eps: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,10 +157,10 @@ class Found:
 
 
 class PGD:
-    """Projected gradient ascent on `loss` inside the L-inf ball of radius `eps`.
+    """Projected gradient ascent on `loss` inside the `norm` ball (Linf, L2) of radius `eps`.
 
-    start: `uniform` (U(-eps, eps), Madry et al.), `gaussian` (x + sigma*N(0,1), the seed methods
-    and TRADES, sigma=0.001) or `none`.
+    start: `uniform` (L-inf: U(-eps, eps), Madry et al.; L2: `l2_start`), `gaussian`
+    (x + sigma*N(0,1), the seed methods and TRADES, sigma=0.001, projected) or `none`.
     `eps` and `step_size` are floats or tensors of one value per sample (shape (B,)), for the methods
     with class-wise or per-sample budgets (CFA, FRL's remargin): each sample stays in its own ball.
 
@@ -146,7 +190,11 @@ class PGD:
         early_stop: Optional[EarlyStop] = None,
         tau: int = 0,
         fold_batchnorm: bool = True,
+        norm: Norm = "Linf",
     ):
+        if norm not in ("Linf", "L2"):
+            raise ValueError(f"PGD norm: Linf or L2 (got {norm!r})")
+        self.norm = norm
         # per-sample tensors are not checked here: reading them back would stall the device every step
         negative = [v for v in (eps, step_size) if not isinstance(v, torch.Tensor) and v < 0]
         if negative or steps < 1:
@@ -176,10 +224,12 @@ class PGD:
         if self.start == "uniform":
             if noise is None:
                 noise = torch.rand(x.shape, device=x.device, generator=self.generator, dtype=x.dtype)
+            if self.norm == "L2":
+                return project(x + l2_start(noise, eps), x, eps, "L2")
             return project(x + (2 * noise - 1) * eps, x, eps)
         if self.start == "gaussian":
             noise = torch.randn(x.shape, device=x.device, generator=self.generator, dtype=x.dtype)
-            return project(x + self.sigma * noise, x, eps)
+            return project(x + self.sigma * noise, x, eps, self.norm)
         return x.clone()
 
     def __call__(
@@ -219,7 +269,7 @@ class PGD:
                 cleanup.callback(release, self.model)  # the folded weights live only during the attack
             model = eval_view(self.model) if self.fold_batchnorm else self.model
             x_adv = self._init(x, noise, eps)
-            lo, hi = ball_bounds(x, eps)
+            lo, hi = ball_bounds(x, eps) if self.norm == "Linf" else (0.0, 1.0)
             stop = _EarlyStop(self.early_stop, self.tau, x_adv) if self.early_stop else None
             with torch.enable_grad():
                 for _ in range(self.steps):
@@ -233,7 +283,11 @@ class PGD:
                         correct = hits.long() if correct is None else correct + hits.long()
                     loss = attack_loss(logits, self.loss, y, target)
                     (grad,) = torch.autograd.grad(loss, x_adv)
-                    x_next = torch.clamp(x_adv.detach() + step_size * grad.sign(), lo, hi)
+                    if self.norm == "L2":
+                        grad = grad / l2_norms(grad).clamp_min(1e-12)
+                        x_next = project(x_adv.detach() + step_size * grad, x, eps, "L2")
+                    else:
+                        x_next = torch.clamp(x_adv.detach() + step_size * grad.sign(), lo, hi)
                     x_adv = x_next if stop is None else stop.update(x_adv.detach(), x_next, hits)
             if stop is not None:
                 x_adv = stop.result(x_adv)
@@ -273,7 +327,8 @@ class _EarlyStop:
 
 
 class FGSM(PGD):
-    """One signed-gradient step of size eps from x (Goodfellow et al.)."""
+    """One step of size eps from x (Goodfellow et al.): along the gradient's sign (L-inf), or along
+    the gradient over its L2 norm (L2: the fast gradient method)."""
 
-    def __init__(self, model: nn.Module, eps: float, loss: Loss = "ce"):
-        super().__init__(model, eps=eps, step_size=eps, steps=1, loss=loss, start="none")
+    def __init__(self, model: nn.Module, eps: float, loss: Loss = "ce", norm: Norm = "Linf"):
+        super().__init__(model, eps=eps, step_size=eps, steps=1, loss=loss, start="none", norm=norm)

@@ -24,14 +24,14 @@ class Clean(Attack):
 @register
 class FastGradientSign(Attack):
     name = "fgsm"
-    help = "one signed-gradient step of size eps"
+    help = "one gradient step of size eps (its sign under L-inf, its direction under L2)"
 
     def parameters(self, s):
         return {"eps": s.eps, "loss": "ce"}
 
     def run(self, model, x, y, env):
         s = env.settings
-        attack = FGSM(model, s.eps)
+        attack = FGSM(model, s.eps, norm=s.norm)
         out = [
             attack(x[i : i + s.batch_size], y[i : i + s.batch_size])
             for i in batches(len(x), s.batch_size, self.name, env.progress)

@@ -147,9 +147,14 @@ def monotone(c: CheckContext) -> Outcome:
     "an unbounded white-box attack must reach chance accuracy or below; otherwise suspect gradient masking",
 )
 def large_eps(c: CheckContext) -> Outcome:
+    """At eval.large_eps; under L2 by default the image diagonal sqrt(C * H * W), the largest L2
+    distance between two images in [0, 1] (the L-inf default, 1, is that of L-inf)."""
     chance = 1.0 / c.num_classes
-    large = c.pgd(c.settings.large_eps, c.settings.check_steps, start="none")
-    return Outcome(large <= chance + c.tol, {"eps": c.settings.large_eps, "accuracy": large, "chance": chance})
+    eps = c.settings.large_eps
+    if eps is None:
+        eps = float(c.env.x_all[0].numel()) ** 0.5
+    large = c.pgd(eps, c.settings.check_steps, start="none")
+    return Outcome(large <= chance + c.tol, {"eps": eps, "accuracy": large, "chance": chance})
 
 
 @check(4, "worst_case", "the per-sample worst case must be below every attack, and AutoAttack not above PGD-20")
@@ -188,8 +193,11 @@ def black_box(c: CheckContext) -> Outcome:
 
 @check(6, "perturbation", "every adversarial example must lie in the eps-ball and in [0, 1]")
 def perturbation(c: CheckContext) -> Outcome:
-    eps = c.settings.eps
-    bad = [k for k, b in c.bounds.items() if b["max_linf"] > eps + 1e-6 or b["min"] < 0.0 or b["max"] > 1.0]
+    """In the threat model's ball: the largest L-inf perturbation, or under L2 the largest per-sample
+    L2 norm (measured in float64, allowed float32 rounding: 1e-6 plus 1e-5 of eps)."""
+    eps, key = c.settings.eps, "max_l2" if c.settings.norm == "L2" else "max_linf"
+    slack = 1e-6 + (1e-5 * eps if key == "max_l2" else 0.0)
+    bad = [k for k, b in c.bounds.items() if b[key] > eps + slack or b["min"] < 0.0 or b["max"] > 1.0]
     return Outcome(not bad, dict(c.bounds), f"violated by {', '.join(bad)}" if bad else "")
 
 

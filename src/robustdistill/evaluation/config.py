@@ -11,7 +11,7 @@ from typing import Any, Optional
 from ..attacks import ATTACKS, EvalSettings
 from ..core.errors import ConfigError, require
 from ..core.schema import SEED_LIMIT
-from ..core.threat import ThreatModel
+from ..core.threat import L2_EPS_LIMIT, ConfigNorm, ThreatModel, norm_of
 from ..models import ModelConfig
 
 log = logging.getLogger("robustdistill")
@@ -23,14 +23,15 @@ class EvalConfig:
 
     attacks: list[str] = field(default_factory=lambda: ["clean", "pgd20"])  # pgd<N>, cw<N>: N steps
     eps: Optional[float] = None  # None: the training attack's eps
-    step_size: Optional[float] = None  # None: eps / 4 (2/255 at 8/255)
+    norm: Optional[ConfigNorm] = None  # linf or l2; None: the training attack's (another norm needs eval.eps)
+    step_size: Optional[float] = None  # None: eps / 4 (2/255 at L-inf 8/255, 0.125 at L2 0.5)
     restarts: int = 1  # random restarts of PGD / CW / transfer; a sample must survive all of them
     square_queries: int = 5000  # queries of the standalone Square attack
     surrogate: Optional[str] = None  # transfer attack source (run folder or checkpoint); None: the robust teacher
     surrogate_model: Optional[ModelConfig] = None  # the surrogate's architecture, for a foreign state dict
     checks: bool = True  # run the sanity checks (robustdistill list checks)
     checks_subset: int = 500  # images the extra check attacks use
-    large_eps: float = 1.0  # the budget of the large-eps check
+    large_eps: Optional[float] = None  # the large-eps check's budget; None: 1 under linf, the image diagonal under l2
     batch_size: int = 256  # images per attack batch (a rank's block is 4 batches)
     subset: Optional[int] = None  # evaluate on the first N test images
     seed: int = 0  # the seed of every random start and of AutoAttack
@@ -51,10 +52,12 @@ class EvalConfig:
         require(self.square_queries >= 1, "eval.square_queries", "must be >= 1")
         require(self.checks_subset >= 1, "eval.checks_subset", "must be >= 1")
         require(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        norm = norm_of(self.norm) if self.norm is not None else None
         if self.eps is not None:
-            ThreatModel.check_eps(self.eps, "eval.eps")
-        require(self.step_size is None or 0 < self.step_size <= 1, "eval.step_size", "must be in (0, 1]")
-        require(0 < self.large_eps <= 1, "eval.large_eps", "must be in (0, 1]")
+            ThreatModel.check_eps(self.eps, "eval.eps", norm or "L2")  # the norm's own limit: at `resolve`
+        limit = 1.0 if norm == "Linf" else L2_EPS_LIMIT
+        require(self.step_size is None or 0 < self.step_size <= limit, "eval.step_size", f"must be in (0, {limit:g}]")
+        require(self.large_eps is None or 0 < self.large_eps <= limit, "eval.large_eps", f"must be in (0, {limit:g}]")
         require(self.subset is None or self.subset >= 1, "eval.subset", "must be >= 1")
         require(0 <= self.seed < SEED_LIMIT, "eval.seed", "must be an integer in [0, 2**32)")
         if self.surrogate_model is not None:
@@ -87,12 +90,35 @@ class EvalConfig:
         return raw
 
     def resolve(self, default: Optional[ThreatModel]) -> EvalSettings:
-        """The settings every evaluation runs with: the threat model is `eval.eps`'s if set, else
-        `default` (the run's, or a checkpoint's recorded one); the step size falls back to the threat
-        model's default. Done once, here."""
-        threat = ThreatModel(self.eps) if self.eps is not None else default
-        if threat is None:
-            raise ConfigError("no eps known for this model; set eval.eps (--eps), e.g. 8/255")
+        """The settings every evaluation runs with: the threat model is `eval.norm` and `eval.eps`'s
+        where set, else `default`'s (the run's, or a checkpoint's recorded one); the step size falls
+        back to the threat model's default. Done once, here."""
+        norm = norm_of(self.norm) if self.norm is not None else default.norm if default is not None else "Linf"
+        if self.eps is not None:
+            threat = ThreatModel(self.eps, norm)
+        elif default is None:
+            raise ConfigError(f"no eps known for this model; set eval.eps (--eps), e.g. {_EXAMPLE[norm]}")
+        elif default.norm != norm:
+            raise ConfigError(
+                f"eval.norm={norm.lower()} is not the model's threat model ({default.describe()}): "
+                f"give its budget too, eval.eps (--eps), e.g. {_EXAMPLE[norm]}"
+            )
+        else:
+            threat = default
+        threat.validate("eval.eps")
+        limit = 1.0 if threat.norm == "Linf" else L2_EPS_LIMIT
+        for key in ("step_size", "large_eps"):
+            value = getattr(self, key)
+            require(
+                value is None or 0 < value <= limit,
+                f"eval.{key}",
+                f"must be in (0, {limit:g}] under {threat.describe()}",
+            )
         step = self.step_size if self.step_size is not None else threat.default_step_size
+        large = self.large_eps if self.large_eps is not None else 1.0 if threat.norm == "Linf" else None
         rest = {f.name: getattr(self, f.name) for f in dataclasses.fields(EvalSettings) if f.name != "threat"}
-        return EvalSettings(**rest | {"threat": threat, "step_size": step, "attacks": tuple(self.attacks)})
+        changed = {"threat": threat, "step_size": step, "attacks": tuple(self.attacks), "large_eps": large}
+        return EvalSettings(**rest | changed)
+
+
+_EXAMPLE = {"Linf": "8/255", "L2": "0.5"}

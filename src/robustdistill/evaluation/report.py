@@ -18,8 +18,9 @@ report.json schema (version 1):
            count of corrupted versions classified right, variants: how many it has, labels}, both
            packed as 2-byte little-endian hex}
     seed: int
-    settings: {common: {eps, step_size, restarts, square_queries, batch_size, seed, checks,
-               checks_subset, large_eps, fold_batchnorm}, <attack>: {its own settings, label}}
+    settings: {common: {eps, norm (Linf | L2; absent in reports older than L2: Linf), step_size,
+               restarts, square_queries, batch_size, seed, checks, checks_subset, large_eps (null
+               under L2: the image diagonal), fold_batchnorm}, <attack>: {its own settings, label}}
               (an attack's name says its steps: pgd20, cw30; label adds the restarts: pgd20x5;
                reports written before the steps were in the names have common.pgd_steps/cw_steps
                and the key cw)
@@ -54,6 +55,7 @@ import torch
 
 from ..core import __version__
 from ..core.errors import UserError
+from ..core.threat import ThreatModel
 from ..storage.files import atomic_write
 from .corruptions import check_corruptions, corruption_table
 from .metrics import strongest_attack, unpack_verdicts
@@ -296,6 +298,11 @@ def _extra_line(extra: Optional[dict[str, Any]]) -> list[str]:
     return [f"- trained with {extra_description(extra)}"] if extra else []
 
 
+def report_threat(report: dict[str, Any]) -> ThreatModel:
+    """The threat model a report was evaluated under (reports written before L2 existed are L-inf)."""
+    return ThreatModel.from_mapping(report["settings"]["common"])
+
+
 def to_markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
     data = report.get("data", {})
     parts = [
@@ -304,7 +311,7 @@ def to_markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
         f"- model: `{report.get('model', {}).get('name', '?')}` from `{report.get('checkpoint', '?')}`",
         f"- data: {data.get('name', '?')} / {data.get('split', '?')} ({data.get('num_samples', '?')} images), "
         f"seed {report.get('seed')}",
-        f"- eps: {report['settings']['common']['eps']:.6g}, created {report.get('created')}",
+        f"- threat model: {report_threat(report).describe()}, created {report.get('created')}",
         *_extra_line(data.get("extra")),
         "",
         attack_table(report),

@@ -31,13 +31,17 @@ from .checks import CheckContext, run_checks
 from .metrics import sample_metrics, w_robust
 
 
-def _bounds(x_adv: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
-    """Largest perturbation and the range of the adversarial images, over every rank."""
-    local = torch.tensor([0.0, -1.0, 0.0], dtype=torch.float64, device=x.device)  # max |delta|, -min, max
+def _bounds(x_adv: torch.Tensor, x: torch.Tensor, norm: str = "Linf") -> dict[str, float]:
+    """Largest perturbation (L-inf, and per-sample L2 under the L2 threat model) and the range of
+    the adversarial images, over every rank."""
+    local = torch.tensor([0.0, -1.0, 0.0, 0.0], dtype=torch.float64, device=x.device)  # max |delta|, -min, max, L2
     if len(x):
-        local = torch.stack([(x_adv - x).abs().amax(), -x_adv.amin(), x_adv.amax()]).double()
+        delta = (x_adv - x).double()
+        l2 = delta.flatten(1).norm(dim=1).amax()
+        local = torch.stack([delta.abs().amax(), -x_adv.amin().double(), x_adv.amax().double(), l2])
     out = all_reduce_max(local).tolist()
-    return {"max_linf": out[0], "min": -out[1], "max": out[2]}
+    bounds = {"max_linf": out[0], "min": -out[1], "max": out[2]}
+    return bounds | ({"max_l2": out[3]} if norm == "L2" else {})
 
 
 def evaluate_model(
@@ -78,7 +82,7 @@ def evaluate_model(
             x_adv, hit = get_attack(name).run(model, x, y, env)
             hit = hit if hit is not None else predict(model, x_adv, settings.batch_size) == y
             correct[name] = assemble(hit, mine, n)
-            bounds[name] = _bounds(x_adv, x)
+            bounds[name] = _bounds(x_adv, x, settings.norm)
         summary: dict[str, Any] = {
             "attacks": {name: sample_metrics(c, y_all, num_classes) for name, c in correct.items()},
             "settings": {a: get_attack(a).describe(settings) for a in attacks} | {"common": settings.common()},

@@ -102,7 +102,7 @@ class Method:
         a = self.ctx.attack
         chosen = a.start if a.start != "auto" else self.default_start
         eps = a.eps if eps is None else eps
-        step_size = a.step_size if step_size is None else step_size
+        step_size = a.step if step_size is None else step_size
         return PGD(
             self.ctx.attacked,
             eps,
@@ -111,6 +111,7 @@ class Method:
             loss=loss,
             start=chosen,
             fold_batchnorm=a.fold_batchnorm,
+            norm=a.threat.norm,
             **options,
         )
 

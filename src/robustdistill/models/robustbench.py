@@ -32,6 +32,7 @@ ZOO: dict[tuple[str, str, str], tuple[str, dict[str, Any]]] = {
 # RobustBench's budget of each (dataset, threat model) leaderboard its entries are ranked on
 ZOO_EPS: dict[tuple[str, str], float] = {
     ("cifar10", "Linf"): 8 / 255,
+    ("cifar10", "L2"): 0.5,
     ("cifar100", "Linf"): 8 / 255,
     ("imagenet", "Linf"): 4 / 255,
 }
@@ -43,8 +44,8 @@ def zoo_threat(target: str, dataset: str) -> Optional[ThreatModel]:
     name, threat = parse(target)
     if threat not in NORMS:
         raise CheckpointError(
-            f"robustbench:{name}@{threat}: this tool evaluates the {', '.join(NORMS)} threat model only, "
-            f"and would quote an {threat} entry under the wrong one"
+            f"robustbench:{name}@{threat}: this tool evaluates the {' and '.join(NORMS)} threat models only, "
+            f"and would quote a {threat} entry under the wrong one"
         )
     eps = ZOO_EPS.get((dataset, threat))
     return ThreatModel(eps, threat) if eps is not None else None

@@ -25,7 +25,15 @@ from ..data import load_dataset, subset_of
 from ..evaluation.checks import CHECKS
 from ..evaluation.corruptions import per_image_scores
 from ..evaluation.metrics import strongest_attack, unpack_verdicts
-from ..evaluation.report import extra_cell, extra_description, machine, read_report, versions, write_section
+from ..evaluation.report import (
+    extra_cell,
+    extra_description,
+    machine,
+    read_report,
+    report_threat,
+    versions,
+    write_section,
+)
 from ..recipes import is_shipped
 from ..storage.files import atomic_write
 from ..storage.runs import read_metrics
@@ -78,6 +86,7 @@ def write_comparison(
         "groups": groups_out,
         "failed": failed,
         "checks": results.checks,
+        "threat_models": results.threats,
         "extra": results.extra,
         "corruptions": results.corruption_info,
         "published": grid.published,
@@ -105,6 +114,10 @@ class _Results:
         self.attacks = [a for a in first["attacks"] if all(a in rep["attacks"] for rep in reports.values())]
         self.verdicts = {name: _verdicts(report, self.attacks) for name, report in reports.items()}
         self.checks = failed_checks(reports)
+        # the threat model each run was evaluated under: {"L-inf, eps 8/255": runs}
+        self.threats: dict[str, list[str]] = {}
+        for name, report in reports.items():
+            self.threats.setdefault(report_threat(report).describe(), []).append(name)
         # extra training data (data.extra) as the runs' reports name it: {description: runs}
         self.extra: dict[str, list[str]] = {}
         self.extra_of: dict[str, str] = {}  # run: its extra data in a table cell's words

@@ -13,6 +13,12 @@ from ..evaluation.plots import pyplot
 MARKERS = "osD^v<>"  # 7 markers against matplotlib's 10 colours: 70 series before a pair repeats
 
 
+def threat_words(document: dict[str, Any]) -> str:
+    """The threat model of the runs' evaluations, in words ("L-inf, eps 8/255"), or that they differ."""
+    threats = document.get("threat_models") or {}
+    return next(iter(threats)) if len(threats) == 1 else "threat models differ"
+
+
 def plot_comparison(document: dict[str, Any], out: Path) -> list[Path]:
     """Every figure of every group with cells (files suffixed _1, _2, ... when there are groups)."""
     plt = pyplot()
@@ -21,8 +27,8 @@ def plot_comparison(document: dict[str, Any], out: Path) -> list[Path]:
         if not group["cells"]:
             continue
         suffix = f"_{index + 1}" if len(document["groups"]) > 1 else ""
-        where = ", ".join(f"{k} = {v}" for k, v in group["axes"].items())
-        figure = _Figure(plt, document, group, f" ({where})" if where else "", out, suffix)
+        where = ", ".join([*(f"{k} = {v}" for k, v in group["axes"].items()), threat_words(document)])
+        figure = _Figure(plt, document, group, f" ({where})", out, suffix)
         written += [path for path in (figure.tradeoff(), figure.fairness(), figure.classwise()) if path]
         if group["differences"]:
             written.append(figure.differences())

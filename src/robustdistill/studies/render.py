@@ -34,6 +34,7 @@ def comparison_markdown(document: dict[str, Any], grid_path: Path, seconds: dict
         + _threads_note(document),
         "",
         "Each cell: mean over seeds [95 % interval]. " + document["intervals"],
+        *_threat_lines(document.get("threat_models")),
         *_few_seeds(document),
         *[f"Trained with {what}: {', '.join(sorted(runs))}." for what, runs in document.get("extra", {}).items()],
         *_corruption_lines(document.get("corruptions")),
@@ -54,6 +55,21 @@ def comparison_markdown(document: dict[str, Any], grid_path: Path, seconds: dict
     if document["failed"]:
         lines += ["", "## Failed cells", ""] + [f"- {name}: {why}" for name, why in document["failed"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _threat_lines(threats: Optional[dict[str, list[str]]]) -> list[str]:
+    """The threat model the runs were evaluated under; where they differ, which run had which, and
+    that their robust accuracies do not compare."""
+    if not threats:
+        return []
+    if len(threats) == 1:
+        return ["", f"Threat model: {next(iter(threats))} (every run)."]
+    return [
+        "",
+        "**The runs were evaluated under different threat models; their robust accuracies do not compare "
+        "across them** (set eval.norm and eval.eps in the grid's base to evaluate every run under one):",
+        *[f"- {threat}: {', '.join(sorted(runs))}" for threat, runs in threats.items()],
+    ]
 
 
 def _corruption_lines(info: Optional[dict[str, Any]]) -> list[str]:
