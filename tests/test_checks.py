@@ -350,7 +350,7 @@ def test_robustbench_entry_loads_offline_from_the_local_model_dir(tmp_path):
     model, spec, path = load_robustbench("robustbench:Standard", dataset, str(tmp_path / "models"))
     x = dataset.test.images()[:2]
     assert torch.equal(model.eval()(x), reference.eval()(x)) and spec.kwargs["depth"] == 28 and path == target
-    with pytest.raises(CheckpointError, match="needs the robustbench package"):
+    with pytest.raises(CheckpointError, match="is not one this tool builds itself"):
         (tmp_path / "models" / "cifar10" / "Linf" / "Unknown2099.pt").write_bytes(b"")
         load_robustbench("robustbench:Unknown2099", dataset, str(tmp_path / "models"))
 

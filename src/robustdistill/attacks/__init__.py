@@ -1,4 +1,4 @@
-"""Attacks: the L-infinity PGD of training's inner maximisation, and every evaluation attack as a
+"""Attacks: the PGD (L-inf or L2) of training's inner maximisation, and every evaluation attack as a
 registered class.
 
     pgd.py         the primitives `PGD` and `FGSM`, and the `attack` config section (training's attack)

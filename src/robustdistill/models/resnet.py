@@ -7,6 +7,8 @@ Module names follow the CIFAR code the distillation papers build on (`conv1`, `b
 Global average pooling is adaptive, so the same networks also run on small inputs (digits).
 """
 
+import functools
+
 import torch.nn.functional as F
 from torch import nn
 
@@ -37,8 +39,12 @@ class BasicBlock(nn.Module):
 
 
 class PreActBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
+    """shortcut_from_input: the projection shortcut sees the block's input rather than its activated
+    input (RobustBench's PreActBlock, e.g. Wong2020Fast; the default is its PreActBlockV2)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, shortcut_from_input: bool = False):
         super().__init__()
+        self.shortcut_from_input = shortcut_from_input
         self.bn1 = nn.BatchNorm2d(cin)
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
@@ -49,16 +55,16 @@ class PreActBlock(nn.Module):
 
     def forward(self, x):
         out = F.relu(self.bn1(x))
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        shortcut = self.shortcut(x if self.shortcut_from_input else out) if self.shortcut is not None else x
         out = self.conv1(out)
         out = self.conv2(F.relu(self.bn2(out)))
         return out + shortcut
 
 
 class ResNet(nn.Module):
-    def __init__(self, block, num_blocks, num_classes, in_channels, width=64, preact=False):
+    def __init__(self, block, num_blocks, num_classes, in_channels, width=64, preact=False, final_bn=True):
         super().__init__()
-        self.preact = preact
+        self.preact, self.final_bn = preact, preact and final_bn
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         if not preact:
             self.bn1 = nn.BatchNorm2d(width)
@@ -70,7 +76,7 @@ class ResNet(nn.Module):
                 blocks.append(block(cin, cout, (1 if i == 0 else 2) if j == 0 else 1))
                 cin = cout
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-        if preact:
+        if self.final_bn:
             self.bn = nn.BatchNorm2d(cin)
         self.pool = GlobalAvgPool()
         self.linear = nn.Linear(cin, num_classes)
@@ -80,7 +86,7 @@ class ResNet(nn.Module):
         if not self.preact:
             out = F.relu(self.bn1(out))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        if self.preact:
+        if self.final_bn:
             out = F.relu(self.bn(out))
         out = self.pool(out)
         return self.linear(out)
@@ -92,8 +98,17 @@ def resnet18(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> nn
 
 
 @MODELS.register("preact_resnet18")
-def preact_resnet18(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> nn.Module:
-    return ResNet(PreActBlock, [2, 2, 2, 2], num_classes, in_channels, width, preact=True)
+def preact_resnet18(
+    num_classes: int = 10, in_channels: int = 3, width: int = 64, shortcut: str = "activated", final_bn: bool = True
+) -> nn.Module:
+    """shortcut: what a projection shortcut sees, `activated` (the block's input after its batch norm
+    and ReLU) or `input`; final_bn: a batch norm and ReLU before the pooling. The defaults are the
+    CFA / FRL code's PreActResNet-18 and RobustBench's PreActBlockV2 with bn_before_fc;
+    `shortcut: input, final_bn: false` is RobustBench's plain PreActResNet (Wong2020Fast)."""
+    if shortcut not in ("activated", "input"):
+        raise ValueError(f"shortcut must be activated or input, got {shortcut!r}")
+    block = functools.partial(PreActBlock, shortcut_from_input=shortcut == "input")
+    return ResNet(block, [2, 2, 2, 2], num_classes, in_channels, width, preact=True, final_bn=final_bn)
 
 
 class _OptionAShortcut(nn.Module):

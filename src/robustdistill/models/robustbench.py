@@ -3,39 +3,50 @@
 A model is named `robustbench:<Name>` (threat model Linf) or `robustbench:<Name>@<threat>`, and
 its file is where RobustBench itself keeps it: `<model_dir>/<dataset>/<threat>/<Name>.pt`
 (`model_dir` defaults to `models`, RobustBench's default). With the optional `robustbench`
-package installed, its own architectures are used; without it, the entries of `ZOO` below are
-built from this tool's registry (their state dicts use the same module names).
+package installed, its own architectures are used; without it, the entries of
+`robustbench_zoo.yaml` (shipped beside this module, with its source) are built from this tool's
+registry: their state dicts use the same module names, their input normalisation is the model's,
+and their threat model and budget come from the entry's leaderboard, not from the user.
 """
 
 from __future__ import annotations
 
+import functools
+from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+import yaml
 from torch import nn
 
 from ..core.errors import CheckpointError
+from ..core.schema import parse_float
 from ..core.threat import NORMS, ThreatModel
 from .base import ModelSpec, create_model
 from .checkpoint import load_into, read_state_dict
 
 PREFIX = "robustbench:"
 
-# (dataset, threat model, name) -> (registry model, kwargs); none of these normalise inside the model
-ZOO: dict[tuple[str, str, str], tuple[str, dict[str, Any]]] = {
-    ("cifar10", "Linf", "Standard"): ("wrn34_10", {"depth": 28, "widen_factor": 10}),
-    ("cifar10", "Linf", "Zhang2019Theoretically"): ("wrn34_10", {"depth": 34, "widen_factor": 10, "sub_block1": True}),
-    ("cifar10", "Linf", "Carmon2019Unlabeled"): ("wrn34_10", {"depth": 28, "widen_factor": 10}),
-}
+
+@functools.cache
+def zoo_data() -> dict[str, Any]:
+    """`robustbench_zoo.yaml`: the entries built natively, their normalisation, the leaderboards' budgets."""
+    return yaml.safe_load(resources.files(__package__).joinpath("robustbench_zoo.yaml").read_text())
 
 
-# RobustBench's budget of each (dataset, threat model) leaderboard its entries are ranked on
-ZOO_EPS: dict[tuple[str, str], float] = {
-    ("cifar10", "Linf"): 8 / 255,
-    ("cifar10", "L2"): 0.5,
-    ("cifar100", "Linf"): 8 / 255,
-    ("imagenet", "Linf"): 4 / 255,
-}
+def zoo_entry(dataset: str, threat: str, name: str) -> Optional[dict[str, Any]]:
+    """An entry of the zoo file (None where this tool does not build it natively)."""
+    return zoo_data()["entries"].get(dataset, {}).get(threat, {}).get(name)
+
+
+def zoo_spec(dataset: str, threat: str, name: str, num_classes: int, channels: int) -> ModelSpec:
+    """The architecture of a native entry, its normalisation in front of it (as its module applies it)."""
+    entry = zoo_entry(dataset, threat, name)
+    norm = zoo_data()["normalizations"][entry["normalization"]] if "normalization" in entry else {}
+    return ModelSpec(
+        entry["model"], num_classes, channels, dict(entry.get("kwargs", {})), norm.get("mean"), norm.get("std")
+    )
 
 
 def zoo_threat(target: str, dataset: str) -> Optional[ThreatModel]:
@@ -47,8 +58,8 @@ def zoo_threat(target: str, dataset: str) -> Optional[ThreatModel]:
             f"robustbench:{name}@{threat}: this tool evaluates the {' and '.join(NORMS)} threat models only, "
             f"and would quote a {threat} entry under the wrong one"
         )
-    eps = ZOO_EPS.get((dataset, threat))
-    return ThreatModel(eps, threat) if eps is not None else None
+    eps = zoo_data()["budgets"].get(dataset, {}).get(threat)
+    return ThreatModel(parse_float(eps, f"the budget of {dataset} {threat}"), threat) if eps is not None else None
 
 
 def is_robustbench(target: str) -> bool:
@@ -80,25 +91,32 @@ def zoo_file(target: str, dataset: str, model_dir: Optional[str] = None) -> Path
 def load_robustbench(target: str, dataset, model_dir: Optional[str] = None) -> tuple[nn.Module, ModelSpec, Path]:
     """(model, spec, file) of a zoo entry for `dataset` (a loaded `Dataset`)."""
     name, threat = parse(target)
-    path = zoo_file(target, dataset.name, model_dir)
     try:
         from robustbench.utils import load_model as rb_load_model  # optional extra
     except ImportError:
         rb_load_model = None
+    if rb_load_model is None and zoo_entry(dataset.name, threat, name) is None:
+        known = ", ".join(zoo_data()["entries"].get(dataset.name, {}).get(threat, {})) or "none"
+        raise CheckpointError(
+            f"RobustBench entry {name} ({dataset.name}, {threat}) is not one this tool builds itself ({known}); "
+            "check the name, or install the robustbench package for the others "
+            "(pip install 'robustdistill[robustbench]')"
+        )
+    path = zoo_file(target, dataset.name, model_dir)
     if rb_load_model is not None:
         model = rb_load_model(
             model_name=name, model_dir=str(Path(model_dir or "models")), dataset=dataset.name, threat_model=threat
         )
         return model, ModelSpec(f"{PREFIX}{name}", dataset.num_classes, dataset.channels), path
-    key = (dataset.name, threat, name)
-    if key not in ZOO:
-        known = ", ".join(n for d, t, n in ZOO if d == dataset.name and t == threat) or "none"
-        raise CheckpointError(
-            f"RobustBench entry {name} ({dataset.name}, {threat}) needs the robustbench package "
-            f"(pip install 'robustdistill[robustbench]'); built in without it: {known}"
-        )
-    arch, kwargs = ZOO[key]
-    spec = ModelSpec(arch, dataset.num_classes, dataset.channels, dict(kwargs))
+    spec = zoo_spec(dataset.name, threat, name, dataset.num_classes, dataset.channels)
     model = create_model(spec)
-    load_into(model, read_state_dict(path), path)
+    state = read_state_dict(path)
+    for key in zoo_entry(dataset.name, threat, name).get("state_keys", []):  # the module's own normalisation
+        saved = state.pop(key, None)
+        stored = spec.mean if key == "mu" else spec.std
+        if saved is not None and not torch.allclose(saved.flatten().float(), torch.tensor(stored), atol=1e-4):
+            raise CheckpointError(
+                f"{path}: its {key} {saved.flatten().tolist()} is not {name}'s normalisation {stored}"
+            )
+    load_into(model, state, path)
     return model, spec, path
