@@ -19,6 +19,14 @@ def _bn(prefix, c):
     return {f"{prefix}.{k}": () if k == "num_batches_tracked" else (c,) for k in BN}
 
 
+def _block(p, cin, cout, names, shortcut):
+    """A two-convolution residual block: bn, 3x3 conv, bn, 3x3 conv (`names`), and a 1x1 projection."""
+    bn0, conv0, bn1, conv1 = names
+    keys = _bn(f"{p}.{bn0}", cin) | {f"{p}.{conv0}.weight": (cout, cin, 3, 3)}
+    keys |= _bn(f"{p}.{bn1}", cout) | {f"{p}.{conv1}.weight": (cout, cout, 3, 3)}
+    return keys | ({f"{p}.{shortcut}.weight": (cout, cin, 1, 1)} if shortcut else {})
+
+
 def rb_wide_resnet(depth, widen_factor, sub_block1=False, num_classes=10):
     """robustbench/model_zoo/architectures/wide_resnet.py: conv1, block1..3 (and sub_block1), bn1, fc."""
     n, ch = (depth - 4) // 6, [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
@@ -27,10 +35,7 @@ def rb_wide_resnet(depth, widen_factor, sub_block1=False, num_classes=10):
     for name, g in groups:
         for i in range(n):
             cin, cout, p = ch[g] if i == 0 else ch[g + 1], ch[g + 1], f"{name}.layer.{i}"
-            keys |= _bn(f"{p}.bn1", cin) | {f"{p}.conv1.weight": (cout, cin, 3, 3)}
-            keys |= _bn(f"{p}.bn2", cout) | {f"{p}.conv2.weight": (cout, cout, 3, 3)}
-            if cin != cout:
-                keys[f"{p}.convShortcut.weight"] = (cout, cin, 1, 1)
+            keys |= _block(p, cin, cout, ("bn1", "conv1", "bn2", "conv2"), "convShortcut" if cin != cout else None)
     return keys | _bn("bn1", ch[3]) | {"fc.weight": (num_classes, ch[3]), "fc.bias": (num_classes,)}
 
 
@@ -41,10 +46,8 @@ def rb_preact_resnet18(bn_before_fc, normalisation_buffers=True, num_classes=10)
     for stage, cout in enumerate([64, 128, 256, 512]):
         for j in range(2):
             stride, p = (1 if stage == 0 else 2) if j == 0 else 1, f"layer{stage + 1}.{j}"
-            keys |= _bn(f"{p}.bn1", cin) | {f"{p}.conv1.weight": (cout, cin, 3, 3)}
-            keys |= _bn(f"{p}.bn2", cout) | {f"{p}.conv2.weight": (cout, cout, 3, 3)}
-            if stride != 1 or cin != cout:
-                keys[f"{p}.shortcut.0.weight"] = (cout, cin, 1, 1)
+            projected = stride != 1 or cin != cout
+            keys |= _block(p, cin, cout, ("bn1", "conv1", "bn2", "conv2"), "shortcut.0" if projected else None)
             cin = cout
     keys |= _bn("bn", 512) if bn_before_fc else {}
     keys |= {"mu": (1, 3, 1, 1), "sigma": (1, 3, 1, 1)} if normalisation_buffers else {}
@@ -58,10 +61,8 @@ def rb_dm_wide_resnet(depth, width, num_classes=10):
     for g in range(3):
         for i in range(n):
             cin, cout, p = ch[g] if i == 0 else ch[g + 1], ch[g + 1], f"layer.{g}.block.{i}"
-            keys |= _bn(f"{p}.batchnorm_0", cin) | {f"{p}.conv_0.weight": (cout, cin, 3, 3)}
-            keys |= _bn(f"{p}.batchnorm_1", cout) | {f"{p}.conv_1.weight": (cout, cout, 3, 3)}
-            if cin != cout:
-                keys[f"{p}.shortcut.weight"] = (cout, cin, 1, 1)
+            names = ("batchnorm_0", "conv_0", "batchnorm_1", "conv_1")
+            keys |= _block(p, cin, cout, names, "shortcut" if cin != cout else None)
     return keys | _bn("batchnorm", ch[3]) | {"logits.weight": (num_classes, ch[3]), "logits.bias": (num_classes,)}
 
 
