@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from robustdistill.core.errors import CheckpointError, ConfigError
 from robustdistill.core.threat import ThreatModel
@@ -231,6 +232,68 @@ def test_a_state_dict_in_the_official_trades_layout_loads_into_the_tools_wrn(tmp
     model, _ = load_model(tmp_path / "model_cifar_wrn.pt", spec)
     assert torch.equal(model.net.block2.layer[0].convShortcut.weight, state["block2.layer.0.convShortcut.weight"])
     assert torch.equal(model.net.fc.bias, state["fc.bias"])
+
+
+def _mtard_resnet56_keys(depth=56, classes=10) -> dict[str, tuple[int, ...]]:
+    """The state dict of the MTARD code's clean ResNet-56 (zhaoshiji123/MTARD
+    cifar10_nat_teacher_models/resnet.py CifarResNet, chenyaofo/pytorch-cifar-models' layout), written
+    from its module structure: conv1, bn1, layer1..3 of BasicBlocks (conv1, bn1, conv2, bn2, and where the
+    shape changes downsample = 1x1 conv, BN), fc."""
+    keys: dict[str, tuple[int, ...]] = {"conv1.weight": (16, 3, 3, 3)}
+
+    def bn(name, c):
+        keys.update({f"{name}.{p}": (c,) for p in ("weight", "bias", "running_mean", "running_var")})
+        keys[f"{name}.num_batches_tracked"] = ()
+
+    bn("bn1", 16)
+    cin = 16
+    for stage, planes in enumerate([16, 32, 64]):
+        for i in range((depth - 2) // 6):
+            p = f"layer{stage + 1}.{i}"
+            keys[f"{p}.conv1.weight"] = (planes, cin, 3, 3)
+            bn(f"{p}.bn1", planes)
+            keys[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
+            bn(f"{p}.bn2", planes)
+            if i == 0 and (stage > 0 or cin != planes):
+                keys[f"{p}.downsample.0.weight"] = (planes, cin, 1, 1)
+                bn(f"{p}.downsample.1", planes)
+            cin = planes
+    keys["fc.weight"], keys["fc.bias"] = (classes, 64), (classes,)
+    return keys
+
+
+def test_the_bmtard_recipes_clean_teacher_takes_the_mtard_codes_resnet56_as_it_is(tmp_path):
+    """The B-MTARD recipes' clean teacher builds exactly the MTARD code's ResNet-56 keys and shapes; a
+    file in that layout loads and computes conv-BN-ReLU blocks with projection shortcuts."""
+    from pathlib import Path
+
+    from robustdistill.training.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for path, classes in [
+        (root / "cifar10" / "bmtard_resnet18.yaml", 10),
+        (root / "cifar100" / "bmtard_resnet18.yaml", 100),
+    ]:
+        clean = load_config(path).teachers["clean"].model
+        with torch.device("meta"):
+            net = create_model(ModelSpec(clean.name, classes, 3, clean.kwargs)).net
+        assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == _mtard_resnet56_keys(classes=classes)
+    keys = _mtard_resnet56_keys(depth=8)
+    generator = torch.Generator().manual_seed(0)
+    state = {k: 0.3 * torch.randn(s, generator=generator) if s else torch.tensor(3) for k, s in keys.items()}
+    state |= {k: 0.5 + v.abs() for k, v in state.items() if k.endswith("running_var")}
+    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "resnet56.pth")
+    model, _ = load_model(tmp_path / "resnet56.pth", ModelSpec("resnet56", 10, 3, {"depth": 8, "layout": "mtard"}))
+    block = model.eval().net.layer2[0]
+    x = torch.rand(2, 16, 8, 8)
+    with torch.no_grad():
+        shortcut = block.downsample(x)
+        by_hand = F.batch_norm(F.conv2d(x, state["layer2.0.downsample.0.weight"], stride=2),
+                               state["layer2.0.downsample.1.running_mean"], state["layer2.0.downsample.1.running_var"],
+                               state["layer2.0.downsample.1.weight"], state["layer2.0.downsample.1.bias"])  # fmt: skip
+        assert torch.allclose(shortcut, by_hand, atol=1e-5) and torch.equal(model.net.fc.bias, state["fc.bias"])
+    with pytest.raises(CheckpointError, match="does not fit the model"):  # the option-A layout refuses it
+        load_model(tmp_path / "resnet56.pth", ModelSpec("resnet56", 10, 3, {"depth": 8}))
 
 
 def test_a_teachers_model_section_is_for_plain_state_dicts_a_file_of_this_tool_keeps_its_own(tmp_path, caplog):

@@ -130,9 +130,31 @@ class _ThinBlock(BasicBlock):
         return _OptionAShortcut(stride, cout - cin)
 
 
+class _DownsampleBlock(BasicBlock):
+    """The block of the MTARD / B-MTARD code's CIFAR ResNet (chenyaofo/pytorch-cifar-models): a 1x1
+    conv-BN projection shortcut where the shape changes, named `downsample`."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__(cin, cout, stride)
+        projection = self.shortcut
+        del self.shortcut
+        self.downsample = projection if len(projection) else None
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (self.downsample(x) if self.downsample is not None else x))
+
+
 class ThinResNet(nn.Module):
-    def __init__(self, depth: int, num_classes: int, in_channels: int, width: int = 16):
+    """layout `he`: option-A shortcuts, classifier `linear` (He et al.; the seed methods' code);
+    `mtard`: projection shortcuts `downsample`, classifier `fc` (the MTARD code's clean teacher)."""
+
+    def __init__(self, depth: int, num_classes: int, in_channels: int, width: int = 16, layout: str = "he"):
         super().__init__()
+        if layout not in ("he", "mtard"):
+            raise ValueError(f"layout must be he or mtard, got {layout!r}")
+        block, self.head = (_ThinBlock, "linear") if layout == "he" else (_DownsampleBlock, "fc")
         if (depth - 2) % 6:
             raise ValueError(f"thin ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
         n = (depth - 2) // 6
@@ -143,18 +165,23 @@ class ThinResNet(nn.Module):
             cout = width * 2**i
             blocks = []
             for j in range(n):
-                blocks.append(_ThinBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
+                blocks.append(block(cin, cout, 2 if (i > 0 and j == 0) else 1))
                 cin = cout
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.pool = GlobalAvgPool()
-        self.linear = nn.Linear(cin, num_classes)
+        setattr(self, self.head, nn.Linear(cin, num_classes))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
-        return self.linear(self.pool(out))
+        return getattr(self, self.head)(self.pool(out))
 
 
 @MODELS.register("resnet56")
-def resnet56(num_classes: int = 10, in_channels: int = 3, depth: int = 56, width: int = 16) -> nn.Module:
-    return ThinResNet(depth, num_classes, in_channels, width)
+def resnet56(
+    num_classes: int = 10, in_channels: int = 3, depth: int = 56, width: int = 16, layout: str = "he"
+) -> nn.Module:
+    """layout: `he` (option-A shortcuts, `linear`) or `mtard` (the MTARD code's CIFAR ResNet-56,
+    chenyaofo/pytorch-cifar-models: projection shortcuts `downsample`, classifier `fc`), whose
+    file the MTARD / B-MTARD recipes' clean teacher is."""
+    return ThinResNet(depth, num_classes, in_channels, width, layout)
