@@ -256,7 +256,7 @@ CASES = [
     (evaluate(target="garbage.safetensors"), "garbage.safetensors is not a readable safetensors file"),
     (
         evaluate("--data", "digits", "--eps", "0.2", target="robustbench:Nobody2099"),
-        "RobustBench model Nobody2099 (digits, Linf) is not at",
+        "RobustBench entry Nobody2099 (digits, Linf) is not one this tool builds itself",
     ),
     # files that are not what they claim, names that are not folder names, devices that are not here
     (["train", "latin1.yaml"], "latin1.yaml is not UTF-8 text (byte 0xe9"),

@@ -228,3 +228,23 @@ def test_the_how_to_lists_exactly_the_native_entries():
     listed = {(datasets[d], t): set(re.findall(r"`([\w-]+)`", names)) - {"dm_wrn"} for d, t, names in rows}
     native = {(d, t): set(names) for d, by in zoo_data()["entries"].items() for t, names in by.items()}
     assert listed == native
+
+
+def test_eval_of_a_wrong_zoo_name_or_file_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from robustdistill.cli import main
+    from test_data import _fake_cifar10
+
+    monkeypatch.chdir(tmp_path)
+    _fake_cifar10(tmp_path / "data", n=4)
+    base = ["--data", "cifar10", "eval.subset=4", "data.root=data", "--out", "e"]
+    path = tmp_path / "models" / "cifar10" / "Linf" / "Gowal2021Improving_28_10_ddpm_100m.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(_random_state(rb_wide_resnet(10, 1)), path)
+    for name, fragment in [
+        ("robustbench:Gowal2021Improving_28_10", "is not one this tool builds itself"),
+        ("robustbench:Gowal2021Improving_28_10_ddpm_100m", "does not fit the model"),
+    ]:
+        assert main(["eval", name, *base]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and fragment in err, err
+        assert not (tmp_path / "e").exists()

@@ -77,8 +77,16 @@ def zoo_path(target: str, dataset: str, model_dir: Optional[str] = None) -> Path
 
 
 def zoo_file(target: str, dataset: str, model_dir: Optional[str] = None) -> Path:
-    """The local file of a zoo entry; a missing one is an error that says where to put it."""
+    """The local file of a zoo entry; an entry this tool cannot build, or a missing file, is an error
+    that says so (and where to put the file)."""
     name, threat = parse(target)
+    if _package_loader() is None and zoo_entry(dataset, threat, name) is None:
+        known = ", ".join(zoo_data()["entries"].get(dataset, {}).get(threat, {})) or "none"
+        raise CheckpointError(
+            f"RobustBench entry {name} ({dataset}, {threat}) is not one this tool builds itself ({known}); "
+            "check the name, or install the robustbench package for the others "
+            "(pip install 'robustdistill[robustbench]')"
+        )
     path = zoo_path(target, dataset, model_dir)
     if not path.is_file():
         raise CheckpointError(
@@ -88,20 +96,19 @@ def zoo_file(target: str, dataset: str, model_dir: Optional[str] = None) -> Path
     return path
 
 
+def _package_loader():
+    """The optional robustbench package's `load_model`, or None where it does not import."""
+    try:
+        from robustbench.utils import load_model  # optional extra
+    except ImportError:
+        return None
+    return load_model
+
+
 def load_robustbench(target: str, dataset, model_dir: Optional[str] = None) -> tuple[nn.Module, ModelSpec, Path]:
     """(model, spec, file) of a zoo entry for `dataset` (a loaded `Dataset`)."""
     name, threat = parse(target)
-    try:
-        from robustbench.utils import load_model as rb_load_model  # optional extra
-    except ImportError:
-        rb_load_model = None
-    if rb_load_model is None and zoo_entry(dataset.name, threat, name) is None:
-        known = ", ".join(zoo_data()["entries"].get(dataset.name, {}).get(threat, {})) or "none"
-        raise CheckpointError(
-            f"RobustBench entry {name} ({dataset.name}, {threat}) is not one this tool builds itself ({known}); "
-            "check the name, or install the robustbench package for the others "
-            "(pip install 'robustdistill[robustbench]')"
-        )
+    rb_load_model = _package_loader()
     path = zoo_file(target, dataset.name, model_dir)
     if rb_load_model is not None:
         model = rb_load_model(
