@@ -100,7 +100,7 @@ def test_every_native_entry_has_robustbenchs_key_names_and_shapes(dataset, threa
         own = {k.removeprefix("net."): tuple(v.shape) for k, v in create_model(spec).state_dict().items()}
     own = {k: v for k, v in own.items() if not k.startswith("normalize.")}
     expected = _module_of(threat, name, classes)
-    dropped = set(zoo_data()["entries"][dataset][threat][name].get("state_keys", []))
+    dropped = set(zoo_data()["entries"][dataset][threat][name].get("state_keys", {}))
     assert own == {k: v for k, v in expected.items() if k not in dropped}
     assert dropped <= set(expected)  # a buffer the entry drops is one the file has
     # the normalisation is the one its RobustBench module applies (DeepMind's CIFAR means; none for Standard)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import require
-from ..core.threat import L2_EPS_LIMIT, ConfigNorm, Norm, ThreatModel, norm_of
+from ..core.threat import ConfigNorm, Norm, ThreatModel, eps_limit, norm_of
 from ..models import eval_mode
 from ..models.fold import eval_view, release
 
@@ -76,7 +76,7 @@ class AttackConfig:
     def validate(self) -> None:
         norm = norm_of(self.norm)
         ThreatModel.check_eps(self.eps, "attack.eps", norm)
-        limit = 1.0 if norm == "Linf" else L2_EPS_LIMIT
+        limit = eps_limit(norm)
         require(
             self.step_size is None or 0 < self.step_size <= limit,
             "attack.step_size",

@@ -26,6 +26,12 @@ L2_EPS_LIMIT = 16.0
 WORDS = {"Linf": "L-inf", "L2": "L2"}
 
 
+def eps_limit(norm: str) -> float:
+    """The largest budget (and PGD step) a config may give under `norm`: 1 under L-inf (the range of
+    the images), `L2_EPS_LIMIT` under L2."""
+    return L2_EPS_LIMIT if norm == "L2" else 1.0
+
+
 def norm_of(value: str) -> Norm:
     """A config's norm (linf, l2; any case) as the threat model spells it (Linf, L2)."""
     found = {n.lower(): n for n in NORMS}.get(str(value).lower())

@@ -11,7 +11,7 @@ from typing import Any, Optional
 from ..attacks import ATTACKS, EvalSettings
 from ..core.errors import ConfigError, require
 from ..core.schema import SEED_LIMIT
-from ..core.threat import L2_EPS_LIMIT, ConfigNorm, ThreatModel, norm_of
+from ..core.threat import ConfigNorm, ThreatModel, eps_limit, norm_of
 from ..models import ModelConfig
 
 log = logging.getLogger("robustdistill")
@@ -55,7 +55,7 @@ class EvalConfig:
         norm = norm_of(self.norm) if self.norm is not None else None
         if self.eps is not None:
             ThreatModel.check_eps(self.eps, "eval.eps", norm or "L2")  # the norm's own limit: at `resolve`
-        limit = 1.0 if norm == "Linf" else L2_EPS_LIMIT
+        limit = eps_limit(norm or "L2")  # the norm unknown yet: the wider limit, the norm's own at `resolve`
         require(self.step_size is None or 0 < self.step_size <= limit, "eval.step_size", f"must be in (0, {limit:g}]")
         require(self.large_eps is None or 0 < self.large_eps <= limit, "eval.large_eps", f"must be in (0, {limit:g}]")
         require(self.subset is None or self.subset >= 1, "eval.subset", "must be >= 1")
@@ -106,7 +106,7 @@ class EvalConfig:
         else:
             threat = default
         threat.validate("eval.eps")
-        limit = 1.0 if threat.norm == "Linf" else L2_EPS_LIMIT
+        limit = eps_limit(threat.norm)
         for key in ("step_size", "large_eps"):
             value = getattr(self, key)
             require(

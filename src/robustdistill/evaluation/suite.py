@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..attacks import AttackEnv, EvalSettings, get_attack, predict
+from ..attacks.pgd import l2_norms
 from ..core.distributed import all_reduce_max, assemble, owned_indices
 from ..data import Split
 from ..models import eval_mode, fingerprint
@@ -37,7 +38,7 @@ def _bounds(x_adv: torch.Tensor, x: torch.Tensor, norm: str = "Linf") -> dict[st
     local = torch.tensor([0.0, -1.0, 0.0, 0.0], dtype=torch.float64, device=x.device)  # max |delta|, -min, max, L2
     if len(x):
         delta = (x_adv - x).double()
-        l2 = delta.flatten(1).norm(dim=1).amax()
+        l2 = l2_norms(delta).amax()
         local = torch.stack([delta.abs().amax(), -x_adv.amin().double(), x_adv.amax().double(), l2])
     out = all_reduce_max(local).tolist()
     bounds = {"max_linf": out[0], "min": -out[1], "max": out[2]}

@@ -118,9 +118,9 @@ def load_robustbench(target: str, dataset, model_dir: Optional[str] = None) -> t
     spec = zoo_spec(dataset.name, threat, name, dataset.num_classes, dataset.channels)
     model = create_model(spec)
     state = read_state_dict(path)
-    for key in zoo_entry(dataset.name, threat, name).get("state_keys", []):  # the module's own normalisation
+    for key, field in zoo_entry(dataset.name, threat, name).get("state_keys", {}).items():  # its own normalisation
         saved = state.pop(key, None)
-        stored = spec.mean if key == "mu" else spec.std
+        stored = getattr(spec, field)
         if saved is not None and not torch.allclose(saved.flatten().float(), torch.tensor(stored), atol=1e-4):
             raise CheckpointError(
                 f"{path}: its {key} {saved.flatten().tolist()} is not {name}'s normalisation {stored}"
