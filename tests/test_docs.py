@@ -23,7 +23,14 @@ def _config_classes():
     hints = typing.get_type_hints(Config)
     sections = [typing.get_args(hints["teachers"])[1]]
     sections += [hints[f.name] for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])]
-    return [Config, *sections, *(METHODS.get(n).Options for n in METHODS.names()), Grid, SlurmSpec]
+    inner = [_section(tp) for cls in sections for tp in typing.get_type_hints(cls).values() if _section(tp)]
+    return [Config, *sections, *inner, *(METHODS.get(n).Options for n in METHODS.names()), Grid, SlurmSpec]
+
+
+def _section(tp):
+    """The dataclass a field is typed as (Optional[...] too), or None."""
+    found = [a for a in (tp, *typing.get_args(tp)) if dataclasses.is_dataclass(a)]
+    return found[0] if found else None
 
 
 @pytest.mark.parametrize("cls", _config_classes(), ids=lambda c: c.__qualname__)

@@ -28,7 +28,7 @@ LAYERS = [
     {"attacks"},
     {"methods", "evaluation"},
     {"training"},
-    {"studies"},
+    {"studies", "export"},
     {"api"},
     {"cli"},
     {"__main__", "__init__"},  # the front door: `import robustdistill` offers the public API

@@ -68,10 +68,14 @@ def _default(f: dataclasses.Field) -> str:
 
 
 def _fields(cls, prefix: str) -> list[list[str]]:
-    hints, meaning = typing.get_type_hints(cls), field_comments(cls)
-    return [
-        [_code(prefix + f.name), _type(hints[f.name]), _default(f), meaning[f.name]] for f in dataclasses.fields(cls)
-    ]
+    """A section's rows, and after a key typed as a (possibly optional) section, that section's keys."""
+    hints, meaning, rows = typing.get_type_hints(cls), field_comments(cls), []
+    for f in dataclasses.fields(cls):
+        rows.append([_code(prefix + f.name), _type(hints[f.name]), _default(f), meaning[f.name]])
+        inner = [a for a in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(a)]
+        if inner and inner[0] is not cls:
+            rows += _fields(inner[0], f"{prefix}{f.name}.")
+    return rows
 
 
 def _first_paragraph(obj) -> str:

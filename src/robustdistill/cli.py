@@ -8,6 +8,7 @@
     robustdistill report RUN1 RUN2 ...                   comparison table + robustness-fairness scatter
     robustdistill compare GRID.yaml [--jobs N] [--dry-run]  methods x seeds (x axes), intervals, paired differences
     robustdistill plot RUN                               temperature / weight trajectories to PNG
+    robustdistill export RUN --format onnx|torchscript|safetensors|robustbench   the student, parity-checked
     robustdistill list [models|methods|datasets|attacks|checks]
 
 A mistake in the input (bad key, unknown name, missing file, existing run folder) is reported
@@ -45,6 +46,7 @@ from .evaluation.report import (
     to_markdown,
     write_report,
 )
+from .export import FORMATS, export_run
 from .methods import METHODS
 from .models import MODELS
 from .recipes import grid_names, recipe_names, summary
@@ -291,6 +293,35 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    out, manifest = export_run(
+        args.run,
+        args.format,
+        out=args.out,
+        images=args.images,
+        atol=args.atol,
+        rtol=args.rtol,
+        allow_failed_checks=args.allow_failed_checks,
+        name=args.name,
+    )
+    files = ", ".join(str(out / f["path"]) for f in manifest["files"].values())
+    print(f"exported {args.run} (epoch {manifest['model']['epoch']}) as {args.format}: {files}")
+    parity = manifest["parity"]
+    print(
+        f"parity passed on {parity['images']} test images ({parity['runtime']}): all predictions equal, "
+        f"max |logit difference| {parity['max_abs_logit_diff']:.2e}"
+    )
+    acc = manifest["accuracy"]
+    for attack in ("clean", "autoattack", "pgd20"):
+        if attack in acc:
+            low, high = acc[attack]["interval_95"]
+            print(f"  {attack:<10} {100 * acc[attack]['value']:.2f} %  [{100 * low:.2f}, {100 * high:.2f}]")
+    if not manifest["autoattack"]:
+        print("note: the run's report has no standard AutoAttack: the manifest quotes no robust accuracy under it")
+    print(f"manifest: {out / 'manifest.json'}")
+    return 0
+
+
 LISTED = ["models", "methods", "datasets", "attacks", "checks", "recipes", "grids"]
 
 
@@ -336,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="more detail in logs and tables")
     parser.add_argument("--version", action="version", version=f"robustdistill {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_eval, _add_report, _add_compare, _add_demo, _add_plot, _add_list):
+    for add in (_add_train, _add_eval, _add_report, _add_compare, _add_demo, _add_plot, _add_export, _add_list):
         add(sub)
     return parser
 
@@ -470,6 +501,19 @@ def _add_plot(sub) -> None:
     p.add_argument("run", help="run folder")
     p.add_argument("--out", help="folder for the PNGs (default: RUN/plots)")
     p.set_defaults(func=_cmd_plot)
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a finished run's student: ONNX, TorchScript, safetensors, RobustBench")
+    p.add_argument("run", help="a finished run folder")
+    p.add_argument("--format", required=True, choices=FORMATS, help="what to write")
+    p.add_argument("--out", help="a new folder for the files and manifest.json (default: RUN/export-FORMAT)")
+    p.add_argument("--images", type=int, default=256, help="test images the parity check compares on")
+    p.add_argument("--atol", type=float, default=1e-4, help="parity: a logit may differ by atol + rtol * |logit|")
+    p.add_argument("--rtol", type=float, default=1e-4, help="parity: see --atol")
+    p.add_argument("--allow-failed-checks", action="store_true", help="export a run that failed a sanity check")
+    p.add_argument("--name", help="the model's name in RobustBench's files (default: the run folder's name)")
+    p.set_defaults(func=_cmd_export)
 
 
 def _add_list(sub) -> None:

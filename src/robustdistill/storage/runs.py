@@ -6,6 +6,8 @@ A run folder `runs/<name>/` holds:
     checkpoints/last.safetensors, checkpoints/best.safetensors   model weights + architecture
     checkpoints/train_state.pt                                   optimizer, method state, RNG (resume)
     report.json, report.md   the final test evaluation of the best checkpoint
+    plots/                   the figures (`robustdistill plot`, and at the end of a tracked run)
+    trackers.json, tensorboard/, wandb/   what the trackers of `logging.*` keep there
 """
 
 from __future__ import annotations
@@ -35,19 +37,22 @@ AUTOATTACK_STATES = (
     "fab_t_state.json",
 )
 MARKER = ".robustdistill-run"  # written into every run folder this tool creates
+TRACKERS_FILE = "trackers.json"  # the ids of a run's tracker runs (W&B, MLflow), for a resume
+TRACKER_DIRS = ("tensorboard", "wandb")  # what the trackers write inside a run folder: all of it theirs
 # what the tool itself writes into a run folder (and its eval-* folders): --force deletes only these
 _RUN_FILES = {
     MARKER,
     "config.yaml",
     "config_history.jsonl",
     "metrics.jsonl",
+    TRACKERS_FILE,
     "report.json",
     "report.md",
     *AUTOATTACK_STATES,
 }
 _RUN_DIRS = {
     CHECKPOINTS: {"best.safetensors", "last.safetensors", "average.safetensors", "train_state.pt"},
-    "plots": {"temperatures.png", "balance.png", "classwise.png"},
+    "plots": {"temperatures.png", "balance.png", "class_state.png", "classwise.png"},
 }
 _EVAL_FILES = {
     "report.json",
@@ -125,6 +130,8 @@ def foreign_entries(run_dir: Path) -> list[str]:
         name = entry.name
         if entry.is_file() and not entry.is_symlink() and (name in _RUN_FILES or _is_temp(name)):
             continue
+        if entry.is_dir() and not entry.is_symlink() and name in TRACKER_DIRS:
+            continue  # a tracker's own files (TensorBoard's events, W&B's offline runs)
         if (
             entry.is_dir()
             and not entry.is_symlink()
@@ -266,11 +273,13 @@ class MetricsLog:
     def __init__(self, path: Optional[Path]):
         self.path = path
 
-    def write(self, **record: Any) -> None:
-        if self.path is None:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(_plain(record)) + "\n")
+    def write(self, **record: Any) -> dict[str, Any]:
+        """Append the record (tensors as numbers, non-finite floats as null); returns it so."""
+        plain = _plain(record)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(plain) + "\n")
+        return plain
 
     def trim(self, step: int) -> None:
         """Drop the records written after the checkpoint of `step` (a resumed run writes them again)."""

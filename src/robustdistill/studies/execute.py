@@ -45,7 +45,7 @@ from ..core.progress import shown
 from ..core.timing import duration
 from ..evaluation.report import markdown_table
 from ..storage.runs import MARKER
-from ..training.config import RESUMABLE, config_changes, load_config
+from ..training.config import TRACKING, config_changes, load_config, resumable
 from ..training.estimate import estimate
 from ..training.loop import train
 from .assemble import publish
@@ -56,7 +56,7 @@ log = logging.getLogger("robustdistill")
 
 def train_run(run: GridRun, progress: bool = True) -> None:
     """Train or finish one run. A finished run whose config changed since only in keys a resume may
-    change (`config.RESUMABLE`: the evaluation's, more epochs) is resumed, so re-evaluated (and its
+    change (`config.resumable`: the evaluation's, more epochs) is resumed, so re-evaluated (and its
     config_history.jsonl records it); any other change is refused."""
     state = status(run)
     if state == "finished":
@@ -73,9 +73,11 @@ def train_run(run: GridRun, progress: bool = True) -> None:
 
 def finished_changes(run: GridRun) -> dict[str, tuple[Any, Any]]:
     """What changed in a finished run's config since it ran: only keys a resume may change
-    (`config.RESUMABLE`), else a ConfigError naming the others."""
+    (`config.resumable`; the trackers' keys are ignored), else a ConfigError naming the others."""
     changes = config_changes(load_config(run.folder / "config.yaml"), run.cfg)
-    refused = {k: v for k, v in changes.items() if k not in RESUMABLE}
+    # the trackers change nothing measured: a finished run is not trained or evaluated again for them
+    changes = {k: v for k, v in changes.items() if not (k == TRACKING or k.startswith(TRACKING + "."))}
+    refused = {k: v for k, v in changes.items() if not resumable(k)}
     if refused:
         keys = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(refused.items())[:4])
         raise ConfigError(f"{run.folder} was trained with another config ({keys}); move it away to train it again")

@@ -31,7 +31,7 @@ from ..models import Classifier, ModelSpec, create_model, eval_mode, fingerprint
 from ..models.sources import load_teacher, model_spec
 from ..storage.files import load_torch
 from ..storage.runs import CHECKPOINTS
-from .config import RESUMABLE, Config, TrainConfig, config_changes, from_dict
+from .config import Config, TrainConfig, config_changes, from_dict, resumable
 from .preflight import initialise
 
 log = logging.getLogger("robustdistill")
@@ -232,7 +232,7 @@ def check_state_belongs(state: dict[str, Any], cfg: Config, prints: dict[str, st
         changes = {
             k: v
             for k, v in config_changes(recorded, cfg).items()
-            if k not in RESUMABLE and not k.startswith(_MOVABLE) and not k.endswith(".path")
+            if not resumable(k) and not k.startswith(_MOVABLE) and not k.endswith(".path")
         }
         if changes:
             keys = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:3])

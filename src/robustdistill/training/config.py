@@ -35,6 +35,7 @@ from ..methods import MethodOptions
 from ..models import ModelConfig
 from ..models.sources import TeacherConfig
 from ..recipes import recipe, recipe_names
+from .trackers import LoggingConfig
 
 
 @dataclass
@@ -106,6 +107,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)  # the final evaluation
     method: MethodOptions = field(default_factory=MethodOptions)  # the method and its own options
     teachers: dict[str, TeacherConfig] = field(default_factory=dict)  # role (robust, clean) -> the teacher
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # trackers: TensorBoard, W&B, MLflow
 
     @property
     def run_dir(self) -> Path:
@@ -131,6 +133,7 @@ class Config:
         self.eval.validate()
         for role, teacher in self.teachers.items():
             teacher.validate(f"teachers.{role}")
+        self.logging.validate()
         validate = getattr(self.method, "validate", None)
         if validate is not None:
             validate()
@@ -157,6 +160,12 @@ RESUMABLE = (
     "eval.large_eps",
     "eval.subset",
 )
+TRACKING = "logging"  # the trackers' section: it changes nothing of what is trained or measured
+
+
+def resumable(key: str) -> bool:
+    """Whether a resume may change the dotted config key `key` (RESUMABLE, and the trackers)."""
+    return key in RESUMABLE or key == TRACKING or key.startswith(TRACKING + ".")
 
 
 def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -52,6 +52,7 @@ from ..data import BatchLoader, Dataset, load_dataset
 from ..evaluation.checks import failed
 from ..evaluation.metrics import needed_attacks, selection_score
 from ..evaluation.pipeline import evaluate_source
+from ..evaluation.plots import plot_run
 from ..evaluation.report import write_report
 from ..evaluation.suite import evaluate_model
 from ..methods import Method, Progress, update_average
@@ -73,6 +74,7 @@ from .builders import (
 from .config import Config
 from .folder import after_failure, open_folder
 from .preflight import preflight
+from .trackers import Trackers
 
 log = logging.getLogger("robustdistill")
 
@@ -105,6 +107,7 @@ class Run:
     metrics: MetricsLog
     state: TrainState = field(default_factory=TrainState)
     lock: Optional[FolderLock] = None  # rank 0's hold on the run folder, until `release`
+    trackers: Trackers = field(default_factory=Trackers)  # rank 0's TensorBoard / W&B / MLflow (logging.*)
     flops_per_step: Optional[int] = None  # counted on the run's first step (attack, teachers, backward)
 
     @property
@@ -114,6 +117,10 @@ class Run:
     @property
     def student(self) -> Classifier:
         return self.models.student
+
+    def record(self, record: dict[str, Any]) -> None:
+        """One record into metrics.jsonl and to the trackers (rank 0)."""
+        self.trackers.log(self.metrics.write(**record))
 
     def release(self) -> None:
         """Let another process write the run folder (the end of `train`)."""
@@ -212,7 +219,7 @@ class Run:
             if progress.step % cfg.train.log_every == 0:
                 self._stop_if_non_finite(tally.first_bad, epoch)
                 record = dict(type="step", epoch=epoch + 1, step=progress.step, lr=lr, loss=loss)
-                self.metrics.write(**record, **stats, **method.log_state())
+                self.record({**record, **stats, **method.log_state()})
         self._stop_if_non_finite(tally.first_bad, epoch)  # before anything of this epoch is saved
         broadcast_buffers(self.student)
         method.on_epoch_end(progress)
@@ -290,7 +297,7 @@ class Run:
         state = self.state_dict()  # collective: every rank's random streams
         if self.dist.is_main:
             epoch, folder, metric = self.state.epochs_done, self.run_dir / CHECKPOINTS, self.selection.metric
-            self.metrics.write(**record)
+            self.record(record)
             save_model(folder / "last.safetensors", self.student, self.model_meta(epoch))
             if self.state.average is not None:
                 save_model(folder / "average.safetensors", self.state.average, self.model_meta(epoch))
@@ -335,6 +342,7 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, progress: b
             fit(run)
             finish(run)
         except BaseException as exc:
+            run.trackers.close(failed=True)
             if run.dist.is_main:
                 after_failure(run.run_dir, run.lock, resume, exc, run.state.epochs_done)
             raise
@@ -360,8 +368,19 @@ def finish(run: Run) -> dict[str, Any]:
     selection = {"metric": run.selection.metric, "split": run.cfg.train.select_on}
     selection |= {"best_epoch": s.best_epoch, "best_score": s.best_score}
     report = final_report(run.cfg, run.dataset, run.dist, run.selection.settings, run.models.teachers, selection)
+    if run.trackers.trackers:  # rank 0's: the report's numbers and files, and the run's figures
+        run.trackers.finish(report, s.progress.step, _figures(run.run_dir))
     barrier()  # no rank returns before rank 0 has written the report
     return report
+
+
+def _figures(run_dir: Path) -> list[Path]:
+    """The run's figures for its trackers (plots/); none when they cannot be drawn."""
+    try:
+        return plot_run(run_dir)
+    except Exception as exc:  # noqa: BLE001 - a figure is never worth the run's end
+        log.warning("WARNING: the run's figures could not be drawn for its trackers (%s)", exc)
+        return []
 
 
 def setup(cfg: Config, force: bool, resume: bool, write: bool = True) -> Run:
@@ -387,6 +406,8 @@ def setup(cfg: Config, force: bool, resume: bool, write: bool = True) -> Run:
     if dist.is_main and write:  # everything that can fail on the user's input has run
         at = (run.state.progress.step, run.state.start_epoch)
         run.lock = open_folder(cfg, force, resume, changes, run.metrics, at)
+        resumed_at = run.state.progress.step if resume else None
+        run.trackers = Trackers.open(cfg.logging, cfg.run_dir, cfg.to_dict(), resumed_at)
     barrier()
     return run
 

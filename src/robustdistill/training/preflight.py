@@ -23,7 +23,8 @@ from ..models import Classifier, ModelSpec
 from ..models.sources import ModelSource, load_source, resolve_model_source, resolve_teacher
 from ..storage.files import atomic_write
 from ..storage.runs import check_run_dir
-from .config import RESUMABLE, Config, config_changes, load_config
+from .config import RESUMABLE, Config, config_changes, load_config, resumable
+from .trackers import check_trackers
 
 log = logging.getLogger("robustdistill")
 
@@ -53,6 +54,7 @@ def preflight(cfg: Config, force: bool, resume: bool, check_folder: bool = True)
         )
     if cfg.eval.corruptions is not None:  # said now, not after the training
         corruption_files(Path(cfg.eval.corruptions))
+    check_trackers(cfg.logging)  # a tracker's missing package is said before anything is written
     if cfg.train.select_on == "val" and cfg.data.val_fraction <= 0 and not has_own_validation(cfg.data):
         raise ConfigError("train.select_on=val needs data.val_fraction > 0 (a validation split)")
     if check_folder:
@@ -60,12 +62,12 @@ def preflight(cfg: Config, force: bool, resume: bool, check_folder: bool = True)
     if not resume:
         return {}
     changes = config_changes(load_config(cfg.run_dir / "config.yaml"), cfg)
-    refused = [k for k in changes if k not in RESUMABLE]
+    refused = [k for k in changes if not resumable(k)]
     if refused:
         shown = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused[:4])
         raise ConfigError(
             f"--resume refuses to change what {cfg.run_dir} was trained with ({shown}); only "
-            f"{', '.join(RESUMABLE)} may change; start a new run (name=...) instead"
+            f"{', '.join(RESUMABLE)} and logging.* may change; start a new run (name=...) instead"
         )
     return changes
 
