@@ -97,14 +97,14 @@ class FolderLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            # the holder says what it is doing (a training, an evaluation, an export), not what we want
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process is using it"
             os.close(fd)
             raise UserError(
-                f"{self.folder} is in use: {holder} is {self.what} it; wait for it to finish (or stop it), "
-                "or choose another folder"
+                f"{self.folder} is in use: {holder}; wait for it to finish (or stop it), or choose another folder"
             ) from None
         os.ftruncate(fd, 0)
-        os.write(fd, f"robustdistill pid {os.getpid()} on {HOST}".encode())
+        os.write(fd, f"robustdistill pid {os.getpid()} on {HOST} is {self.what} it".encode())
         self._fd = fd
         return self
 
