@@ -1,5 +1,11 @@
 import copy
 import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,3 +66,16 @@ def natural_model(trained_runs):
 
     model, _ = load_model(trained_runs["natural"] / "checkpoints" / "best.safetensors")
     return model.eval()
+
+
+def run_page(page: Path, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    """A documentation page's bash blocks, in order, in `cwd`, through the installed `robustdistill`
+    command (as a user runs them); fails the test with the end of stderr if one fails."""
+    blocks = re.findall(r"```bash\n(.*?)```", page.read_text(), re.S)
+    assert blocks, f"{page} lost its example"
+    bin_dir = Path(shutil.which("robustdistill") or Path(sys.executable).parent / "robustdistill").parent
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1")
+    script = "set -euo pipefail\n" + "\n".join(blocks)
+    done = subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import digits_config
+from conftest import digits_config, run_page
 from robustdistill.cli import main
 from robustdistill.core.errors import UserError
 from robustdistill.export import export_run
@@ -230,3 +230,18 @@ def test_robustbench_files_carry_its_field_names_and_load_back(tmp_path, capsys)
 
     assert main(["export", str(run), "--format", "robustbench", "--out", str(tmp_path / "x"), "--name", "a/b"]) == 2
     assert "--name 'a/b' must be a file name" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_how_to_page_runs_as_written(tmp_path):
+    """docs/how-to/ship-a-student.md: train, export three ways, run the ONNX file without this tool."""
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "how-to" / "ship-a-student.md"
+    done = run_page(page, tmp_path)
+    run = tmp_path / "runs" / "shipped"
+    for folder in (run / "export-onnx", run / "export-torchscript", tmp_path / "shipped-student"):
+        assert json.loads((folder / "manifest.json").read_text())["parity"]["passed"], folder
+    predicted = done.stdout.split("predicted: ")[1].split(" true:")[0]
+    assert predicted.count("'") == 16  # eight class names printed from the manifest
+    assert "AutoAttack accuracy: {'value': " in done.stdout

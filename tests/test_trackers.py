@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import digits_config
+from conftest import digits_config, run_page
 from robustdistill.cli import main
 from robustdistill.core.errors import ConfigError
 from robustdistill.storage.runs import read_metrics
@@ -195,3 +195,18 @@ def test_trackers_off_cost_nothing(tmp_path):
     trackers.log({"type": "step", "step": 1, "loss": 1.0})
     trackers.close(failed=False)
     assert not list(tmp_path.iterdir())  # no trackers.json, no folders
+
+
+@pytest.mark.slow
+def test_the_how_to_page_runs_as_written(tmp_path):
+    """docs/how-to/trackers.md: one run followed by the three trackers, each read back."""
+    page = Path(__file__).resolve().parents[1] / "docs" / "how-to" / "trackers.md"
+    done = run_page(page, tmp_path)
+    run = tmp_path / "runs" / "tracked"
+    epochs = [r for r in read_metrics(run) if r["type"] == "epoch"]
+    assert _curve(_tensorboard(run).Scalars("epoch/loss")) == _curve(epochs, "loss")
+    ids = json.loads((run / "trackers.json").read_text())
+    assert set(ids) == {"tensorboard", "wandb", "mlflow"} and "trackers.json" in done.stdout
+    client = _mlflow(str(tmp_path / "mlruns"))
+    assert len(client.get_metric_history(ids["mlflow"]["run_id"], "epoch/loss")) == 3
+    assert [r for r in _wandb_records(run) if r.HasField("history")]

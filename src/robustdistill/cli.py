@@ -274,7 +274,7 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    table = run_demo(args.out, force=args.force, epochs=args.epochs, into=args.into)
+    table = run_demo(args.out, force=args.force, epochs=args.epochs, into=args.into, jobs=args.jobs)
     print(table)
     print(f"\nteachers: {args.out}/natural, {args.out}/trades; students and the table: {args.out}/demo/")
     return 0
@@ -493,6 +493,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace an earlier demo in --out")
     p.add_argument("--epochs", type=int, help="epochs per run (default: the recipes', 30)")
     p.add_argument("--into", help="also write the table into this markdown file, between <!-- demo:begin/end -->")
+    p.add_argument("--jobs", type=int, help="runs trained at once, one thread each (default: one per core, at most 2)")
     p.set_defaults(func=_cmd_demo)
 
 
