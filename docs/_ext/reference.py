@@ -67,14 +67,15 @@ def _default(f: dataclasses.Field) -> str:
     return "(required)"
 
 
-def _fields(cls, prefix: str) -> list[list[str]]:
-    """A section's rows, and after a key typed as a (possibly optional) section, that section's keys."""
+def _fields(cls, prefix: str, above: tuple = ()) -> list[list[str]]:
+    """A section's rows, and after a key typed as a (possibly optional) section, that section's keys
+    (a section that holds one of the sections above it, as data.extra.source does, is not unrolled)."""
     hints, meaning, rows = typing.get_type_hints(cls), field_comments(cls), []
     for f in dataclasses.fields(cls):
         rows.append([_code(prefix + f.name), _type(hints[f.name]), _default(f), meaning[f.name]])
         inner = [a for a in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(a)]
-        if inner and inner[0] is not cls:
-            rows += _fields(inner[0], f"{prefix}{f.name}.")
+        if inner and inner[0] not in (cls, *above):
+            rows += _fields(inner[0], f"{prefix}{f.name}.", (*above, cls))
     return rows
 
 
