@@ -180,6 +180,17 @@ def _field_type(tp: Any, part: str) -> Any:
     return None
 
 
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1}; lists and scalars are leaves."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str], schema: type) -> dict[str, Any]:
     """Set each dotted `key=value` in the raw mapping of dataclass `schema`; a named section given
     by its name (`method: trades`) becomes {name: ...} when a key inside it is set (`method.beta=3`)."""

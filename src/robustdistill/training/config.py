@@ -26,7 +26,7 @@ import yaml
 from ..attacks import AttackConfig
 from ..core.distributed import check_device
 from ..core.errors import require
-from ..core.schema import SEED_LIMIT, apply_overrides, build, read_yaml
+from ..core.schema import SEED_LIMIT, apply_overrides, build, flatten, read_yaml
 from ..core.threat import ThreatModel
 from ..data import DataConfig
 from ..evaluation.config import EvalConfig
@@ -166,17 +166,6 @@ TRACKING = "logging"  # the trackers' section: it changes nothing of what is tra
 def resumable(key: str) -> bool:
     """Whether a resume may change the dotted config key `key` (RESUMABLE, and the trackers)."""
     return key in RESUMABLE or key == TRACKING or key.startswith(TRACKING + ".")
-
-
-def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1}; lists and scalars are leaves."""
-    out: dict[str, Any] = {}
-    for key, value in mapping.items():
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def config_changes(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:

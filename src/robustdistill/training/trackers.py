@@ -40,6 +40,7 @@ import yaml
 from PIL import Image
 
 from ..core.errors import ConfigError
+from ..core.schema import flatten
 from ..storage.files import atomic_write
 from ..storage.runs import TRACKERS_FILE
 
@@ -262,7 +263,7 @@ class Mlflow(Tracker):
             found = self.client.get_experiment_by_name(self.cfg.experiment)
             experiment = found.experiment_id if found else self.client.create_experiment(self.cfg.experiment)
             self.run_id = self.client.create_run(experiment, run_name=run_dir.name).info.run_id
-            params = [mlflow.entities.Param(k, _param(v)) for k, v in _flat(config).items()]
+            params = [mlflow.entities.Param(k, _param(v)) for k, v in flatten(config).items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
                 self.client.log_batch(self.run_id, params=params[i : i + 100])
 
@@ -369,16 +370,6 @@ def _wandb_name(name: str) -> str:
 def _yaml_block(config: dict[str, Any]) -> str:
     text = yaml.safe_dump(config, sort_keys=False)
     return "```yaml\n" + text + "```"  # TensorBoard's text tab renders markdown
-
-
-def _flat(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in mapping.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _param(value: Any) -> str:
