@@ -134,6 +134,18 @@ def test_dry_run_says_a_finished_run_whose_grid_now_asks_for_more_epochs_is_resu
     assert set(snapshot(tmp_path)) == set(before)  # nothing written by either dry run
 
 
+def test_a_finished_run_is_not_trained_again_when_only_its_trackers_changed(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _grid(tmp_path, "cells:\n  natural: {recipe: natural}\noverrides: [logging.tensorboard=true]\n")
+    (cell,) = plan(load_grid(tmp_path / "grid.yaml"), tmp_path / "grid.yaml", tmp_path / "out")[1]
+    cell.folder.mkdir(parents=True)
+    (cell.folder / "config.yaml").write_text(cell.cfg.to_yaml().replace("tensorboard: true", "tensorboard: false"))
+    (cell.folder / "report.json").write_text("{}")
+    assert main(["compare", "grid.yaml", "--out", "out", "--dry-run"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "natural__seed0" in line)
+    assert "finished" in row and "resumed" not in row and "refused" not in row, row
+
+
 def test_the_figures_draw_every_group_from_the_report(tmp_path):
     from robustdistill.studies.figures import plot_comparison
 

@@ -89,6 +89,20 @@ def test_bad_exports_are_one_line_and_write_nothing(tmp_path, capsys, setup, arg
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize("missing", ["onnx", "onnxruntime", "onnxscript"])
+def test_an_onnx_export_without_its_packages_names_the_install_command(tmp_path, monkeypatch, capsys, missing):
+    import sys
+
+    monkeypatch.setitem(sys.modules, missing, None)  # import fails as if it were not installed
+    run = _fake_run(tmp_path)
+    assert main(["export", str(run), "--format", "onnx"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --format onnx needs the {missing} package, which is not installed: " + (
+        "pip install 'robustdistill[export]'"
+    )
+    assert not (run / "export-onnx").exists()
+
+
 def test_a_report_older_than_the_best_checkpoint_is_an_unfinished_run(tmp_path):
     run = _fake_run(tmp_path)
     old = run / "report.json"
@@ -188,6 +202,25 @@ def test_a_parity_failure_a_failed_sanity_check_and_a_run_in_training_are_refuse
         with pytest.raises(UserError, match="is in use: .* is training it"):
             export_run(finished, "safetensors", out=tmp_path / "busy")
     assert not (tmp_path / "busy").exists()
+
+
+@pytest.mark.slow
+def test_an_onnx_export_of_a_run_whose_model_onnx_cannot_express_is_one_line(finished, monkeypatch, capsys):
+    from robustdistill import export
+
+    real = export.load_model
+
+    def wiggly(path):
+        _, meta = real(path)
+        net = nn.Sequential(nn.Flatten(0, 0), _Wiggly())
+        return Classifier(net), meta
+
+    monkeypatch.setattr(export, "load_model", wiggly)
+    assert main(["export", str(finished), "--format", "onnx"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ONNX cannot express the operator robustdistill_test.wiggle of model 'small_cnn'")
+    assert len(err.splitlines()) == 1 and not (finished / "export-onnx").exists()
+    assert not list(finished.glob(".export-onnx*"))
 
 
 def _fake_cifar10(root, n):

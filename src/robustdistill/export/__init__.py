@@ -107,13 +107,13 @@ def export_run(
         raise UserError(f"--images must be >= 1, got {images}")
     if atol < 0 or rtol < 0:
         raise UserError("--atol and --rtol must be >= 0")
+    if fmt == "onnx":
+        require_onnx()
     run_dir = Path(run)
     report = _finished_report(run_dir, allow_failed_checks)
     target = Path(out) if out is not None else run_dir / f"export-{fmt}"
     if target.exists():
         raise UserError(f"{target} already exists; choose another --out, or move it away first")
-    if fmt == "onnx":
-        require_onnx()
     cfg = load_config(run_dir / "config.yaml")
     name = name or run_dir.name
     if fmt == "robustbench":
