@@ -214,7 +214,9 @@ class Wandb(Tracker):
             project=self.cfg.project,
             entity=self.cfg.entity,
             mode=self.cfg.mode,
-            dir=str(run_dir),
+            # absolute: a wandb-core service this process joins (WANDB_SERVICE, inherited from a parent that
+            # used W&B) resolves a relative folder against its own working directory
+            dir=str(run_dir.resolve()),
             name=run_dir.name,
             config=config,
             settings=wandb.Settings(silent=True, console="off"),
