@@ -234,7 +234,7 @@ def _fake_cifar10(root, n):
 
 
 @pytest.mark.slow
-def test_robustbench_files_carry_its_field_names_and_load_back(tmp_path, capsys):
+def test_robustbench_files_carry_its_field_names_and_load_back(tmp_path, capsys, monkeypatch):
     _fake_cifar10(tmp_path / "data", n=20)
     cfg = digits_config(tmp_path, "pgd_at", train__epochs=1, train__milestones="[]")
     cfg.data.name, cfg.data.root, cfg.attack.eps, cfg.attack.step_size = (
@@ -263,6 +263,21 @@ def test_robustbench_files_carry_its_field_names_and_load_back(tmp_path, capsys)
 
     assert main(["export", str(run), "--format", "robustbench", "--out", str(tmp_path / "x"), "--name", "a/b"]) == 2
     assert "--name 'a/b' must be a file name" in capsys.readouterr().err
+
+    from robustdistill import export
+    from robustdistill.data.split import Split
+
+    real = export.load_dataset
+
+    def doubled(cfg, **kwargs):  # the report then covers half of the test split, as with eval.subset
+        dataset = real(cfg, **kwargs)
+        dataset.test = Split(torch.cat([dataset.test.x] * 2), torch.cat([dataset.test.y] * 2))
+        return dataset
+
+    monkeypatch.setattr(export, "load_dataset", doubled)
+    with pytest.raises(UserError, match="measured 20 of the 40 test images"):
+        export_run(run, "robustbench", out=tmp_path / "half")
+    assert not (tmp_path / "half").exists()
 
 
 @pytest.mark.slow

@@ -123,6 +123,12 @@ def export_run(
         model = model.eval().to(memory_format=torch.contiguous_format)
         dataset = load_dataset(cfg.data, extra=False)
         test = dataset.test
+        if fmt == "robustbench" and report["data"]["num_samples"] < len(test):
+            raise UserError(
+                f"--format robustbench: the run's report measured {report['data']['num_samples']} of the "
+                f"{len(test)} test images (eval.subset); RobustBench quotes the whole test set: evaluate it "
+                "on all of them first"
+            )
         x = test.images(torch.arange(min(images, len(test))))
         tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
