@@ -156,7 +156,7 @@ def test_fair_ard_reweights_the_less_robust_class_after_an_epoch():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mart", "ard", "iad", "adaad", "fair_ard", "frl", "cfa", "bat"])
+@pytest.mark.parametrize("name", ["mart", "ard", "iad", "adaad", "igdm", "fair_ard", "frl", "cfa", "bat"])
 def test_a_short_digits_run_beats_an_untrained_model(name, tmp_path, trained_runs, digits):
     from robustdistill.training.loop import train
 

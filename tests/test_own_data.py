@@ -411,7 +411,7 @@ def test_unlabeled_extra_images_are_read_and_a_label_using_method_is_refused_in_
     assert main(["train", "pgd_at", out, *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and f"method pgd_at uses the training labels, and data.extra ({npz}) has none" in err
-    assert "a method that learns from its teachers alone (adaad, rslad)" in err
+    assert "a method that learns from its teachers alone (adaad, igdm, rslad)" in err
     assert not (tmp_path / "runs").exists()
 
 

@@ -3,6 +3,7 @@
 base.py       Method, MethodOptions, Context, Progress, METHODS, FrozenTeacher
 losses.py     KL divergence and soft targets
 balance.py    the adaptive parts: class-wise temperatures (ABSLD), entropy and loss balance (B-MTARD)
+gradient_matching.py  IGDM's term, an option of the distillation methods (`method.igdm`)
 <name>.py     one file per method (absld, mtard (B-MTARD too), composed, and the baselines)
 """
 
@@ -16,6 +17,7 @@ from . import (  # noqa: F401  (register the methods)
     fair_ard,
     frl,
     iad,
+    igdm,
     mart,
     mtard,
     natural,

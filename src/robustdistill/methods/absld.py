@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from ..core.errors import ConfigError
 from .balance import ClassWiseTemperature
 from .base import METHODS, Method
+from .gradient_matching import with_igdm
 from .losses import kl_div, soft_targets
 from .rslad import SoftLabelOptions
 
@@ -125,7 +126,8 @@ class ABSLD(Method):
             self.temperatures["adv"].accumulate(F.cross_entropy(logits_adv.float(), y, reduction="none"), y)
             self.temperatures["nat"].accumulate(F.cross_entropy(logits_nat.float(), y, reduction="none"), y)
         w = self.options.adv_weight
-        return w * adv + (1 - w) * nat, {"loss_adv": adv.detach(), "loss_nat": nat.detach()}
+        stats = {"loss_adv": adv.detach(), "loss_nat": nat.detach()}
+        return with_igdm(self, w * adv + (1 - w) * nat, stats, x, x_adv, logits_adv)
 
     def on_epoch_end(self, progress):
         # the official loop decays lr and rate at the end of epoch 215 (1-based), then updates

@@ -20,7 +20,8 @@ from typing import Literal
 import torch
 
 from ..core.errors import ConfigError
-from .base import METHODS, Method, MethodOptions
+from .base import METHODS, Method
+from .gradient_matching import IGDMOptions, with_igdm
 from .losses import kl_div, soft_targets
 
 
@@ -36,7 +37,7 @@ class AdaAD(Method):
     )
 
     @dataclass
-    class Options(MethodOptions):
+    class Options(IGDMOptions):
         name: str = "adaad"
         alpha: float = 1.0  # weight of the adversarial term; the clean term gets 1 - alpha
         reduction: Literal["mean", "batchmean"] = (
@@ -63,4 +64,5 @@ class AdaAD(Method):
             q_clean, q_adv = soft_targets(teacher(x)), soft_targets(teacher(x_adv))
         adv = kl_div(q_adv, s_adv, o.reduction)
         nat = kl_div(q_clean, s_clean, o.reduction)
-        return o.alpha * adv + (1 - o.alpha) * nat, {"loss_adv": adv.detach(), "loss_nat": nat.detach()}
+        stats = {"loss_adv": adv.detach(), "loss_nat": nat.detach()}
+        return with_igdm(self, o.alpha * adv + (1 - o.alpha) * nat, stats, x, x_adv, s_adv)

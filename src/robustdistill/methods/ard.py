@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import ConfigError
-from .base import METHODS, Method, MethodOptions
+from .base import METHODS, Method
+from .gradient_matching import IGDMOptions, with_igdm
 from .losses import kl_div
 
 
@@ -44,7 +45,7 @@ class ARD(Method):
     )
 
     @dataclass
-    class Options(MethodOptions):
+    class Options(IGDMOptions):
         name: str = "ard"
         alpha: float = 1.0  # weight of the distillation term; the clean CE gets 1 - alpha
         temperature: float = 30.0  # the distillation temperature tau (30: the official CIFAR-10 setting)
@@ -61,8 +62,11 @@ class ARD(Method):
         x_adv = self.attack("ce")(x, y)
         with torch.no_grad():
             teacher = self.ctx.teachers["robust"](x)
-        distill = ard_kl(teacher, self.student(x_adv), o.temperature)
+        s_adv = self.student(x_adv)
+        distill = ard_kl(teacher, s_adv, o.temperature)
         # computed even at alpha = 1, as the official loop does: the clean batch also moves BatchNorm's statistics
         natural = F.cross_entropy(self.student(x), y)
         loss = o.alpha * distill + (1 - o.alpha) * natural
-        return loss, {"loss_distill": distill.detach(), "loss_natural": natural.detach()}
+        return with_igdm(
+            self, loss, {"loss_distill": distill.detach(), "loss_natural": natural.detach()}, x, x_adv, s_adv
+        )

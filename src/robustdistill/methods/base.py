@@ -60,6 +60,7 @@ class Progress:
     step: int = 0
     lr_decays: int = 0
     next_lr_decays: int = 0
+    epochs: int = 1  # the run's train.epochs (IGDM's warm-up reads it)
 
 
 @dataclass

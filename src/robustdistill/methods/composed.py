@@ -54,7 +54,8 @@ import torch.nn.functional as F
 
 from ..core.errors import ConfigError
 from .balance import ClassWiseTemperature, EntropyBalance, LossBalance, negative_entropy
-from .base import METHODS, Method, MethodOptions
+from .base import METHODS, Method
+from .gradient_matching import IGDMOptions, with_igdm
 from .losses import kl_div, soft_targets
 
 # each preset's parts; the rates and ranges are the named methods' defaults
@@ -89,7 +90,7 @@ PART_DEFAULTS: dict[str, Any] = {  # what a part is when neither the config nor 
 
 
 @dataclass
-class ComposedOptions(MethodOptions):
+class ComposedOptions(IGDMOptions):
     name: str = "composed"
     preset: str = "rslad"  # fills every part not given: rslad, absld, mtard, bmtard, bmtard_absld, bmtard_absld_tx
     # the parts (None only before `config_upgrade` resolves them from the preset)
@@ -137,7 +138,8 @@ class ComposedOptions(MethodOptions):
         return {**{k: v for k, v in parts.items() if data.get(k) is None}, **data}
 
     def validate(self):
-        missing = [f.name for f in fields(self) if getattr(self, f.name) is None]
+        optional = {f.name for f in fields(IGDMOptions)}  # IGDM's options may be None (its defaults)
+        missing = [f.name for f in fields(self) if getattr(self, f.name) is None and f.name not in optional]
         if missing:
             raise ConfigError(f"method parts not set: {', '.join(missing)}")
         if self.attack_loss == "kl" and self.adversarial_target == "adversarial":
@@ -224,7 +226,8 @@ class Composed(Method):
             w_adv, w_nat = o.adv_weight, 1 - o.adv_weight
         if o.entropy_balance:
             self._last_entropy = (negative_entropy(q_adv), negative_entropy(q_nat), len(y))
-        return o.loss_scale * (w_adv * adv + w_nat * nat), {"loss_adv": adv.detach(), "loss_nat": nat.detach()}
+        stats = {"loss_adv": adv.detach(), "loss_nat": nat.detach()}
+        return with_igdm(self, o.loss_scale * (w_adv * adv + w_nat * nat), stats, x, x_adv, logits_adv)
 
     def on_step_end(self, progress):
         if self._last_entropy is not None:  # the new temperatures act from the next step

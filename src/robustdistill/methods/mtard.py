@@ -31,12 +31,13 @@ import torch
 
 from ..core.errors import ConfigError
 from .balance import EntropyBalance, LossBalance, negative_entropy
-from .base import METHODS, Method, MethodOptions
+from .base import METHODS, Method
+from .gradient_matching import IGDMOptions, with_igdm
 from .losses import kl_div, soft_targets
 
 
 @dataclass
-class MTARDOptions(MethodOptions):
+class MTARDOptions(IGDMOptions):
     name: str = "mtard"
     ebb: bool = False  # Entropy-Based Balance of the teachers' temperatures (B-MTARD)
     nlb: bool = True  # Normalization Loss Balance of the two terms' weights (MTARD)
@@ -89,7 +90,8 @@ class MTARD(Method):
                 self.ctx.teachers["robust"](x_adv if o.adversarial_target == "adversarial" else x), tau_adv
             )
             q_nat = soft_targets(self.ctx.teachers["clean"](x), tau_nat)
-        adv = kl_div(q_adv, self.student(x_adv), o.reduction)
+        s_adv = self.student(x_adv)
+        adv = kl_div(q_adv, s_adv, o.reduction)
         nat = kl_div(q_nat, self.student(x), o.reduction)
         if o.nlb:
             self.weights.update(torch.stack([adv.detach(), nat.detach()]), self._rate(o.weight_lr), len(y))
@@ -97,7 +99,7 @@ class MTARD(Method):
             self._last_entropy = (negative_entropy(q_adv), negative_entropy(q_nat), len(y))
         w_adv, w_nat = self.weights.w[0], self.weights.w[1]
         loss = o.loss_scale * (w_adv * adv + w_nat * nat)
-        return loss, {"loss_adv": adv.detach(), "loss_nat": nat.detach()}
+        return with_igdm(self, loss, {"loss_adv": adv.detach(), "loss_nat": nat.detach()}, x, x_adv, s_adv)
 
     def on_step_end(self, progress):
         if self._last_entropy is not None:

@@ -22,12 +22,13 @@ from typing import Literal
 import torch
 
 from ..core.errors import ConfigError
-from .base import METHODS, Method, MethodOptions
+from .base import METHODS, Method
+from .gradient_matching import IGDMOptions, with_igdm
 from .losses import kl_div, soft_targets
 
 
 @dataclass
-class SoftLabelOptions(MethodOptions):
+class SoftLabelOptions(IGDMOptions):
     """Options shared by RSLAD and ABSLD."""
 
     reduction: Literal["elementwise_mean", "batchmean"] = (
@@ -76,7 +77,9 @@ class RSLAD(Method):
                 q_adv = soft_targets(teacher(x_adv))
         else:
             q_adv = q
-        adv = kl_div(q_adv, self.student(x_adv), o.reduction)
+        s_adv = self.student(x_adv)
+        adv = kl_div(q_adv, s_adv, o.reduction)
         nat = kl_div(q, self.student(x), o.reduction)
         w = o.adv_weight
-        return w * adv + (1 - w) * nat, {"loss_adv": adv.detach(), "loss_nat": nat.detach()}
+        stats = {"loss_adv": adv.detach(), "loss_nat": nat.detach()}
+        return with_igdm(self, w * adv + (1 - w) * nat, stats, x, x_adv, s_adv)

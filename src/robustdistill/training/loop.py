@@ -181,6 +181,7 @@ class Run:
         progress.epoch = epoch
         progress.lr_decays = self.optimiser.decays(epoch)
         progress.next_lr_decays = self.optimiser.decays(epoch + 1)
+        progress.epochs = self.cfg.train.epochs
         lr = self.optimiser.set_epoch(epoch)
         self.loader.set_epoch(epoch)
         self.method.on_epoch_start(progress)
