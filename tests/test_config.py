@@ -164,3 +164,14 @@ def test_configs_with_the_old_eval_step_keys_still_load_with_a_note(tmp_path):
     assert load_config(path).eval.attacks == ["clean", "pgd20"]
     assert load_config(None, ["eval.pgd_steps=7"]).eval.attacks == ["clean", "pgd7"]  # the default list
     assert load_config(None, ["eval.attacks=[cw]"]).eval.attacks == ["cw30"]
+
+
+def test_a_default_written_two_ways_is_no_change():
+    """eval.large_eps: 1.0 (written by configs before the L2 threat model) and null (the check's own
+    default, 1.0 under L-inf) mean the same under L-inf: a grid does not re-evaluate runs for it."""
+    from robustdistill.training.config import config_changes
+
+    old, new = load_config(None, ["eval.large_eps=1.0"]), load_config(None)
+    assert new.eval.large_eps is None and config_changes(old, new) == {}
+    old, new = (load_config(None, ["attack.norm=l2", "attack.eps=0.5", *e]) for e in (["eval.large_eps=1.0"], []))
+    assert config_changes(old, new) == {"eval.large_eps": (1.0, None)}  # under L2 null is the image's diagonal

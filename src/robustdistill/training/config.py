@@ -168,9 +168,18 @@ def resumable(key: str) -> bool:
     return key in RESUMABLE or key == TRACKING or key.startswith(TRACKING + ".")
 
 
+def effective(cfg: Config) -> dict[str, Any]:
+    """The config's dotted keys, with a default that has two spellings written one way: eval.large_eps
+    null is 1.0 under L-inf (configs written before the L2 threat model hold 1.0 explicitly)."""
+    flat = flatten(cfg.to_dict())
+    if flat.get("eval.large_eps") is None and (cfg.eval.norm or cfg.attack.norm) == "linf":
+        flat["eval.large_eps"] = 1.0
+    return flat
+
+
 def config_changes(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
-    """Dotted keys whose values differ (the folder's own name and location excluded)."""
-    a, b = flatten(old.to_dict()), flatten(new.to_dict())
+    """Dotted keys whose values differ in meaning (the folder's own name and location excluded)."""
+    a, b = effective(old), effective(new)
     keys = sorted((set(a) | set(b)) - {"name", "out_dir"})
     return {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
 
