@@ -11,7 +11,8 @@ Parts, each a subprocess with its own time budget inside an overall one (`--budg
   ResNet-56 teachers at batch 128, robustdistill against the reference-style loop (ratio), and the
   achieved TFLOP/s against the GPU's dense peaks (`PEAKS`, looked up from the device name);
 - `runs`: short B-MTARD and ABSLD ResNet-18 runs with `train.compile` and `train.amp` on CIFAR-shaped
-  synthetic data (written by the kit: no download), two epochs each (the first one compiles): the
+  synthetic data (written by the kit: no download), then IGDM (AdaAD + IGDM, eager: a third
+  compilation would not fit the budget), two epochs each (the first one compiles): the
   second epoch's images/s, its TFLOP/s as a fraction of the bf16 peak (MFU), and the projected
   training time of a 300-epoch run on CIFAR-10's 49,000 training images (validation not counted).
 One summary line per part, then
@@ -143,7 +144,7 @@ def _summaries(out: Path, device_name: str, passed: dict[str, bool]) -> tuple[li
 
 
 def run_part_runs(device: str, out: Path) -> None:
-    """The `runs` part: B-MTARD and ABSLD, two epochs each on synthetic CIFAR-shaped data."""
+    """The `runs` part: B-MTARD, ABSLD and IGDM, two epochs each on synthetic CIFAR-shaped data."""
     from benchmarks.workloads import fake_cifar10
     from robustdistill.models import ModelSpec, create_model
     from robustdistill.models.checkpoint import save_model
@@ -164,7 +165,7 @@ def run_part_runs(device: str, out: Path) -> None:
         torch.manual_seed(0)
         for role, spec in specs.items():
             save_model(tmp / f"{role}.safetensors", create_model(spec), spec)
-        for method, roles in (("bmtard", ("robust", "clean")), ("absld", ("robust",))):
+        for method, roles in (("bmtard", ("robust", "clean")), ("absld", ("robust",)), ("igdm", ("robust",))):
             raw = {
                 "name": method,
                 "out_dir": str(tmp / "runs"),
@@ -178,7 +179,7 @@ def run_part_runs(device: str, out: Path) -> None:
                     "batch_size": 128 if cuda else 32,
                     "device": device,
                     "amp": True,
-                    "compile": cuda,  # the dry run: CPU compilation would take minutes
+                    "compile": cuda and method != "igdm",  # the dry run: CPU compilation would take minutes
                     "milestones": [],
                     "eval_subset": 256 if cuda else 16,
                 },

@@ -54,3 +54,4 @@ def test_without_a_gpu_the_kit_dry_runs_every_part_on_the_cpu(tmp_path):
     for name in ("gpu_kit.txt", "tests.txt", "train_step.txt", "train_step.json", "runs.json", "summary.json"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "gpu_kit.txt").read_text().strip().splitlines()[-1] == lines[-1]
+    assert set(json.loads((out / "runs.json").read_text())) == {"bmtard", "absld", "igdm"}
