@@ -249,7 +249,6 @@ def _manifest(run_dir, folder, fmt, files, report, meta, x, parity: Parity) -> d
         attack: {"value": attacks[attack]["accuracy"], "interval_95": attacks[attack]["accuracy_interval"]}
         for attack in attacks
     }
-    config = (run_dir / "config.yaml").read_bytes()
     return {
         "format": fmt,
         "files": {
@@ -276,7 +275,7 @@ def _manifest(run_dir, folder, fmt, files, report, meta, x, parity: Parity) -> d
         "sanity_checks_failed": [f"{c['id']} {c['name']}" for c in failed(report.get("checks", []))],
         "model": {"architecture": spec.to_dict(), "epoch": meta.epoch, "method": meta.method},
         "run": str(run_dir),
-        "config_sha256": hashlib.sha256(config).hexdigest(),
+        "config_sha256": _sha256(run_dir / "config.yaml"),
         "parity": asdict(parity),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"robustdistill": __version__, "torch": torch.__version__},

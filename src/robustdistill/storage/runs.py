@@ -274,11 +274,13 @@ class MetricsLog:
         self.path = path
 
     def write(self, **record: Any) -> dict[str, Any]:
-        """Append the record (tensors as numbers, non-finite floats as null); returns it so."""
+        """Append the record (tensors as numbers, non-finite floats as null); returns it so (empty
+        where nothing is written: no tensor is read back to the host on the other ranks)."""
+        if self.path is None:
+            return {}
         plain = _plain(record)
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(plain) + "\n")
+        with open(self.path, "a") as f:
+            f.write(json.dumps(plain) + "\n")
         return plain
 
     def trim(self, step: int) -> None:

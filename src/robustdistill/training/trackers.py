@@ -327,6 +327,8 @@ class Trackers:
 
     def log(self, record: dict[str, Any]) -> None:
         """One metrics record, at its step."""
+        if not self.trackers:
+            return
         values = scalars(record)
         if values:
             self._each("log", lambda t: t.log(values, int(record.get("step", 0))))
