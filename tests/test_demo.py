@@ -33,3 +33,9 @@ def test_demo_into_a_file_without_its_markers_is_refused_before_anything_trains(
     assert main(["demo", "--out", str(tmp_path / "demo"), "--into", str(notes)]) == 2
     assert "it needs one line <!-- demo:begin -->" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists() and notes.read_text() == "# Notes\n"
+
+
+def test_demo_jobs_below_one_is_refused_before_anything_trains(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--jobs", "0"]) == 2
+    assert "--jobs must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
