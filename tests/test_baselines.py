@@ -156,13 +156,20 @@ def test_fair_ard_reweights_the_less_robust_class_after_an_epoch():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mart", "ard", "iad", "adaad", "igdm", "fair_ard", "frl", "cfa", "bat"])
+@pytest.mark.parametrize(
+    "name", ["mart", "ard", "iad", "adaad", "igdm", "saad", "ciard", "fair_ard", "frl", "cfa", "bat"]
+)
 def test_a_short_digits_run_beats_an_untrained_model(name, tmp_path, trained_runs, digits):
     from robustdistill.training.loop import train
 
     # 13 epochs at the recipe's first lr; validated once at the end, except where the method adapts
-    # to the validation split every epoch (FRL, CFA)
-    validated = {} if name in ("frl", "cfa") else {"train__eval_every": 13}
+    # to the validation split (FRL, CFA) or averages its weights (SAAD) every epoch
+    validated = {} if name in ("frl", "cfa", "saad") else {"train__eval_every": 13}
+    if name == "saad":  # its weight average from epoch 7
+        validated["method__average_from"] = 7
+    if name == "ciard":  # its teacher learns from epoch 3, its lr decays from epoch 7; the clean teacher
+        validated.update(method__teacher_from=3, train__decay_from=6)
+        validated["teachers.clean.path"] = str(trained_runs["natural"])
     cfg = digits_config(
         tmp_path,
         name,

@@ -4,6 +4,7 @@ base.py       Method, MethodOptions, Context, Progress, METHODS, FrozenTeacher
 losses.py     KL divergence and soft targets
 balance.py    the adaptive parts: class-wise temperatures (ABSLD), entropy and loss balance (B-MTARD)
 gradient_matching.py  IGDM's term, an option of the distillation methods (`method.igdm`)
+sample_weighting.py   SAAD's per-sample weights, an option of the soft-label methods (`method.saad`)
 <name>.py     one file per method (absld, mtard (B-MTARD too), composed, and the baselines)
 """
 
@@ -13,6 +14,7 @@ from . import (  # noqa: F401  (register the methods)
     ard,
     bat,
     cfa,
+    ciard,
     composed,
     fair_ard,
     frl,
@@ -23,6 +25,7 @@ from . import (  # noqa: F401  (register the methods)
     natural,
     pgd_at,
     rslad,
+    saad,
     trades,
 )
 from .base import (
@@ -34,6 +37,7 @@ from .base import (
     Progress,
     create_method,
     label_free_methods,
+    recompute_batchnorm,
     update_average,
 )
 
@@ -46,5 +50,6 @@ __all__ = [
     "MethodOptions",
     "Progress",
     "create_method",
+    "recompute_batchnorm",
     "update_average",
 ]

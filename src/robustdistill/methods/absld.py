@@ -40,8 +40,9 @@ from ..core.errors import ConfigError
 from .balance import ClassWiseTemperature
 from .base import METHODS, Method
 from .gradient_matching import with_igdm
-from .losses import kl_div, soft_targets
+from .losses import soft_targets
 from .rslad import SoftLabelOptions
+from .sample_weighting import saad_terms
 
 
 @METHODS.register("absld")
@@ -120,14 +121,15 @@ class ABSLD(Method):
         x_adv = self.attack("kl")(x, target=q_adv)
         logits_adv = self.student(x_adv)
         logits_nat = self.student(x)
-        adv = kl_div(q_adv, logits_adv, self.options.reduction)
-        nat = kl_div(q_nat, logits_nat, self.options.reduction)
+        adv, nat, sample_w, t_adv, extra = saad_terms(
+            self, q_adv, logits_adv, q_nat, logits_nat, self.options.reduction, x_adv
+        )
         with torch.no_grad():  # the class-wise error risk that drives the temperatures
             self.temperatures["adv"].accumulate(F.cross_entropy(logits_adv.float(), y, reduction="none"), y)
             self.temperatures["nat"].accumulate(F.cross_entropy(logits_nat.float(), y, reduction="none"), y)
         w = self.options.adv_weight
-        stats = {"loss_adv": adv.detach(), "loss_nat": nat.detach()}
-        return with_igdm(self, w * adv + (1 - w) * nat, stats, x, x_adv, logits_adv)
+        stats = {"loss_adv": adv.detach(), "loss_nat": nat.detach(), **extra}
+        return with_igdm(self, w * adv + (1 - w) * nat, stats, x, x_adv, logits_adv, sample_w, t_adv)
 
     def on_epoch_end(self, progress):
         # the official loop decays lr and rate at the end of epoch 215 (1-based), then updates

@@ -21,8 +21,9 @@ import torch
 
 from ..core.errors import ConfigError
 from .base import METHODS, Method
-from .gradient_matching import IGDMOptions, with_igdm
-from .losses import kl_div, soft_targets
+from .gradient_matching import with_igdm
+from .losses import soft_targets
+from .sample_weighting import SAADOptions, saad_terms
 
 
 @METHODS.register("adaad")
@@ -37,7 +38,7 @@ class AdaAD(Method):
     )
 
     @dataclass
-    class Options(IGDMOptions):
+    class Options(SAADOptions):
         name: str = "adaad"
         alpha: float = 1.0  # weight of the adversarial term; the clean term gets 1 - alpha
         reduction: Literal["mean", "batchmean"] = (
@@ -61,8 +62,8 @@ class AdaAD(Method):
         s_clean = self.student(x)  # the script's order of the two forward passes
         s_adv = self.student(x_adv)
         with torch.no_grad():
-            q_clean, q_adv = soft_targets(teacher(x)), soft_targets(teacher(x_adv))
-        adv = kl_div(q_adv, s_adv, o.reduction)
-        nat = kl_div(q_clean, s_clean, o.reduction)
-        stats = {"loss_adv": adv.detach(), "loss_nat": nat.detach()}
-        return with_igdm(self, o.alpha * adv + (1 - o.alpha) * nat, stats, x, x_adv, s_adv)
+            t_adv = teacher(x_adv)
+            q_clean, q_adv = soft_targets(teacher(x)), soft_targets(t_adv)
+        adv, nat, w, t_adv, extra = saad_terms(self, q_adv, s_adv, q_clean, s_clean, o.reduction, x_adv, t_adv)
+        stats = {"loss_adv": adv.detach(), "loss_nat": nat.detach(), **extra}
+        return with_igdm(self, o.alpha * adv + (1 - o.alpha) * nat, stats, x, x_adv, s_adv, w, t_adv)

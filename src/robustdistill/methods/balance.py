@@ -72,9 +72,10 @@ class ClassWiseTemperature:
             self.count = state["count"].to(self.count.device).float()
 
 
-def negative_entropy(q: torch.Tensor) -> torch.Tensor:
-    """Mean over batch and classes of q log q (the form the B-MTARD reference uses)."""
-    return torch.xlogy(q, q).mean()
+def negative_entropy(q: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """Mean over batch and classes of q log q (the form the B-MTARD reference uses); with `eps`,
+    of q log(q + eps) (CIARD's code)."""
+    return torch.xlogy(q, q).mean() if eps == 0 else (q * torch.log(q + eps)).mean()
 
 
 class EntropyBalance:

@@ -23,6 +23,7 @@ A new method is a subclass registered by name, with an `Options` dataclass for i
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from ..attacks import PGD, AttackConfig, Loss, Start
+from ..core.distributed import all_reduce_mean
 from ..core.registry import Registry
 from ..models import eval_mode
 
@@ -161,6 +163,12 @@ class Method:
         validates, selects and reports the average instead of the student."""
         return False
 
+    @classmethod
+    def recomputes_batchnorm(cls, options: MethodOptions) -> bool:
+        """Whether the average's BatchNorm statistics are recomputed over the epoch's training batches
+        after each update (SWA's `update_bn`) rather than averaged with the weights."""
+        return False
+
     def average_decay(self, summary: dict[str, Any], progress: Progress) -> Optional[float]:
         """After `on_validation` (the student's summary): d for theta_avg <- d theta_avg + (1 - d) theta,
         or None to leave the average as it is this epoch (`averages_weights` methods)."""
@@ -195,6 +203,28 @@ def update_average(average: nn.Module, model: nn.Module, decay: float) -> None:
             a.mul_(decay).add_(b.detach(), alpha=1 - decay)
         else:
             a.copy_(b)
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: nn.Module, batches: Iterable[tuple[torch.Tensor, Any]]) -> None:
+    """`model`'s BatchNorm statistics from scratch over `batches` (torch.optim.swa_utils.update_bn's
+    rule: each running statistic the cumulative mean of the batches' statistics), then averaged over
+    the ranks under DDP; the model is left in eval mode. Without BatchNorm nothing runs."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for x, _ in batches:
+        model(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+        all_reduce_mean(m.running_mean)
+        all_reduce_mean(m.running_var)
+    model.eval()
 
 
 class FrozenTeacher(nn.Module):

@@ -56,7 +56,8 @@ from ..core.errors import ConfigError
 from .balance import ClassWiseTemperature, EntropyBalance, LossBalance, negative_entropy
 from .base import METHODS, Method
 from .gradient_matching import IGDMOptions, with_igdm
-from .losses import kl_div, soft_targets
+from .losses import soft_targets
+from .sample_weighting import SAADOptions, saad_terms
 
 # each preset's parts; the rates and ranges are the named methods' defaults
 _TWO_TEACHERS = {"nat_teacher": "clean", "adversarial_target": "adversarial", "attack_loss": "ce"}
@@ -90,7 +91,7 @@ PART_DEFAULTS: dict[str, Any] = {  # what a part is when neither the config nor 
 
 
 @dataclass
-class ComposedOptions(IGDMOptions):
+class ComposedOptions(SAADOptions):
     name: str = "composed"
     preset: str = "rslad"  # fills every part not given: rslad, absld, mtard, bmtard, bmtard_absld, bmtard_absld_tx
     # the parts (None only before `config_upgrade` resolves them from the preset)
@@ -196,7 +197,7 @@ class Composed(Method):
     def loss(self, x, y):
         o = self.options
         robust = self.ctx.teachers["robust"]
-        z_clean = None  # the robust teacher on x, computed once when both targets use it
+        z_clean = t_adv = None  # the robust teacher on x (once when both targets use it), on x_adv
         if o.adversarial_target == "clean":
             with torch.no_grad():
                 z_clean = robust(x)
@@ -205,7 +206,8 @@ class Composed(Method):
         else:
             x_adv = self.attack("ce")(x, y)
             with torch.no_grad():
-                q_adv = soft_targets(robust(x_adv), self._temperature("adv", y))
+                t_adv = robust(x_adv)
+                q_adv = soft_targets(t_adv, self._temperature("adv", y))
         with torch.no_grad():
             z_nat = (
                 z_clean if o.nat_teacher == "robust" and z_clean is not None else self.ctx.teachers[o.nat_teacher](x)
@@ -213,8 +215,8 @@ class Composed(Method):
             q_nat = soft_targets(z_nat, self._temperature("nat", y))
         logits_adv = self.student(x_adv)
         logits_nat = self.student(x)
-        adv = kl_div(q_adv, logits_adv, o.reduction)
-        nat = kl_div(q_nat, logits_nat, o.reduction)
+        terms = saad_terms(self, q_adv, logits_adv, q_nat, logits_nat, o.reduction, x_adv, t_adv)
+        adv, nat, sample_w, t_adv, extra = terms
         with torch.no_grad():  # the class-wise error risks that drive the anti-bias temperatures
             for kind, logits in (("adv", logits_adv), ("nat", logits_nat)):
                 if kind in self.class_wise:
@@ -226,8 +228,9 @@ class Composed(Method):
             w_adv, w_nat = o.adv_weight, 1 - o.adv_weight
         if o.entropy_balance:
             self._last_entropy = (negative_entropy(q_adv), negative_entropy(q_nat), len(y))
-        stats = {"loss_adv": adv.detach(), "loss_nat": nat.detach()}
-        return with_igdm(self, o.loss_scale * (w_adv * adv + w_nat * nat), stats, x, x_adv, logits_adv)
+        stats = {"loss_adv": adv.detach(), "loss_nat": nat.detach(), **extra}
+        loss = o.loss_scale * (w_adv * adv + w_nat * nat)
+        return with_igdm(self, loss, stats, x, x_adv, logits_adv, sample_w, t_adv)
 
     def on_step_end(self, progress):
         if self._last_entropy is not None:  # the new temperatures act from the next step

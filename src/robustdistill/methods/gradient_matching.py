@@ -16,9 +16,9 @@ import torch
 
 from ..core.errors import ConfigError
 from .base import Method, MethodOptions
-from .losses import kl_div, soft_targets
+from .losses import kl_div, kl_per_sample, soft_targets
 
-PAPER = (
+IGDM_PAPER = (
     "Indirect Gradient Matching for Adversarial Robust Distillation. Hongsin Lee, Seungju Cho, Changick Kim; "
     "ICLR 2025. https://arxiv.org/abs/2312.03286 (code: https://github.com/HongsinLee/saad)"
 )
@@ -44,16 +44,23 @@ def igdm_loss(
     x: torch.Tensor,
     x_adv: torch.Tensor,
     s_plus: Optional[torch.Tensor] = None,
+    sample_weights: Optional[torch.Tensor] = None,
+    t_plus: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """L_IGDM for a batch; `s_plus`: the student's logits on x_adv when the host has them (else
-    computed on x + delta)."""
+    """L_IGDM for a batch; `s_plus`, `t_plus`: the student's and the teacher's logits on x_adv when
+    the host has them (else computed, the student's on x + delta); `sample_weights` (B,): the mean
+    of each sample's KL times its weight (SAAD) instead of the batch mean."""
     delta = (x_adv - x).detach()
     with torch.no_grad():
-        t_plus, t_minus = teacher(x_adv), teacher(x - delta)
+        t_plus = teacher(x_adv) if t_plus is None else t_plus
+        t_minus = teacher(x - delta)
     if s_plus is None:
         s_plus = student(x + delta)
     s_minus = student(x - delta)
-    return kl_div(soft_targets(t_plus - t_minus), s_plus - s_minus, "batchmean")
+    target = soft_targets(t_plus - t_minus)
+    if sample_weights is None:
+        return kl_div(target, s_plus - s_minus, "batchmean")
+    return (sample_weights * kl_per_sample(target, s_plus - s_minus)).mean()
 
 
 def igdm_weight(options: IGDMOptions, epoch: int, epochs: int) -> float:
@@ -68,11 +75,15 @@ def with_igdm(
     x: torch.Tensor,
     x_adv: torch.Tensor,
     s_adv: Optional[torch.Tensor] = None,
+    sample_weights: Optional[torch.Tensor] = None,
+    t_adv: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The host's (loss, stats) with IGDM's term added when `method.igdm` is on (the robust teacher's)."""
+    """The host's (loss, stats) with IGDM's term added when `method.igdm` is on (the robust
+    teacher's); `sample_weights`: SAAD's w, which weighs IGDM's per-sample terms as the adversarial
+    ones; `t_adv`: the robust teacher's logits on x_adv when the host has them."""
     options = method.options
     if not getattr(options, "igdm", 0.0):
         return loss, stats
     weight = igdm_weight(options, method.progress.epoch, method.progress.epochs)
-    term = igdm_loss(method.student, method.ctx.teachers["robust"], x, x_adv, s_adv)
+    term = igdm_loss(method.student, method.ctx.teachers["robust"], x, x_adv, s_adv, sample_weights, t_adv)
     return loss + weight * term, {**stats, "loss_igdm": term.detach(), "igdm_weight": weight}

@@ -38,7 +38,7 @@ from typing import Literal
 
 from .adaad import AdaAD
 from .base import METHODS
-from .gradient_matching import PAPER
+from .gradient_matching import IGDM_PAPER
 
 
 @METHODS.register("igdm")
@@ -46,7 +46,7 @@ class IGDM(AdaAD):
     """AdaAD with IGDM's term, as the official IGDM script trains."""
 
     summary = "AdaAD + indirect gradient matching of the teacher's input gradient (Lee et al., ICLR 2025)"
-    paper = PAPER
+    paper = IGDM_PAPER
 
     @dataclass
     class Options(AdaAD.Options):

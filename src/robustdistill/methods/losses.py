@@ -42,6 +42,22 @@ def kl_div(q: torch.Tensor, logits: torch.Tensor, reduction: Reduction = "elemen
     raise ValueError(f"unknown KL reduction '{reduction}'; use one of {', '.join(REDUCTIONS)}")
 
 
+def kl_per_sample(q: torch.Tensor, logits: torch.Tensor, reduction: Reduction = "batchmean") -> torch.Tensor:
+    """Each sample's share of `kl_div(q, logits, reduction)`, shape (B,): its mean over the batch is
+    that reduction's value (`elementwise_mean`, `mean`, `batchmean`), so per-sample weights (SAAD)
+    can weigh a term in any method's own convention."""
+    log_p = F.log_softmax(logits.float(), dim=1)
+    q = q.float()
+    if reduction == "elementwise_mean":
+        return (q * (torch.log(q + 1e-5) - log_p)).mean(dim=1)
+    terms = torch.xlogy(q, q) - q * log_p
+    if reduction == "mean":
+        return terms.mean(dim=1)
+    if reduction in ("batchmean", "none"):
+        return terms.sum(dim=1)
+    raise ValueError(f"no per-sample share for the KL reduction '{reduction}'; use elementwise_mean, mean or batchmean")
+
+
 def soft_targets(logits: torch.Tensor, temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
     """softmax(z / tau); `temperature` is a scalar or a per-sample column (B,) / (B, 1)."""
     if isinstance(temperature, torch.Tensor) and temperature.dim() == 1:

@@ -23,12 +23,13 @@ import torch
 
 from ..core.errors import ConfigError
 from .base import METHODS, Method
-from .gradient_matching import IGDMOptions, with_igdm
-from .losses import kl_div, soft_targets
+from .gradient_matching import with_igdm
+from .losses import soft_targets
+from .sample_weighting import SAADOptions, saad_terms
 
 
 @dataclass
-class SoftLabelOptions(IGDMOptions):
+class SoftLabelOptions(SAADOptions):
     """Options shared by RSLAD and ABSLD."""
 
     reduction: Literal["elementwise_mean", "batchmean"] = (
@@ -72,14 +73,15 @@ class RSLAD(Method):
         with torch.no_grad():
             q = soft_targets(teacher(x))
         x_adv = self.attack("kl")(x, target=q) if o.attack_loss == "kl" else self.attack("ce")(x, y)
+        t_adv = None
         if o.adversarial_target == "adversarial":
             with torch.no_grad():
-                q_adv = soft_targets(teacher(x_adv))
+                t_adv = teacher(x_adv)
+                q_adv = soft_targets(t_adv)
         else:
             q_adv = q
         s_adv = self.student(x_adv)
-        adv = kl_div(q_adv, s_adv, o.reduction)
-        nat = kl_div(q, self.student(x), o.reduction)
+        adv, nat, sample_w, t_adv, extra = saad_terms(self, q_adv, s_adv, q, self.student(x), o.reduction, x_adv, t_adv)
         w = o.adv_weight
-        stats = {"loss_adv": adv.detach(), "loss_nat": nat.detach()}
-        return with_igdm(self, w * adv + (1 - w) * nat, stats, x, x_adv, s_adv)
+        stats = {"loss_adv": adv.detach(), "loss_nat": nat.detach(), **extra}
+        return with_igdm(self, w * adv + (1 - w) * nat, stats, x, x_adv, s_adv, sample_w, t_adv)

@@ -14,6 +14,7 @@ written; `restore` continues a run from its train_state.pt.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,8 +107,9 @@ def build_method(cfg: Config, models: Models, num_classes: int) -> Method:
 
 @dataclass
 class Optimiser:
-    """SGD with momentum and its learning-rate schedule: lr = base * gamma ** (milestones reached), a
-    pure function of the epoch, so a resumed run needs no scheduler state."""
+    """SGD with momentum and its learning-rate schedule, a pure function of the epoch (a resumed run
+    needs no scheduler state): `step`, lr = base * gamma ** (milestones reached); `cosine_exp`
+    (CIARD's), lr = base until `decay_from`, then base * cosine_exp_factor."""
 
     optimizer: torch.optim.Optimizer
     train: TrainConfig
@@ -125,10 +127,24 @@ class Optimiser:
 
     def set_epoch(self, epoch: int) -> float:
         """The learning rate of `epoch`, set in every parameter group; returns it."""
-        lr = self.train.lr * self.train.lr_gamma ** self.decays(epoch)
+        t = self.train
+        if t.schedule == "cosine_exp":
+            lr = t.lr * cosine_exp_factor(epoch, t.decay_from, t.epochs)
+        else:
+            lr = t.lr * t.lr_gamma ** self.decays(epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
+
+
+def cosine_exp_factor(epoch: int, start: int, epochs: int) -> float:
+    """CIARD's smooth decay: 1 before the (0-based) epoch `start`, then, with t = (epoch - start) /
+    (epochs - 1 - start) going from 0 to 1 at the last epoch, (1/2 + 1/2 cos(pi t)) exp(-0.01 t^2):
+    the official script's lr at its 1-based epoch e, t = (e - 150) / (300 - 150), for start 149 of 300."""
+    if epoch < start:
+        return 1.0
+    t = (epoch - start) / (epochs - 1 - start)
+    return (0.5 + 0.5 * math.cos(math.pi * t)) * math.exp(-0.01 * t**2)
 
 
 def lr_decays(epoch: int, milestones: list[int]) -> int:

@@ -49,6 +49,8 @@ class TrainConfig:
         default_factory=lambda: [215, 260, 285]
     )  # (0-based) epochs from which the lr is multiplied by lr_gamma once more
     lr_gamma: float = 0.1  # the lr's factor at each milestone
+    schedule: Literal["step", "cosine_exp"] = "step"  # step: lr_gamma at each milestone; cosine_exp: CIARD's decay
+    decay_from: int = 149  # cosine_exp: the (0-based) epoch from which the lr decays (CIARD: 149 of 300)
     eval_every: int = 1  # epochs between validation evaluations (model selection)
     eval_subset: Optional[int] = None  # evaluate selection on the first N validation images
     select_metric: Optional[str] = None  # None: the method's own selection metric
@@ -82,6 +84,13 @@ class TrainConfig:
         require(self.threads is None or self.threads >= 1, "train.threads", "must be >= 1 (or null: all cores)")
         require(self.eval_subset is None or self.eval_subset >= 1, "train.eval_subset", "must be >= 1")
         require(self.momentum >= 0 and self.lr_gamma > 0, "train.momentum", "must be >= 0 (and train.lr_gamma > 0)")
+        if self.schedule == "cosine_exp":
+            require(not self.milestones, "train.milestones", "must be [] with train.schedule=cosine_exp")
+            require(
+                0 <= self.decay_from < self.epochs - 1,
+                "train.decay_from",
+                f"must be in [0, train.epochs - 1 = {self.epochs - 1}) with train.schedule=cosine_exp",
+            )
         check_device(self.device, "train.device")
         if self.compile:
             import torch._dynamo

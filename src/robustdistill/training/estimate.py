@@ -9,6 +9,8 @@ steps and one validation are timed, and the epochs still to train extrapolate fr
 
 from __future__ import annotations
 
+import copy
+import itertools
 import logging
 import statistics
 import time
@@ -18,6 +20,7 @@ import torch
 
 from ..core.errors import UserError
 from ..core.timing import intra_op_threads, synchronize
+from ..methods import recompute_batchnorm
 from ..storage.runs import check_run_dir
 from .config import Config
 from .loop import Tally, setup
@@ -85,6 +88,12 @@ def _measure(cfg: Config, force: bool, resume: bool, steps: int, warmup: int) ->
     started = time.perf_counter()
     run.validate(run.student)
     validation = (time.perf_counter() - started) * (2 if run.method.averages_weights(run.method.options) else 1)
+    if run.method.recomputes_batchnorm(run.method.options):  # the average's statistics: a forward pass per batch
+        timed = min(5, len(run.loader))
+        started = time.perf_counter()
+        recompute_batchnorm(copy.deepcopy(run.student), itertools.islice(iter(run.loader), timed))
+        synchronize(run.device)
+        validation += (time.perf_counter() - started) * len(run.loader) / max(timed, 1)
     epochs = range(run.state.start_epoch, cfg.train.epochs)
     return Estimate(
         step=statistics.median(times),

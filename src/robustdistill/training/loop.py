@@ -55,7 +55,7 @@ from ..evaluation.pipeline import evaluate_source
 from ..evaluation.plots import plot_run
 from ..evaluation.report import write_report
 from ..evaluation.suite import evaluate_model
-from ..methods import Method, Progress, update_average
+from ..methods import Method, Progress, recompute_batchnorm, update_average
 from ..models import Classifier
 from ..models.checkpoint import ModelMeta, save_model
 from ..models.sources import ModelSource
@@ -280,6 +280,8 @@ class Run:
                     s.average = copy.deepcopy(self.student).eval()
                 else:
                     update_average(s.average, self.student, decay)
+                if method.recomputes_batchnorm(method.options):
+                    recompute_batchnorm(s.average, self.loader)
             record["average_updated"] = decay is not None
             if s.average is not None:
                 candidate, summary = s.average, self.validate(s.average)
