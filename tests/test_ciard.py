@@ -282,3 +282,33 @@ def test_ciard_options_are_refused_in_one_line(capsys, tmp_path):
     assert main(["train", "pgd_at", "method.push=1", f"out_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "push" in err and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["saad"],
+        ["ciard", "teachers.robust.path={other}", "teachers.clean.path={three}"],
+        ["absld", "method.saad=true"],
+        ["rslad", "method.igdm=1"],
+    ],
+)
+def test_a_teacher_of_another_dataset_or_number_of_classes_is_refused_in_one_line(args, tmp_path, capsys):
+    """IGDM, SAAD and CIARD read their teachers as every distillation does: a teacher with 3 outputs
+    for digits' 10 classes, or one trained on another dataset, stops the run before anything is written."""
+    from robustdistill.models.checkpoint import ModelMeta, save_model
+
+    spec = ModelSpec("small_cnn", 3, 1, {"width": 4})
+    save_model(tmp_path / "three.safetensors", create_model(spec), spec)
+    other = ModelSpec("small_cnn", 10, 1, {"width": 4})
+    save_model(tmp_path / "other.safetensors", create_model(other), ModelMeta(other, data={"name": "svhn"}))
+    paths = {"three": tmp_path / "three.safetensors", "other": tmp_path / "other.safetensors"}
+    name, *rest = args
+    rest = [a.format(**paths) for a in rest]
+    if not any(a.startswith("teachers.robust") for a in rest):
+        rest.append(f"teachers.robust.path={paths['three']}")
+    out = tmp_path / "runs"
+    assert main(["train", name, *rest, f"out_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ("3 outputs" in err or "svhn" in err), err
+    assert not out.exists()

@@ -1,7 +1,7 @@
-"""CIARD (Gu et al., ICCV 2025, "CIARD: Cyclic Iterative Adversarial Robustness Distillation",
-https://github.com/eminentgu/CIARD): two teachers as in B-MTARD, with the robust teacher trained
-along with the student and a term that pushes the student away from the clean teacher where that
-teacher is fooled.
+"""CIARD (Lu et al., ICCV 2025, "CIARD: Cyclic Iterative Adversarial Robustness Distillation",
+https://arxiv.org/abs/2509.12633; code: https://github.com/eminentgu/CIARD): two teachers as in
+B-MTARD, with the robust teacher trained along with the student and a term that pushes the student
+away from the clean teacher where that teacher is fooled.
 
 With s the student, t_r the robust teacher (trained online), t_c the clean teacher, T_adv, T_nat
 EBB's temperatures (B-MTARD's Entropy-Based Balance, clipped to [1, 10]):
@@ -108,10 +108,10 @@ def push_terms(clean_adv: torch.Tensor, s_adv: torch.Tensor, y: torch.Tensor, te
 
 @METHODS.register("ciard")
 class CIARD(Method):
-    summary = "two teachers, the robust one trained online, and a push from the fooled clean teacher (ICCV 2025)"
+    summary = "two teachers, the robust one trained online, a push from the fooled clean teacher (Lu et al., ICCV 2025)"
     paper = (
-        "CIARD: Cyclic Iterative Adversarial Robustness Distillation. Gu et al.; ICCV 2025. "
-        "https://github.com/eminentgu/CIARD"
+        "CIARD: Cyclic Iterative Adversarial Robustness Distillation. Lu, Pang, Zheng, Gu, Du, Liu, Zhou; "
+        "ICCV 2025, pp. 350-359. https://arxiv.org/abs/2509.12633 (code: https://github.com/eminentgu/CIARD)"
     )
     Options = CIARDOptions
     teachers = ("robust", "clean")

@@ -34,7 +34,7 @@ class Estimate:
 
     step: float  # median wall time of one training step, its batch's loading included
     steps_per_epoch: int
-    validation: float  # one validation (twice over for weight-averaging methods: student and average)
+    validation: float  # one validation (twice for weight-averaging methods, plus a BatchNorm recompute for SWA)
     epochs: int  # epochs still to train
     validations: int  # validations among them (train.eval_every, and the last epoch)
     final_attacks: tuple[str, ...]  # the final report's attacks, not timed
