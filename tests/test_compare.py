@@ -86,14 +86,14 @@ def test_the_grids_overrides_reach_every_run_teachers_included_and_a_cells_own_w
 
 
 def test_the_shipped_digits_grid_plans_the_readme_experiment(tmp_path):
-    """`robustdistill compare digits_methods` finds the shipped grid: 25 cells x 5 seeds from the
+    """`robustdistill compare digits_methods` finds the shipped grid: 27 cells x 5 seeds from the
     digits recipes, the demo's two teachers, B-MTARD with the robust teacher in both roles."""
     from robustdistill.recipes import grid_file
 
     path = grid_file("digits_methods")
     grid = load_grid(path)
     teachers, cells = plan(grid, path, tmp_path)
-    assert [t.name for t in teachers] == ["clean", "robust"] and len(cells) == 25 * 5
+    assert [t.name for t in teachers] == ["clean", "robust"] and len(cells) == 27 * 5
     by_name = {c.name: c.cfg for c in cells}
     robust = str(tmp_path / "teachers" / "robust")
     assert by_name["bmtard_rt__seed3"].teachers["clean"].path == robust

@@ -62,6 +62,45 @@ def test_torchrun_two_ranks(tmp_path, trained_runs, digits, which):
     assert epochs[-1]["temperature_adv"] != ([1.0] * 10 if which == "absld" else 1.0) or epochs[-1]["weight_adv"] != 0.5
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["saad", "ciard"])
+def test_torchrun_two_ranks_trains_saads_average_and_ciards_teacher(tmp_path, trained_runs, which):
+    """SAAD's weight average (its BatchNorm recomputed on each rank's share, then averaged) and
+    CIARD's online robust teacher (its gradients averaged over the ranks) under torchrun: the run
+    finishes, the ranks agree (the loop checks every epoch), and the average and the teacher moved."""
+    import torch
+
+    overrides = [f"teachers.robust.path={trained_runs['trades']}"]
+    if which == "saad":
+        overrides.append("method.average_from=1")
+    else:
+        overrides += [f"teachers.clean.path={trained_runs['natural']}", "method.teacher_from=1", "train.decay_from=0"]
+    cmd = [
+        *TORCHRUN,
+        str(ROOT / "configs" / "digits" / f"{which}.yaml"),
+        f"out_dir={tmp_path}",
+        "train.epochs=2",
+        "attack.steps=2",
+        "train.device=cpu",
+        "eval.attacks=[clean]",
+        *overrides,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / which
+    epochs = [r for r in read_metrics(run) if r["type"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    state = torch.load(run / "checkpoints" / "train_state.pt", weights_only=True)
+    if which == "saad":
+        assert [r["average_updated"] for r in epochs] == [True, True] and state["average"] is not None
+    else:
+        teacher = state["method"]["robust_teacher"]
+        loaded, _ = load_model(trained_runs["trades"] / "checkpoints" / "best.safetensors")
+        original = loaded.state_dict()
+        assert any(not torch.equal(teacher[k], original[k]) for k in teacher if teacher[k].is_floating_point())
+
+
 # --- the collectives, fast: two gloo processes, uneven shards, against one process on the union ---
 
 # the samples of a tiny split: 10 of them, 3 per block, so rank 0 owns blocks 0 and 2 (6 samples)
@@ -96,6 +135,12 @@ def _collectives(rank: int, world: int) -> dict:
         weights.update(torch.stack([(losses ** (step + 1)).mean(), losses.mean()]), 0.3, len(mine))
     out["ebb"], out["nlb"] = entropy.tau.tolist(), weights.w.tolist()
     out["mean"] = all_reduce_mean(torch.stack([losses.mean(), (losses * losses).mean()]), len(mine)).tolist()
+    # SAAD's weights: the entropy's minimum and the weights' maximum are the global batch's
+    from robustdistill.methods.sample_weighting import saad_weights
+
+    logits = 3 * torch.randn(N, 3, generator=torch.Generator().manual_seed(3))
+    w, v = saad_weights(logits[mine])
+    out["saad"] = (assemble(w, mine, N).tolist(), assemble(v, mine, N).tolist())
     out["any"] = (any_rank(rank == 0, "cpu"), any_rank(False, "cpu"))
     out["from_main"] = from_main(lambda: f"chosen by rank {rank}")
     return out
@@ -149,9 +194,12 @@ def test_every_collective_gives_every_rank_the_one_process_numbers_on_uneven_sha
         assert got["verdicts"] == one["verdicts"] and got["tau"] == one["tau"], f"rank {rank}"
         assert got["ebb"] == one["ebb"] and got["nlb"] == pytest.approx(one["nlb"], rel=1e-6), f"rank {rank}"
         assert got["mean"] == pytest.approx(one["mean"], rel=1e-6), f"rank {rank}"
+        for ours, theirs in zip(got["saad"], one["saad"]):
+            assert ours == pytest.approx(theirs, rel=1e-6, abs=1e-7), f"rank {rank}"
         assert got["any"] == (True, False) and got["from_main"] == "chosen by rank 0"
         assert got_evaluation == evaluation, f"rank {rank}"
     assert one["tau"] != [1.0, 1.0, 1.0] and one["nlb"] != [0.5, 0.5] and one["ebb"] != [1.0, 1.0]  # it moved
+    assert min(one["saad"][0]) == 0.0 and max(one["saad"][1]) == pytest.approx(1.0)  # the global batch: one 0, one 1
     assert evaluation["attacks"]["pgd3"]["accuracy"] < evaluation["attacks"]["clean"]["accuracy"]
 
 

@@ -12,7 +12,9 @@ are accumulated; at the end of the epoch each tau_k moves against its class's ri
 (`ClassWiseTemperature`) at rate r = 0.1, multiplied by 0.1 at every lr decay. As in the official
 loop, the lr and the rate decay at the end of the epoch before a milestone, and that epoch's update
 already uses the decayed rate (1-based: the update after epoch 215 uses 0.01).
-With every temperature fixed at 1 this is RSLAD.
+With every temperature fixed at 1 this is RSLAD. `method.igdm` adds IGDM's term, `method.saad: true`
+weighs both terms per sample by SAAD's weights (the robust teacher's entropy at x_adv); the class-wise
+risks that move the temperatures stay unweighted.
 
 Options beyond the paper's defaults:
 - `fixed_temperature_adv` / `fixed_temperature_nat`: the paper's "manual" ablation, class-wise

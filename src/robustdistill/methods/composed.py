@@ -42,6 +42,10 @@ t(x_adv) to be what keeps B-MTARD below RSLAD (`bmtard_tx`).
 `bmtard_absld`, `bmtard_absld_tx`; composed with the preset of a named method it computes that
 method's loss, gradients and adaptive state (held equal by tests over epochs and lr decays). The
 config a run records holds every part, resolved.
+
+Two newer parts join any preset: `igdm` (IGDM's gradient-matching term, `methods.gradient_matching`)
+and `saad` (SAAD's per-sample weights on the two terms, `methods.sample_weighting`); with SAAD, NLB
+balances the weighted terms.
 """
 
 from __future__ import annotations
