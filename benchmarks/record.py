@@ -57,6 +57,7 @@ COMMANDS = {
     "grid_cost": "python -m benchmarks.grid_cost --repeats 1",
     "aa_cost": "python -m benchmarks.grid_cost --cells rslad absld mtard bmtard --repeats 3",
     "estimate": "python -m benchmarks.estimate",
+    "paper_estimates": "python -m benchmarks.paper_estimates",
     "parallel": "python -m benchmarks.parallel",
     "parallel_active": "OMP_WAIT_POLICY=ACTIVE python -m benchmarks.parallel",
     "streaming": "python -m benchmarks.streaming",
