@@ -58,6 +58,7 @@ COMMANDS = {
     "aa_cost": "python -m benchmarks.grid_cost --cells rslad absld mtard bmtard --repeats 3",
     "estimate": "python -m benchmarks.estimate",
     "paper_estimates": "python -m benchmarks.paper_estimates",
+    "paper_estimates_ciard": "python -m benchmarks.paper_estimates --configs configs/cifar10/ciard_resnet18.yaml",
     "parallel": "python -m benchmarks.parallel",
     "parallel_active": "OMP_WAIT_POLICY=ACTIVE python -m benchmarks.parallel",
     "streaming": "python -m benchmarks.streaming",

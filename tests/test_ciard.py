@@ -312,3 +312,36 @@ def test_a_teacher_of_another_dataset_or_number_of_classes_is_refused_in_one_lin
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and ("3 outputs" in err or "svhn" in err), err
     assert not out.exists()
+
+
+def test_the_estimate_times_the_steps_where_the_teacher_learns(tmp_path, monkeypatch):
+    """CIARD's steps cost more once its robust teacher learns: `--estimate` times them there (the
+    epoch after teacher_from), not in the first epoch, where the teacher only predicts."""
+    from robustdistill.methods.ciard import CIARD
+    from robustdistill.models.checkpoint import save_model
+    from robustdistill.training.estimate import estimate
+
+    spec = ModelSpec("small_cnn", 10, 1, {"width": 4})
+    save_model(tmp_path / "teacher.safetensors", create_model(spec), spec)
+    teacher = str(tmp_path / "teacher.safetensors")
+    timed = []
+    original = CIARD.loss
+
+    def watched(self, x, y):
+        loss, stats = original(self, x, y)
+        timed.append((self.progress.epoch, "loss_teacher" in stats))
+        return loss, stats
+
+    monkeypatch.setattr(CIARD, "loss", watched)
+    cfg = digits_config(
+        tmp_path,
+        "ciard",
+        train__epochs=10,
+        method__teacher_from=4,
+        train__decay_from=5,
+        attack__steps=1,
+        **{"teachers.robust.path": teacher, "teachers.clean.path": teacher},
+    )
+    estimate(cfg, steps=1, warmup=0)
+    assert timed == [(4, True)]  # 0-based epoch 4: the 1-based epoch 5, after teacher_from
+    assert CIARD.costliest_epoch(cfg.method, 3) == 0  # a teacher that never learns: the first epoch

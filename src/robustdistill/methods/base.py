@@ -164,6 +164,12 @@ class Method:
         return False
 
     @classmethod
+    def costliest_epoch(cls, options: MethodOptions, epochs: int) -> int:
+        """The first (0-based) epoch from which a training step costs the most, where the cost changes
+        during a run (CIARD's teacher starts learning): `--estimate` times its steps there."""
+        return 0
+
+    @classmethod
     def recomputes_batchnorm(cls, options: MethodOptions) -> bool:
         """Whether the average's BatchNorm statistics are recomputed over the epoch's training batches
         after each update (SWA's `update_bn`) rather than averaged with the weights."""

@@ -133,6 +133,11 @@ class CIARD(Method):
         self.rate_decays = 0  # the decays of EBB's and NLB's rates applied so far
         self._last_entropy = None
 
+    @classmethod
+    def costliest_epoch(cls, options, epochs) -> int:
+        # the teacher's own step runs from the epoch after `teacher_from` (1-based): 0-based teacher_from
+        return options.teacher_from if options.teacher_lr > 0 and options.teacher_from < epochs else 0
+
     def on_epoch_start(self, progress):
         super().on_epoch_start(progress)
         if not self.options.rate_decay_every_step:

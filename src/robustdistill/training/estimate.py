@@ -53,7 +53,8 @@ class Estimate:
 
 def estimate(cfg: Config, *, force: bool = False, resume: bool = False, steps: int = 10, warmup: int = 2) -> Estimate:
     """How long `train(cfg)` will take: `warmup` training steps, then `steps` timed one by one
-    (median; each waits for the device, so a pipelined loop is if anything faster), and one timed
+    (median; each waits for the device, so a pipelined loop is if anything faster) in the run's
+    first epoch, or in its method's costliest (CIARD's once its teacher learns), and one timed
     validation, on the run as `train` builds it (config, data, teachers and a resumed state checked
     as for training), on its thread count (`train.threads`). The steps change only the student in
     memory; nothing is written."""
@@ -69,7 +70,9 @@ def _measure(cfg: Config, force: bool, resume: bool, steps: int, warmup: int) ->
         except UserError as error:
             note = str(error)
     run = setup(cfg, force=force, resume=resume, write=False)
-    run.begin_epoch(run.state.start_epoch)
+    # where a step's cost changes during the run (CIARD's teacher starts learning), its costliest epoch
+    costliest = min(run.method.costliest_epoch(run.method.options, cfg.train.epochs), cfg.train.epochs - 1)
+    run.begin_epoch(max(run.state.start_epoch, costliest))
     tally, times = Tally(run.device), []
     batches = iter(run.loader)
     log.info("estimate: %d training steps (%d of them warm-up)", warmup + steps, warmup)
