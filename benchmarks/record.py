@@ -64,8 +64,10 @@ COMMANDS = {
     "streaming": "python -m benchmarks.streaming",
     "flops": "python -m benchmarks.flops --rate {rate}",
     "gpu_kit": "python -m benchmarks.gpu_kit --out OUT",
+    "paper_estimates_gpu": "python -m benchmarks.paper_estimates --device cuda",
 }
-GPU_ONLY = {"gpu_kit"}  # measured on a lent GPU machine: recorded from --outputs only, never run here
+# measured on a lent GPU machine: recorded from --outputs only, never run here
+GPU_ONLY = {"gpu_kit", "paper_estimates_gpu"}
 DENSE = re.compile(r"best dense kernel: .*used: ([0-9.]+) GFLOP/s")
 
 
