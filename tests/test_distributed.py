@@ -30,26 +30,32 @@ TORCHRUN = [
 ]
 
 
+def _torchrun_digits(which: str, out: Path, *overrides: str) -> list[dict]:
+    """Two epochs of the digits recipe `which` on two gloo ranks through the CLI (2 PGD steps); the
+    run's epoch records, after checking that it finished."""
+    cmd = [
+        *TORCHRUN,
+        str(ROOT / "configs" / "digits" / f"{which}.yaml"),
+        f"out_dir={out}",
+        "train.epochs=2",
+        "attack.steps=2",
+        "train.device=cpu",
+        *overrides,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [r for r in read_metrics(out / which) if r["type"] == "epoch"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["absld", "bmtard"])
 def test_torchrun_two_ranks(tmp_path, trained_runs, digits, which):
     teachers = [f"teachers.robust.path={trained_runs['trades']}"]
     if which == "bmtard":
         teachers.append(f"teachers.clean.path={trained_runs['natural']}")
-    cmd = [
-        *TORCHRUN,
-        str(ROOT / "configs" / "digits" / f"{which}.yaml"),
-        f"out_dir={tmp_path}",
-        "train.epochs=2",
-        "attack.steps=2",
-        "train.device=cpu",
-        *teachers,
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    epochs = _torchrun_digits(which, tmp_path, *teachers)
     run = tmp_path / which
-    epochs = [r for r in read_metrics(run) if r["type"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2]  # one writer: rank 0
     # each rank takes half of every global batch: 64 / 2 per step, as many steps as one process
     assert epochs[0]["step"] == len(digits.train) // 64
@@ -75,21 +81,8 @@ def test_torchrun_two_ranks_trains_saads_average_and_ciards_teacher(tmp_path, tr
         overrides.append("method.average_from=1")
     else:
         overrides += [f"teachers.clean.path={trained_runs['natural']}", "method.teacher_from=1", "train.decay_from=0"]
-    cmd = [
-        *TORCHRUN,
-        str(ROOT / "configs" / "digits" / f"{which}.yaml"),
-        f"out_dir={tmp_path}",
-        "train.epochs=2",
-        "attack.steps=2",
-        "train.device=cpu",
-        "eval.attacks=[clean]",
-        *overrides,
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    epochs = _torchrun_digits(which, tmp_path, "eval.attacks=[clean]", *overrides)
     run = tmp_path / which
-    epochs = [r for r in read_metrics(run) if r["type"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2]
     state = torch.load(run / "checkpoints" / "train_state.pt", weights_only=True)
     if which == "saad":
