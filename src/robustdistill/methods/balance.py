@@ -89,6 +89,20 @@ class EntropyBalance:
     def __init__(self, init: float = 1.0, lo: float = 1.0, hi: float = 10.0, device=None):
         self.lo, self.hi = lo, hi
         self.tau = torch.full((2,), float(init), device=device)  # (adv, nat)
+        self._observed: Optional[tuple[torch.Tensor, torch.Tensor, int]] = None
+
+    @torch.no_grad()
+    def observe(self, q_adv: torch.Tensor, q_nat: torch.Tensor, count: int, eps: float = 0.0) -> None:
+        """This step's two targets (over `count` samples): their entropies (`negative_entropy`, with
+        `eps`), for `apply_observed` at the step's end: the new temperatures act from the next step."""
+        self._observed = (negative_entropy(q_adv, eps), negative_entropy(q_nat, eps), count)
+
+    def apply_observed(self, eta: float) -> None:
+        """`update` with the step's observed entropies at rate `eta` (nothing observed: nothing moves)."""
+        if self._observed is not None:
+            h_adv, h_nat, count = self._observed
+            self.update(h_adv, h_nat, eta, count)
+            self._observed = None
 
     @torch.no_grad()
     def update(self, h_adv: torch.Tensor, h_nat: torch.Tensor, eta: float, count: Optional[int] = None) -> None:

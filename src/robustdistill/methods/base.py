@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 from ..attacks import PGD, AttackConfig, Loss, Start
 from ..core.distributed import all_reduce_mean
@@ -213,23 +214,14 @@ def update_average(average: nn.Module, model: nn.Module, decay: float) -> None:
 
 @torch.no_grad()
 def recompute_batchnorm(model: nn.Module, batches: Iterable[tuple[torch.Tensor, Any]]) -> None:
-    """`model`'s BatchNorm statistics from scratch over `batches` (torch.optim.swa_utils.update_bn's
-    rule: each running statistic the cumulative mean of the batches' statistics), then averaged over
-    the ranks under DDP; the model is left in eval mode. Without BatchNorm nothing runs."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms:
-        return
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for x, _ in batches:
-        model(x)
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-        all_reduce_mean(m.running_mean)
-        all_reduce_mean(m.running_var)
+    """`model`'s BatchNorm statistics from scratch over `batches` (torch's SWA `update_bn`: each
+    running statistic the cumulative mean of the batches' statistics), then averaged over the ranks
+    under DDP; the model is left in eval mode."""
+    update_bn(batches, model)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            all_reduce_mean(m.running_mean)
+            all_reduce_mean(m.running_var)
     model.eval()
 
 

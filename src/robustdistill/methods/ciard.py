@@ -50,9 +50,9 @@ import torch.nn.functional as F
 
 from ..core.distributed import all_reduce_mean, all_reduce_sum, broadcast_buffers, is_distributed
 from ..core.errors import ConfigError
-from .balance import EntropyBalance, LossBalance, negative_entropy
+from .balance import EntropyBalance, LossBalance
 from .base import METHODS, FrozenTeacher, Method, MethodOptions
-from .losses import kl_div, soft_targets
+from .losses import kl_div, kl_terms, soft_targets
 
 
 @dataclass
@@ -101,8 +101,7 @@ def push_terms(clean_adv: torch.Tensor, s_adv: torch.Tensor, y: torch.Tensor, te
     """(sum, count): the push term's elementwise KL terms summed over the samples the clean teacher
     misclassifies at x_adv, and how many terms that is (their number times C)."""
     wrong = (clean_adv.argmax(dim=1) != y).float()[:, None]
-    q = soft_targets(clean_adv)
-    terms = q * (torch.log(q + 1e-5) - F.log_softmax(s_adv.float() / temperature, dim=1))
+    terms = kl_terms(soft_targets(clean_adv), s_adv.float() / temperature, "elementwise_mean")
     return (terms * wrong).sum(), wrong.sum() * clean_adv.shape[1]
 
 
@@ -131,7 +130,6 @@ class CIARD(Method):
         self.entropy = EntropyBalance(1.0, o.temperature_min, o.temperature_max, self.device)
         self.weights = LossBalance(2, self.device)
         self.rate_decays = 0  # the decays of EBB's and NLB's rates applied so far
-        self._last_entropy = None
 
     @classmethod
     def costliest_epoch(cls, options, epochs) -> int:
@@ -178,7 +176,7 @@ class CIARD(Method):
         else:
             loss = adv + nat
         if o.ebb:
-            self._last_entropy = (negative_entropy(q_adv, 1e-5), negative_entropy(q_nat, 1e-5), len(y))
+            self.entropy.observe(q_adv, q_nat, len(y), eps=1e-5)
         stats = {"loss_adv": adv.detach(), "loss_nat": nat.detach(), "teacher_lr": lr}
         if o.push > 0:
             loss, stats = self._push(loss, stats, adv, nat, c_adv, s_adv, y)
@@ -216,10 +214,7 @@ class CIARD(Method):
 
     def on_step_end(self, progress):
         o = self.options
-        if self._last_entropy is not None:
-            h_adv, h_nat, count = self._last_entropy
-            self.entropy.update(h_adv, h_nat, self._rate(o.temperature_lr), count)
-            self._last_entropy = None
+        self.entropy.apply_observed(self._rate(o.temperature_lr))
         if o.rate_decay_every_step and progress.epoch + 1 in o.rate_decay_epochs:
             self.rate_decays += 1  # the script's decay inside its step loop
 

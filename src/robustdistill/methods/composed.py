@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import ConfigError
-from .balance import ClassWiseTemperature, EntropyBalance, LossBalance, negative_entropy
+from .balance import ClassWiseTemperature, EntropyBalance, LossBalance
 from .base import METHODS, Method
 from .gradient_matching import IGDMOptions, with_igdm
 from .losses import soft_targets
@@ -186,7 +186,6 @@ class Composed(Method):
             for kind, policy in (("adv", o.adv_temperature), ("nat", o.nat_temperature))
             if policy == "anti_bias"
         }
-        self._last_entropy: Optional[tuple[torch.Tensor, torch.Tensor, int]] = None
 
     def _temperature(self, kind: str, y: torch.Tensor) -> torch.Tensor | float:
         scalar = self.entropy.tau[0 if kind == "adv" else 1] if self.options.entropy_balance else None
@@ -231,16 +230,13 @@ class Composed(Method):
         else:
             w_adv, w_nat = o.adv_weight, 1 - o.adv_weight
         if o.entropy_balance:
-            self._last_entropy = (negative_entropy(q_adv), negative_entropy(q_nat), len(y))
+            self.entropy.observe(q_adv, q_nat, len(y))
         stats = {"loss_adv": adv.detach(), "loss_nat": nat.detach(), **extra}
         loss = o.loss_scale * (w_adv * adv + w_nat * nat)
         return with_igdm(self, loss, stats, x, x_adv, logits_adv, sample_w, t_adv)
 
     def on_step_end(self, progress):
-        if self._last_entropy is not None:  # the new temperatures act from the next step
-            h_adv, h_nat, count = self._last_entropy
-            self.entropy.update(h_adv, h_nat, self._step_rate(self.options.ebb_lr), count)
-            self._last_entropy = None
+        self.entropy.apply_observed(self._step_rate(self.options.ebb_lr))  # they act from the next step
 
     def on_epoch_end(self, progress):
         rate = self.options.anti_bias_rate * self.options.rate_decay**progress.next_lr_decays

@@ -25,37 +25,39 @@ Reduction = Literal["elementwise_mean", "mean", "batchmean", "sum", "none"]
 REDUCTIONS = ("elementwise_mean", "mean", "batchmean", "sum", "none")
 
 
-def kl_div(q: torch.Tensor, logits: torch.Tensor, reduction: Reduction = "elementwise_mean") -> torch.Tensor:
+def kl_terms(q: torch.Tensor, logits: torch.Tensor, reduction: Reduction = "batchmean") -> torch.Tensor:
+    """The (B, C) terms every reduction sums or averages: q (log(q + 1e-5) - log p) for
+    `elementwise_mean` (the published code's form), the exact q log q - q log p otherwise."""
     log_p = F.log_softmax(logits.float(), dim=1)
     q = q.float()
     if reduction == "elementwise_mean":
-        return (q * (torch.log(q + 1e-5) - log_p)).mean()
-    terms = torch.xlogy(q, q) - q * log_p
-    if reduction == "mean":
+        return q * (torch.log(q + 1e-5) - log_p)
+    return torch.xlogy(q, q) - q * log_p
+
+
+def kl_div(q: torch.Tensor, logits: torch.Tensor, reduction: Reduction = "elementwise_mean") -> torch.Tensor:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown KL reduction '{reduction}'; use one of {', '.join(REDUCTIONS)}")
+    terms = kl_terms(q, logits, reduction)
+    if reduction in ("elementwise_mean", "mean"):
         return terms.mean()
     if reduction == "batchmean":
         return terms.sum() / q.shape[0]
     if reduction == "sum":
         return terms.sum()
-    if reduction == "none":
-        return terms.sum(dim=1)
-    raise ValueError(f"unknown KL reduction '{reduction}'; use one of {', '.join(REDUCTIONS)}")
+    return terms.sum(dim=1)  # none
 
 
 def kl_per_sample(q: torch.Tensor, logits: torch.Tensor, reduction: Reduction = "batchmean") -> torch.Tensor:
     """Each sample's share of `kl_div(q, logits, reduction)`, shape (B,): its mean over the batch is
     that reduction's value (`elementwise_mean`, `mean`, `batchmean`), so per-sample weights (SAAD)
     can weigh a term in any method's own convention."""
-    log_p = F.log_softmax(logits.float(), dim=1)
-    q = q.float()
-    if reduction == "elementwise_mean":
-        return (q * (torch.log(q + 1e-5) - log_p)).mean(dim=1)
-    terms = torch.xlogy(q, q) - q * log_p
-    if reduction == "mean":
-        return terms.mean(dim=1)
-    if reduction in ("batchmean", "none"):
-        return terms.sum(dim=1)
-    raise ValueError(f"no per-sample share for the KL reduction '{reduction}'; use elementwise_mean, mean or batchmean")
+    if reduction not in ("elementwise_mean", "mean", "batchmean", "none"):
+        raise ValueError(
+            f"no per-sample share for the KL reduction '{reduction}'; use elementwise_mean, mean or batchmean"
+        )
+    terms = kl_terms(q, logits, reduction)
+    return terms.mean(dim=1) if reduction in ("elementwise_mean", "mean") else terms.sum(dim=1)
 
 
 def soft_targets(logits: torch.Tensor, temperature: torch.Tensor | float = 1.0) -> torch.Tensor:

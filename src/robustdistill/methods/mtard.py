@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 
 from ..core.errors import ConfigError
-from .balance import EntropyBalance, LossBalance, negative_entropy
+from .balance import EntropyBalance, LossBalance
 from .base import METHODS, Method
 from .gradient_matching import IGDMOptions, with_igdm
 from .losses import kl_div, soft_targets
@@ -76,7 +76,6 @@ class MTARD(Method):
         o = self.options
         self.entropy = EntropyBalance(1.0, o.temperature_min, o.temperature_max, self.device)
         self.weights = LossBalance(2, self.device)  # (adv, nat)
-        self._last_entropy = None
 
     def _rate(self, base: float) -> float:
         return base * self.options.rate_decay**self.progress.lr_decays
@@ -96,16 +95,13 @@ class MTARD(Method):
         if o.nlb:
             self.weights.update(torch.stack([adv.detach(), nat.detach()]), self._rate(o.weight_lr), len(y))
         if o.ebb:
-            self._last_entropy = (negative_entropy(q_adv), negative_entropy(q_nat), len(y))
+            self.entropy.observe(q_adv, q_nat, len(y))
         w_adv, w_nat = self.weights.w[0], self.weights.w[1]
         loss = o.loss_scale * (w_adv * adv + w_nat * nat)
         return with_igdm(self, loss, {"loss_adv": adv.detach(), "loss_nat": nat.detach()}, x, x_adv, s_adv)
 
     def on_step_end(self, progress):
-        if self._last_entropy is not None:
-            h_adv, h_nat, count = self._last_entropy
-            self.entropy.update(h_adv, h_nat, self._rate(self.options.temperature_lr), count)
-            self._last_entropy = None
+        self.entropy.apply_observed(self._rate(self.options.temperature_lr))
 
     def state_dict(self):
         return {"entropy_balance": self.entropy.state_dict(), "loss_balance": self.weights.state_dict()}
